@@ -1,0 +1,265 @@
+"""Certificates: persistence through storage, the in-memory SNI map, the SSLContext factory.
+
+Owns: turning an issued key + chain into a stored ``CertificateRecord``; the one
+factory for server ``ssl.SSLContext`` objects (TLS >= 1.2, ALPN h2 + http/1.1);
+the self-signed fallback that names no customer; the per-process SNI map that
+every worker keeps in step with storage through the change feed.
+Must not import: ``acme``, ``httpx``, ``hypercorn``.
+
+Concurrency model: each worker process has one ``CertStore``. ``refresh()``
+runs on the event loop and does its blocking work (storage reads, context
+building) in a thread; it publishes results by assigning dict entries, which the
+TLS handshake callback reads. The callback itself does one dict lookup and
+nothing else (house rule 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .storage.base import CertificateRecord, Storage
+
+__all__ = [
+    "CertInfo",
+    "CertStore",
+    "build_context",
+    "certificate_metadata",
+    "make_fallback_pair",
+    "record_from_pem",
+]
+
+log = logging.getLogger("edgeproxy.certstore")
+
+ALPN_PROTOCOLS = ["h2", "http/1.1"]
+FALLBACK_NAME = "edgeproxy-fallback.invalid"  # RFC 6761 .invalid: names no customer
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What a worker keeps in memory about a served certificate (no key bytes)."""
+
+    hostname: str
+    not_after: dt.datetime
+    serial: str
+
+
+def certificate_metadata(chain_pem: bytes) -> tuple[dt.datetime, dt.datetime, str, str]:
+    """(not_before, not_after, serial hex, issuer) of the leaf, the first PEM block."""
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    return (
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+        format(leaf.serial_number, "x"),
+        leaf.issuer.rfc4514_string(),
+    )
+
+
+def record_from_pem(hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime) -> CertificateRecord:
+    """Build the record that storage saves as one atomic unit."""
+    not_before, not_after, serial, issuer = certificate_metadata(chain_pem)
+    return CertificateRecord(
+        hostname=hostname,
+        key_pem=key_pem,
+        chain_pem=chain_pem,
+        not_before=not_before,
+        not_after=not_after,
+        serial=serial,
+        issuer=issuer,
+        created_at=now,
+    )
+
+
+def build_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """The one server-context factory: every listener and every host goes through it.
+
+    ``ssl.SSLContext.load_cert_chain`` only reads files. On Linux we hand it an
+    anonymous in-memory file (memfd) so that a private key never touches a disk
+    path; elsewhere a 0600 temporary file that is removed at once.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(ALPN_PROTOCOLS)
+    # RFC 9113 section 9.2.2 forbids TLS 1.2 renegotiation under HTTP/2, and
+    # compression enables CRIME; OpenSSL's defaults already cover the rest.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    material = chain_pem.rstrip(b"\n") + b"\n" + key_pem
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("edgeproxy-cert", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, material)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    else:  # pragma: no cover - non-Linux development machines
+        with tempfile.NamedTemporaryFile(prefix="edgeproxy-", suffix=".pem") as fh:
+            os.chmod(fh.name, 0o600)
+            fh.write(material)
+            fh.flush()
+            ctx.load_cert_chain(fh.name)
+    return ctx
+
+
+def make_fallback_pair(now: dt.datetime) -> tuple[bytes, bytes]:
+    """A throwaway self-signed (chain_pem, key_pem) that names no customer.
+
+    Served to any SNI we do not know (or no SNI at all); browsers reject it, which
+    is the point: an unknown name must never get a customer's certificate.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, FALLBACK_NAME)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(FALLBACK_NAME)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class CertStore:
+    """Per-process view of which names are registered and which have a live certificate.
+
+    ``hosts`` maps every registered hostname to True when it has a certificate that
+    is valid now (the proxy serves it) and False otherwise (registered, not yet
+    servable: HTTP-01 answers only). ``contexts`` maps hostnames to their
+    ``SSLContext`` for the SNI callback.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.hosts: dict[str, bool] = {}
+        self.contexts: dict[str, ssl.SSLContext] = {}
+        self.certs: dict[str, CertInfo] = {}
+        self._seq = 0
+        chain, key = make_fallback_pair(_utcnow())
+        self.fallback_context = build_context(chain, key)
+        self.fallback_context.sni_callback = self.sni_callback
+
+    # -- the handshake path: one dict lookup, nothing else ------------------------------
+    def sni_callback(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        """Swap in the per-host context chosen by SNI (RFC 6066 section 3).
+
+        The name is recorded on the SSLObject so that ``server.py`` can put it in
+        the ASGI scope and the proxy can refuse a Host that differs from the SNI.
+        Python hands us the A-label; DNS names compare case-insensitively.
+        """
+        name = server_name.lower() if server_name else None
+        ssl_object.edgeproxy_sni = name  # type: ignore[attr-defined]
+        if name is not None:
+            ctx = self.contexts.get(name)
+            if ctx is not None:
+                ssl_object.context = ctx
+
+    def server_context(self) -> ssl.SSLContext:
+        """The context a TLS listener starts with: fallback cert + our SNI callback."""
+        return self.fallback_context
+
+    # -- keeping in step with storage --------------------------------------------------
+    def save(self, hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime) -> CertificateRecord:
+        """Persist a freshly issued pair (blocking). Other workers see it on their next refresh."""
+        record = record_from_pem(hostname, key_pem, chain_pem, now)
+        build_context(chain_pem, key_pem)  # refuse a pair that does not load before storing it
+        self.storage.save_certificate(record)
+        return record
+
+    def _load(self, hostnames: Iterable[str], now: dt.datetime) -> list[tuple[str, bool, ssl.SSLContext | None, CertInfo | None]]:
+        """Blocking part of a refresh: read storage and build contexts (runs in a thread)."""
+        out: list[tuple[str, bool, ssl.SSLContext | None, CertInfo | None]] = []
+        for hostname in dict.fromkeys(hostnames):  # de-duplicate, keep order
+            domain = self.storage.get_domain(hostname)
+            if domain is None:
+                out.append((hostname, False, None, None))
+                continue
+            cert = self.storage.get_certificate(hostname)
+            if cert is None or cert.not_after <= now:
+                out.append((hostname, True, None, None))
+                continue
+            try:
+                ctx = build_context(cert.chain_pem, cert.key_pem)
+            except (ssl.SSLError, OSError) as exc:  # a bad pair must not take the worker down
+                log.error("cannot load certificate for %s: %s", hostname, exc)
+                out.append((hostname, True, None, None))
+                continue
+            out.append((hostname, True, ctx, CertInfo(hostname, cert.not_after, cert.serial)))
+        return out
+
+    def _apply(self, loaded: list[tuple[str, bool, ssl.SSLContext | None, CertInfo | None]]) -> None:
+        for hostname, registered, ctx, info in loaded:
+            if not registered:
+                self.hosts.pop(hostname, None)
+                self.contexts.pop(hostname, None)
+                self.certs.pop(hostname, None)
+            elif ctx is None or info is None:
+                self.hosts[hostname] = False
+                self.contexts.pop(hostname, None)
+                self.certs.pop(hostname, None)
+            else:
+                # Publish the context before marking the host active, so that a
+                # request never sees an active host without its certificate.
+                self.contexts[hostname] = ctx
+                self.certs[hostname] = info
+                self.hosts[hostname] = True
+
+    def refresh_blocking(self, now: dt.datetime | None = None) -> int:
+        """Apply storage changes since the last refresh; returns how many names changed."""
+        now = now or _utcnow()
+        seq, changed = self.storage.changes_since(self._seq)
+        if not changed and seq == self._seq:
+            return 0
+        self._apply(self._load(changed, now))
+        self._seq = seq
+        return len(set(changed))
+
+    async def refresh(self, now: dt.datetime | None = None) -> int:
+        """Like ``refresh_blocking`` but with all blocking work off the event loop."""
+        now = now or _utcnow()
+        seq, changed = await asyncio.to_thread(self.storage.changes_since, self._seq)
+        if not changed and seq == self._seq:
+            return 0
+        loaded = await asyncio.to_thread(self._load, changed, now)
+        self._apply(loaded)
+        self._seq = seq
+        return len(set(changed))
+
+    def expire(self, now: dt.datetime) -> list[str]:
+        """Stop serving certificates whose not_after has passed (no I/O)."""
+        gone = [h for h, info in self.certs.items() if info.not_after <= now]
+        self._apply([(h, True, None, None) for h in gone])
+        return gone
+
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Poll the change feed until ``stop`` is set; errors are logged, never fatal."""
+        while not stop.is_set():
+            try:
+                await self.refresh()
+                self.expire(_utcnow())
+            except Exception:  # keep serving from memory while storage is unhappy
+                log.exception("certificate refresh failed; serving from memory")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,197 @@
+"""Run a real ``edgeproxy serve`` process on free loopback ports (tests and ``edgeproxy demo``).
+
+Owns: writing a config for a local edge, starting/stopping the process, waiting
+until it answers, and clients that talk to it the way a browser would: TLS with
+SNI = the custom hostname, verified against the ACME server's root only.
+Must not import: ``acme``; nothing of ours but what a client would use.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["EdgeConfig", "EdgeProcess", "free_port", "verified_client"]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+@dataclass
+class EdgeConfig:
+    """Everything a local edge needs; ``write()`` produces its TOML file."""
+
+    state_dir: Path
+    acme_directory: str
+    acme_ca_bundle: str
+    script_url: str
+    relay_url: str
+    http_port: int = 0
+    https_port: int = 0
+    admin_port: int = 0
+    cname_target: str = "edge.example.net"
+    extra: Mapping[str, Mapping[str, Any]] | None = None  # more [section] keys
+
+    def __post_init__(self) -> None:
+        self.http_port = self.http_port or free_port()
+        self.https_port = self.https_port or free_port()
+        self.admin_port = self.admin_port or free_port()
+
+    @property
+    def token_file(self) -> Path:
+        return self.state_dir / "admin-token"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "edgeproxy.db"
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        data: dict[str, dict[str, Any]] = {
+            "acme": {"directory": self.acme_directory, "ca_bundle": self.acme_ca_bundle, "email": "ops@example.test"},
+            "listen": {
+                "http": f"127.0.0.1:{self.http_port}",
+                "https": f"127.0.0.1:{self.https_port}",
+                "admin": f"127.0.0.1:{self.admin_port}",
+            },
+            "storage": {"url": f"sqlite://{self.db_path}"},
+            "upstream": {"script": self.script_url, "relay": self.relay_url},
+            "dns": {"cname_target": self.cname_target},
+            "domains": {"extra_suffixes": ["test"]},
+            "admin": {"token_file": str(self.token_file)},
+        }
+        for section, values in (self.extra or {}).items():
+            data.setdefault(section, {}).update(values)
+        return data
+
+    def write(self) -> Path:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        lines: list[str] = []
+        for section, values in self.sections().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.append("")
+        path = self.state_dir / "edgeproxy.toml"
+        path.write_text("\n".join(lines))
+        return path
+
+
+class EdgeProcess:
+    """``python -m edgeproxy serve`` as a child process, output to ``state_dir/edge.log``."""
+
+    def __init__(self, config: EdgeConfig, workers: int = 1, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.workers = workers
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = config.state_dir / "edge.log"
+
+    def start(self, timeout: float = 20.0) -> "EdgeProcess":
+        path = self.config.write()
+        env = {**os.environ, **self.env}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeproxy", "--config", str(path), "serve", "--workers", str(self.workers)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        self.wait_ready(timeout)
+        return self
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.admin_port}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"edgeproxy exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.admin_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"edgeproxy did not become ready in {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def admin(self) -> httpx.Client:
+        token = self.config.token_file.read_text().strip()
+        return httpx.Client(base_url=self.admin_url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    def wait_status(self, hostname: str, status: str = "active", timeout: float = 60.0) -> dict[str, Any]:
+        """Poll the admin API until ``hostname`` reaches ``status``; fail fast on ``failing``."""
+        deadline = time.monotonic() + timeout
+        view: dict[str, Any] = {}
+        with self.admin() as admin:
+            while time.monotonic() < deadline:
+                view = admin.get(f"/v1/domains/{hostname}").json()
+                if view.get("status") == status:
+                    return view
+                if view.get("status") == "failing" and status != "failing":
+                    raise RuntimeError(f"{hostname} failed: {view.get('error')}\n{self.log_text()[-4000:]}")
+                time.sleep(0.1)
+        raise TimeoutError(f"{hostname} not {status} after {timeout}s: {view}\n{self.log_text()[-4000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> "EdgeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def verified_client(root_pems: Sequence[bytes], *, http2: bool = False, timeout: float = 10.0) -> httpx.Client:
+    """An HTTPS client that trusts only ``root_pems`` (e.g. Pebble's root), like a
+    browser that has never heard of our fallback certificate. Use
+    ``client.get(f"https://127.0.0.1:{port}/...", headers={"Host": name},
+    extensions={"sni_hostname": name})`` to connect with SNI = ``name``; the
+    certificate is verified against ``name``."""
+    ctx = ssl.create_default_context(cadata="\n".join(p.decode() for p in root_pems))
+    return httpx.Client(verify=ctx, http2=http2, timeout=timeout, trust_env=False)

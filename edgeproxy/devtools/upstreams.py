@@ -1,0 +1,148 @@
+"""Local stand-ins for the vendor's script origin and queue relay (tests and ``edgeproxy demo``).
+
+Owns: two tiny threaded HTTP servers on 127.0.0.1 that record what they get.
+They are real servers speaking real HTTP, so the edge's client pool, timeouts
+and header handling are exercised exactly as in production.
+Must not import: anything of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["RecordedRequest", "RecordingRelay", "ScriptOrigin", "DEMO_SCRIPT"]
+
+# What a vendor tracker looks like to the edge: it names the vendor's relay.
+DEMO_SCRIPT = """/* vendor tracker v1 */
+(function () {
+  var endpoint = "https://relay.vendor.invalid/collect";
+  var body = JSON.stringify({ type: "pageview", url: location.href, ts: Date.now() });
+  navigator.sendBeacon ? navigator.sendBeacon(endpoint, body)
+                       : fetch(endpoint, { method: "POST", body: body, keepalive: true });
+})();
+"""
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-cased names; the last value wins
+    header_list: list[tuple[str, str]]
+    body: bytes
+
+
+class _Server:
+    """A ThreadingHTTPServer on a free loopback port, run in a daemon thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "_Server":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _QuietHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like a real origin
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class ScriptOrigin(_Server):
+    """Serves ``script`` at ``/latest.js``; ``fail = True`` makes it answer 503."""
+
+    def __init__(self, script: str = DEMO_SCRIPT) -> None:
+        self.script = script
+        self.fail = False
+        self.fetches = 0
+        super().__init__(_ScriptHandler)
+
+    @property
+    def script_url(self) -> str:
+        return f"{self.url}/latest.js"
+
+
+class _ScriptHandler(_QuietHandler):
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        origin: ScriptOrigin = self.server.owner  # type: ignore[attr-defined]
+        origin.fetches += 1
+        if origin.fail or self.path.split("?")[0] != "/latest.js":
+            self._reply(503 if origin.fail else 404, b"unavailable\n", "text/plain")
+            return
+        self._reply(200, origin.script.encode(), "application/javascript")
+
+    do_HEAD = do_GET
+
+
+class RecordingRelay(_Server):
+    """Records every request; answers ``status`` with a small JSON body.
+
+    ``on_request`` (optional) is called with each recorded request, e.g. to print it.
+    """
+
+    def __init__(self, status: int = 202, on_request: Callable[[RecordedRequest], None] | None = None) -> None:
+        self.status = status
+        self.on_request = on_request
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        super().__init__(_RelayHandler)
+
+    def record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+        if self.on_request is not None:
+            self.on_request(request)
+
+    def snapshot(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self.requests)
+
+
+class _RelayHandler(_QuietHandler):
+    def _handle(self) -> None:
+        relay: RecordingRelay = self.server.owner  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        pairs = [(k.lower(), v) for k, v in self.headers.items()]
+        relay.record(RecordedRequest(self.command, self.path, dict(pairs), pairs, body))
+        self._reply(relay.status, json.dumps({"ok": relay.status < 400}).encode(), "application/json")
+
+    do_POST = _handle
+    do_GET = _handle
+    do_PUT = _handle

@@ -1,0 +1,141 @@
+"""The domain registry service: the one set of functions the admin API and the CLI call.
+
+Owns: registering, showing, listing and removing customer domains, and the
+customer-facing view of a domain (status, error, certificate, the DNS record to
+add, the HTML snippet to paste).
+Must not import: ``acme``, ``httpx``, ``hypercorn``, storage backends.
+
+Hostname rules live in ``domains.py``; this module applies them with the
+edge's configuration (extra suffixes, the edge's own zone) and talks to storage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+from .config import Settings
+from .domains import normalize_hostname, registered_domain, validate_hostname
+from .errors import DomainNotFound, InvalidHostname
+from .storage.base import CertificateRecord, DomainRecord, Storage
+
+__all__ = ["Registry", "utcnow"]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+class Registry:
+    """Blocking service functions over a ``Storage`` (call from a thread in async code)."""
+
+    def __init__(self, storage: Storage, settings: Settings, clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self.storage = storage
+        self.settings = settings
+        self.clock = clock
+        extra = settings.domains.extra_suffixes
+        target = settings.dns.cname_target.rstrip(".").lower()
+        zones = {target}
+        try:
+            zones.add(registered_domain(target, extra_suffixes=extra))
+        except InvalidHostname:
+            pass  # a target that is itself odd (e.g. "localhost") only protects itself
+        # Customers may never register the edge's own names: a CNAME loop at best,
+        # a certificate for our infrastructure issued on a customer's say-so at worst.
+        self.own_zones = tuple(sorted(zones))
+
+    # -- commands ------------------------------------------------------------------
+    def add(self, raw_hostname: str) -> DomainRecord:
+        """Validate and register; issuance is due at once. Raises InvalidHostname / DomainExists."""
+        hostname = validate_hostname(
+            raw_hostname,
+            extra_suffixes=self.settings.domains.extra_suffixes,
+            own_zones=self.own_zones,
+        )
+        now = self.clock()
+        self.storage.add_domain(hostname, "issuing", now)
+        return self.storage.update_domain(hostname, now, status="issuing", next_attempt_at=now)
+
+    def get(self, raw_hostname: str) -> DomainRecord:
+        record = self.storage.get_domain(self._lookup_name(raw_hostname))
+        if record is None:
+            raise DomainNotFound(f"{raw_hostname!r} is not registered on this edge")
+        return record
+
+    def list(self) -> list[DomainRecord]:
+        return self.storage.list_domains()
+
+    def remove(self, raw_hostname: str) -> None:
+        """Delete the domain with its private key, certificate and challenges."""
+        if not self.storage.remove_domain(self._lookup_name(raw_hostname)):
+            raise DomainNotFound(f"{raw_hostname!r} is not registered on this edge")
+
+    def retry(self, raw_hostname: str) -> DomainRecord:
+        """Make the next issuance/renewal attempt due now (operator override of backoff)."""
+        record = self.get(raw_hostname)
+        return self.storage.update_domain(
+            record.hostname,
+            self.clock(),
+            status=record.status,
+            error_code=record.error_code,
+            error_message=record.error_message,
+            next_attempt_at=self.clock(),
+            attempts=record.attempts,
+        )
+
+    # -- the view customers and operators see ------------------------------------------
+    def view(self, record: DomainRecord) -> dict[str, Any]:
+        cert = self.storage.get_certificate(record.hostname)
+        return domain_view(record, cert, self.settings)
+
+    def _lookup_name(self, raw_hostname: str) -> str:
+        try:
+            return normalize_hostname(raw_hostname)
+        except InvalidHostname as exc:
+            raise DomainNotFound(f"{raw_hostname!r} is not registered on this edge") from exc
+
+
+def dns_instructions(hostname: str, settings: Settings) -> dict[str, Any]:
+    """The exact record(s) the customer must publish for ``hostname``."""
+    target = settings.dns.cname_target.rstrip(".")
+    records: list[dict[str, str]] = [{"type": "CNAME", "name": hostname, "value": f"{target}."}]
+    alternatives = [
+        {"type": "AAAA" if ":" in ip else "A", "name": hostname, "value": ip} for ip in settings.dns.edge_ips
+    ]
+    return {"records": records, "alternatives": alternatives}
+
+
+def html_snippet(hostname: str, settings: Settings) -> str:
+    return f'<script async src="https://{hostname}{settings.routes.script_path}"></script>'
+
+
+def domain_view(record: DomainRecord, cert: CertificateRecord | None, settings: Settings) -> dict[str, Any]:
+    """JSON-ready description of a domain (the admin API schema)."""
+    error = None
+    if record.error_code:
+        error = {"code": record.error_code, "message": record.error_message or ""}
+    certificate = None
+    if cert is not None:
+        certificate = {
+            "not_before": _iso(cert.not_before),
+            "not_after": _iso(cert.not_after),
+            "issuer": cert.issuer,
+            "serial": cert.serial,
+        }
+    return {
+        "hostname": record.hostname,
+        "status": record.status,
+        "error": error,
+        "certificate": certificate,
+        "next_attempt_at": _iso(record.next_attempt_at),
+        "attempts": record.attempts,
+        "created_at": _iso(record.created_at),
+        "updated_at": _iso(record.updated_at),
+        "dns": dns_instructions(record.hostname, settings),
+        "snippet": html_snippet(record.hostname, settings),
+    }

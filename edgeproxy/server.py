@@ -1,0 +1,284 @@
+"""hypercorn wiring: sockets, worker processes, per-connection SNI, background loops.
+
+Owns: binding the three listeners (public HTTP, public HTTPS, loopback admin),
+the worker processes, and what runs in each: every worker serves the public
+listeners from its in-memory ``CertStore``; the primary (the parent process)
+also serves the admin API and runs the issuance/renewal loop.
+
+Why not ``hypercorn.asyncio.serve``: it runs one app on one set of sockets and
+never tells the app which SNI the client sent. We need three apps on three
+socket sets, and the proxy must refuse a Host that differs from the SNI
+(DESIGN.md section 5). So we use hypercorn's own connection handler
+(``TCPServer``: HTTP/1.1, HTTP/2, keep-alive, flow control) and start the
+asyncio servers ourselves, wrapping the app per TLS connection so that the SNI
+recorded by ``CertStore.sni_callback`` lands in ``scope["extensions"]["tls"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import WorkerContext
+from hypercorn.config import Config as HypercornConfig
+
+from .acme_client import AcmeIssuer
+from .admin import create_admin_app, load_or_create_token
+from .certstore import CertStore
+from .config import Settings, parse_hostport
+from .proxy import EdgeProxy, Site
+from .registry import Registry
+from .renew import Issuer, RenewalService
+from .storage import open_storage
+from .storage.base import Storage
+
+__all__ = ["bind_socket", "serve", "EdgeNode"]
+
+log = logging.getLogger("edgeproxy.server")
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on ``host:port`` (IPv4 or IPv6); non-blocking, inheritable by workers."""
+    host, port = parse_hostport(address, what=what)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address} ({what}): {exc.strerror}") from exc
+    sock.listen(backlog)
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _hypercorn_config() -> HypercornConfig:
+    config = HypercornConfig()
+    config.include_server_header = False  # do not advertise the server software on the public edge
+    config.keep_alive_timeout = 30
+    config.graceful_timeout = 5
+    config.ssl_handshake_timeout = 10
+    return config
+
+
+def _with_sni(app: ASGIApp, server_name: str | None) -> ASGIApp:
+    """Bind the SNI of one TLS connection into every request scope on it."""
+
+    async def call(scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope.setdefault("extensions", {})["tls"] = {"server_name": server_name}
+        await app(scope, receive, send)
+
+    return call
+
+
+@dataclass
+class _Listener:
+    name: str
+    sock: socket.socket
+    app: ASGIApp
+    tls: bool = False
+    server: asyncio.AbstractServer | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class EdgeNode:
+    """Everything one process serves. ``primary`` adds the admin API and the issuance loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sockets: dict[str, socket.socket],
+        *,
+        primary: bool,
+        storage: Storage | None = None,
+        issuer: Issuer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sockets = sockets
+        self.primary = primary
+        self.storage = storage or open_storage(settings.storage.url)
+        self.certstore = CertStore(self.storage)
+        self.stop = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge)
+        self.issuer = issuer
+        self._config = _hypercorn_config()
+        self._context = WorkerContext(None)
+        self._listeners: list[_Listener] = []
+
+    # -- the two functions the proxy sees -----------------------------------------------
+    def _resolve(self, host: str) -> Site | None:
+        active = self.certstore.hosts.get(host)
+        return None if active is None else Site(host, active)
+
+    async def _challenge(self, token: str) -> tuple[str, str] | None:
+        record = await asyncio.to_thread(self.storage.get_challenge, token)
+        return None if record is None else (record.hostname, record.key_authorization)
+
+    # -- connections ----------------------------------------------------------------------
+    def _callback(self, listener: _Listener) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        loop = asyncio.get_running_loop()
+        plain = ASGIWrapper(listener.app)
+
+        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            listener.tasks.add(task)
+            task.add_done_callback(listener.tasks.discard)
+            app = plain
+            if listener.tls:
+                ssl_object = writer.get_extra_info("ssl_object")
+                app = ASGIWrapper(_with_sni(listener.app, getattr(ssl_object, "edgeproxy_sni", None)))
+            await TCPServer(app, loop, self._config, self._context, {}, reader, writer)
+
+        return on_connection
+
+    async def run(self) -> None:
+        """Serve until ``stop`` is set, then drain connections and close."""
+        self._loop = asyncio.get_running_loop()
+        await self.certstore.refresh()
+        await self.proxy.startup()
+        listeners = [
+            _Listener("http", self.sockets["http"], self.proxy.http_app),
+            _Listener("https", self.sockets["https"], self.proxy.https_app, tls=True),
+        ]
+        background = [asyncio.create_task(self.certstore.run(self.settings.proxy.cert_refresh_interval, self.stop))]
+        if self.primary:
+            registry = Registry(self.storage, self.settings)
+            token = load_or_create_token(self.settings.admin.token_file)
+            admin = create_admin_app(registry, token, on_registered=lambda _h: self._wake_soon())
+            listeners.append(_Listener("admin", self.sockets["admin"], admin))
+            issuer = self.issuer or AcmeIssuer(
+                storage=self.storage,
+                directory_url=self.settings.acme.directory,
+                email=self.settings.acme.email,
+                ca_bundle=self.settings.acme.ca_bundle,
+                profile=self.settings.acme.profile,
+                timeout=self.settings.acme.timeout,
+            )
+            renewer = RenewalService(self.storage, self.certstore, issuer)
+            background.append(asyncio.create_task(renewer.run_forever(self.stop, self.wake)))
+        for listener in listeners:
+            ssl_context = self.certstore.server_context() if listener.tls else None
+            listener.server = await asyncio.start_server(
+                self._callback(listener), sock=listener.sock, ssl=ssl_context,
+                ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
+                backlog=1024,
+            )
+            host, port = listener.sock.getsockname()[:2]
+            log.info("pid %d serving %s on %s:%s", os.getpid(), listener.name, host, port)
+        self._listeners = listeners
+        try:
+            await self.stop.wait()
+        finally:
+            await self._shutdown(background)
+
+    def _wake_soon(self) -> None:
+        # Called from the admin route's worker thread: hop back onto the loop.
+        self._loop.call_soon_threadsafe(self.wake.set)
+
+    async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
+        for listener in self._listeners:
+            if listener.server is not None:
+                listener.server.close()
+        await self._context.terminated.set()  # tells keep-alive connections to finish
+        pending = [t for listener in self._listeners for t in listener.tasks]
+        if pending:
+            await asyncio.wait(pending, timeout=self._config.graceful_timeout)
+        for task in pending:
+            task.cancel()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await self.proxy.aclose()
+        self.storage.close()
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        await self.run()
+
+
+def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int) -> None:
+    """Entry point of an extra worker process (spawned, so nothing is shared but sockets)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = EdgeNode(settings, sockets, primary=False)
+
+    async def orphan_guard() -> None:
+        # A parent killed with SIGKILL cannot stop us: leave when it is gone.
+        while os.getppid() == parent:
+            await asyncio.sleep(1)
+        node.stop.set()
+
+    async def main() -> None:
+        guard = asyncio.create_task(orphan_guard())
+        try:
+            await node.main()
+        finally:
+            guard.cancel()
+
+    asyncio.run(main())
+
+
+def serve(settings: Settings, workers: int = 1) -> None:
+    """Run the edge: ``workers`` processes serve the public listeners; the parent
+    is one of them and also serves the admin API and the issuance loop."""
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    sockets = {
+        "http": bind_socket(settings.listen.http, "listen.http"),
+        "https": bind_socket(settings.listen.https, "listen.https"),
+        "admin": bind_socket(settings.listen.admin, "listen.admin"),
+    }
+    public = {k: sockets[k] for k in ("http", "https")}
+    spawn = multiprocessing.get_context("spawn")
+    children: list[Any] = []
+
+    def start_child() -> Any:
+        proc = spawn.Process(target=_worker_main, args=(settings, public, os.getpid()), daemon=True)
+        proc.start()
+        return proc
+
+    children = [start_child() for _ in range(workers - 1)]
+    node = EdgeNode(settings, sockets, primary=True)
+
+    async def supervise() -> None:
+        while not node.stop.is_set():
+            await asyncio.sleep(1)
+            for i, proc in enumerate(children):
+                if not proc.is_alive() and not node.stop.is_set():
+                    log.error("worker pid %s exited with %s; starting a new one", proc.pid, proc.exitcode)
+                    children[i] = start_child()
+
+    async def main() -> None:
+        watcher = asyncio.create_task(supervise())
+        try:
+            await node.main()
+        finally:
+            watcher.cancel()
+            for proc in children:
+                if proc.is_alive():
+                    proc.terminate()  # SIGTERM: graceful in the child
+            for proc in children:
+                await asyncio.to_thread(proc.join, 10)
+
+    asyncio.run(main())
+    for sock in sockets.values():
+        sock.close()
+

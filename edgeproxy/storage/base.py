@@ -1,0 +1,164 @@
+"""Storage protocol and records shared by every backend.
+
+Owns: the ``Storage`` contract (what each method promises about concurrency,
+not-found and idempotency) and the plain records that cross it.
+Must not import: ``acme``, ``httpx``, ``hypercorn``, or any backend.
+
+Contract common to every method:
+- Methods are blocking and thread-safe; async callers run them with
+  ``asyncio.to_thread`` (house rule 4: SQLite never runs on the event loop).
+- Several processes (hypercorn workers, the CLI, cron) may use one store at once.
+- Times are timezone-aware UTC ``datetime`` values; ``now`` is always passed in.
+- Backend exceptions never escape: a broken store raises ``StorageError`` or
+  ``StorageUnavailable`` from ``edgeproxy.errors``.
+- Hostnames are already normalized (``domains.normalize_hostname``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+__all__ = [
+    "AccountRecord",
+    "CertificateRecord",
+    "ChallengeRecord",
+    "DomainRecord",
+    "Storage",
+    "DOMAIN_STATUSES",
+]
+
+# pending_dns: waiting for the customer's DNS record; issuing: an order is due or
+# running; active: a valid certificate is served; renewing: active, renewal due;
+# failing: issuance/renewal failed, retrying with backoff; moved: DNS no longer
+# points at the edge (keep serving the valid certificate, stop renewing).
+DOMAIN_STATUSES = ("pending_dns", "issuing", "active", "renewing", "failing", "moved")
+
+
+@dataclass(frozen=True)
+class DomainRecord:
+    hostname: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    error_code: str | None = None
+    error_message: str | None = None
+    next_attempt_at: datetime | None = None  # when the scheduler should next try an order
+    attempts: int = 0  # consecutive failed attempts (reset on success)
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A private key and the full chain that goes with it: always saved as one unit."""
+
+    hostname: str
+    key_pem: bytes
+    chain_pem: bytes  # leaf first, then intermediates
+    not_before: datetime
+    not_after: datetime
+    serial: str  # hex, lowercase
+    issuer: str  # RFC 4514 string of the leaf's issuer
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ChallengeRecord:
+    token: str
+    key_authorization: str
+    hostname: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    directory_url: str
+    key_pem: bytes
+    registration_json: str  # acme RegistrationResource as JSON ("" before registration)
+
+
+class Storage(Protocol):
+    """Everything edgeproxy persists. One instance per process; thread-safe."""
+
+    # -- domains ----------------------------------------------------------------
+    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
+        """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
+        ...
+
+    def get_domain(self, hostname: str) -> DomainRecord | None:
+        """The domain, or None when it is not registered."""
+        ...
+
+    def list_domains(self) -> list[DomainRecord]:
+        """All domains, ordered by hostname."""
+        ...
+
+    def update_domain(
+        self,
+        hostname: str,
+        now: datetime,
+        *,
+        status: str,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        next_attempt_at: datetime | None = None,
+        attempts: int = 0,
+    ) -> DomainRecord:
+        """Replace the mutable fields. Raises ``DomainNotFound`` if absent."""
+        ...
+
+    def remove_domain(self, hostname: str) -> bool:
+        """Delete the domain with its certificate, key and challenges in one
+        transaction. Returns False (and changes nothing) if it was not registered."""
+        ...
+
+    # -- certificates -----------------------------------------------------------
+    def save_certificate(self, cert: CertificateRecord) -> None:
+        """Store key + chain + metadata atomically (a reader sees the old pair or
+        the new pair, never a mix, even after a crash). Replaces any previous one.
+        Raises ``DomainNotFound`` if the domain was removed meanwhile."""
+        ...
+
+    def get_certificate(self, hostname: str) -> CertificateRecord | None:
+        ...
+
+    # -- HTTP-01 challenges -------------------------------------------------------
+    def put_challenge(self, challenge: ChallengeRecord) -> None:
+        """Publish a token (idempotent: same token overwrites)."""
+        ...
+
+    def get_challenge(self, token: str) -> ChallengeRecord | None:
+        ...
+
+    def delete_challenge(self, token: str) -> None:
+        """Idempotent."""
+        ...
+
+    # -- ACME accounts ----------------------------------------------------------
+    def get_account(self, directory_url: str) -> AccountRecord | None:
+        ...
+
+    def save_account(self, account: AccountRecord) -> None:
+        """Insert or replace the account for ``account.directory_url``."""
+        ...
+
+    # -- change feed ----------------------------------------------------------------
+    def changes_since(self, seq: int) -> tuple[int, list[str]]:
+        """Hostnames whose domain or certificate changed after ``seq``, and the
+        newest seq. Workers poll this to refresh their in-memory maps; a
+        hostname may appear more than once. ``changes_since(0)`` lists all."""
+        ...
+
+    # -- locks ------------------------------------------------------------------------
+    def try_lock(self, name: str, owner: str, ttl_seconds: float, now: datetime) -> bool:
+        """Take or extend a lease. True if ``owner`` now holds ``name`` until
+        ``now + ttl``; False if another owner holds an unexpired lease. An
+        expired lease (crashed holder) is taken over."""
+        ...
+
+    def unlock(self, name: str, owner: str) -> None:
+        """Release if held by ``owner``; otherwise do nothing."""
+        ...
+
+    def close(self) -> None:
+        ...
