@@ -1,0 +1,778 @@
+"""The one contract suite every ``Storage`` backend passes.
+
+The first part is parametrized over ``BACKENDS`` and talks to a store only
+through ``open_storage(url)`` and the ``Storage`` protocol, so a new backend
+(PostgreSQL) joins by adding one line to ``BACKENDS``. The second part checks
+what only the SQLite backend promises (file modes, WAL, secure delete, feed
+pruning, error mapping, URL parsing).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeproxy.errors import (
+    ConfigError,
+    DomainExists,
+    DomainNotFound,
+    StorageError,
+    StorageUnavailable,
+)
+from edgeproxy.storage import (
+    AccountRecord,
+    CertificateRecord,
+    ChallengeRecord,
+    Storage,
+    open_storage,
+    sqlite_path_from_url,
+)
+from edgeproxy.storage.sqlite import SqliteStorage
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+UTC_PLUS_2 = timezone(timedelta(hours=2))
+
+# Spawn, like hypercorn's workers: children share nothing with the test process.
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _sqlite_url(tmp_path: Path) -> str:
+    # tmp_path is absolute, so this reads sqlite:///tmp/.../edgeproxy.db
+    return f"sqlite://{tmp_path}/state/edgeproxy.db"
+
+
+# One line per backend: name -> function giving a fresh, empty store's URL.
+BACKENDS: dict[str, Callable[[Path], str]] = {
+    "sqlite": _sqlite_url,
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[Storage]:
+    s = open_storage(url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def cert(hostname: str, n: int = 1, *, pad: int = 0) -> CertificateRecord:
+    """A certificate whose key and chain carry the same marker ``n``."""
+    return CertificateRecord(
+        hostname=hostname,
+        key_pem=f"KEY-{n:08d}-".encode() + b"k" * pad,
+        chain_pem=f"CHAIN-{n:08d}-".encode() + b"c" * pad,
+        not_before=NOW + timedelta(seconds=n),
+        not_after=NOW + timedelta(days=90, seconds=n),
+        serial=f"{n:x}",
+        issuer="CN=Test CA,O=edgeproxy tests",
+        created_at=NOW + timedelta(seconds=n, microseconds=7),
+    )
+
+
+def assert_consistent_pair(c: CertificateRecord) -> int:
+    key_n = int(re.match(rb"KEY-(\d{8})-", c.key_pem).group(1))  # type: ignore[union-attr]
+    chain_n = int(re.match(rb"CHAIN-(\d{8})-", c.chain_pem).group(1))  # type: ignore[union-attr]
+    assert key_n == chain_n == int(c.serial, 16)
+    assert c.not_before == NOW + timedelta(seconds=key_n)
+    return key_n
+
+
+# =====================================================================================
+# Part 1: the contract, for every backend
+# =====================================================================================
+
+# -- domains ------------------------------------------------------------------------
+
+
+def test_add_then_get_domain(store: Storage) -> None:
+    rec = store.add_domain("cdn.shop.example", "pending_dns", NOW)
+    assert rec.hostname == "cdn.shop.example"
+    assert rec.status == "pending_dns"
+    assert rec.created_at == rec.updated_at == NOW
+    assert (rec.error_code, rec.error_message, rec.next_attempt_at, rec.attempts) == (
+        None,
+        None,
+        None,
+        0,
+    )
+    assert store.get_domain("cdn.shop.example") == rec
+    assert store.get_domain("other.example") is None
+
+
+def test_add_existing_raises_domain_exists_and_keeps_the_record(store: Storage) -> None:
+    first = store.add_domain("a.example", "pending_dns", NOW)
+    with pytest.raises(DomainExists) as info:
+        store.add_domain("a.example", "issuing", NOW + timedelta(hours=1))
+    assert info.value.code == "domain_exists"
+    assert "a.example" in str(info.value)
+    assert store.get_domain("a.example") == first
+
+
+def test_list_domains_is_ordered_by_hostname(store: Storage) -> None:
+    assert store.list_domains() == []
+    for name in ["m.example", "a.example", "z.example", "b.example"]:
+        store.add_domain(name, "pending_dns", NOW)
+    assert [d.hostname for d in store.list_domains()] == [
+        "a.example",
+        "b.example",
+        "m.example",
+        "z.example",
+    ]
+
+
+def test_update_domain_replaces_mutable_fields(store: Storage) -> None:
+    store.add_domain("a.example", "pending_dns", NOW)
+    later = NOW + timedelta(minutes=5)
+    retry = NOW + timedelta(minutes=30, microseconds=1)
+    rec = store.update_domain(
+        "a.example",
+        later,
+        status="failing",
+        error_code="acme_dns",
+        error_message="no CNAME to edge.example.net",
+        next_attempt_at=retry,
+        attempts=3,
+    )
+    assert rec.created_at == NOW and rec.updated_at == later
+    assert (rec.status, rec.error_code, rec.error_message, rec.next_attempt_at, rec.attempts) == (
+        "failing",
+        "acme_dns",
+        "no CNAME to edge.example.net",
+        retry,
+        3,
+    )
+    assert store.get_domain("a.example") == rec
+    # Replace, not merge: omitted fields go back to their defaults.
+    cleared = store.update_domain("a.example", later, status="active")
+    assert (cleared.error_code, cleared.error_message, cleared.next_attempt_at, cleared.attempts) == (
+        None,
+        None,
+        None,
+        0,
+    )
+    assert store.get_domain("a.example") == cleared
+
+
+def test_update_missing_domain_raises_domain_not_found(store: Storage) -> None:
+    with pytest.raises(DomainNotFound) as info:
+        store.update_domain("ghost.example", NOW, status="active")
+    assert info.value.code == "domain_not_found"
+    assert store.get_domain("ghost.example") is None
+
+
+def test_remove_domain(store: Storage) -> None:
+    store.add_domain("a.example", "pending_dns", NOW)
+    store.add_domain("b.example", "pending_dns", NOW)
+    assert store.remove_domain("a.example") is True
+    assert store.get_domain("a.example") is None
+    assert [d.hostname for d in store.list_domains()] == ["b.example"]
+    assert store.remove_domain("a.example") is False
+    # Can be registered again, from scratch.
+    again = store.add_domain("a.example", "pending_dns", NOW + timedelta(days=1))
+    assert again.created_at == NOW + timedelta(days=1)
+
+
+def test_remove_absent_domain_changes_nothing(store: Storage) -> None:
+    store.add_domain("a.example", "pending_dns", NOW)
+    store.put_challenge(ChallengeRecord("tok-ghost", "tok-ghost.thumb", "ghost.example", NOW))
+    seq, _ = store.changes_since(0)
+    assert store.remove_domain("ghost.example") is False
+    assert store.changes_since(seq) == (seq, [])
+    assert store.get_challenge("tok-ghost") is not None
+
+
+def test_times_round_trip_exactly_as_utc(store: Storage) -> None:
+    # A non-UTC aware time is the same instant; it comes back as UTC.
+    local = datetime(2031, 12, 31, 23, 59, 59, 999999, tzinfo=UTC_PLUS_2)
+    rec = store.add_domain("a.example", "pending_dns", local)
+    got = store.get_domain("a.example")
+    assert got is not None
+    for value in (rec.created_at, got.created_at, got.updated_at):
+        assert value == local
+        assert value.utcoffset() == timedelta(0)
+        assert value.microsecond == 999999
+    early = datetime(1999, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc)
+    got2 = store.update_domain("a.example", early, status="issuing", next_attempt_at=early)
+    assert got2.updated_at == early and got2.next_attempt_at == early
+    assert store.get_domain("a.example") == got2
+
+
+# -- certificates ----------------------------------------------------------------------
+
+
+def test_certificate_round_trip_and_replace(store: Storage) -> None:
+    store.add_domain("a.example", "issuing", NOW)
+    store.add_domain("b.example", "issuing", NOW)
+    assert store.get_certificate("a.example") is None
+    first = cert("a.example", 1, pad=3000)
+    store.save_certificate(first)
+    assert store.get_certificate("a.example") == first
+    second = replace(cert("a.example", 2), issuer="CN=Other CA")
+    store.save_certificate(second)
+    assert store.get_certificate("a.example") == second
+    assert store.get_certificate("b.example") is None
+
+
+def test_save_certificate_without_domain_raises_domain_not_found(store: Storage) -> None:
+    with pytest.raises(DomainNotFound):
+        store.save_certificate(cert("never.example"))
+    assert store.get_certificate("never.example") is None
+    store.add_domain("gone.example", "issuing", NOW)
+    store.remove_domain("gone.example")
+    with pytest.raises(DomainNotFound):
+        store.save_certificate(cert("gone.example"))
+    assert store.get_certificate("gone.example") is None
+
+
+def test_remove_deletes_certificate_key_and_challenges(store: Storage) -> None:
+    for name in ("a.example", "b.example"):
+        store.add_domain(name, "active", NOW)
+        store.save_certificate(cert(name))
+        store.put_challenge(ChallengeRecord(f"tok-{name}", f"tok-{name}.thumb", name, NOW))
+    assert store.remove_domain("a.example") is True
+    assert store.get_certificate("a.example") is None
+    assert store.get_challenge("tok-a.example") is None
+    # Re-registering does not resurrect the old key.
+    store.add_domain("a.example", "pending_dns", NOW)
+    assert store.get_certificate("a.example") is None
+    # The neighbour is untouched.
+    assert store.get_certificate("b.example") == cert("b.example")
+    assert store.get_challenge("tok-b.example") is not None
+
+
+# -- challenges ------------------------------------------------------------------------
+
+
+def test_challenges_put_get_overwrite_delete(store: Storage) -> None:
+    assert store.get_challenge("tok") is None
+    ch = ChallengeRecord("tok", "tok.thumbprint", "a.example", NOW + timedelta(minutes=10))
+    store.put_challenge(ch)
+    store.put_challenge(ch)  # idempotent
+    assert store.get_challenge("tok") == ch
+    newer = ChallengeRecord("tok", "tok.other", "b.example", NOW + timedelta(minutes=20))
+    store.put_challenge(newer)
+    assert store.get_challenge("tok") == newer
+    store.put_challenge(ChallengeRecord("tok2", "tok2.t", "a.example", NOW))
+    store.delete_challenge("tok")
+    assert store.get_challenge("tok") is None
+    store.delete_challenge("tok")  # idempotent
+    store.delete_challenge("never-published")
+    assert store.get_challenge("tok2") is not None
+
+
+# -- accounts --------------------------------------------------------------------------
+
+
+def test_accounts_insert_or_replace_per_directory(store: Storage) -> None:
+    le = "https://acme-v02.api.letsencrypt.org/directory"
+    pebble = "https://127.0.0.1:14000/dir"
+    assert store.get_account(le) is None
+    acct = AccountRecord(le, b"-----BEGIN EC PRIVATE KEY-----\nabc\n", "")
+    store.save_account(acct)
+    assert store.get_account(le) == acct
+    registered = replace(acct, registration_json='{"uri": "https://acme/acct/1"}')
+    store.save_account(registered)
+    assert store.get_account(le) == registered
+    assert store.get_account(pebble) is None
+    other = AccountRecord(pebble, b"other key", "{}")
+    store.save_account(other)
+    assert store.get_account(pebble) == other
+    assert store.get_account(le) == registered
+
+
+# -- change feed -----------------------------------------------------------------------
+
+
+def test_change_feed_order_and_monotonic_seq(store: Storage) -> None:
+    seq0, hosts = store.changes_since(0)
+    assert hosts == []
+    store.add_domain("a.example", "pending_dns", NOW)
+    seq1, hosts = store.changes_since(seq0)
+    assert seq1 > seq0 and hosts == ["a.example"]
+    store.add_domain("b.example", "pending_dns", NOW)
+    store.add_domain("c.example", "pending_dns", NOW)
+    seq2, hosts = store.changes_since(seq1)
+    assert seq2 > seq1 and hosts == ["b.example", "c.example"]
+    store.update_domain("a.example", NOW, status="issuing")
+    seq3, hosts = store.changes_since(seq2)
+    assert seq3 > seq2 and hosts == ["a.example"]
+    store.save_certificate(cert("b.example"))
+    seq4, hosts = store.changes_since(seq3)
+    assert seq4 > seq3 and hosts == ["b.example"]
+    assert store.changes_since(seq4) == (seq4, [])
+    # Everything since seq1, in commit order (duplicates allowed by the contract).
+    _, hosts = store.changes_since(seq1)
+    assert [h for i, h in enumerate(hosts) if h not in hosts[i + 1 :]] == [
+        "c.example",
+        "a.example",
+        "b.example",
+    ]
+
+
+def test_change_feed_reports_removals_and_ignores_non_domain_writes(store: Storage) -> None:
+    store.add_domain("a.example", "active", NOW)
+    store.save_certificate(cert("a.example"))
+    seq, _ = store.changes_since(0)
+    store.put_challenge(ChallengeRecord("t", "t.k", "a.example", NOW))
+    store.save_account(AccountRecord("https://acme/dir", b"k", ""))
+    assert store.try_lock("renewal", "me", 30, NOW)
+    assert store.changes_since(seq) == (seq, [])
+    store.remove_domain("a.example")
+    newest, hosts = store.changes_since(seq)
+    assert newest > seq and hosts == ["a.example"]
+
+
+def test_changes_since_zero_lists_every_registered_hostname(store: Storage) -> None:
+    for name in ("c.example", "a.example", "b.example"):
+        store.add_domain(name, "pending_dns", NOW)
+    store.save_certificate(cert("a.example"))
+    store.remove_domain("c.example")
+    newest, hosts = store.changes_since(0)
+    assert {"a.example", "b.example"} <= set(hosts)
+    assert store.changes_since(newest) == (newest, [])
+    # A reader starting from this answer converges on later changes.
+    store.add_domain("d.example", "pending_dns", NOW)
+    later, hosts = store.changes_since(newest)
+    assert later > newest and hosts == ["d.example"]
+
+
+# -- locks -----------------------------------------------------------------------------
+
+
+def test_lock_is_exclusive_extendable_and_taken_over_when_expired(store: Storage) -> None:
+    assert store.try_lock("renewal", "A", 60, NOW) is True
+    assert store.try_lock("renewal", "B", 60, NOW + timedelta(seconds=1)) is False
+    assert store.try_lock("other-lock", "B", 60, NOW) is True  # names are independent
+    # A extends its own lease: B is still refused after the original expiry.
+    assert store.try_lock("renewal", "A", 60, NOW + timedelta(seconds=50)) is True
+    assert store.try_lock("renewal", "B", 60, NOW + timedelta(seconds=70)) is False
+    # After the extended lease (50 + 60 s) ran out, B takes over a crashed A.
+    assert store.try_lock("renewal", "B", 0.5, NOW + timedelta(seconds=111)) is True
+    assert store.try_lock("renewal", "A", 60, NOW + timedelta(seconds=111.2)) is False
+    # Fractional ttl: B's 0.5 s lease is gone 0.6 s later.
+    assert store.try_lock("renewal", "A", 60, NOW + timedelta(seconds=111.6)) is True
+
+
+def test_unlock_only_by_owner(store: Storage) -> None:
+    store.unlock("renewal", "nobody")  # absent lock: no-op
+    assert store.try_lock("renewal", "A", 60, NOW)
+    store.unlock("renewal", "B")  # not the owner: no-op
+    assert store.try_lock("renewal", "B", 60, NOW) is False
+    store.unlock("renewal", "A")
+    assert store.try_lock("renewal", "B", 60, NOW) is True
+    store.unlock("renewal", "B")
+    store.unlock("renewal", "B")  # idempotent
+
+
+# -- persistence and concurrency -------------------------------------------------------
+
+
+def test_data_survives_close_and_reopen(url: str) -> None:
+    s = open_storage(url)
+    s.add_domain("a.example", "active", NOW)
+    s.save_certificate(cert("a.example", 5))
+    seq, _ = s.changes_since(0)
+    s.close()
+    s2 = open_storage(url)
+    try:
+        assert s2.get_certificate("a.example") == cert("a.example", 5)
+        assert s2.changes_since(seq) == (seq, [])
+    finally:
+        s2.close()
+
+
+def test_threads_share_one_store(store: Storage) -> None:
+    def work(i: int) -> bool:
+        for j in range(10):
+            store.add_domain(f"t{i}-{j}.example", "pending_dns", NOW)
+            store.changes_since(0)
+            assert store.get_domain(f"t{i}-{j}.example") is not None
+        return store.try_lock("renewal", f"thread-{i}", 60, NOW)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        won = list(pool.map(work, range(8)))
+    assert won.count(True) == 1
+    assert len(store.list_domains()) == 80
+    assert len(set(store.changes_since(0)[1])) == 80
+
+
+def _race_worker(url: str, index: int, per_worker: int, barrier: Any, results: Any) -> None:
+    try:
+        barrier.wait(timeout=60)  # everybody opens (and maybe creates) the store at once
+        s = open_storage(url)
+        try:
+            for j in range(per_worker):
+                s.add_domain(f"w{index}-{j}.example", "pending_dns", NOW)
+            barrier.wait(timeout=60)  # everybody races for the lock at once
+            won = s.try_lock("renewal", f"worker-{index}", 60, NOW)
+            results.put((index, won, None))
+        finally:
+            s.close()
+    except BaseException as exc:  # report, so the parent fails with the reason
+        barrier.abort()  # and the others stop waiting for this one
+        results.put((index, None, repr(exc)))
+
+
+def test_processes_add_concurrently_and_exactly_one_wins_the_lock(url: str) -> None:
+    workers, per_worker = 4, 10
+    barrier = SPAWN.Barrier(workers)
+    results = SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=_race_worker, args=(url, i, per_worker, barrier, results))
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert [err for _, _, err in outcomes if err] == []
+    assert sorted(won for _, won, _ in outcomes).count(True) == 1
+    s = open_storage(url)
+    try:
+        names = {d.hostname for d in s.list_domains()}
+        expected = {f"w{i}-{j}.example" for i in range(workers) for j in range(per_worker)}
+        assert names == expected
+        assert set(s.changes_since(0)[1]) == expected
+        winner = next(i for i, won, _ in outcomes if won)
+        assert s.try_lock("renewal", "outsider", 60, NOW) is False
+        assert s.try_lock("renewal", f"worker-{winner}", 60, NOW) is True
+    finally:
+        s.close()
+
+
+def _crash_worker(url: str, hostname: str, started: Any) -> None:
+    s = open_storage(url)
+    n = 0
+    while True:  # until SIGKILL
+        n += 1
+        s.save_certificate(cert(hostname, n, pad=6000))
+        if n == 20:
+            started.set()
+
+
+def test_sigkill_during_saves_leaves_a_consistent_pair(url: str) -> None:
+    s = open_storage(url)
+    s.add_domain("crash.example", "issuing", NOW)
+    s.close()
+    started = SPAWN.Event()
+    proc = SPAWN.Process(target=_crash_worker, args=(url, "crash.example", started))
+    proc.start()
+    assert proc.pid is not None
+    try:
+        assert started.wait(timeout=60), "the writer never got going"
+        time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=30)
+    assert proc.exitcode == -signal.SIGKILL
+    s = open_storage(url)
+    try:
+        c = s.get_certificate("crash.example")
+        assert c is not None
+        assert assert_consistent_pair(c) >= 20
+        # The store still takes writes after the crash.
+        s.save_certificate(cert("crash.example", 1))
+        assert s.get_certificate("crash.example") == cert("crash.example", 1)
+    finally:
+        s.close()
+    if url.startswith("sqlite:"):
+        raw = sqlite3.connect(sqlite_path_from_url(url))
+        try:
+            assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        finally:
+            raw.close()
+
+
+# =====================================================================================
+# Part 2: what only the SQLite backend promises
+# =====================================================================================
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "edgeproxy.db")
+
+
+@pytest.fixture
+def sq(db_path: str) -> Iterator[SqliteStorage]:
+    s = SqliteStorage(db_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_sqlite_files_are_private_whatever_the_umask(db_path: str) -> None:
+    old = os.umask(0o022)
+    try:
+        s = SqliteStorage(db_path)
+        s.add_domain("a.example", "active", NOW)
+        s.save_certificate(cert("a.example"))
+        # A second thread's connection must not loosen anything either.
+        t = threading.Thread(target=lambda: s.get_certificate("a.example"))
+        t.start()
+        t.join()
+        assert _mode(os.path.dirname(db_path)) == 0o700
+        for suffix in ("", "-wal", "-shm"):
+            assert os.path.exists(db_path + suffix), suffix
+            assert _mode(db_path + suffix) == 0o600, suffix
+        s.close()
+    finally:
+        os.umask(old)
+
+
+def test_sqlite_pragmas_and_schema_version(sq: SqliteStorage, db_path: str) -> None:
+    conn = sq._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+    assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    # Opening again is idempotent: still exactly one version row.
+    SqliteStorage(db_path).close()
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+
+
+def test_sqlite_remove_leaves_no_key_bytes_in_the_files(sq: SqliteStorage, db_path: str) -> None:
+    secret = os.urandom(24).hex().encode()
+    sq.add_domain("a.example", "active", NOW)
+    sq.save_certificate(replace(cert("a.example"), key_pem=b"KEY-" + secret * 100))
+    sq._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    assert secret in Path(db_path).read_bytes()  # the scan below can see it
+    assert sq.remove_domain("a.example") is True
+    for suffix in ("", "-wal"):
+        if os.path.exists(db_path + suffix):
+            data = Path(db_path + suffix).read_bytes()
+            assert secret not in data, suffix
+            assert b"CHAIN-00000001" not in data, suffix
+
+
+def test_sqlite_prune_and_a_reader_that_fell_behind(sq: SqliteStorage) -> None:
+    for name in ("a.example", "b.example", "c.example"):  # seq 1..3
+        sq.add_domain(name, "pending_dns", NOW)
+    sq.update_domain("c.example", NOW, status="issuing")  # 4
+    sq.remove_domain("b.example")  # 5
+    sq.add_domain("d.example", "pending_dns", NOW)  # 6
+    assert sq.changes_since(1) == (6, ["b.example", "c.example", "c.example", "b.example", "d.example"])
+    assert sq.prune_changes(keep_last=2) == 4
+    assert sq.prune_changes(keep_last=2) == 0
+    # Still answered incrementally from the retained rows.
+    assert sq.changes_since(4) == (6, ["b.example", "d.example"])
+    assert sq.changes_since(5) == (6, ["d.example"])
+    assert sq.changes_since(6) == (6, [])
+    # Fell behind the prune: all registered, then retained removals.
+    full = (6, ["a.example", "c.example", "d.example", "b.example"])
+    assert sq.changes_since(1) == full
+    assert sq.changes_since(0) == full
+    assert sq.changes_since(-5) == full
+    assert sq.changes_since(99) == full  # a seq from another (replaced) database
+    # Prune everything: seqs are never reused.
+    sq.prune_changes(keep_last=0)
+    assert sq.changes_since(6) == (6, [])
+    sq.add_domain("e.example", "pending_dns", NOW)
+    assert sq.changes_since(6) == (7, ["e.example"])
+    with pytest.raises(ValueError):
+        sq.prune_changes(-1)
+
+
+def test_sqlite_prunes_opportunistically(db_path: str) -> None:
+    s = SqliteStorage(db_path, keep_changes=3)
+    s.PRUNE_EVERY = 4
+    try:
+        s.add_domain("x.example", "pending_dns", NOW)
+        for _ in range(11):
+            s.update_domain("x.example", NOW, status="issuing")
+        rows = s._conn().execute("SELECT seq FROM changes ORDER BY seq").fetchall()
+        assert rows == [(10,), (11,), (12,)]
+        assert s.changes_since(1) == (12, ["x.example"])
+        assert s.changes_since(9) == (12, ["x.example"] * 3)
+    finally:
+        s.close()
+
+
+def test_sqlite_busy_writer_maps_to_storage_unavailable(db_path: str) -> None:
+    s = SqliteStorage(db_path, busy_timeout=0.05)
+    s.add_domain("a.example", "active", NOW)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StorageUnavailable) as info:
+            s.add_domain("b.example", "pending_dns", NOW)
+        assert info.value.code == "storage_unavailable"
+        assert "busy" in str(info.value) and db_path in str(info.value)
+        with pytest.raises(StorageUnavailable):
+            s.try_lock("renewal", "A", 60, NOW)
+        # WAL: readers are not blocked by the writer.
+        assert s.get_domain("a.example") is not None
+        blocker.execute("ROLLBACK")
+        s.add_domain("b.example", "pending_dns", NOW)  # the connection is still usable
+    finally:
+        blocker.close()
+        s.close()
+
+
+def test_sqlite_unopenable_and_broken_files(tmp_path: Path) -> None:
+    (tmp_path / "a-directory").mkdir()
+    with pytest.raises(StorageUnavailable, match="cannot be opened"):
+        SqliteStorage(str(tmp_path / "a-directory"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StorageError, match="cannot create the storage directory"):
+        SqliteStorage(str(tmp_path / "a-file" / "x.db"))
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database file " * 200)
+    with pytest.raises(StorageError) as info:
+        SqliteStorage(str(garbage))
+    assert not isinstance(info.value, StorageUnavailable)
+    assert "not a database" in str(info.value)
+
+
+def test_sqlite_refuses_a_newer_schema(db_path: str) -> None:
+    SqliteStorage(db_path).close()
+    raw = sqlite3.connect(db_path)
+    raw.execute("UPDATE schema_version SET version = 2")
+    raw.commit()
+    raw.close()
+    with pytest.raises(StorageError, match="schema version 2"):
+        SqliteStorage(db_path)
+
+
+def test_sqlite_closed_store_raises_and_close_is_idempotent(db_path: str) -> None:
+    s = SqliteStorage(db_path)
+    s.close()
+    s.close()
+    with pytest.raises(StorageError, match="closed"):
+        s.get_domain("a.example")
+
+
+def test_sqlite_rejects_naive_times_and_unknown_statuses(sq: SqliteStorage) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        sq.add_domain("a.example", "pending_dns", datetime(2025, 1, 1))
+    with pytest.raises(ValueError, match="status"):
+        sq.add_domain("a.example", "bogus", NOW)
+    assert sq.get_domain("a.example") is None
+    sq.add_domain("a.example", "pending_dns", NOW)
+    with pytest.raises(ValueError, match="status"):
+        sq.update_domain("a.example", NOW, status="bogus")
+
+
+def _use_inherited(s: SqliteStorage, parent_conn: sqlite3.Connection, results: Any) -> None:
+    try:
+        s.add_domain("child.example", "pending_dns", NOW)
+        # Never the connection opened before fork (sqlite.org/howtocorrupt.html 2.6).
+        results.put(s._conn() is not parent_conn and s.get_domain("child.example") is not None)
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_sqlite_instance_inherited_through_fork_opens_its_own_connection(
+    sq: SqliteStorage,
+) -> None:
+    fork = multiprocessing.get_context("fork")
+    sq.add_domain("parent.example", "pending_dns", NOW)
+    results = fork.Queue()
+    proc = fork.Process(target=_use_inherited, args=(sq, sq._conn(), results))
+    proc.start()
+    try:
+        assert results.get(timeout=30) is True
+    finally:
+        proc.join(timeout=30)
+    assert proc.exitcode == 0
+    assert {d.hostname for d in sq.list_domains()} == {"parent.example", "child.example"}
+
+
+def test_sqlite_thread_connections_are_reaped(sq: SqliteStorage) -> None:
+    for _ in range(5):
+        t = threading.Thread(target=sq.list_domains)
+        t.start()
+        t.join()
+    sq.list_domains()  # opening nothing new: the main thread's connection exists
+    t = threading.Thread(target=sq.list_domains)
+    t.start()
+    t.join()
+    assert len(sq._conns) <= 2  # the main thread's, and at most the last dead one
+
+
+# -- open_storage ----------------------------------------------------------------------
+
+
+def test_open_storage_sqlite_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sqlite_path_from_url("sqlite:///var/lib/edgeproxy/edgeproxy.db") == (
+        "/var/lib/edgeproxy/edgeproxy.db"
+    )
+    assert sqlite_path_from_url("sqlite:////var/lib/edgeproxy/edgeproxy.db") == (
+        "/var/lib/edgeproxy/edgeproxy.db"
+    )
+    assert sqlite_path_from_url("SQLite:state/x.db") == "state/x.db"
+    s = open_storage(f"sqlite://{tmp_path}/abs.db")
+    assert isinstance(s, SqliteStorage) and s.path == f"{tmp_path}/abs.db"
+    s.close()
+    monkeypatch.chdir(tmp_path)
+    s = open_storage("sqlite:rel/r.db")
+    assert isinstance(s, SqliteStorage) and s.path == f"{tmp_path}/rel/r.db"
+    s.close()
+    assert (tmp_path / "rel" / "r.db").exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "edgeproxy.db",
+        "sqlite:",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/x.db",
+        "sqlite::memory:",
+        "sqlite:///tmp/x.db?mode=ro",
+        "mysql://user:s3cret@db/edgeproxy",
+    ],
+)
+def test_open_storage_rejects_bad_urls(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_storage(bad)
+    assert info.value.code == "config"
+    assert "s3cret" not in str(info.value)
+
+
+def test_open_storage_postgresql_is_not_supported_yet() -> None:
+    for url in ("postgresql://edge:s3cret@db/edgeproxy", "postgres://db/edgeproxy"):
+        with pytest.raises(ConfigError, match="not supported yet") as info:
+            open_storage(url)
+        assert "s3cret" not in str(info.value)
+
+
+def test_sqlite_storage_satisfies_the_protocol(sq: SqliteStorage) -> None:
+    s: Storage = sq  # checked by mypy too, through open_storage's return type
+    for name in dir(Storage):
+        if not name.startswith("_"):
+            assert callable(getattr(s, name)), name
+
