@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import h2.events
+import hypercorn.protocol
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
@@ -47,6 +49,30 @@ log = logging.getLogger("edgeproxy.server")
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+class _H2Protocol(hypercorn.protocol.H2Protocol):  # type: ignore[misc]
+    """hypercorn 0.18.0's HTTP/2 handler with one upstream bug fixed.
+
+    When the app answers before the request body has fully arrived (413, or a
+    421 to a misdirected POST), DATA frames still in flight hit a stream that
+    no longer exists and a ``KeyError`` kills the whole connection
+    (pgjones/hypercorn#329; unreleased fixes #334/#365). We acknowledge such
+    frames, so flow control stays right, and drop them.
+    """
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        kept = []
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                continue
+            kept.append(event)
+        await super()._handle_events(kept)
+
+
+# ProtocolWrapper looks the class up in its module at connection time.
+hypercorn.protocol.H2Protocol = _H2Protocol
 
 
 def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
