@@ -44,8 +44,11 @@ _BACKOFF_CAP = dt.timedelta(days=1)
 
 
 class IssuedPair(Protocol):
-    key_pem: bytes
-    chain_pem: bytes
+    @property
+    def key_pem(self) -> bytes: ...
+
+    @property
+    def chain_pem(self) -> bytes: ...
 
 
 class Issuer(Protocol):
