@@ -28,6 +28,7 @@ demo: deps
 	$(VENV)/bin/edgeproxy demo
 
 test: deps
+	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 typecheck: $(STAMP)

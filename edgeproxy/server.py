@@ -24,11 +24,12 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import h2.events
 import hypercorn.protocol
 from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
@@ -51,7 +52,7 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
-class _H2Protocol(hypercorn.protocol.H2Protocol):  # type: ignore[misc]
+class _H2Protocol(H2Protocol):
     """hypercorn 0.18.0's HTTP/2 handler with one upstream bug fixed.
 
     When the app answers before the request body has fully arrived (413, or a
@@ -72,7 +73,7 @@ class _H2Protocol(hypercorn.protocol.H2Protocol):  # type: ignore[misc]
 
 
 # ProtocolWrapper looks the class up in its module at connection time.
-hypercorn.protocol.H2Protocol = _H2Protocol
+setattr(hypercorn.protocol, "H2Protocol", _H2Protocol)
 
 
 def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
@@ -159,7 +160,7 @@ class EdgeNode:
     # -- connections ----------------------------------------------------------------------
     def _callback(self, listener: _Listener) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         loop = asyncio.get_running_loop()
-        plain = ASGIWrapper(listener.app)
+        plain = ASGIWrapper(cast(Any, listener.app))
 
         async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -169,8 +170,14 @@ class EdgeNode:
             app = plain
             if listener.tls:
                 ssl_object = writer.get_extra_info("ssl_object")
-                app = ASGIWrapper(_with_sni(listener.app, getattr(ssl_object, "edgeproxy_sni", None)))
-            await TCPServer(app, loop, self._config, self._context, {}, reader, writer)
+                app = ASGIWrapper(cast(Any, _with_sni(listener.app, getattr(ssl_object, "edgeproxy_sni", None))))
+            try:
+                await TCPServer(app, loop, self._config, self._context, {}, reader, writer)
+            except asyncio.CancelledError:
+                # Shutdown cancels connections that outlived the grace period.
+                # End the task normally: asyncio's stream callback logs a
+                # cancelled connection task as an error.
+                writer.close()
 
         return on_connection
 

@@ -244,3 +244,16 @@ def test_delete_removes_key_material(stack: Stack) -> None:
             break
         assert time.monotonic() < deadline, "deleted certificate still served"
         time.sleep(0.2)
+
+
+def test_oversized_body_gets_413_over_http2_and_the_connection_survives(stack: Stack) -> None:
+    """hypercorn#329: answering before the body arrived used to kill the HTTP/2 connection."""
+    host = HOSTS[0]
+    sni = {"sni_hostname": host}
+    before = len(stack.relay.snapshot())
+    with verified_client(stack.roots, http2=True) as client:
+        big = client.post(f"{stack.https}/api/v1/m", headers={"Host": host}, content=b"x" * (256 * 1024), extensions=sni)
+        assert (big.http_version, big.status_code) == ("HTTP/2", 413)
+        after = client.get(f"{stack.https}/js/app.js", headers={"Host": host}, extensions=sni)
+        assert after.status_code == 200
+    assert len(stack.relay.snapshot()) == before
