@@ -92,13 +92,15 @@ def run_demo(keep: bool = False) -> int:
                 endpoint = next((line.strip() for line in script.text.splitlines() if "endpoint =" in line), "")
                 steps.say(f"GET https://{DEMO_HOST}/js/app.js -> {script.status_code} over {script.http_version}, "
                           f"TLS verified against Pebble's root; rewritten: {endpoint}")
+                sent = b'{"type":"pageview","url":"https://shop.demo.test/"}'
                 event = client.post(f"{base}/api/v1/m/collect", headers={"Host": DEMO_HOST},
-                                    content=b'{"type":"pageview","url":"https://shop.demo.test/"}', extensions=sni)
+                                    content=sent, extensions=sni)
                 steps.say(f"POST https://{DEMO_HOST}/api/v1/m/collect -> {event.status_code} {event.text}")
                 misdirected = client.get(f"{base}/js/app.js", headers={"Host": "other.demo.test"}, extensions=sni)
                 steps.say(f"GET with Host other.demo.test -> {misdirected.status_code} (never forwarded)")
-            if event.status_code >= 300 or not relay.snapshot():
-                print("the event did not reach the relay", file=sys.stderr)
+            received = relay.snapshot()
+            if event.status_code >= 300 or not received or received[-1].body != sent:
+                print("the event did not reach the relay intact", file=sys.stderr)
                 return 1
             steps.say("verified HTTPS round trip complete")
             if keep:

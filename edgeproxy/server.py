@@ -63,13 +63,14 @@ class _H2Protocol(H2Protocol):
     """
 
     async def _handle_events(self, events: list[h2.events.Event]) -> None:
-        kept = []
+        # One event at a time: a batch often carries a stream's HEADERS and its
+        # DATA together, and the stream exists only once HEADERS is handled.
         for event in events:
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
                 self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                await self._flush()
                 continue
-            kept.append(event)
-        await super()._handle_events(kept)
+            await super()._handle_events([event])
 
 
 # ProtocolWrapper looks the class up in its module at connection time.
@@ -251,6 +252,7 @@ class EdgeNode:
 def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int) -> None:
     """Entry point of an extra worker process (spawned, so nothing is shared but sockets)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     node = EdgeNode(settings, sockets, primary=False)
 
     async def orphan_guard() -> None:
