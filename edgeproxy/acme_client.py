@@ -56,12 +56,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .errors import IssuanceError, RetryClass, StorageError
+from .certstore import certificate_metadata
 from .storage.base import AccountRecord, ChallengeRecord, Storage
 
 __all__ = [
     "AcmeIssuer",
     "IssuedCertificate",
-    "certificate_info",
     "classify_problem",
     "parse_retry_after",
     "ACME_ERROR_PREFIX",
@@ -100,21 +100,6 @@ class IssuedCertificate:
     not_after: datetime
     serial: str
     issuer: str
-
-
-def certificate_info(chain_pem: bytes) -> tuple[datetime, datetime, str, str]:
-    """``(not_before, not_after, serial, issuer)`` of the first (leaf) certificate in ``chain_pem``.
-
-    Raises ``ValueError`` if ``chain_pem`` holds no parseable certificate.
-    """
-    certs = x509.load_pem_x509_certificates(chain_pem)
-    leaf = certs[0]
-    return (
-        leaf.not_valid_before_utc,
-        leaf.not_valid_after_utc,
-        format(leaf.serial_number, "x"),
-        leaf.issuer.rfc4514_string(),
-    )
 
 
 # ---------------------------------------------------------------------------------
@@ -828,7 +813,7 @@ class AcmeIssuer:
                 f"The CA returned a certificate that does not match the order for {hostname}; we retry with backoff.",
                 code="acme_bad_certificate", retry=RetryClass.TRANSIENT,
             )
-        not_before, not_after, serial, issuer = certificate_info(chain_pem)
+        not_before, not_after, serial, issuer = certificate_metadata(chain_pem)
         return IssuedCertificate(key_pem, chain_pem, not_before, not_after, serial, issuer)
 
 

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from edgeproxy.acme_client import AcmeIssuer, certificate_info, classify_problem, parse_retry_after
+from edgeproxy.acme_client import AcmeIssuer, classify_problem, parse_retry_after
+from edgeproxy.certstore import certificate_metadata
 from edgeproxy.devtools.pebble import ChallTestSrv
 from edgeproxy.errors import IssuanceError, RetryClass
 from edgeproxy.storage.base import AccountRecord, CertificateRecord, ChallengeRecord, DomainRecord
@@ -145,9 +146,9 @@ def test_certificate_info_reads_the_leaf() -> None:
     )
     other = cert.public_bytes(serialization.Encoding.PEM)
     chain = cert.public_bytes(serialization.Encoding.PEM) + other
-    assert certificate_info(chain) == (not_before, not_before + dt.timedelta(days=90), "abcdef", "O=Org,CN=Test CA")
+    assert certificate_metadata(chain) == (not_before, not_before + dt.timedelta(days=90), "abcdef", "O=Org,CN=Test CA")
     with pytest.raises(ValueError):
-        certificate_info(b"not a certificate")
+        certificate_metadata(b"not a certificate")
 
 
 # ---------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ Typical use::
 
 from __future__ import annotations
 
+import abc
+
 import datetime as dt
 import ipaddress
 import json
@@ -196,7 +198,44 @@ class _Workdir:
 # ---------------------------------------------------------------------------------
 
 
-class ChallTestSrv:
+class _ManagedServer(abc.ABC):
+    """Lifecycle shared by the harness servers: one process, one HTTP client, one workdir."""
+
+    _name = "server"
+    _proc: _Process | None
+    _http: httpx.Client | None
+    _workdir: _Workdir | None
+
+    @abc.abstractmethod
+    def start(self) -> Self:
+        """Start the process and wait until it answers."""
+
+    def stop(self) -> None:
+        """Stop the process (idempotent) and remove its temporary directory."""
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _require_running(self) -> None:
+        if self._proc is None:
+            raise HarnessError(f"{self._name} is not running (call start() or use it as a context manager)")
+
+
+class ChallTestSrv(_ManagedServer):
     """``pebble-challtestsrv`` as a mock DNS server (its challenge responders are disabled).
 
     Every name answers ``A default_ipv4`` (and ``AAAA default_ipv6`` unless empty)
@@ -210,6 +249,8 @@ class ChallTestSrv:
     ``/set-default-ipv4``, ``/set-default-ipv6``, ``/dns-request-history``,
     ``/clear-request-history``. All are ``POST`` with a JSON body and answer 200.
     """
+
+    _name = "pebble-challtestsrv"
 
     def __init__(
         self,
@@ -290,26 +331,6 @@ class ChallTestSrv:
             time.sleep(0.05)
         raise proc.failure(f"pebble-challtestsrv not ready after {self.start_timeout:.0f}s")
 
-    def stop(self) -> None:
-        """Stop the server (idempotent) and remove its temporary directory."""
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     # -- addresses ------------------------------------------------------------------
     @property
     def dns_port(self) -> int:
@@ -329,9 +350,6 @@ class ChallTestSrv:
     def log_text(self) -> str:
         return self._proc.log_text() if self._proc is not None else ""
 
-    def _require_running(self) -> None:
-        if self._proc is None:
-            raise HarnessError("pebble-challtestsrv is not running (call start() or use it as a context manager)")
 
     # -- management API ---------------------------------------------------------------
     def _raw_post(self, path: str, payload: Mapping[str, Any]) -> httpx.Response:
@@ -492,7 +510,7 @@ def _write_https_identity(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
-class Pebble:
+class Pebble(_ManagedServer):
     """A running Pebble ACME server on 127.0.0.1 with a throwaway HTTPS identity.
 
     ``http_port`` is where Pebble connects for HTTP-01 validation (the edge's
@@ -518,6 +536,8 @@ class Pebble:
 
     Pebble 2.4 has no ARI, no ACME profiles, no rate limits and no CAA checks.
     """
+
+    _name = "pebble"
 
     def __init__(
         self,
@@ -649,30 +669,6 @@ class Pebble:
                 last_error = repr(exc)
             time.sleep(0.05)
         raise proc.failure(f"pebble not ready after {self.start_timeout:.0f}s (last: {last_error})")
-
-    def stop(self) -> None:
-        """Stop Pebble (idempotent) and remove its temporary directory (CA bundle included)."""
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def _require_running(self) -> None:
-        if self._proc is None:
-            raise HarnessError("pebble is not running (call start() or use it as a context manager)")
 
     # -- addresses ------------------------------------------------------------------
     @property
