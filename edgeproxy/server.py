@@ -100,6 +100,9 @@ def _hypercorn_config() -> HypercornConfig:
     config.keep_alive_timeout = 30
     config.graceful_timeout = 5
     config.ssl_handshake_timeout = 10
+    # A connection that sends nothing for a minute (mid-request included) is
+    # closed; idle keep-alive connections go after keep_alive_timeout.
+    config.read_timeout = 60
     return config
 
 

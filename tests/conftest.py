@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pytest
 
+from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess
 from edgeproxy.devtools.pebble import INSTALL_HINT, ChallTestSrv, Pebble, missing_binaries
+from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
 
 # =====================================================================================
 # BEGIN Pebble / challtestsrv fixtures (owner: acme_client + devtools/pebble.py)
@@ -84,3 +87,55 @@ def pebble_factory_module(challtestsrv: ChallTestSrv) -> Iterator[PebbleFactory]
 # =====================================================================================
 # END Pebble / challtestsrv fixtures
 # =====================================================================================
+
+
+# =====================================================================================
+# BEGIN edge stack (owner: end-to-end tests)
+#
+#   stack   module-scoped: one real `edgeproxy serve` process, one Pebble, a local
+#           script origin and a recording relay; HOSTS registered through the admin
+#           API and issued over real HTTP-01. Clients trust only Pebble's root.
+# =====================================================================================
+
+HOSTS = ("shop1.example.test", "shop2.example.test")
+VENDOR_RELAY = "https://relay.vendor.invalid"
+
+
+@dataclass
+class Stack:
+    edge: EdgeProcess
+    origin: ScriptOrigin
+    relay: RecordingRelay
+    roots: list[bytes]
+
+    @property
+    def https(self) -> str:
+        return f"https://127.0.0.1:{self.edge.config.https_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.edge.config.http_port}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, pebble_factory_module: PebbleFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("edge")
+    with ScriptOrigin() as origin, RecordingRelay() as relay:
+        config = EdgeConfig(
+            state_dir=state,
+            acme_directory="", acme_ca_bundle="",
+            script_url=origin.script_url, relay_url=f"{relay.url}/ingest",
+            extra={"upstream": {"rewrite": {VENDOR_RELAY: "https://{host}{api_path}"}}},
+        )
+        pebble = pebble_factory_module(config.http_port)
+        config.acme_directory = pebble.directory_url
+        config.acme_ca_bundle = str(pebble.ca_bundle_path)
+        with EdgeProcess(config) as edge:
+            with edge.admin() as admin:
+                for host in HOSTS:
+                    assert admin.post("/v1/domains", json={"hostname": host}).status_code == 201
+            for host in HOSTS:
+                edge.wait_status(host, "active", timeout=60)
+            yield Stack(edge, origin, relay, [pebble.root_pem()])
+
+# END edge stack

@@ -11,37 +11,18 @@ import random
 import socket
 import ssl
 import string
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
 
-from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess, verified_client
-from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
+from edgeproxy.devtools.edgeproc import verified_client
+
+from conftest import HOSTS, Stack
 
 pytestmark = pytest.mark.e2e
 
-HOSTS = ("shop1.example.test", "shop2.example.test")
-VENDOR_RELAY = "https://relay.vendor.invalid"
-
-
-@dataclass
-class Stack:
-    edge: EdgeProcess
-    origin: ScriptOrigin
-    relay: RecordingRelay
-    roots: list[bytes]
-
-    @property
-    def https(self) -> str:
-        return f"https://127.0.0.1:{self.edge.config.https_port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.edge.config.http_port}"
 
 
 def peer_certificate(port: int, server_name: str, roots: list[bytes] | None) -> x509.Certificate:
@@ -61,28 +42,6 @@ def peer_certificate(port: int, server_name: str, roots: list[bytes] | None) -> 
 
 def san_names(cert: x509.Certificate) -> list[str]:
     return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, pebble_factory_module) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
-    state = tmp_path_factory.mktemp("edge")
-    with ScriptOrigin() as origin, RecordingRelay() as relay:
-        config = EdgeConfig(
-            state_dir=state,
-            acme_directory="", acme_ca_bundle="",
-            script_url=origin.script_url, relay_url=f"{relay.url}/ingest",
-            extra={"upstream": {"rewrite": {VENDOR_RELAY: "https://{host}{api_path}"}}},
-        )
-        pebble = pebble_factory_module(config.http_port)
-        config.acme_directory = pebble.directory_url
-        config.acme_ca_bundle = str(pebble.ca_bundle_path)
-        with EdgeProcess(config) as edge:
-            with edge.admin() as admin:
-                for host in HOSTS:
-                    assert admin.post("/v1/domains", json={"hostname": host}).status_code == 201
-            for host in HOSTS:
-                edge.wait_status(host, "active", timeout=60)
-            yield Stack(edge, origin, relay, [pebble.root_pem()])
 
 
 def test_certificates_come_from_pebble_over_http01(stack: Stack) -> None:
