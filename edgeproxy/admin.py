@@ -15,15 +15,17 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .errors import (
     DomainExists,
@@ -127,18 +129,38 @@ def create_admin_app(registry: Registry, token: str, on_registered: Callable[[st
     bearer = HTTPBearer(auto_error=False)
     expected = token.encode()
 
-    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        supplied = credentials.credentials.encode() if credentials else b""
+    def token_ok(authorization: str | None) -> bool:
+        scheme, _, supplied = (authorization or "").partition(" ")
         # compare_digest: the time taken does not reveal how much of the token matched.
-        if not credentials or not hmac.compare_digest(supplied, expected):
-            raise _Unauthorized()
+        return scheme.lower() == "bearer" and hmac.compare_digest(supplied.strip().encode(), expected)
 
-    class _Unauthorized(Exception):
-        pass
+    @app.middleware("http")
+    async def require_token_first(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # Authentication runs before routing and body validation, so that an
+        # unauthenticated caller learns nothing from 400/404/405 answers.
+        if request.url.path.startswith("/v1/") and not token_ok(request.headers.get("authorization")):
+            return _error(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
-    @app.exception_handler(_Unauthorized)
-    async def _unauthorized(_request: Request, _exc: _Unauthorized) -> JSONResponse:
-        return _error(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    # The dependency only declares the bearer scheme in the OpenAPI document;
+    # the middleware above enforces it.
+    require_token = bearer
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Framework answers (unknown path, wrong method) in our one error shape.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route matching the path; RFC 9110
+            # section 15.5.6 wants every method the resource supports.
+            allowed: set[str] = set()
+            for route in app.router.routes:
+                match, _ = route.matches(request.scope)
+                if match is not Match.NONE:
+                    allowed |= getattr(route, "methods", None) or set()
+            headers["Allow"] = ", ".join(sorted(allowed))
+        return _error(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
