@@ -2,7 +2,7 @@
 
 Owns: argument parsing, human and JSON output, exit codes (0 only on success:
 cron relies on it).
-Must not import: storage backends (it goes through ``storage.open_storage``), ``acme``.
+Must not import: storage backends (it opens storage through ``keys.open_store``), ``acme``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from .config import Settings, load_settings
 from .errors import EdgeproxyError
 from .registry import Registry, domain_view
-from .storage import open_storage
+from .keys import generate_master_key, open_store, rotate
 
 __all__ = ["main"]
 
@@ -43,7 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _with_registry(args: argparse.Namespace) -> tuple[Registry, Settings]:
     settings = _settings(args)
-    return Registry(open_storage(settings.storage.url), settings), settings
+    return Registry(open_store(settings), settings), settings
 
 
 def _cmd_domains_add(args: argparse.Namespace) -> int:
@@ -98,7 +98,7 @@ def _cmd_renew(args: argparse.Namespace) -> int:
     from .renew import RenewalService
 
     settings = _settings(args)
-    storage = open_storage(settings.storage.url)
+    storage = open_store(settings)
     registry = Registry(storage, settings)
     issuer = AcmeIssuer(
         storage=storage, directory_url=settings.acme.directory, email=settings.acme.email,
@@ -122,6 +122,23 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         print(f"skipped {hostname}  (another process holds its lock, or it is no longer due)")
     print(f"{len(result.issued)} issued, {len(result.failed)} failed, {len(result.skipped)} skipped")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    key_id = generate_master_key(args.file)
+    print(f"wrote master key {key_id} to {args.file} (mode 0600); set storage.key_encryption_key_file to use it")
+    return EXIT_OK
+
+
+def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.storage.key_encryption_key_file:
+        print("edgeproxy: storage.key_encryption_key_file is not set: nothing to seal with", file=sys.stderr)
+        return EXIT_FAILED
+    store = open_store(settings)
+    count = rotate(store, [settings.acme.directory], progress=lambda what: print(f"resealed {what}"))
+    print(f"{count} private key(s) sealed under the current master key; previous_key_files can now be dropped")
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -160,6 +177,14 @@ def _parser() -> argparse.ArgumentParser:
     renew.add_argument("--dry-run", action="store_true", help="list what is due, order nothing")
     renew.add_argument("--force", nargs="+", default=[], metavar="HOST", help="order now for these names")
     renew.set_defaults(func=_cmd_renew)
+
+    keys = sub.add_parser("keys", help="master keys that seal private keys at rest")
+    ksub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gen = ksub.add_parser("generate", help="write a new random 256-bit master key file (0600)")
+    gen.add_argument("file")
+    gen.set_defaults(func=_cmd_keys_generate)
+    rot = ksub.add_parser("rotate", help="re-seal every stored private key under storage.key_encryption_key_file")
+    rot.set_defaults(func=_cmd_keys_rotate)
 
     demo = sub.add_parser("demo", help="run the whole flow locally against Pebble")
     demo.add_argument("--keep", action="store_true", help="keep serving after the round trip until Ctrl-C")

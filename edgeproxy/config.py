@@ -65,6 +65,10 @@ class ListenSettings:
 @dataclass(frozen=True)
 class StorageSettings:
     url: str = "sqlite:///var/lib/edgeproxy/edgeproxy.db"
+    # Seal private keys at rest with AES-256-GCM under this master key (keys.py);
+    # empty = stored as PEM, protected by file permissions only.
+    key_encryption_key_file: str = ""
+    previous_key_files: tuple[str, ...] = ()  # old master keys: open only, during `keys rotate`
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from .config import Settings, parse_hostport
 from .proxy import EdgeProxy, Site
 from .registry import Registry
 from .renew import Issuer, RenewalService
-from .storage import open_storage
+from .keys import open_store
 from .storage.base import Storage
 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
@@ -142,7 +142,7 @@ class EdgeNode:
         self.settings = settings
         self.sockets = sockets
         self.primary = primary
-        self.storage = storage or open_storage(settings.storage.url)
+        self.storage = storage or open_store(settings)
         self.certstore = CertStore(self.storage)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
