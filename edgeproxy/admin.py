@@ -11,12 +11,8 @@ the public sockets: the public ASGI app has no route that reaches it.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
-import secrets
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -35,28 +31,11 @@ from .errors import (
     StorageUnavailable,
 )
 from .registry import Registry
+from .tokens import TokenStore
 
-__all__ = ["create_admin_app", "load_or_create_token"]
+__all__ = ["create_admin_app"]
 
 log = logging.getLogger("edgeproxy.admin")
-
-
-def load_or_create_token(path: str) -> str:
-    """Read the admin token; on first start create one (0600) so that a fresh
-    install is never left open. Operators read it from the file."""
-    file = Path(path)
-    if file.exists():
-        token = file.read_text().strip()
-        if len(token) < 16:
-            raise EdgeproxyError(f"admin token in {path} is shorter than 16 characters", code="config")
-        return token
-    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    log.warning("created admin token file %s", path)
-    return token
 
 
 class DomainCreate(BaseModel):
@@ -117,7 +96,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_admin_app(registry: Registry, token: str, on_registered: Callable[[str], None] | None = None) -> FastAPI:
+def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Callable[[str], None] | None = None) -> FastAPI:
     """Build the admin app. ``on_registered`` wakes the issuance loop (same process)."""
     app = FastAPI(
         title="edgeproxy admin API",
@@ -127,12 +106,9 @@ def create_admin_app(registry: Registry, token: str, on_registered: Callable[[st
         redoc_url=None,
     )
     bearer = HTTPBearer(auto_error=False)
-    expected = token.encode()
-
     def token_ok(authorization: str | None) -> bool:
         scheme, _, supplied = (authorization or "").partition(" ")
-        # compare_digest: the time taken does not reveal how much of the token matched.
-        return scheme.lower() == "bearer" and hmac.compare_digest(supplied.strip().encode(), expected)
+        return scheme.lower() == "bearer" and tokens.check(supplied.strip()) is not None
 
     @app.middleware("http")
     async def require_token_first(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -17,8 +17,9 @@ from typing import Any
 
 from .config import Settings, load_settings
 from .errors import EdgeproxyError
-from .registry import Registry, domain_view
+from .registry import Registry, domain_view, utcnow
 from .keys import generate_master_key, open_store, rotate
+from .tokens import TokenStore
 
 __all__ = ["main"]
 
@@ -141,6 +142,28 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_tokens_create(args: argparse.Namespace) -> int:
+    token = TokenStore(_settings(args).admin).create(args.name, utcnow())
+    print(token)
+    print(f"token {args.name!r} created; it is shown once and stored only as a hash", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_tokens_list(args: argparse.Namespace) -> int:
+    infos = TokenStore(_settings(args).admin).list()
+    for info in infos:
+        print(f"{info.name:<24} {info.created_at:<34} sha256:{info.fingerprint}")
+    if not infos:
+        print("no named tokens")
+    return EXIT_OK
+
+
+def _cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    TokenStore(_settings(args).admin).revoke(args.name)
+    print(f"revoked {args.name}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -185,6 +208,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_keys_generate)
     rot = ksub.add_parser("rotate", help="re-seal every stored private key under storage.key_encryption_key_file")
     rot.set_defaults(func=_cmd_keys_rotate)
+
+    tokens = sub.add_parser("tokens", help="named admin API tokens (stored hashed)")
+    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tcreate = tsub.add_parser("create", help="create a token and print it once")
+    tcreate.add_argument("name")
+    tcreate.set_defaults(func=_cmd_tokens_create)
+    tsub.add_parser("list", help="list token names (never the tokens)").set_defaults(func=_cmd_tokens_list)
+    trevoke = tsub.add_parser("revoke", help="revoke a token by name")
+    trevoke.add_argument("name")
+    trevoke.set_defaults(func=_cmd_tokens_revoke)
 
     demo = sub.add_parser("demo", help="run the whole flow locally against Pebble")
     demo.add_argument("--keep", action="store_true", help="keep serving after the round trip until Ctrl-C")

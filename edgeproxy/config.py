@@ -105,7 +105,8 @@ class DomainsSettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    token_file: str = "/etc/edgeproxy/admin-token"
+    token_file: str = "/etc/edgeproxy/admin-token"  # bootstrap token, created on first start
+    tokens_file: str = "/etc/edgeproxy/admin-tokens.json"  # named tokens, SHA-256 hashes only
 
 
 @dataclass(frozen=True)

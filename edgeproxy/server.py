@@ -35,7 +35,7 @@ from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
 
 from .acme_client import AcmeIssuer
-from .admin import create_admin_app, load_or_create_token
+from .admin import create_admin_app
 from .certstore import CertStore
 from .config import Settings, parse_hostport
 from .proxy import EdgeProxy, Site
@@ -43,6 +43,7 @@ from .registry import Registry
 from .renew import Issuer, RenewalService
 from .keys import open_store
 from .storage.base import Storage
+from .tokens import TokenStore
 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
 
@@ -197,8 +198,8 @@ class EdgeNode:
         background = [asyncio.create_task(self.certstore.run(self.settings.proxy.cert_refresh_interval, self.stop))]
         if self.primary:
             registry = Registry(self.storage, self.settings)
-            token = load_or_create_token(self.settings.admin.token_file)
-            admin = create_admin_app(registry, token, on_registered=lambda _h: self._wake_soon())
+            tokens = TokenStore(self.settings.admin, create_bootstrap=True)
+            admin = create_admin_app(registry, tokens, on_registered=lambda _h: self._wake_soon())
             listeners.append(_Listener("admin", self.sockets["admin"], admin))
             issuer = self.issuer or AcmeIssuer(
                 storage=self.storage,

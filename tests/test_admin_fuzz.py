@@ -15,16 +15,18 @@ from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, settings
 
 from edgeproxy.admin import create_admin_app
-from edgeproxy.config import load_settings
+from edgeproxy.config import AdminSettings, load_settings
 from edgeproxy.registry import Registry
 from edgeproxy.storage import open_storage
+from edgeproxy.tokens import TokenStore
 
 TOKEN = "fuzz-token-0123456789abcdef"
 _state = Path(tempfile.mkdtemp(prefix="edgeproxy-fuzz-"))
 _settings = load_settings(None, env={"EDGEPROXY_DOMAINS_EXTRA_SUFFIXES": "test"})
 _registry = Registry(open_storage(f"sqlite://{_state / 'fuzz.db'}"), _settings)
 _registry.add("seeded.example.test")  # so that some generated paths name a real domain
-app = create_admin_app(_registry, TOKEN)
+(_state / "token").write_text(TOKEN)
+app = create_admin_app(_registry, TokenStore(AdminSettings(str(_state / "token"), str(_state / "tokens.json"))))
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 

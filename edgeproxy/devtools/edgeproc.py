@@ -86,7 +86,7 @@ class EdgeConfig:
             "upstream": {"script": self.script_url, "relay": self.relay_url},
             "dns": {"cname_target": self.cname_target},
             "domains": {"extra_suffixes": ["test"]},
-            "admin": {"token_file": str(self.token_file)},
+            "admin": {"token_file": str(self.token_file), "tokens_file": str(self.state_dir / "admin-tokens.json")},
         }
         for section, values in (self.extra or {}).items():
             data.setdefault(section, {}).update(values)
