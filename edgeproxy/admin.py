@@ -28,6 +28,7 @@ from .errors import (
     DomainNotFound,
     EdgeproxyError,
     InvalidHostname,
+    LimitReached,
     StorageUnavailable,
 )
 from .registry import Registry
@@ -157,6 +158,10 @@ def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Call
             status = 404
         elif isinstance(exc, StorageUnavailable):
             status = 503
+        elif isinstance(exc, LimitReached):
+            if exc.retry_after is None:
+                return _error(403, exc.code, str(exc))
+            return _error(429, exc.code, str(exc), {"Retry-After": str(int(exc.retry_after) + 1)})
         if status == 500:
             log.error("admin request failed: %s", exc)
         return _error(status, exc.code, str(exc))
@@ -174,7 +179,9 @@ def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Call
         responses={
             400: {"model": ErrorResponse}, 401: _ERRORS[401],
             409: {"model": ErrorResponse, "description": "Already registered"},
+            403: {"model": ErrorResponse, "description": "The edge's domain limit is reached"},
             422: {"model": ErrorResponse, "description": "Hostname cannot be served"},
+            429: {"model": ErrorResponse, "description": "Too many registrations; see Retry-After"},
         },
         summary="Register a customer hostname; certificate issuance starts at once",
     )

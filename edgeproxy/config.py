@@ -101,6 +101,9 @@ class DnsSettings:
 @dataclass(frozen=True)
 class DomainsSettings:
     extra_suffixes: tuple[str, ...] = ()  # e.g. ("test",) for tests and the demo
+    deny: tuple[str, ...] = ()  # names refused with everything below them, e.g. ("bank.example",)
+    max_domains: int = 50_000  # 0 = no limit
+    registrations_per_hour: int = 600  # 0 = no limit
 
 
 @dataclass(frozen=True)

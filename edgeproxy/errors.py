@@ -22,6 +22,7 @@ __all__ = [
     "InvalidHostname",
     "DomainExists",
     "DomainNotFound",
+    "LimitReached",
     "StorageError",
     "StorageUnavailable",
     "RetryClass",
@@ -70,6 +71,17 @@ class DomainNotFound(EdgeproxyError):
     """The hostname is not registered (HTTP 404)."""
 
     code = "domain_not_found"
+
+
+class LimitReached(EdgeproxyError):
+    """A registration limit refused the request: HTTP 429 when ``retry_after``
+    (seconds) says when to try again, 403 when only an operator can raise it."""
+
+    code = "limit_reached"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class StorageError(EdgeproxyError):

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import Settings
 from .domains import normalize_hostname, registered_domain, validate_hostname
-from .errors import DomainNotFound, InvalidHostname
+from .errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, LimitReached
 from .storage.base import CertificateRecord, DomainRecord, Storage
 
 __all__ = ["Registry", "utcnow"]
@@ -45,6 +45,10 @@ class Registry:
             zones.add(registered_domain(target, extra_suffixes=extra))
         except InvalidHostname:
             pass  # a target that is itself odd (e.g. "localhost") only protects itself
+        try:
+            self.deny = tuple(normalize_hostname(entry) for entry in settings.domains.deny)
+        except InvalidHostname as exc:
+            raise ConfigError(f"domains.deny: {exc}") from exc
         # Customers may never register the edge's own names: a CNAME loop at best,
         # a certificate for our infrastructure issued on a customer's say-so at worst.
         self.own_zones = tuple(sorted(zones))
@@ -58,8 +62,32 @@ class Registry:
             own_zones=self.own_zones,
         )
         now = self.clock()
+        if self.storage.get_domain(hostname) is not None:  # a duplicate is a 409, whatever the limits say
+            raise DomainExists(f"{hostname} is already registered")
+        self._check_limits(hostname, now)
         self.storage.add_domain(hostname, "issuing", now)
         return self.storage.update_domain(hostname, now, status="issuing", next_attempt_at=now)
+
+    def _check_limits(self, hostname: str, now: dt.datetime) -> None:
+        """Registration abuse: the deny list, the domain cap, the hourly rate (issue #7)."""
+        for entry in self.deny:
+            if hostname == entry or hostname.endswith("." + entry):
+                raise InvalidHostname(f"{hostname!r} is on this edge's deny list ({entry}); it cannot be registered",
+                                      code="denied")
+        limits = self.settings.domains
+        if not (limits.max_domains or limits.registrations_per_hour):
+            return
+        domains = self.storage.list_domains()
+        if limits.max_domains and len(domains) >= limits.max_domains:
+            raise LimitReached(f"this edge serves its maximum of {limits.max_domains} domains; "
+                               "remove unused ones or raise domains.max_domains", code="domain_limit")
+        hour_ago = now - dt.timedelta(hours=1)
+        recent = sorted(d.created_at for d in domains if d.created_at > hour_ago)
+        if limits.registrations_per_hour and len(recent) >= limits.registrations_per_hour:
+            # The oldest registration in the window leaves it first.
+            wait = (recent[-limits.registrations_per_hour] + dt.timedelta(hours=1) - now).total_seconds()
+            raise LimitReached(f"more than {limits.registrations_per_hour} registrations in the last hour; "
+                               f"try again in {int(wait) + 1} s", code="registration_rate", retry_after=max(wait, 1.0))
 
     def get(self, raw_hostname: str) -> DomainRecord:
         record = self.storage.get_domain(self._lookup_name(raw_hostname))

@@ -1,0 +1,98 @@
+"""Registry service: registration limits, deny list, the customer-facing view (real SQLite, injected clock)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from edgeproxy.admin import create_admin_app
+from edgeproxy.config import AdminSettings, DomainsSettings, Settings
+from edgeproxy.errors import ConfigError, DomainExists, InvalidHostname, LimitReached
+from edgeproxy.registry import Registry
+from edgeproxy.storage.sqlite import SqliteStorage
+from edgeproxy.tokens import TokenStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def make(tmp_path: Path, **domains: object) -> tuple[Registry, Clock]:
+    settings = dataclasses.replace(Settings(), domains=DomainsSettings(extra_suffixes=("test",), **domains))  # type: ignore[arg-type]
+    clock = Clock()
+    return Registry(SqliteStorage(str(tmp_path / "r.db")), settings, clock=clock), clock
+
+
+def test_deny_list_refuses_the_name_and_everything_below_it(tmp_path: Path) -> None:
+    registry, _ = make(tmp_path, deny=("Bank.Example.test",))
+    for name in ("bank.example.test", "cdn.bank.example.test"):
+        with pytest.raises(InvalidHostname) as info:
+            registry.add(name)
+        assert info.value.code == "denied"
+    assert registry.add("notbank.example.test").hostname == "notbank.example.test"
+
+
+def test_a_bad_deny_entry_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="domains.deny"):
+        make(tmp_path, deny=("not a name",))
+
+
+def test_domain_cap(tmp_path: Path) -> None:
+    registry, _ = make(tmp_path, max_domains=2, registrations_per_hour=0)
+    registry.add("a.example.test")
+    registry.add("b.example.test")
+    with pytest.raises(LimitReached) as info:
+        registry.add("c.example.test")
+    assert (info.value.code, info.value.retry_after) == ("domain_limit", None)
+    registry.remove("a.example.test")
+    assert registry.add("c.example.test").hostname == "c.example.test"
+
+
+def test_hourly_registration_rate_with_retry_after(tmp_path: Path) -> None:
+    registry, clock = make(tmp_path, max_domains=0, registrations_per_hour=3)
+    for i in range(3):
+        registry.add(f"r{i}.example.test")
+        clock.now += dt.timedelta(minutes=10)
+    # 30 minutes after the first registration: the window still holds three.
+    with pytest.raises(LimitReached) as info:
+        registry.add("r3.example.test")
+    assert info.value.code == "registration_rate"
+    assert info.value.retry_after == pytest.approx(30 * 60)
+    clock.now += dt.timedelta(minutes=30, seconds=1)
+    assert registry.add("r3.example.test").status == "issuing"
+    with pytest.raises(DomainExists):
+        registry.add("R3.example.test.")
+
+
+def test_admin_maps_limits_to_403_and_429(tmp_path: Path) -> None:
+    registry, _ = make(tmp_path, max_domains=1, registrations_per_hour=0)
+    (tmp_path / "t").write_text("admin-token-0123456789")
+    app = create_admin_app(registry, TokenStore(AdminSettings(str(tmp_path / "t"), str(tmp_path / "t.json"))))
+    auth = {"Authorization": "Bearer admin-token-0123456789"}
+    with TestClient(app) as client:
+        assert client.post("/v1/domains", json={"hostname": "a.example.test"}, headers=auth).status_code == 201
+        capped = client.post("/v1/domains", json={"hostname": "b.example.test"}, headers=auth)
+        assert capped.status_code == 403 and capped.json()["error"]["code"] == "domain_limit"
+    registry2, _ = make(tmp_path / "two", max_domains=0, registrations_per_hour=1)
+    app2 = create_admin_app(registry2, TokenStore(AdminSettings(str(tmp_path / "t"), str(tmp_path / "t.json"))))
+    with TestClient(app2) as client:
+        assert client.post("/v1/domains", json={"hostname": "a.example.test"}, headers=auth).status_code == 201
+        limited = client.post("/v1/domains", json={"hostname": "b.example.test"}, headers=auth)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 3000
+
+
+def test_view_names_the_dns_record_and_snippet(tmp_path: Path) -> None:
+    registry, _ = make(tmp_path)
+    view = registry.view(registry.add("Cdn.Shop.Example.test"))
+    assert view["hostname"] == "cdn.shop.example.test"
+    assert view["dns"]["records"] == [{"type": "CNAME", "name": "cdn.shop.example.test", "value": "edge.example.net."}]
+    assert view["snippet"] == '<script async src="https://cdn.shop.example.test/js/app.js"></script>'
+    assert view["certificate"] is None and view["error"] is None
