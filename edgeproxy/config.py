@@ -79,6 +79,9 @@ class UpstreamSettings:
     # {api_path} and {script_path}; the relay origin is always rewritten to
     # https://{host}{api_path} so that the script talks back to the custom domain.
     rewrite: Mapping[str, str] = field(default_factory=dict)
+    # Which headers carry the visitor's IP to the relay: any of "x-forwarded-for",
+    # "forwarded" (RFC 7239), "x-real-ip"; empty = the relay never sees it.
+    client_ip_headers: tuple[str, ...] = ("x-forwarded-for",)
     script_ttl: float = 300.0  # seconds the in-memory script copy is fresh
     connect_timeout: float = 2.0
     timeout: float = 5.0
@@ -117,6 +120,11 @@ class ProxySettings:
     max_body: int = 64 * 1024  # bytes; larger API bodies get 413
     trusted_hops: tuple[str, ...] = ()  # peers whose X-Forwarded-For we believe (IPs/CIDRs)
     cert_refresh_interval: float = 1.0  # seconds between change-feed polls in each worker
+    # API requests per second per visitor IP and per custom domain, answered 429
+    # locally (never forwarded, never spooled); per worker process; 0 = off.
+    rate_per_ip: float = 20.0
+    rate_per_domain: float = 2000.0
+    rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,10 @@ def _validate(settings: Settings) -> Settings:
             raise ConfigError(f"routes.{what} must be an absolute path without query, got {path!r}")
     if settings.routes.script_path.rstrip("/") == settings.routes.api_path.rstrip("/"):
         raise ConfigError("routes.script_path and routes.api_path must differ")
+    unknown_ip_headers = set(settings.upstream.client_ip_headers) - {"x-forwarded-for", "forwarded", "x-real-ip"}
+    if unknown_ip_headers:
+        raise ConfigError(f"upstream.client_ip_headers: unknown {sorted(unknown_ip_headers)}; "
+                          'use "x-forwarded-for", "forwarded" and/or "x-real-ip"')
     if settings.proxy.max_body <= 0:
         raise ConfigError("proxy.max_body must be positive")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)

@@ -44,6 +44,7 @@ import httpx
 
 from .config import RoutesSettings, Settings, UpstreamSettings
 from .errors import ConfigError
+from .ratelimit import TokenBuckets
 
 __all__ = [
     "ChallengeLookup",
@@ -211,6 +212,23 @@ def forwarded_for(inbound: Sequence[bytes], peer: str | None, trusted: TrustedHo
     return peer.encode("ascii", "replace")
 
 
+def visitor_ip(inbound: Sequence[bytes], peer: str | None, trusted: TrustedHops) -> str | None:
+    """The visitor's address: the peer, or, when the peer is a trusted hop, the
+    right-most address in its X-Forwarded-For that is not itself trusted."""
+    if peer is None or not inbound or not _peer_is_trusted(peer, trusted):
+        return peer
+    chain = [part.strip().decode("ascii", "replace") for v in inbound for part in v.split(b",") if part.strip()]
+    for address in reversed(chain):
+        if not _peer_is_trusted(address, trusted):
+            return address
+    return chain[0] if chain else peer
+
+
+def _forwarded_node(address: str) -> bytes:
+    # RFC 7239 section 6: IPv6 addresses are bracketed and the value quoted.
+    return (f'"[{address}]"' if ":" in address else address).encode("ascii", "replace")
+
+
 # RFC 9110 section 7.6.1: hop-by-hop fields end at this hop.
 _HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -237,13 +255,16 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def forward_headers(headers: Headers, *, peer: str | None, trusted: TrustedHops, host: str) -> list[tuple[bytes, bytes]]:
+def forward_headers(headers: Headers, *, peer: str | None, trusted: TrustedHops, host: str,
+                    client_ip: frozenset[str] = frozenset({"x-forwarded-for"})) -> list[tuple[bytes, bytes]]:
     """The request headers the relay receives for one API call.
 
     Drops hop-by-hop fields and any field named in ``Connection``, ``Host``,
     ``Cookie``, ``Authorization`` and every client-supplied forwarding header;
-    adds ``X-Forwarded-For`` (see :func:`forwarded_for`), ``X-Forwarded-Host``
-    (the custom host) and ``X-Forwarded-Proto: https``.
+    adds ``X-Forwarded-Host`` (the custom host), ``X-Forwarded-Proto: https``
+    and, as ``client_ip`` (``upstream.client_ip_headers``) says, the visitor's
+    address as ``X-Forwarded-For`` (see :func:`forwarded_for`), ``Forwarded``
+    (RFC 7239) and/or ``X-Real-IP``: some vendors need it, others must never see it.
     """
     named = _connection_tokens(headers)
     inbound_xff: list[bytes] = []
@@ -257,9 +278,15 @@ def forward_headers(headers: Headers, *, peer: str | None, trusted: TrustedHops,
             continue
         else:
             out.append((lname, value))
-    xff = forwarded_for(inbound_xff, peer, trusted)
-    if xff is not None:
-        out.append((b"x-forwarded-for", xff))
+    if "x-forwarded-for" in client_ip:
+        xff = forwarded_for(inbound_xff, peer, trusted)
+        if xff is not None:
+            out.append((b"x-forwarded-for", xff))
+    visitor = visitor_ip(inbound_xff, peer, trusted) if client_ip - {"x-forwarded-for"} else None
+    if visitor is not None and "forwarded" in client_ip:
+        out.append((b"forwarded", b"for=" + _forwarded_node(visitor) + b";host=" + host.encode("ascii") + b";proto=https"))
+    if visitor is not None and "x-real-ip" in client_ip:
+        out.append((b"x-real-ip", visitor.encode("ascii", "replace")))
     out.append((b"x-forwarded-host", host.encode("ascii")))
     out.append((b"x-forwarded-proto", b"https"))
     return out
@@ -378,6 +405,7 @@ _NOT_FOUND: Final = _canned(404, b"not found\n")
 _MISDIRECTED: Final = _canned(421, b"misdirected request\n", [(b"cache-control", b"no-store")])
 _BAD_REQUEST: Final = _canned(400, b"bad request\n")
 _TOO_LARGE: Final = _canned(413, b"request body too large\n")
+_TOO_MANY: Final = _canned(429, b"too many requests\n", [(b"retry-after", b"1")])
 _SCRIPT_UNAVAILABLE: Final = _canned(502, b"script unavailable\n", [(b"cache-control", b"no-store")])
 _STORAGE_UNAVAILABLE: Final = _canned(503, b"try again later\n", [(b"retry-after", b"5")])
 _SCRIPT_METHODS: Final = _canned(405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
@@ -527,6 +555,10 @@ class EdgeProxy:
         self._clock = clock
         self._trusted = parse_trusted_hops(settings.proxy.trusted_hops)
         self._max_body = settings.proxy.max_body
+        self._client_ip = frozenset(settings.upstream.client_ip_headers)
+        proxy = settings.proxy
+        self._per_ip = TokenBuckets(proxy.rate_per_ip, proxy.rate_per_ip * proxy.rate_burst)
+        self._per_domain = TokenBuckets(proxy.rate_per_domain, proxy.rate_per_domain * proxy.rate_burst)
         upstream, routes = settings.upstream, settings.routes
         self._script_url = upstream.script
         self._relay_base = upstream.relay.rstrip("/")
@@ -861,6 +893,10 @@ class EdgeProxy:
         if method != "POST":
             await _reply(send, _API_METHODS)
             return
+        if not self._within_rate(scope, headers, host):
+            self.stats["api_rate_limited"] += 1
+            await _reply(send, _TOO_MANY)
+            return
         raw = _raw_path(scope)
         rest = raw[len(self._api_raw):]
         query: bytes = scope.get("query_string", b"")
@@ -893,7 +929,8 @@ class EdgeProxy:
         target = (rest + b"?" + query if query else rest).decode("ascii")
         request = ForwardRequest(
             target=target,
-            headers=tuple(forward_headers(headers, peer=_client_addr(scope), trusted=self._trusted, host=host)),
+            headers=tuple(forward_headers(headers, peer=_client_addr(scope), trusted=self._trusted, host=host,
+                                          client_ip=self._client_ip)),
             body=body,
             host=host,
         )
@@ -903,6 +940,14 @@ class EdgeProxy:
         out.extend(self._cors(headers))
         await send({"type": "http.response.start", "status": result.status, "headers": out})
         await send({"type": "http.response.body", "body": result.body})
+
+    def _within_rate(self, scope: Scope, headers: Headers, host: str) -> bool:
+        """Per-visitor, then per-domain token buckets (a refused visitor spends no domain budget)."""
+        if not (self._per_ip.enabled or self._per_domain.enabled):
+            return True
+        now = self._clock()
+        visitor = visitor_ip(_header_values(headers, b"x-forwarded-for"), _client_addr(scope), self._trusted)
+        return self._per_ip.allow(visitor or "", now) and self._per_domain.allow(host, now)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The request body, read as it arrives; None as soon as it exceeds ``proxy.max_body``."""

@@ -87,6 +87,9 @@ class EdgeConfig:
             "dns": {"cname_target": self.cname_target},
             "domains": {"extra_suffixes": ["test"]},
             "admin": {"token_file": str(self.token_file), "tokens_file": str(self.state_dir / "admin-tokens.json")},
+            # Every local client is 127.0.0.1: per-IP limits would throttle tests and
+            # benchmarks, so they are off unless a caller opts in through ``extra``.
+            "proxy": {"rate_per_ip": 0.0, "rate_per_domain": 0.0},
         }
         for section, values in (self.extra or {}).items():
             data.setdefault(section, {}).update(values)
