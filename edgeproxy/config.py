@@ -211,7 +211,13 @@ def _build_section(cls: type[Any], name: str, values: Mapping[str, Any], env: Ma
 
 def _validate(settings: Settings) -> Settings:
     for what in ("http", "https", "admin"):
-        parse_hostport(getattr(settings.listen, what), what=f"listen.{what}")
+        address = getattr(settings.listen, what)
+        if what == "admin" and address.startswith("unix:"):
+            # A Unix socket: reachable only by local users the file mode admits.
+            if not address[len("unix:"):].startswith("/"):
+                raise ConfigError(f"listen.admin: unix socket path must be absolute, got {address!r}")
+            continue
+        parse_hostport(address, what=f"listen.{what}")
     for what in ("script_path", "api_path"):
         path = getattr(settings.routes, what)
         if not path.startswith("/") or "?" in path or "#" in path:

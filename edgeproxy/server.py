@@ -79,7 +79,10 @@ setattr(hypercorn.protocol, "H2Protocol", _H2Protocol)
 
 
 def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
-    """Bind and listen on ``host:port`` (IPv4 or IPv6); non-blocking, inheritable by workers."""
+    """Bind and listen on ``host:port`` (IPv4 or IPv6) or ``unix:/path`` (mode 0600);
+    non-blocking, inheritable by workers."""
+    if address.startswith("unix:"):
+        return _bind_unix(address[len("unix:"):], what, backlog)
     host, port = parse_hostport(address, what=what)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -92,6 +95,28 @@ def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     sock.set_inheritable(True)
+    return sock
+
+
+def _bind_unix(path: str, what: str, backlog: int) -> socket.socket:
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # left behind by a process that died; nobody listens
+        else:
+            probe.close()
+            raise OSError(f"cannot listen on unix:{path} ({what}): another process is listening there")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file is created 0600: only our user may connect
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(backlog)
+    sock.setblocking(False)
     return sock
 
 
@@ -218,8 +243,9 @@ class EdgeNode:
                 ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
                 backlog=1024,
             )
-            host, port = listener.sock.getsockname()[:2]
-            log.info("pid %d serving %s on %s:%s", os.getpid(), listener.name, host, port)
+            name = listener.sock.getsockname()
+            where = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
+            log.info("pid %d serving %s on %s", os.getpid(), listener.name, where)
         self._listeners = listeners
         try:
             await self.stop.wait()

@@ -57,3 +57,26 @@ def test_cli_tokens_take_effect_on_a_running_edge(stack: Stack) -> None:
         assert "oncall" in cli("list").stdout and token not in cli("list").stdout
         assert cli("revoke", "oncall").returncode == 0
         assert client.get("/v1/domains", headers=auth).status_code == 401
+
+
+@pytest.mark.e2e
+def test_admin_api_on_a_unix_socket(tmp_path: Path, pebble_factory) -> None:  # type: ignore[no-untyped-def]
+    from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess
+    from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
+
+    sock = tmp_path / "run" / "admin.sock"
+    with ScriptOrigin() as origin, RecordingRelay() as relay:
+        config = EdgeConfig(state_dir=tmp_path / "state", acme_directory="", acme_ca_bundle="",
+                            script_url=origin.script_url, relay_url=relay.url, admin_socket=str(sock))
+        pebble = pebble_factory(config.http_port)
+        config.acme_directory, config.acme_ca_bundle = pebble.directory_url, str(pebble.ca_bundle_path)
+        with EdgeProcess(config) as edge:
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600  # only the edge's user may connect
+            with edge.admin() as admin:
+                assert admin.post("/v1/domains", json={"hostname": "uds.example.test"}).status_code == 201
+            assert edge.wait_status("uds.example.test")["status"] == "active"
+            with edge.admin_client() as anonymous:
+                assert anonymous.get("/v1/domains").status_code == 401
+            # No TCP admin listener exists: the configured admin port is not bound.
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://127.0.0.1:{config.admin_port}/healthz", timeout=2)

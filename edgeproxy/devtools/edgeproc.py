@@ -59,6 +59,7 @@ class EdgeConfig:
     https_port: int = 0
     admin_port: int = 0
     cname_target: str = "edge.example.net"
+    admin_socket: str = ""  # serve the admin API on this Unix socket instead of a TCP port
     extra: Mapping[str, Mapping[str, Any]] | None = None  # more [section] keys
 
     def __post_init__(self) -> None:
@@ -80,7 +81,7 @@ class EdgeConfig:
             "listen": {
                 "http": f"127.0.0.1:{self.http_port}",
                 "https": f"127.0.0.1:{self.https_port}",
-                "admin": f"127.0.0.1:{self.admin_port}",
+                "admin": f"unix:{self.admin_socket}" if self.admin_socket else f"127.0.0.1:{self.admin_port}",
             },
             "storage": {"url": f"sqlite://{self.db_path}"},
             "upstream": {"script": self.script_url, "relay": self.relay_url},
@@ -130,7 +131,13 @@ class EdgeProcess:
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.config.admin_port}"
+        return "http://admin.invalid" if self.config.admin_socket else f"http://127.0.0.1:{self.config.admin_port}"
+
+    def admin_client(self, headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> httpx.Client:
+        """A client for the admin API over TCP or the Unix socket."""
+        transport = httpx.HTTPTransport(uds=self.config.admin_socket) if self.config.admin_socket else None
+        return httpx.Client(base_url=self.admin_url, headers=dict(headers or {}), timeout=timeout,
+                            transport=transport, trust_env=False)
 
     def log_text(self) -> str:
         try:
@@ -144,8 +151,9 @@ class EdgeProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"edgeproxy exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             try:
-                if httpx.get(f"{self.admin_url}/healthz", timeout=1).status_code == 200:
-                    return
+                with self.admin_client(timeout=1) as client:
+                    if client.get("/healthz").status_code == 200:
+                        return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
@@ -153,7 +161,7 @@ class EdgeProcess:
 
     def admin(self) -> httpx.Client:
         token = self.config.token_file.read_text().strip()
-        return httpx.Client(base_url=self.admin_url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        return self.admin_client({"Authorization": f"Bearer {token}"})
 
     def wait_status(self, hostname: str, status: str = "active", timeout: float = 60.0) -> dict[str, Any]:
         """Poll the admin API until ``hostname`` reaches ``status``; fail fast on ``failing``."""
