@@ -120,9 +120,17 @@ def _bind_unix(path: str, what: str, backlog: int) -> socket.socket:
     return sock
 
 
+class _EdgeConfig(HypercornConfig):
+    """hypercorn's settings with a neutral ``Server`` header: the edge names
+    neither its software nor the vendor behind it."""
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        return [*super().response_headers(protocol), (b"server", b"edge")]
+
+
 def _hypercorn_config() -> HypercornConfig:
-    config = HypercornConfig()
-    config.include_server_header = False  # do not advertise the server software on the public edge
+    config = _EdgeConfig()
+    config.include_server_header = False  # replaced by the neutral one above
     config.keep_alive_timeout = 30
     config.graceful_timeout = 5
     config.ssl_handshake_timeout = 10

@@ -68,6 +68,8 @@ def test_script_and_event_round_trip(stack: Stack, http2: bool) -> None:
         assert script.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
         assert script.status_code == 200
         assert script.headers["content-type"].startswith("application/javascript")
+        assert script.headers["server"] == "edge"  # neutral: no software name, no vendor
+        assert script.headers["x-content-type-options"] == "nosniff"
         assert "etag" in script.headers
         # Rewritten to talk back to the custom domain, and the vendor's name is gone.
         assert f"https://{host}/api/v1/m/collect" in script.text
