@@ -139,3 +139,57 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pebble_factory_module: Pebbl
             yield Stack(edge, origin, relay, [pebble.root_pem()])
 
 # END edge stack
+
+
+# =====================================================================================
+# BEGIN PostgreSQL (owner: storage/postgres.py, issue 6)
+#
+#   pg_base_url   session-scoped URL of the machine's PostgreSQL (EDGEPROXY_TEST_PG_URL,
+#                 default postgresql://postgres@127.0.0.1:5432/test). Unreachable = the
+#                 run FAILS (never skips): `make test` starts the server first.
+#   pg_url        function-scoped: a fresh empty schema on it (search_path in the URL),
+#                 dropped at the end of the test.
+#   private_pg    session-scoped throwaway cluster (initdb in a temp dir, free port) that
+#                 a test may stop and start; a test that stops it must start it again.
+# =====================================================================================
+
+import os as _os
+
+from edgeproxy.devtools.pgharness import (
+    DEFAULT_URL as _PG_DEFAULT_URL,
+    PgHarnessError,
+    PrivateCluster,
+    require_server,
+    temp_schema,
+)
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> str:
+    url = _os.environ.get("EDGEPROXY_TEST_PG_URL", _PG_DEFAULT_URL)
+    try:
+        require_server(url)
+    except PgHarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_base_url: str) -> Iterator[str]:
+    with temp_schema(pg_base_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def private_pg() -> Iterator[PrivateCluster]:
+    try:
+        cluster = PrivateCluster().init()
+        cluster.start()
+    except PgHarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+# END PostgreSQL

@@ -1,10 +1,13 @@
 """The one contract suite every ``Storage`` backend passes.
 
 The first part is parametrized over ``BACKENDS`` and talks to a store only
-through ``open_storage(url)`` and the ``Storage`` protocol, so a new backend
-(PostgreSQL) joins by adding one line to ``BACKENDS``. The second part checks
-what only the SQLite backend promises (file modes, WAL, secure delete, feed
-pruning, error mapping, URL parsing).
+through ``open_storage(url)`` and the ``Storage`` protocol, so a backend joins by
+adding one line to ``BACKENDS``: SQLite (a file per test) and PostgreSQL (a fresh
+schema per test on the machine's server; see ``pg_base_url`` in conftest, which
+fails the run loudly when PostgreSQL is unreachable). The second part checks
+what only the SQLite backend promises (file modes, WAL, secure delete, error
+mapping, URL parsing); the third what only PostgreSQL promises (migrations,
+unreachable server, notifications).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -41,6 +45,7 @@ from edgeproxy.storage import (
     open_storage,
     sqlite_path_from_url,
 )
+from edgeproxy.devtools.pgharness import temp_schema
 from edgeproxy.storage.sqlite import SqliteStorage
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -50,20 +55,25 @@ UTC_PLUS_2 = timezone(timedelta(hours=2))
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def _sqlite_url(tmp_path: Path) -> str:
+@contextmanager
+def _sqlite_url(tmp_path: Path, _pg_base: str) -> Iterator[str]:
     # tmp_path is absolute, so this reads sqlite:///tmp/.../edgeproxy.db
-    return f"sqlite://{tmp_path}/state/edgeproxy.db"
+    yield f"sqlite://{tmp_path}/state/edgeproxy.db"
 
 
-# One line per backend: name -> function giving a fresh, empty store's URL.
-BACKENDS: dict[str, Callable[[Path], str]] = {
+# One line per backend: name -> context giving a fresh, empty store's URL
+# (PostgreSQL: a new schema, dropped afterwards).
+BACKENDS: dict[str, Callable[[Path, str], AbstractContextManager[str]]] = {
     "sqlite": _sqlite_url,
+    "postgresql": lambda _tmp, pg_base: temp_schema(pg_base),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return BACKENDS[request.param](tmp_path)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    pg_base = request.getfixturevalue("pg_base_url") if request.param == "postgresql" else ""
+    with BACKENDS[request.param](tmp_path, pg_base) as fresh:
+        yield fresh
 
 
 @pytest.fixture
@@ -215,6 +225,14 @@ def test_times_round_trip_exactly_as_utc(store: Storage) -> None:
     got2 = store.update_domain("a.example", early, status="issuing", next_attempt_at=early)
     assert got2.updated_at == early and got2.next_attempt_at == early
     assert store.get_domain("a.example") == got2
+
+
+def test_list_order_is_byte_order_whatever_the_locale(store: Storage) -> None:
+    names = ["a.example", "a-b.example", "ab.example", "a0.example", "xn--bcher-kva.example", "b.example"]
+    for name in names:
+        store.add_domain(name, "pending_dns", NOW)
+    assert [d.hostname for d in store.list_domains()] == sorted(names)
+    assert store.changes_since(0)[1] == sorted(names)
 
 
 # -- certificates ----------------------------------------------------------------------
@@ -382,6 +400,36 @@ def test_unlock_only_by_owner(store: Storage) -> None:
     assert store.try_lock("renewal", "B", 60, NOW) is True
     store.unlock("renewal", "B")
     store.unlock("renewal", "B")  # idempotent
+
+
+def test_prune_and_a_reader_that_fell_behind(store: Storage) -> None:
+    # prune_changes is not in the protocol, but every backend has it.
+    sq: Any = store
+    for name in ("a.example", "b.example", "c.example"):  # seq 1..3
+        sq.add_domain(name, "pending_dns", NOW)
+    sq.update_domain("c.example", NOW, status="issuing")  # 4
+    sq.remove_domain("b.example")  # 5
+    sq.add_domain("d.example", "pending_dns", NOW)  # 6
+    assert sq.changes_since(1) == (6, ["b.example", "c.example", "c.example", "b.example", "d.example"])
+    assert sq.prune_changes(keep_last=2) == 4
+    assert sq.prune_changes(keep_last=2) == 0
+    # Still answered incrementally from the retained rows.
+    assert sq.changes_since(4) == (6, ["b.example", "d.example"])
+    assert sq.changes_since(5) == (6, ["d.example"])
+    assert sq.changes_since(6) == (6, [])
+    # Fell behind the prune: all registered, then retained removals.
+    full = (6, ["a.example", "c.example", "d.example", "b.example"])
+    assert sq.changes_since(1) == full
+    assert sq.changes_since(0) == full
+    assert sq.changes_since(-5) == full
+    assert sq.changes_since(99) == full  # a seq from another (replaced) database
+    # Prune everything: seqs are never reused.
+    sq.prune_changes(keep_last=0)
+    assert sq.changes_since(6) == (6, [])
+    sq.add_domain("e.example", "pending_dns", NOW)
+    assert sq.changes_since(6) == (7, ["e.example"])
+    with pytest.raises(ValueError):
+        sq.prune_changes(-1)
 
 
 # -- persistence and concurrency -------------------------------------------------------
@@ -575,34 +623,6 @@ def test_sqlite_remove_leaves_no_key_bytes_in_the_files(sq: SqliteStorage, db_pa
             assert b"CHAIN-00000001" not in data, suffix
 
 
-def test_sqlite_prune_and_a_reader_that_fell_behind(sq: SqliteStorage) -> None:
-    for name in ("a.example", "b.example", "c.example"):  # seq 1..3
-        sq.add_domain(name, "pending_dns", NOW)
-    sq.update_domain("c.example", NOW, status="issuing")  # 4
-    sq.remove_domain("b.example")  # 5
-    sq.add_domain("d.example", "pending_dns", NOW)  # 6
-    assert sq.changes_since(1) == (6, ["b.example", "c.example", "c.example", "b.example", "d.example"])
-    assert sq.prune_changes(keep_last=2) == 4
-    assert sq.prune_changes(keep_last=2) == 0
-    # Still answered incrementally from the retained rows.
-    assert sq.changes_since(4) == (6, ["b.example", "d.example"])
-    assert sq.changes_since(5) == (6, ["d.example"])
-    assert sq.changes_since(6) == (6, [])
-    # Fell behind the prune: all registered, then retained removals.
-    full = (6, ["a.example", "c.example", "d.example", "b.example"])
-    assert sq.changes_since(1) == full
-    assert sq.changes_since(0) == full
-    assert sq.changes_since(-5) == full
-    assert sq.changes_since(99) == full  # a seq from another (replaced) database
-    # Prune everything: seqs are never reused.
-    sq.prune_changes(keep_last=0)
-    assert sq.changes_since(6) == (6, [])
-    sq.add_domain("e.example", "pending_dns", NOW)
-    assert sq.changes_since(6) == (7, ["e.example"])
-    with pytest.raises(ValueError):
-        sq.prune_changes(-1)
-
-
 def test_sqlite_prunes_opportunistically(db_path: str) -> None:
     s = SqliteStorage(db_path, keep_changes=3)
     s.PRUNE_EVERY = 4
@@ -763,16 +783,232 @@ def test_open_storage_rejects_bad_urls(bad: str) -> None:
     assert "s3cret" not in str(info.value)
 
 
-def test_open_storage_postgresql_is_not_supported_yet() -> None:
-    for url in ("postgresql://edge:s3cret@db/edgeproxy", "postgres://db/edgeproxy"):
-        with pytest.raises(ConfigError, match="not supported yet") as info:
-            open_storage(url)
-        assert "s3cret" not in str(info.value)
-
-
 def test_sqlite_storage_satisfies_the_protocol(sq: SqliteStorage) -> None:
     s: Storage = sq  # checked by mypy too, through open_storage's return type
     for name in dir(Storage):
         if not name.startswith("_"):
             assert callable(getattr(s, name)), name
 
+
+
+# =====================================================================================
+# Part 3: what only the PostgreSQL backend promises
+# =====================================================================================
+
+
+def _raw(url: str) -> Any:
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True)
+
+
+def test_postgres_migrate_is_versioned_idempotent_and_concurrent(pg_url: str) -> None:
+    from edgeproxy.storage import migrate_storage
+    from edgeproxy.storage.postgres import SCHEMA_VERSION, PostgresStorage
+
+    # Six nodes starting at once on an empty schema: every one opens, one migrates.
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        stores = list(pool.map(lambda _i: open_storage(pg_url), range(6)))
+    befores = sorted(s.last_migration[0] for s in stores if isinstance(s, PostgresStorage))
+    assert befores == [0] + [SCHEMA_VERSION] * 5
+    for s in stores:
+        s.close()
+    assert migrate_storage(pg_url) == (SCHEMA_VERSION, SCHEMA_VERSION)
+    with _raw(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_postgres_auto_migrate_off_refuses_an_old_or_newer_schema(pg_url: str) -> None:
+    from edgeproxy.storage import migrate_storage
+    from edgeproxy.storage.postgres import SCHEMA_VERSION
+
+    with pytest.raises(StorageError, match="run `edgeproxy migrate`"):
+        open_storage(pg_url, auto_migrate=False)
+    with _raw(pg_url) as conn:  # refused without creating anything
+        assert conn.execute("SELECT to_regclass('domains')").fetchone() == (None,)
+    assert migrate_storage(pg_url) == (0, SCHEMA_VERSION)
+    s = open_storage(pg_url, auto_migrate=False)
+    s.add_domain("a.example", "active", NOW)
+    s.close()
+    with _raw(pg_url) as conn:
+        conn.execute("UPDATE schema_version SET version = version + 1")
+    for auto in (True, False):
+        with pytest.raises(StorageError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+            open_storage(pg_url, auto_migrate=auto)
+
+
+def test_postgres_unreachable_server_is_storage_unavailable_without_the_password() -> None:
+    from edgeproxy.devtools.edgeproc import free_port
+
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable) as info:
+        open_storage(f"postgresql://edge:s3cret@127.0.0.1:{free_port()}/edgeproxy")
+    assert time.monotonic() - started < 15
+    assert info.value.code == "storage_unavailable"
+    assert "s3cret" not in str(info.value) and "127.0.0.1" in str(info.value)
+    with pytest.raises(StorageError) as bad:
+        open_storage("postgresql://edge:s3cret@host/db?not_a_libpq_option=1")
+    assert "s3cret" not in str(bad.value)
+
+
+def test_postgres_driver_errors_never_escape(pg_url: str) -> None:
+    s = open_storage(pg_url)
+    try:
+        s.add_domain("a.example", "active", NOW)
+        with _raw(pg_url) as conn:
+            conn.execute("DROP TABLE certificates")
+        with pytest.raises(StorageError) as info:
+            s.get_certificate("a.example")
+        assert not isinstance(info.value, StorageUnavailable)
+        assert "certificates" in str(info.value)
+        # The pool is fine afterwards: other tables still answer.
+        assert s.get_domain("a.example") is not None
+    finally:
+        s.close()
+    s.close()  # idempotent
+    with pytest.raises(StorageError, match="closed"):
+        s.get_domain("a.example")
+
+
+def test_postgres_feed_never_misses_concurrent_commits(pg_url: str) -> None:
+    """Seqs follow commit order: a reader that follows the feed incrementally
+    while eight writers commit sees every change exactly once (a plain sequence
+    would let a reader skip a seq that commits after a larger one)."""
+    writers, per_writer = 8, 25
+    s = open_storage(pg_url)
+    try:
+        for i in range(writers):
+            s.add_domain(f"w{i}.example", "pending_dns", NOW)
+        seq, _ = s.changes_since(0)
+        seen: list[str] = []
+        done = threading.Event()
+
+        def write(i: int) -> None:
+            for _ in range(per_writer):
+                s.update_domain(f"w{i}.example", NOW, status="issuing")
+
+        def read() -> None:
+            nonlocal seq
+            while True:
+                finished = done.is_set()
+                newest, hosts = s.changes_since(seq)
+                assert newest >= seq
+                seen.extend(hosts)
+                seq = newest
+                if finished:
+                    return
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        with ThreadPoolExecutor(max_workers=writers) as pool:
+            list(pool.map(write, range(writers)))
+        done.set()
+        reader.join(timeout=60)
+        assert sorted(seen) == sorted(f"w{i}.example" for i in range(writers) for _ in range(per_writer))
+    finally:
+        s.close()
+
+
+def test_postgres_prunes_opportunistically(pg_url: str) -> None:
+    from edgeproxy.storage.postgres import PostgresStorage
+
+    s = PostgresStorage(pg_url, keep_changes=3)
+    s.PRUNE_EVERY = 4
+    try:
+        s.add_domain("x.example", "pending_dns", NOW)
+        for _ in range(11):
+            s.update_domain("x.example", NOW, status="issuing")
+        with _raw(pg_url) as conn:
+            assert conn.execute("SELECT seq FROM changes ORDER BY seq").fetchall() == [(10,), (11,), (12,)]
+        assert s.changes_since(1) == (12, ["x.example"])
+        assert s.changes_since(9) == (12, ["x.example"] * 3)
+    finally:
+        s.close()
+
+
+def test_postgres_notification_wakes_a_waiting_node(pg_url: str) -> None:
+    from edgeproxy.storage.postgres import PostgresStorage
+
+    waiter, writer = PostgresStorage(pg_url), PostgresStorage(pg_url)
+    try:
+        started = time.monotonic()
+        assert waiter.wait_for_change(0.2) is False  # nothing happened: the timeout
+        assert 0.15 <= time.monotonic() - started < 2
+        woke: list[tuple[bool, float]] = []
+        t = threading.Thread(target=lambda: woke.append((waiter.wait_for_change(10), time.monotonic())))
+        t.start()
+        time.sleep(0.3)  # the waiter is listening
+        committed = time.monotonic()
+        writer.add_domain("a.example", "pending_dns", NOW)
+        t.join(timeout=15)
+        assert woke and woke[0][0] is True and woke[0][1] - committed < 2
+        # Writes that are not domain changes notify nobody.
+        writer.put_challenge(ChallengeRecord("t", "t.k", "a.example", NOW))
+        assert waiter.wait_for_change(0.3) is False
+    finally:
+        waiter.close()
+        writer.close()
+
+
+def test_postgres_survives_a_server_outage(private_pg: Any) -> None:
+    """The same instance raises StorageUnavailable promptly while the server is
+    down and works again once it is back, without being reopened."""
+    from edgeproxy.storage.postgres import PostgresStorage
+
+    with temp_schema(private_pg.url) as url:
+        s = PostgresStorage(url, pool_timeout=2.0)
+        try:
+            s.add_domain("a.example", "active", NOW)
+            assert s.wait_for_change(0.05) in (True, False)  # the LISTEN connection exists
+            private_pg.stop()
+            try:
+                for call in (lambda: s.get_domain("a.example"), lambda: s.changes_since(0),
+                             lambda: s.try_lock("l", "me", 5, NOW), lambda: s.wait_for_change(0.5)):
+                    started = time.monotonic()
+                    with pytest.raises(StorageUnavailable):
+                        call()
+                    assert time.monotonic() - started < 8
+            finally:
+                private_pg.start()
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    assert s.get_domain("a.example") is not None
+                    break
+                except StorageUnavailable:
+                    assert time.monotonic() < deadline, "did not recover after the server came back"
+                    time.sleep(0.2)
+            recovered_in = deadline - time.monotonic()
+            assert recovered_in > 0
+            s.add_domain("b.example", "pending_dns", NOW)
+            assert s.wait_for_change(0.05) in (True, False)  # LISTEN reconnects too
+            assert [d.hostname for d in s.list_domains()] == ["a.example", "b.example"]
+        finally:
+            s.close()
+
+
+def _use_inherited_pg(s: Any, results: Any) -> None:
+    try:
+        s.add_domain("child.example", "pending_dns", NOW)
+        results.put(s.get_domain("child.example") is not None)
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+def test_postgres_instance_inherited_through_fork_opens_its_own_pool(pg_url: str) -> None:
+    fork = multiprocessing.get_context("fork")
+    s = open_storage(pg_url)
+    try:
+        s.add_domain("parent.example", "pending_dns", NOW)
+        results = fork.Queue()
+        proc = fork.Process(target=_use_inherited_pg, args=(s, results))
+        proc.start()
+        try:
+            assert results.get(timeout=30) is True
+        finally:
+            proc.join(timeout=30)
+        assert proc.exitcode == 0
+        # The parent's pool is untouched by the child.
+        assert {d.hostname for d in s.list_domains()} == {"parent.example", "child.example"}
+    finally:
+        s.close()

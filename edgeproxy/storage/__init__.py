@@ -15,10 +15,17 @@ literally: no percent-decoding, no query parameters):
 - ``sqlite:////var/lib/edgeproxy/edgeproxy.db`` -> the same file (SQLAlchemy's
   four-slash spelling is accepted too: leading slashes collapse to one).
 - ``sqlite:relative/edgeproxy.db`` -> relative to the current directory.
-- ``postgresql://...`` / ``postgres://...``: not supported yet (``ConfigError``).
+- ``postgresql://user[:password]@host[:port]/dbname[?param=value...]`` (or
+  ``postgres://``): a libpq URI for the shared multi-node store
+  (``storage/postgres.py``), e.g. ``postgresql://edge@db.internal/edgeproxy`` or,
+  to keep the tables in a schema of their own,
+  ``postgresql://edge@db.internal/shared?options=-csearch_path%3Dedgeproxy``.
+  The password may also come from ``~/.pgpass`` or ``PGPASSWORD`` (libpq).
 """
 
 from __future__ import annotations
+
+import os
 
 from edgeproxy.errors import ConfigError
 from edgeproxy.storage.base import (
@@ -37,6 +44,7 @@ __all__ = [
     "DomainRecord",
     "DOMAIN_STATUSES",
     "Storage",
+    "migrate_storage",
     "open_storage",
     "sqlite_path_from_url",
 ]
@@ -71,24 +79,62 @@ def sqlite_path_from_url(url: str) -> str:
     return rest
 
 
-def open_storage(url: str) -> Storage:
+def _scheme(url: str) -> str:
+    return url.partition(":")[0].lower() if ":" in url else ""
+
+
+def _unknown_scheme(url: str) -> ConfigError:
+    # The URL itself is not echoed: it may carry a password.
+    return ConfigError(
+        f"storage.url has an unknown scheme {_scheme(url)!r}; supported: sqlite: (e.g. {_EXAMPLE}) "
+        "and postgresql://"
+    )
+
+
+def open_storage(url: str, *, auto_migrate: bool = True) -> Storage:
     """Open the store named by ``storage.url``.
+
+    ``auto_migrate`` (``storage.auto_migrate``) applies to PostgreSQL: when
+    False, a shared database whose schema is older than this code is refused
+    (run ``edgeproxy migrate``) instead of being upgraded by whichever node
+    starts first. A SQLite file belongs to one node and is always brought up
+    to date on open.
 
     Raises ``ConfigError`` for an unknown or unsupported scheme or a malformed
     URL, and ``StorageError``/``StorageUnavailable`` if the store cannot be
     opened or created.
     """
-    scheme = url.partition(":")[0].lower() if ":" in url else ""
+    scheme = _scheme(url)
     if scheme == "sqlite":
         from edgeproxy.storage.sqlite import SqliteStorage
 
         return SqliteStorage(sqlite_path_from_url(url))
     if scheme in ("postgresql", "postgres"):
-        raise ConfigError(
-            "PostgreSQL storage is not supported yet; set storage.url to a SQLite file "
-            f"such as {_EXAMPLE}"
-        )
-    # The URL itself is not echoed: it may carry a password.
-    raise ConfigError(
-        f"storage.url has an unknown scheme {scheme!r}; supported: sqlite: (e.g. {_EXAMPLE})"
-    )
+        from edgeproxy.storage.postgres import PostgresStorage
+
+        return PostgresStorage(url, migrate=auto_migrate)
+    raise _unknown_scheme(url)
+
+
+def migrate_storage(url: str) -> tuple[int, int]:
+    """Create or upgrade the schema of the store at ``url`` (``edgeproxy migrate``).
+
+    Returns (version before, version after); idempotent. Raises like
+    :func:`open_storage`."""
+    scheme = _scheme(url)
+    if scheme == "sqlite":
+        from edgeproxy.storage.sqlite import SCHEMA_VERSION, SqliteStorage
+
+        path = sqlite_path_from_url(url)
+        existed = os.path.exists(path) and os.path.getsize(path) > 0
+        SqliteStorage(path).close()  # opening creates or upgrades the schema
+        return (SCHEMA_VERSION if existed else 0), SCHEMA_VERSION
+    if scheme in ("postgresql", "postgres"):
+        from edgeproxy.storage.postgres import PostgresStorage
+
+        store = PostgresStorage(url, migrate=True, min_connections=0)
+        try:
+            return store.last_migration
+        finally:
+            store.close()
+    raise _unknown_scheme(url)

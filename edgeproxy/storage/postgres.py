@@ -1,0 +1,793 @@
+"""The multi-node storage backend: one PostgreSQL database shared by every edge node.
+
+Owns: the PostgreSQL schema, its versioned migrations, and every SQL statement of
+the shared backend. Implements :class:`edgeproxy.storage.base.Storage` exactly;
+the contract (concurrency, not-found, idempotency) lives in the docstrings of
+``base.py`` and is checked by ``tests/test_storage_contract.py``, which runs the
+same tests against this backend and SQLite.
+Must not import: ``acme``, ``httpx``, ``hypercorn``, or any other edgeproxy
+module except ``errors`` and ``storage.base``.
+
+Choices (and why):
+
+- Driver: psycopg 3 with a ``psycopg_pool.ConnectionPool`` per process (never
+  shared across ``fork()``: a child that inherits an instance opens its own
+  pool). Connections run in autocommit; every multi-statement operation is an
+  explicit ``conn.transaction()``. Statements are constants with ``%s``
+  parameters: no hostname, token or key is ever formatted into SQL text.
+- Reachability: checked-out connections are probed (``check_connection``), so a
+  connection that died with a restarted server is replaced instead of failing a
+  request. ``reconnect_timeout`` is short on purpose: psycopg_pool's reconnect
+  backoff doubles without a cap, so after a long outage it could wait a minute
+  before trying again; giving up early lets the next request start a fresh,
+  immediate attempt. A request waits at most ``pool_timeout`` seconds for a
+  connection and then raises ``StorageUnavailable`` (admin API: 503) while the
+  hot path keeps serving from memory.
+- Times: ``TIMESTAMPTZ`` (microsecond precision, the same instants as the
+  SQLite backend); sessions run in UTC and values are returned as UTC. Naive
+  datetimes are refused with ``ValueError``, like SQLite.
+- Hostnames are ``TEXT COLLATE "C"``: byte order, so ``list_domains`` sorts
+  exactly like SQLite whatever the database's locale.
+- Change feed: ``changes(seq, hostname)`` written in the same transaction as the
+  change. ``seq`` comes from ``feed_state.last_seq``, incremented under that
+  row's lock, not from a sequence/BIGSERIAL: a sequence hands out numbers in
+  call order, not commit order, so a reader could see seq 6 committed, move
+  past it, and never see seq 5 that commits a moment later. With the row lock,
+  seqs are assigned in commit order (the lock is released only after the commit
+  is visible), never reused (the counter survives pruning), and gap-free.
+  Domain writes are rare, so serializing them on one row costs nothing that
+  matters. ``changes_since`` reads in one REPEATABLE READ snapshot and has the
+  same semantics as SQLite's, including the full listing for a reader that fell
+  behind a prune. Each change also sends ``NOTIFY edgeproxy_changes`` (delivered
+  at commit); :meth:`PostgresStorage.wait_for_change` lets a poller wake at once
+  instead of at its next tick. Polling stays the backstop.
+- Locks: leases in a table (``locks``), taken or extended with one
+  ``INSERT .. ON CONFLICT DO UPDATE .. WHERE owner = me OR expired``, so a
+  crashed node's lease is taken over once it expires. ``now`` comes from the
+  caller, so nodes need roughly synchronized clocks (NTP): a lease is honoured
+  for ``ttl`` plus the clock skew between nodes. Advisory locks were not used:
+  they belong to a session, and a pooled connection outlives the work it did.
+- Migrations: ``schema_version`` plus an ordered list of migrations, applied in
+  one transaction under an advisory lock keyed on the schema, so several nodes
+  starting at once migrate exactly once and a failed migration leaves the
+  previous version intact (PostgreSQL DDL is transactional).
+- Deleting keys: PostgreSQL has no ``secure_delete``. A removed certificate's
+  row is only marked dead; its bytes stay in the table's data files until
+  VACUUM reclaims the space and new rows overwrite it, and they stay in WAL
+  segments, archived WAL, base backups and replicas for as long as those are
+  kept. Set ``storage.key_encryption_key_file`` on every node of a shared store:
+  then only sealed blobs ever reach PostgreSQL, and a leftover copy is useless
+  without the master key (``keys.open_store`` warns when it is not set).
+- Errors: psycopg exceptions never escape. Connection failures, a server
+  shutting down, pool timeouts, deadlocks and serialization failures map to
+  ``StorageUnavailable`` (retry later); everything else to ``StorageError``.
+  Messages name host, port and database, never the password.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from edgeproxy.errors import DomainExists, DomainNotFound, StorageError, StorageUnavailable
+from edgeproxy.storage.base import (
+    DOMAIN_STATUSES,
+    AccountRecord,
+    CertificateRecord,
+    ChallengeRecord,
+    DomainRecord,
+)
+
+__all__ = ["PostgresStorage", "SCHEMA_VERSION", "MIGRATIONS", "NOTIFY_CHANNEL"]
+
+log = logging.getLogger("edgeproxy.storage.postgres")
+
+NOTIFY_CHANNEL = "edgeproxy_changes"
+
+# Ordered migrations: (version, statements). A database at version N gets every
+# migration above N, in one transaction. Never edit a released migration: add one.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE domains (
+                hostname        TEXT COLLATE "C" PRIMARY KEY,
+                status          TEXT NOT NULL,
+                created_at      TIMESTAMPTZ NOT NULL,
+                updated_at      TIMESTAMPTZ NOT NULL,
+                error_code      TEXT,
+                error_message   TEXT,
+                next_attempt_at TIMESTAMPTZ,
+                attempts        INTEGER NOT NULL DEFAULT 0
+            )""",
+            # Key and chain in ONE row: a reader sees the old pair or the new pair.
+            """CREATE TABLE certificates (
+                hostname   TEXT COLLATE "C" PRIMARY KEY
+                           REFERENCES domains(hostname) ON DELETE CASCADE,
+                key_pem    BYTEA NOT NULL,
+                chain_pem  BYTEA NOT NULL,
+                not_before TIMESTAMPTZ NOT NULL,
+                not_after  TIMESTAMPTZ NOT NULL,
+                serial     TEXT NOT NULL,
+                issuer     TEXT NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL
+            )""",
+            # No foreign key: a token may be published for a name whose row is
+            # being changed; remove_domain deletes a hostname's tokens explicitly.
+            """CREATE TABLE challenges (
+                token             TEXT PRIMARY KEY,
+                key_authorization TEXT NOT NULL,
+                hostname          TEXT COLLATE "C" NOT NULL,
+                expires_at        TIMESTAMPTZ NOT NULL
+            )""",
+            "CREATE INDEX challenges_hostname ON challenges (hostname)",
+            """CREATE TABLE accounts (
+                directory_url     TEXT PRIMARY KEY,
+                key_pem           BYTEA NOT NULL,
+                registration_json TEXT NOT NULL
+            )""",
+            """CREATE TABLE changes (
+                seq      BIGINT PRIMARY KEY,
+                hostname TEXT COLLATE "C" NOT NULL
+            )""",
+            """CREATE TABLE feed_state (
+                id             INTEGER PRIMARY KEY CHECK (id = 1),
+                last_seq       BIGINT NOT NULL,
+                pruned_through BIGINT NOT NULL
+            )""",
+            "INSERT INTO feed_state (id, last_seq, pruned_through) VALUES (1, 0, 0)",
+            """CREATE TABLE locks (
+                name       TEXT PRIMARY KEY,
+                owner      TEXT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
+        ),
+    ),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_DOMAIN_COLUMNS = (
+    "hostname, status, created_at, updated_at, error_code, error_message, next_attempt_at, attempts"
+)
+_CERT_COLUMNS = "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at"
+
+_MAX_UTC = datetime.max.replace(tzinfo=timezone.utc)
+
+# Errors that say "try again later" rather than "this is broken".
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,  # connection refused/lost, server shutting down, ...
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,  # statement_timeout
+)
+
+
+def _ts(value: datetime) -> datetime:
+    """An aware datetime, as UTC (naive ones are refused: the contract is tz-aware UTC)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value!r}: storage needs timezone-aware UTC times")
+    return value.astimezone(timezone.utc)
+
+
+def _ts_opt(value: datetime | None) -> datetime | None:
+    return None if value is None else _ts(value)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc)
+
+
+def _utc_opt(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
+
+
+def _domain(row: Any) -> DomainRecord:
+    return DomainRecord(
+        hostname=row[0],
+        status=row[1],
+        created_at=_utc(row[2]),
+        updated_at=_utc(row[3]),
+        error_code=row[4],
+        error_message=row[5],
+        next_attempt_at=_utc_opt(row[6]),
+        attempts=row[7],
+    )
+
+
+def _certificate(row: Any) -> CertificateRecord:
+    return CertificateRecord(
+        hostname=row[0],
+        key_pem=bytes(row[1]),
+        chain_pem=bytes(row[2]),
+        not_before=_utc(row[3]),
+        not_after=_utc(row[4]),
+        serial=row[5],
+        issuer=row[6],
+        created_at=_utc(row[7]),
+    )
+
+
+def _check_status(status: str) -> None:
+    if status not in DOMAIN_STATUSES:
+        raise ValueError(f"unknown domain status {status!r}; expected one of {DOMAIN_STATUSES}")
+
+
+def describe_url(url: str) -> str:
+    """``host:port/dbname`` of a PostgreSQL URL, for messages (never the password)."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "PostgreSQL (unparsable URL)"
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    port = str(params.get("port") or 5432)
+    dbname = str(params.get("dbname") or params.get("user") or "")
+    return f"PostgreSQL {host}:{port}/{dbname}"
+
+
+class PostgresStorage:
+    """:class:`~edgeproxy.storage.base.Storage` on a PostgreSQL database.
+
+    Thread-safe (a pool of up to ``max_connections`` connections per process)
+    and safe for many processes and nodes at once. ``url`` is a libpq URI
+    (``postgresql://user@host:5432/db?options=-csearch_path%3Dedge``). With
+    ``migrate`` (the default; ``storage.auto_migrate``) the schema is created or
+    brought up to date on open; without it, a schema older than this code
+    raises ``StorageError`` telling the operator to run ``edgeproxy migrate``.
+    ``keep_changes`` is how many change-feed rows opportunistic pruning keeps.
+    """
+
+    #: Opportunistic pruning runs when a new change's seq is a multiple of this.
+    PRUNE_EVERY = 256
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        migrate: bool = True,
+        keep_changes: int = 10_000,
+        min_connections: int = 1,
+        max_connections: int = 8,
+        pool_timeout: float = 3.0,
+        connect_timeout: int = 3,
+    ) -> None:
+        if keep_changes < 0:
+            raise ValueError("keep_changes must be >= 0")
+        self.url = url
+        self.where = describe_url(url)
+        self._keep_changes = keep_changes
+        self._pool_args = (min_connections, max_connections, pool_timeout, connect_timeout)
+        self._pid = os.getpid()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._listener: psycopg.Connection[Any] | None = None
+        #: (version before, version after) of the migration run on open, if any.
+        self.last_migration: tuple[int, int] = (SCHEMA_VERSION, SCHEMA_VERSION)
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StorageError(f"storage.url is not a valid PostgreSQL URL: {exc}") from exc
+        self._pool = self._new_pool()
+        try:
+            if migrate:
+                self.last_migration = self.migrate()
+            else:
+                self._require_current_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections -------------------------------------------------------------------
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        # UTC sessions: timestamps come back as UTC whatever the server's default.
+        # statement_timeout: a wedged server must not hang a request forever.
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute("SET statement_timeout = '30s'")
+
+    def _new_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        min_size, max_size, timeout, connect_timeout = self._pool_args
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self.url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            reconnect_timeout=max(timeout, 2.0),
+            kwargs={"autocommit": True, "connect_timeout": connect_timeout},
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            open=False,
+            name=f"edgeproxy-{os.getpid()}",
+        )
+        try:
+            # Do not wait for min_size connections: a server that is down right
+            # now surfaces as StorageUnavailable from the first query instead.
+            pool.open(wait=False)
+        except psycopg.Error as exc:
+            raise self._map(exc, "open the connection pool") from exc
+        return pool
+
+    def _current_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        if self._closed:
+            raise StorageError(f"storage {self.where} is closed")
+        if self._pid != os.getpid():
+            # Inherited through fork(): the pool's threads do not exist here and
+            # its sockets belong to the parent. Never touch them; start afresh.
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._lock = threading.Lock()
+                    self._listener = None
+                    self._pool = self._new_pool()
+                    self._pid = os.getpid()
+        return self._pool
+
+    def _map(self, exc: BaseException, action: str) -> StorageError:
+        """Translate a psycopg/pool exception into our tree (house rule 3)."""
+        text = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, PoolTimeout):
+            return StorageUnavailable(
+                f"{self.where} is unreachable, could not {action}: no connection within "
+                f"{self._pool_args[2]:g}s ({text}); retry later"
+            )
+        if isinstance(exc, PoolClosed):
+            return StorageError(f"storage {self.where} is closed")
+        if isinstance(exc, _TRANSIENT):
+            return StorageUnavailable(f"{self.where} is unavailable, could not {action}: {text}; retry later")
+        return StorageError(f"{self.where}: could not {action}: {text}")
+
+    @contextmanager
+    def _conn(self, action: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in autocommit; psycopg errors leave as ours."""
+        pool = self._current_pool()
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except (psycopg.Error, PoolTimeout, PoolClosed) as exc:
+            raise self._map(exc, action) from exc
+
+    @contextmanager
+    def _tx(self, action: str, *, snapshot: bool = False) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction; commits on success, rolls back on any exception.
+        ``snapshot``: a read-only REPEATABLE READ transaction (one consistent view)."""
+        with self._conn(action) as conn:
+            with conn.transaction():
+                if snapshot:
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield conn
+
+    def _one(self, action: str, sql: str, params: tuple[Any, ...]) -> Any:
+        with self._conn(action) as conn:
+            return conn.execute(sql, params).fetchone()
+
+    # -- schema ------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The schema version of the database (0 when it has none yet)."""
+        with self._tx("read the schema version") as conn:
+            return self._version(conn)
+
+    @staticmethod
+    def _version(conn: psycopg.Connection[Any]) -> int:
+        exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return 0
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def _require_current_schema(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise self._too_new(version)
+        if version < SCHEMA_VERSION:
+            raise StorageError(
+                f"{self.where} has schema version {version}, this edgeproxy needs "
+                f"{SCHEMA_VERSION}; run `edgeproxy migrate` (storage.auto_migrate is off)"
+            )
+
+    def _too_new(self, version: int) -> StorageError:
+        return StorageError(
+            f"{self.where} has schema version {version}, newer than the {SCHEMA_VERSION} "
+            "this edgeproxy understands; upgrade edgeproxy"
+        )
+
+    def migrate(self) -> tuple[int, int]:
+        """Bring the schema up to :data:`SCHEMA_VERSION`; returns (before, after).
+
+        Idempotent and safe when several nodes start at once: one transaction,
+        under an advisory lock keyed on the current schema, so migrations run
+        exactly once and all-or-nothing."""
+        with self._tx("migrate the schema") as conn:
+            row = conn.execute("SELECT current_schema()").fetchone()
+            if row is None or row[0] is None:
+                raise StorageError(
+                    f"{self.where}: no schema to create tables in (the search_path names "
+                    "no existing schema); create it or fix the options in storage.url"
+                )
+            # Serializes concurrent migrators of this schema until COMMIT.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('edgeproxy-migrate:' || current_schema()))")
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            before = self._version(conn)
+            if before > SCHEMA_VERSION:
+                raise self._too_new(before)
+            for version, statements in MIGRATIONS:
+                if version <= before:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                log.info("%s: applied schema migration %d", self.where, version)
+            if before < SCHEMA_VERSION:
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+        return before, SCHEMA_VERSION
+
+    # -- domains -----------------------------------------------------------------------
+
+    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
+        """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
+        _check_status(status)
+        stamp = _ts(now)
+        with self._tx(f"add domain {hostname}") as conn:
+            row = conn.execute(
+                f"INSERT INTO domains (hostname, status, created_at, updated_at, attempts) "
+                f"VALUES (%s, %s, %s, %s, 0) ON CONFLICT (hostname) DO NOTHING "
+                f"RETURNING {_DOMAIN_COLUMNS}",
+                (hostname, status, stamp, stamp),
+            ).fetchone()
+            if row is None:
+                raise DomainExists(f"{hostname} is already registered")
+            self._append_change(conn, hostname)
+        return _domain(row)
+
+    def get_domain(self, hostname: str) -> DomainRecord | None:
+        """The domain, or None when it is not registered."""
+        row = self._one(
+            f"read domain {hostname}",
+            f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE hostname = %s",
+            (hostname,),
+        )
+        return None if row is None else _domain(row)
+
+    def list_domains(self) -> list[DomainRecord]:
+        """All domains, ordered by hostname (byte order, like SQLite)."""
+        with self._conn("list domains") as conn:
+            rows = conn.execute(f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY hostname").fetchall()
+        return [_domain(row) for row in rows]
+
+    def update_domain(
+        self,
+        hostname: str,
+        now: datetime,
+        *,
+        status: str,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        next_attempt_at: datetime | None = None,
+        attempts: int = 0,
+    ) -> DomainRecord:
+        """Replace the mutable fields. Raises ``DomainNotFound`` if absent."""
+        _check_status(status)
+        params = (status, _ts(now), error_code, error_message, _ts_opt(next_attempt_at), attempts)
+        with self._tx(f"update domain {hostname}") as conn:
+            row = conn.execute(
+                "UPDATE domains SET status = %s, updated_at = %s, error_code = %s, "
+                "error_message = %s, next_attempt_at = %s, attempts = %s "
+                f"WHERE hostname = %s RETURNING {_DOMAIN_COLUMNS}",
+                (*params, hostname),
+            ).fetchone()
+            if row is None:
+                raise DomainNotFound(f"{hostname} is not registered")
+            self._append_change(conn, hostname)
+        return _domain(row)
+
+    def remove_domain(self, hostname: str) -> bool:
+        """Delete the domain with its certificate, key and challenges in one
+        transaction. Returns False (and changes nothing) if it was not registered.
+
+        The key's bytes are not overwritten on disk (no secure_delete in
+        PostgreSQL): see the module docstring and seal keys on shared stores."""
+        with self._tx(f"remove domain {hostname}") as conn:
+            gone = conn.execute(
+                "DELETE FROM domains WHERE hostname = %s RETURNING hostname", (hostname,)
+            ).fetchone()
+            if gone is None:
+                return False
+            # The certificate goes by ON DELETE CASCADE; said again for clarity.
+            conn.execute("DELETE FROM certificates WHERE hostname = %s", (hostname,))
+            conn.execute("DELETE FROM challenges WHERE hostname = %s", (hostname,))
+            self._append_change(conn, hostname)
+        return True
+
+    # -- certificates ------------------------------------------------------------------
+
+    def save_certificate(self, cert: CertificateRecord) -> None:
+        """Store key + chain + metadata atomically (a reader sees the old pair or
+        the new pair, never a mix, even after a crash). Replaces any previous one.
+        Raises ``DomainNotFound`` if the domain was removed meanwhile."""
+        params = (
+            cert.hostname,
+            bytes(cert.key_pem),
+            bytes(cert.chain_pem),
+            _ts(cert.not_before),
+            _ts(cert.not_after),
+            cert.serial,
+            cert.issuer,
+            _ts(cert.created_at),
+        )
+        with self._tx(f"save the certificate of {cert.hostname}") as conn:
+            # FOR KEY SHARE: a concurrent remove_domain waits for this commit (and
+            # then deletes the certificate too) instead of racing past it.
+            if conn.execute(
+                "SELECT 1 FROM domains WHERE hostname = %s FOR KEY SHARE", (cert.hostname,)
+            ).fetchone() is None:
+                raise DomainNotFound(f"{cert.hostname} is not registered (removed meanwhile?)")
+            conn.execute(
+                f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
+                "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
+                "not_after = excluded.not_after, serial = excluded.serial, "
+                "issuer = excluded.issuer, created_at = excluded.created_at",
+                params,
+            )
+            self._append_change(conn, cert.hostname)
+
+    def get_certificate(self, hostname: str) -> CertificateRecord | None:
+        """The key + chain pair for ``hostname`` (one row, so never a mix), or None."""
+        row = self._one(
+            f"read the certificate of {hostname}",
+            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE hostname = %s",
+            (hostname,),
+        )
+        return None if row is None else _certificate(row)
+
+    # -- HTTP-01 challenges ------------------------------------------------------------
+
+    def put_challenge(self, challenge: ChallengeRecord) -> None:
+        """Publish a token (idempotent: same token overwrites)."""
+        params = (
+            challenge.token,
+            challenge.key_authorization,
+            challenge.hostname,
+            _ts(challenge.expires_at),
+        )
+        with self._conn(f"publish challenge token for {challenge.hostname}") as conn:
+            conn.execute(
+                "INSERT INTO challenges (token, key_authorization, hostname, expires_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (token) DO UPDATE SET "
+                "key_authorization = excluded.key_authorization, "
+                "hostname = excluded.hostname, expires_at = excluded.expires_at",
+                params,
+            )
+
+    def get_challenge(self, token: str) -> ChallengeRecord | None:
+        """The token as published (expired or not: the caller compares with ``now``), or None."""
+        row = self._one(
+            "read a challenge token",
+            "SELECT token, key_authorization, hostname, expires_at FROM challenges WHERE token = %s",
+            (token,),
+        )
+        if row is None:
+            return None
+        return ChallengeRecord(
+            token=row[0], key_authorization=row[1], hostname=row[2], expires_at=_utc(row[3])
+        )
+
+    def delete_challenge(self, token: str) -> None:
+        """Idempotent."""
+        with self._conn("delete a challenge token") as conn:
+            conn.execute("DELETE FROM challenges WHERE token = %s", (token,))
+
+    # -- ACME accounts -----------------------------------------------------------------
+
+    def get_account(self, directory_url: str) -> AccountRecord | None:
+        """The account for ``directory_url``, or None."""
+        row = self._one(
+            "read the ACME account",
+            "SELECT directory_url, key_pem, registration_json FROM accounts WHERE directory_url = %s",
+            (directory_url,),
+        )
+        if row is None:
+            return None
+        return AccountRecord(directory_url=row[0], key_pem=bytes(row[1]), registration_json=row[2])
+
+    def list_accounts(self) -> list[AccountRecord]:
+        """Every stored ACME account, ordered by directory URL."""
+        with self._conn("list ACME accounts") as conn:
+            rows = conn.execute(
+                "SELECT directory_url, key_pem, registration_json FROM accounts ORDER BY directory_url"
+            ).fetchall()
+        return [AccountRecord(r[0], bytes(r[1]), r[2]) for r in rows]
+
+    def save_account(self, account: AccountRecord) -> None:
+        """Insert or replace the account for ``account.directory_url``."""
+        with self._conn("save the ACME account") as conn:
+            conn.execute(
+                "INSERT INTO accounts (directory_url, key_pem, registration_json) VALUES (%s, %s, %s) "
+                "ON CONFLICT (directory_url) DO UPDATE SET key_pem = excluded.key_pem, "
+                "registration_json = excluded.registration_json",
+                (account.directory_url, bytes(account.key_pem), account.registration_json),
+            )
+
+    # -- change feed -------------------------------------------------------------------
+
+    def _append_change(self, conn: psycopg.Connection[Any], hostname: str) -> None:
+        """Record a change inside the caller's transaction (see the module
+        docstring for why the seq comes from a locked counter row)."""
+        row = conn.execute(
+            "UPDATE feed_state SET last_seq = last_seq + 1 WHERE id = 1 RETURNING last_seq"
+        ).fetchone()
+        if row is None:
+            raise StorageError(f"{self.where}: the feed_state row is missing; run `edgeproxy migrate`")
+        seq = int(row[0])
+        conn.execute("INSERT INTO changes (seq, hostname) VALUES (%s, %s)", (seq, hostname))
+        # Delivered at COMMIT, and only if it commits; the payload is informative.
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(seq)))
+        if self.PRUNE_EVERY > 0 and seq % self.PRUNE_EVERY == 0:
+            self._prune(conn, self._keep_changes)
+
+    @staticmethod
+    def _newest(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+        """(newest seq, pruned_through) in the caller's transaction."""
+        row = conn.execute("SELECT last_seq, pruned_through FROM feed_state WHERE id = 1").fetchone()
+        if row is None:
+            return 0, 0
+        return int(row[0]), int(row[1])
+
+    def _prune(self, conn: psycopg.Connection[Any], keep_last: int) -> int:
+        # Called with feed_state locked (by _append_change or prune_changes).
+        newest, pruned_through = self._newest(conn)
+        cutoff = newest - keep_last
+        if cutoff <= pruned_through:
+            return 0
+        deleted = conn.execute("DELETE FROM changes WHERE seq <= %s", (cutoff,)).rowcount
+        conn.execute("UPDATE feed_state SET pruned_through = %s WHERE id = 1", (cutoff,))
+        return int(deleted)
+
+    def prune_changes(self, keep_last: int) -> int:
+        """Delete all but the newest ``keep_last`` change-feed rows; returns how many
+        were deleted. Not part of the ``Storage`` protocol: pruning also happens on
+        its own (every ``PRUNE_EVERY`` changes, keeping ``keep_changes``)."""
+        if keep_last < 0:
+            raise ValueError("keep_last must be >= 0")
+        with self._tx("prune the change feed") as conn:
+            conn.execute("SELECT 1 FROM feed_state WHERE id = 1 FOR UPDATE")
+            return self._prune(conn, keep_last)
+
+    def changes_since(self, seq: int) -> tuple[int, list[str]]:
+        """Hostnames whose domain or certificate changed after ``seq``, and the
+        newest seq. Workers poll this to refresh their in-memory maps; a
+        hostname may appear more than once. ``changes_since(0)`` lists all.
+
+        Same answers as the SQLite backend: incremental answers in commit
+        order; a full listing (every registered hostname, sorted, then the
+        retained changes newer than ``seq`` that are no longer registered) when
+        ``seq <= 0``, when ``seq`` is older than the pruned part of the feed, or
+        when ``seq`` is newer than the newest change (another database)."""
+        with self._tx("read the change feed", snapshot=True) as conn:
+            newest, pruned_through = self._newest(conn)
+            if 0 < seq <= newest and seq >= pruned_through:
+                rows = conn.execute(
+                    "SELECT hostname FROM changes WHERE seq > %s ORDER BY seq", (seq,)
+                ).fetchall()
+                return newest, [row[0] for row in rows]
+            registered = [
+                row[0] for row in conn.execute("SELECT hostname FROM domains ORDER BY hostname").fetchall()
+            ]
+            since = seq if 0 < seq <= newest else 0
+            recent = conn.execute(
+                "SELECT hostname FROM changes WHERE seq > %s ORDER BY seq", (since,)
+            ).fetchall()
+        seen = set(registered)
+        hostnames = list(registered)
+        for (hostname,) in recent:
+            if hostname not in seen:
+                seen.add(hostname)
+                hostnames.append(hostname)
+        return newest, hostnames
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a change notification from any node.
+
+        True when one arrived (call ``changes_since`` now), False on timeout.
+        Not part of the ``Storage`` protocol: pollers use it when present to
+        propagate changes at once, and keep polling as the backstop. Uses one
+        dedicated LISTEN connection (not from the pool); raises
+        ``StorageUnavailable`` when the server cannot be reached."""
+        try:
+            conn = self._listen_connection()
+            # stop_after=1: wake on the first one; any others still buffered make
+            # the next call return at once, which costs one extra poll at most.
+            return any(True for _ in conn.notifies(timeout=max(timeout, 0.0), stop_after=1))
+        except psycopg.Error as exc:
+            self._drop_listener()
+            raise self._map(exc, "wait for change notifications") from exc
+
+    def _listen_connection(self) -> psycopg.Connection[Any]:
+        self._current_pool()  # closed / forked checks
+        with self._lock:
+            conn = self._listener
+            if conn is None or conn.closed:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._pool_args[3])
+                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant identifier, no user input
+                self._listener = conn
+            return conn
+
+    def _drop_listener(self) -> None:
+        with self._lock:
+            conn, self._listener = self._listener, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error as exc:  # it is broken already; nothing to save
+                log.debug("closing the LISTEN connection: %s", exc)
+
+    # -- locks -------------------------------------------------------------------------
+
+    def try_lock(self, name: str, owner: str, ttl_seconds: float, now: datetime) -> bool:
+        """Take or extend a lease. True if ``owner`` now holds ``name`` until
+        ``now + ttl``; False if another owner holds an unexpired lease. An
+        expired lease (crashed holder) is taken over.
+
+        A lease is expired once ``now >= expires_at``."""
+        stamp = _ts(now)
+        try:
+            expires = stamp + timedelta(seconds=ttl_seconds)
+        except OverflowError:
+            expires = _MAX_UTC
+        with self._conn(f"take lock {name}") as conn:
+            # One statement, atomic under concurrency: insert a free lease, or
+            # overwrite one that is ours or expired; a live lease of another owner
+            # makes the WHERE false and nothing is returned.
+            row = conn.execute(
+                "INSERT INTO locks (name, owner, expires_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                "expires_at = excluded.expires_at "
+                "WHERE locks.owner = excluded.owner OR locks.expires_at <= %s "
+                "RETURNING 1",
+                (name, owner, expires, stamp),
+            ).fetchone()
+        return row is not None
+
+    def unlock(self, name: str, owner: str) -> None:
+        """Release if held by ``owner``; otherwise do nothing."""
+        with self._conn(f"release lock {name}") as conn:
+            conn.execute("DELETE FROM locks WHERE name = %s AND owner = %s", (name, owner))
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the pool (and the LISTEN connection). Idempotent; any later call
+        raises ``StorageError``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pid != os.getpid():
+            return  # inherited: the parent owns those connections
+        self._drop_listener()
+        try:
+            self._pool.close(timeout=5.0)
+        except psycopg.Error as exc:  # closing a pool to a dead server: nothing left to do
+            log.debug("closing the pool of %s: %s", self.where, exc)
+
+    def __enter__(self) -> PostgresStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
