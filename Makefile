@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-fast lint typecheck bench clean deps pebble
+.PHONY: all demo test test-fast lint typecheck bench clean deps pebble postgres
 
 all: test
 
@@ -22,7 +22,22 @@ pebble:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble; \
 	fi
 
-deps: $(STAMP) pebble
+# The PostgreSQL tests (issue 6) run against a real server and are never skipped:
+# start the machine's cluster if it is installed but stopped, then fail loudly
+# unless 127.0.0.1:5432 accepts the test user. EDGEPROXY_TEST_PG_URL overrides.
+PG_TEST_URL ?= $(or $(EDGEPROXY_TEST_PG_URL),postgresql://postgres@127.0.0.1:5432/test)
+postgres: $(STAMP)
+	@if command -v pg_lsclusters >/dev/null && [ -z "$(EDGEPROXY_TEST_PG_URL)" ]; then \
+		for version in $$(ls /etc/postgresql 2>/dev/null); do \
+			if ! pg_lsclusters -h "$$version" main 2>/dev/null | grep -q online; then \
+				echo "starting PostgreSQL $$version/main"; \
+				pg_ctlcluster --skip-systemctl-redirect "$$version" main start || true; \
+			fi; \
+		done; \
+	fi
+	$(PY) -m edgeproxy.devtools.pgharness '$(PG_TEST_URL)'
+
+deps: $(STAMP) pebble postgres
 
 demo: deps
 	$(VENV)/bin/edgeproxy demo

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .errors import StorageError, StorageUnavailable
 from .storage.base import CertificateRecord, Storage
 
 __all__ = [
@@ -252,14 +253,43 @@ class CertStore:
         return gone
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
-        """Poll the change feed until ``stop`` is set; errors are logged, never fatal."""
+        """Poll the change feed until ``stop`` is set; errors are logged, never fatal.
+
+        With a store that pushes change notifications (PostgreSQL LISTEN/NOTIFY:
+        ``wait_for_change``), a change made on another node wakes the poll at
+        once; ``interval`` stays the backstop. While the store is unavailable the
+        worker keeps serving what it has in memory, says so once, and says when
+        the store is back."""
+        unavailable = False
         while not stop.is_set():
             try:
                 await self.refresh()
                 self.expire(_utcnow())
+                if unavailable:
+                    log.warning("storage is reachable again; certificate refresh resumed")
+                    unavailable = False
+            except StorageUnavailable as exc:
+                if not unavailable:
+                    log.error("storage unavailable, serving from memory until it returns: %s", exc)
+                    unavailable = True
             except Exception:  # keep serving from memory while storage is unhappy
                 log.exception("certificate refresh failed; serving from memory")
+            if not unavailable and await self._wait_for_change(interval):
+                continue
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval)
             except asyncio.TimeoutError:
                 pass
+
+    async def _wait_for_change(self, interval: float) -> bool:
+        """Block up to ``interval`` on the store's change notifications, if it has
+        them; True when the wait happened (notified or timed out)."""
+        waiter = getattr(self.storage, "wait_for_change", None)
+        if waiter is None:
+            return False
+        try:
+            await asyncio.to_thread(waiter, interval)
+        except StorageError as exc:  # the next refresh reports the store's state
+            log.debug("change notifications unavailable: %s", exc)
+            return False
+        return True

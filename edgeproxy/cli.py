@@ -19,6 +19,8 @@ from .config import Settings, load_settings
 from .errors import EdgeproxyError
 from .registry import Registry, domain_view, utcnow
 from .keys import generate_master_key, open_store, rotate
+from .storage import migrate_storage, open_storage
+from .storage.copy import copy_store
 from .tokens import TokenStore
 
 __all__ = ["main"]
@@ -105,7 +107,7 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         storage=storage, directory_url=settings.acme.directory, email=settings.acme.email,
         ca_bundle=settings.acme.ca_bundle, profile=settings.acme.profile, timeout=settings.acme.timeout,
     )
-    service = RenewalService(storage, CertStore(storage), issuer)
+    service = RenewalService(storage, CertStore(storage), issuer, lock_ttl=settings.storage.lock_ttl)
     forced = [registry.get(h).hostname for h in args.force]
     due = forced or [d.hostname for d in service.due(service.clock())]
     if args.dry_run:
@@ -123,6 +125,32 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         print(f"skipped {hostname}  (another process holds its lock, or it is no longer due)")
     print(f"{len(result.issued)} issued, {len(result.failed)} failed, {len(result.skipped)} skipped")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    url = args.url or _settings(args).storage.url
+    before, after = migrate_storage(url)
+    if before == after:
+        print(f"storage schema is at version {after}; nothing to do")
+    else:
+        print(f"storage schema migrated from version {before} to {after}")
+    return EXIT_OK
+
+
+def _cmd_storage_copy(args: argparse.Namespace) -> int:
+    # Raw backends on purpose (not keys.open_store): sealed keys move verbatim.
+    src = open_storage(args.source)
+    try:
+        dst = open_storage(args.target)
+        try:
+            result = copy_store(src, dst, force=args.force, progress=lambda line: print(f"copied {line}", flush=True))
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    print(f"{result.domains} domain(s), {result.certificates} certificate(s) with their keys, "
+          f"{result.accounts} ACME account(s) copied")
+    return EXIT_OK
 
 
 def _cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -200,6 +228,23 @@ def _parser() -> argparse.ArgumentParser:
     renew.add_argument("--dry-run", action="store_true", help="list what is due, order nothing")
     renew.add_argument("--force", nargs="+", default=[], metavar="HOST", help="order now for these names")
     renew.set_defaults(func=_cmd_renew)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the storage schema (idempotent)")
+    migrate.add_argument("--url", default="", help="storage URL (default: storage.url from the config)")
+    migrate.set_defaults(func=_cmd_migrate)
+
+    storage = sub.add_parser("storage", help="move state between stores")
+    ssub = storage.add_subparsers(dest="action", required=True, metavar="ACTION")
+    copy = ssub.add_parser(
+        "copy", help="copy domains, certificates with keys, and ACME accounts from one store to another",
+        description="Copy a node's state into another store, e.g. "
+                    "--from sqlite:///var/lib/edgeproxy/edgeproxy.db --to postgresql://edge@db/edgeproxy. "
+                    "Idempotent; keys are copied as stored (sealed or not).",
+    )
+    copy.add_argument("--from", dest="source", required=True, metavar="URL", help="source storage URL")
+    copy.add_argument("--to", dest="target", required=True, metavar="URL", help="target storage URL (migrated first)")
+    copy.add_argument("--force", action="store_true", help="copy into a target that already holds data")
+    copy.set_defaults(func=_cmd_storage_copy)
 
     keys = sub.add_parser("keys", help="master keys that seal private keys at rest")
     ksub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")

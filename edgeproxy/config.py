@@ -69,6 +69,12 @@ class StorageSettings:
     # empty = stored as PEM, protected by file permissions only.
     key_encryption_key_file: str = ""
     previous_key_files: tuple[str, ...] = ()  # old master keys: open only, during `keys rotate`
+    # PostgreSQL: create/upgrade the schema on start. Off = a node refuses an
+    # outdated schema until an operator runs `edgeproxy migrate` (issue 6).
+    auto_migrate: bool = True
+    # Lease on one name's ACME order, renewed every lock_ttl/3 while the order
+    # runs: how long a crashed node blocks the others before they take over.
+    lock_ttl: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,8 @@ def _validate(settings: Settings) -> Settings:
     if unknown_ip_headers:
         raise ConfigError(f"upstream.client_ip_headers: unknown {sorted(unknown_ip_headers)}; "
                           'use "x-forwarded-for", "forwarded" and/or "x-real-ip"')
+    if settings.storage.lock_ttl <= 0:
+        raise ConfigError("storage.lock_ttl must be positive (seconds)")
     if settings.proxy.max_body <= 0:
         raise ConfigError("proxy.max_body must be positive")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 _PREFIX = b"edgeproxy-sealed:v1:"
+
+log = logging.getLogger("edgeproxy.keys")
 
 
 class SealedKeyError(EdgeproxyError):
@@ -170,6 +173,10 @@ class SealedStorage:
             return None
         return replace(account, key_pem=self._ring.open(account.key_pem, f"account:{directory_url}"))
 
+    def list_accounts(self) -> list[AccountRecord]:
+        return [replace(a, key_pem=self._ring.open(a.key_pem, f"account:{a.directory_url}"))
+                for a in self._inner.list_accounts()]
+
 
 def open_store(settings: Settings, *, check: bool = True) -> Storage:
     """Open ``storage.url`` with private-key sealing as configured.
@@ -179,10 +186,22 @@ def open_store(settings: Settings, *, check: bool = True) -> Storage:
     before anything is written.
     """
     ring = load_keyring(settings.storage)
-    store = cast(Storage, SealedStorage(open_storage(settings.storage.url), ring))
+    if _is_shared(settings.storage.url) and not ring.enabled:
+        # No secure_delete in PostgreSQL: a removed key's bytes linger in data
+        # files until VACUUM and overwrite, and in WAL, backups and replicas.
+        log.warning(
+            "storage.url is a shared PostgreSQL store and storage.key_encryption_key_file is not "
+            "set: private keys are stored unsealed, and a removed domain's key bytes stay in "
+            "PostgreSQL's files, WAL and backups until overwritten; set a master key on every node"
+        )
+    store = cast(Storage, SealedStorage(open_storage(settings.storage.url, auto_migrate=settings.storage.auto_migrate), ring))
     if check:
         verify(store, settings.acme.directory)
     return store
+
+
+def _is_shared(url: str) -> bool:
+    return url.split(":", 1)[0].lower() in ("postgresql", "postgres")
 
 
 def verify(store: Storage, directory_url: str, sample: int = 3) -> None:

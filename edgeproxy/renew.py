@@ -17,18 +17,20 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .certstore import CertStore
-from .errors import DomainNotFound, IssuanceError, RetryClass
+from .errors import DomainNotFound, IssuanceError, RetryClass, StorageError
 from .storage.base import DomainRecord, Storage
 
 __all__ = [
     "Issuer",
     "IssuedPair",
+    "LeaseKeeper",
     "PassResult",
     "RenewalService",
     "backoff",
@@ -81,6 +83,37 @@ def is_due(record: DomainRecord, now: dt.datetime) -> bool:
     return record.status != "moved" and record.next_attempt_at is not None and record.next_attempt_at <= now
 
 
+class LeaseKeeper:
+    """Extends a held lease every ``ttl/3`` seconds until ``stop()`` (a daemon thread).
+
+    The lease TTL can then be short (a crashed node blocks a name for at most
+    ``storage.lock_ttl``) while an order that takes longer than the TTL keeps
+    its lease. A failed extension is logged, never fatal: the order goes on,
+    and the worst case is a second node ordering the same name once.
+    """
+
+    def __init__(self, storage: Storage, name: str, owner: str, ttl: float,
+                 clock: Callable[[], dt.datetime] = _utcnow) -> None:
+        self.storage, self.name, self.owner, self.ttl, self.clock = storage, name, owner, ttl, clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease {name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.storage.try_lock(self.name, self.owner, self.ttl, self.clock()):
+                    log.error("lease %s was taken over by another node while this one still holds it", self.name)
+            except StorageError as exc:
+                log.warning("cannot extend lease %s (%s); retrying in %.1fs", self.name, exc, self.ttl / 3)
+
+
 @dataclass
 class PassResult:
     issued: list[str] = field(default_factory=list)
@@ -131,6 +164,8 @@ class RenewalService:
         lock = f"order:{hostname}"
         if not self.storage.try_lock(lock, self.owner, self.lock_ttl, self.clock()):
             return "skipped"
+        keeper = LeaseKeeper(self.storage, lock, self.owner, self.lock_ttl, self.clock)
+        keeper.start()
         try:
             record = self.storage.get_domain(hostname)
             if record is None or not (force or is_due(record, self.clock())):
@@ -157,6 +192,7 @@ class RenewalService:
         except DomainNotFound:
             return "skipped"  # removed while we were ordering; storage refused the save
         finally:
+            keeper.stop()
             self.storage.unlock(lock, self.owner)
 
     def _record_failure(self, record: DomainRecord, exc: IssuanceError, renewing: bool) -> None:

@@ -242,7 +242,7 @@ class EdgeNode:
                 profile=self.settings.acme.profile,
                 timeout=self.settings.acme.timeout,
             )
-            renewer = RenewalService(self.storage, self.certstore, issuer)
+            renewer = RenewalService(self.storage, self.certstore, issuer, lock_ttl=self.settings.storage.lock_ttl)
             background.append(asyncio.create_task(renewer.run_forever(self.stop, self.wake)))
         for listener in listeners:
             ssl_context = self.certstore.server_context() if listener.tls else None

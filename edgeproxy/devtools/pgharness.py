@@ -182,3 +182,27 @@ class PrivateCluster:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edgeproxy.devtools.pgharness URL``: wait up to 30 s for PostgreSQL
+    at URL; exit 1 with what to do when it never answers (``make postgres``)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    url = args[0] if args else DEFAULT_URL
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            require_server(url, timeout=3)
+            print(f"PostgreSQL reachable at {url}")
+            return 0
+        except PgHarnessError as exc:
+            if time.monotonic() > deadline:
+                print(f"PostgreSQL is NOT reachable, the PostgreSQL tests cannot run: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

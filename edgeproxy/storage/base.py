@@ -142,6 +142,10 @@ class Storage(Protocol):
         """Insert or replace the account for ``account.directory_url``."""
         ...
 
+    def list_accounts(self) -> list[AccountRecord]:
+        """Every stored account, ordered by directory URL (``storage copy`` moves them all)."""
+        ...
+
     # -- change feed ----------------------------------------------------------------
     def changes_since(self, seq: int) -> tuple[int, list[str]]:
         """Hostnames whose domain or certificate changed after ``seq``, and the

@@ -587,6 +587,17 @@ class SqliteStorage:
             return None
         return AccountRecord(directory_url=row[0], key_pem=bytes(row[1]), registration_json=row[2])
 
+    def list_accounts(self) -> list[AccountRecord]:
+        """Every stored account, ordered by directory URL."""
+        conn = self._conn()
+        try:
+            rows = conn.execute(
+                "SELECT directory_url, key_pem, registration_json FROM accounts ORDER BY directory_url"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, "list ACME accounts", self.path) from exc
+        return [AccountRecord(r[0], bytes(r[1]), r[2]) for r in rows]
+
     def save_account(self, account: AccountRecord) -> None:
         """Insert or replace the account for ``account.directory_url``."""
         with self._write("save the ACME account") as conn:
