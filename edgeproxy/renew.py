@@ -93,7 +93,7 @@ class LeaseKeeper:
     """
 
     def __init__(self, storage: Storage, name: str, owner: str, ttl: float,
-                 clock: Callable[[], dt.datetime] = _utcnow) -> None:
+                 clock: Callable[[], dt.datetime]) -> None:
         self.storage, self.name, self.owner, self.ttl, self.clock = storage, name, owner, ttl, clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease {name}", daemon=True)
