@@ -37,12 +37,12 @@ postgres: $(STAMP)
 	fi
 	$(PY) -m edgeproxy.devtools.pgharness '$(PG_TEST_URL)'
 
-deps: $(STAMP) pebble postgres
+deps: $(STAMP) pebble
 
 demo: deps
 	$(VENV)/bin/edgeproxy demo
 
-test: deps
+test: deps postgres
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
