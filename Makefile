@@ -39,6 +39,10 @@ test: deps
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# docs/configuration.md and docs/admin-api.md are generated; tests/test_docs.py fails when stale.
+docs: $(STAMP)
+	$(PY) -m edgeproxy.devtools.refdocs
+
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
