@@ -164,6 +164,14 @@ def _cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import exit_code, format_findings, run_doctor
+
+    findings = run_doctor(_settings(args), network=not args.offline)
+    print(format_findings(f for f in findings if f.level != "ok" or args.verbose))
+    return exit_code(findings, strict=args.strict)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -218,6 +226,11 @@ def _parser() -> argparse.ArgumentParser:
     trevoke = tsub.add_parser("revoke", help="revoke a token by name")
     trevoke.add_argument("name")
     trevoke.set_defaults(func=_cmd_tokens_revoke)
+
+    doctor = sub.add_parser("doctor", help="check the configuration and warn about names ad blockers match")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    doctor.add_argument("--offline", action="store_true", help="skip the ACME directory and upstream requests")
+    doctor.set_defaults(func=_cmd_doctor)
 
     demo = sub.add_parser("demo", help="run the whole flow locally against Pebble")
     demo.add_argument("--keep", action="store_true", help="keep serving after the round trip until Ctrl-C")
