@@ -123,7 +123,7 @@ class ProxySettings:
     # API requests per second per visitor IP and per custom domain, answered 429
     # locally (never forwarded, never spooled); per worker process; 0 = off.
     rate_per_ip: float = 20.0
-    rate_per_domain: float = 2000.0
+    rate_per_domain: float = 2000.0  # API requests per second per custom domain; 0 = off
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
 
 

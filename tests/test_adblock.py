@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from edgeproxy.admin import create_admin_app
+from edgeproxy.tokens import TokenStore
 from edgeproxy.config import AdminSettings, Settings, StorageSettings, UpstreamSettings
 from edgeproxy.proxy import EdgeProxy, Site
 from edgeproxy.registry import Registry
@@ -70,14 +71,15 @@ def edge_settings(tmp_path: Path) -> Settings:
     """The built-in defaults, but for where state lives: what an operator gets out of the box."""
     return Settings(
         storage=StorageSettings(url=f"sqlite://{tmp_path / 'edge.db'}"),
-        admin=AdminSettings(token_file=str(tmp_path / "token")),
+        admin=AdminSettings(token_file=str(tmp_path / "token"), tokens_file=str(tmp_path / "tokens.json")),
         upstream=UpstreamSettings(),  # relay https://relay.vendor.invalid: always rewritten to the edge
     )
 
 
 def registered_view(settings: Settings) -> dict[str, Any]:
     """What POST /v1/domains answers for the sample domain."""
-    app = create_admin_app(Registry(open_storage(settings.storage.url), settings), TOKEN)
+    Path(settings.admin.token_file).write_text(TOKEN)
+    app = create_admin_app(Registry(open_storage(settings.storage.url), settings), TokenStore(settings.admin))
 
     async def post() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin") as client:

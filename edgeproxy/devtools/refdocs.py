@@ -27,8 +27,9 @@ from typing import Any, get_type_hints
 
 from .. import config
 from ..admin import create_admin_app
-from ..config import Settings
+from ..config import AdminSettings, Settings
 from ..registry import Registry
+from ..tokens import TokenStore
 from ..storage import open_storage
 
 __all__ = [
@@ -164,7 +165,8 @@ def openapi_document() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         storage = open_storage(f"sqlite://{tmp}/refdocs.db")
         try:
-            app = create_admin_app(Registry(storage, Settings()), "refdocs-" + "x" * 16)
+            admin = AdminSettings(token_file=f"{tmp}/token", tokens_file=f"{tmp}/tokens.json")
+            app = create_admin_app(Registry(storage, Settings()), TokenStore(admin, create_bootstrap=True))
             document: dict[str, Any] = app.openapi()
         finally:
             storage.close()
