@@ -99,6 +99,8 @@ class DomainOut(BaseModel):
     updated_at: str | None
     dns: DnsOut = Field(..., description="The record the customer must publish (CNAME, or A/AAAA alternatives)")
     snippet: str = Field(..., description="HTML to paste into the customer's pages")
+    last_check: dict[str, Any] | None = Field(
+        None, description="The last acceptance probe of this domain (monitor loop in serve), or null")
 
 
 class DomainList(BaseModel):
@@ -115,8 +117,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_admin_app(registry: Registry, token: str, on_registered: Callable[[str], None] | None = None) -> FastAPI:
-    """Build the admin app. ``on_registered`` wakes the issuance loop (same process)."""
+def create_admin_app(
+    registry: Registry,
+    token: str,
+    on_registered: Callable[[str], None] | None = None,
+    *,
+    last_check: Callable[[str], dict[str, Any] | None] | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+) -> FastAPI:
+    """Build the admin app. ``on_registered`` wakes the issuance loop (same process);
+    ``last_check`` gives a domain's last probe result; ``metrics`` renders ``/metrics``
+    as (body, content type)."""
     app = FastAPI(
         title="edgeproxy admin API",
         version="1",
@@ -194,7 +205,21 @@ def create_admin_app(registry: Registry, token: str, on_registered: Callable[[st
     @app.get("/v1/domains/{hostname}", response_model=DomainOut, dependencies=[Depends(require_token)],
              responses=_ERRORS)
     def get_domain(hostname: str) -> dict[str, Any]:
-        return registry.view(registry.get(hostname))
+        view = registry.view(registry.get(hostname))
+        if last_check is not None:
+            view["last_check"] = last_check(view["hostname"])
+        return view
+
+    if metrics is not None:
+        render_metrics = metrics
+
+        # Like /healthz, no token: loopback listener only, and counts are not secrets
+        # (Prometheus scrapes it without credentials).
+        @app.get("/metrics", summary="Prometheus metrics of every process of this edge",
+                 response_class=Response)
+        def get_metrics() -> Response:
+            body, content_type = render_metrics()
+            return Response(body, media_type=content_type)
 
     @app.delete("/v1/domains/{hostname}", status_code=204, dependencies=[Depends(require_token)],
                 responses=_ERRORS, summary="Remove the domain with its private key and certificate")
