@@ -200,7 +200,11 @@ def create_admin_app(
     @app.get("/v1/domains", response_model=DomainList, dependencies=[Depends(require_token)],
              responses={401: _ERRORS[401]})
     def list_domains() -> dict[str, Any]:
-        return {"domains": [registry.view(r) for r in registry.list()]}
+        views = [registry.view(r) for r in registry.list()]
+        if last_check is not None:
+            for view in views:
+                view["last_check"] = last_check(view["hostname"])
+        return {"domains": views}
 
     @app.get("/v1/domains/{hostname}", response_model=DomainOut, dependencies=[Depends(require_token)],
              responses=_ERRORS)

@@ -163,7 +163,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_alert_test(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from .monitor import AlertDispatcher, build_sinks, test_alert
+    from .monitor import AlertDispatcher, build_sinks, build_test_alert
 
     settings = _settings(args)
     sinks = build_sinks(settings)
@@ -172,7 +172,7 @@ def _cmd_alert_test(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     cfg = settings.alerts
     dispatcher = AlertDispatcher(sinks, retries=cfg.retries, retry_delay=cfg.retry_delay, timeout=cfg.timeout)
-    failures = asyncio.run(dispatcher.dispatch([test_alert(dt.datetime.now(dt.timezone.utc))]))
+    failures = asyncio.run(dispatcher.dispatch([build_test_alert(dt.datetime.now(dt.timezone.utc))]))
     for name, errors in failures.items():
         print(f"{'FAIL' if errors else 'ok  '}  {name}" + (f"  {errors[-1]}" if errors else ""))
     return EXIT_FAILED if any(failures.values()) else EXIT_OK

@@ -58,7 +58,7 @@ __all__ = [
     "conditions",
     "increase_over",
     "probe_port",
-    "test_alert",
+    "build_test_alert",
     "PROBE_HEADER",
     "PROBED_STATUSES",
 ]
@@ -440,13 +440,12 @@ class AlertState:
         return alerts
 
 
-def test_alert(now: dt.datetime) -> Alert:
+def build_test_alert(now: dt.datetime) -> Alert:
     """What ``edgeproxy alert test`` sends to every sink."""
     return Alert(f"test:{socket.gethostname()}", "test", "trigger", "info",
                  f"test alert from edgeproxy on {socket.gethostname()}: this sink works", {}, now)
 
 
-test_alert.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 # ---------------------------------------------------------------------------------------

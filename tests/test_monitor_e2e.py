@@ -118,6 +118,9 @@ def test_healthy_domain_passes_cli_and_loop(stack: Stack, capsys: pytest.Capture
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"] is True and report["results"][0]["hostname"] == HOST
     assert stack.alerts() == []  # a healthy edge alerts nobody
+    with stack.edge.admin() as admin:
+        (listed,) = admin.get("/v1/domains").json()["domains"]
+    assert listed["last_check"]["hostname"] == HOST
 
 
 def test_probe_fails_on_wrong_trust_or_unknown_name(stack: Stack, monkeypatch: pytest.MonkeyPatch,

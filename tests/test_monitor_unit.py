@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
+from pathlib import Path
+
+import httpx
 
 from edgeproxy.config import Settings
 from edgeproxy.monitor import (
+    Alert,
+    AlertDispatcher,
     AlertState,
+    MonitorService,
+    Prober,
     Condition,
     ProbeResult,
     Step,
     conditions,
     increase_over,
 )
+from edgeproxy.storage import open_storage
 from edgeproxy.storage.base import DomainRecord
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
@@ -105,3 +114,46 @@ def test_increase_over_window() -> None:
     assert increase_over(samples, now=300.0, window=1000.0) == 40.0
     assert increase_over([(0.0, 50.0), (10.0, 3.0)], now=10.0, window=5.0) == 3.0  # counter reset
     assert increase_over([], now=0.0, window=10.0) == 0.0
+
+
+class RecordingSink:
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+
+    async def send(self, alert: Alert, client: httpx.AsyncClient) -> None:
+        self.alerts.append(alert)
+
+
+def test_monitor_rounds_alert_on_stuck_domain_spool_hook_and_relay_4xx_burst(tmp_path: Path) -> None:
+    """The serve loop's round with real storage: conditions from storage, the spool hook
+    and the relay 4xx counter each trigger once and resolve once."""
+    base = Settings()
+    settings = dataclasses.replace(
+        base,
+        monitor=dataclasses.replace(base.monitor, stuck_after=0.0, spool_max_depth=100, spool_max_age=60.0,
+                                    relay_4xx_burst=3, relay_4xx_window=1e-6, connect="127.0.0.1"),
+    )
+    storage = open_storage(f"sqlite://{tmp_path}/edge.db")
+    storage.add_domain("stuck.example.test", "failing", T0)
+    spool = [(5, 1.0)]
+    relay_total = [0.0]
+    sink = RecordingSink()
+    service = MonitorService(settings, storage, Prober.from_settings(settings), AlertDispatcher([sink], retries=1),
+                             spool_stats=lambda: spool[0], relay_4xx_total=lambda: relay_total[0],
+                             clock=lambda: T0)
+
+    def round_() -> list[tuple[str, str]]:
+        return sorted((a.key, a.action) for a in asyncio.run(service.run_round()))
+
+    assert round_() == [("stuck:stuck.example.test", "trigger")]
+    spool[0], relay_total[0] = (500, 10.0), 10.0
+    assert round_() == [("relay:4xx", "trigger"), ("spool:depth", "trigger")]
+    assert round_() == [("relay:4xx", "resolve")]  # no new 4xx since the last round
+    spool[0] = (0, 0.0)
+    storage.remove_domain("stuck.example.test")
+    assert round_() == [("spool:depth", "resolve"), ("stuck:stuck.example.test", "resolve")]
+    assert round_() == []
+    assert [a.action for a in sink.alerts] == ["trigger"] * 3 + ["resolve"] * 3
+    storage.close()
