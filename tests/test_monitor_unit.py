@@ -8,8 +8,10 @@ import datetime as dt
 from pathlib import Path
 
 import httpx
+import pytest
 
-from edgeproxy.config import Settings
+from edgeproxy.config import Settings, load_settings
+from edgeproxy.errors import ConfigError
 from edgeproxy.monitor import (
     Alert,
     AlertDispatcher,
@@ -21,6 +23,7 @@ from edgeproxy.monitor import (
     Step,
     conditions,
     increase_over,
+    probe_port,
 )
 from edgeproxy.storage import open_storage
 from edgeproxy.storage.base import DomainRecord
@@ -157,3 +160,18 @@ def test_monitor_rounds_alert_on_stuck_domain_spool_hook_and_relay_4xx_burst(tmp
     assert round_() == []
     assert [a.action for a in sink.alerts] == ["trigger"] * 3 + ["resolve"] * 3
     storage.close()
+
+
+def test_monitor_alert_and_log_settings_from_file_and_environment(tmp_path: Path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text('[monitor]\ninterval = 30\n[alerts]\nsmtp_to = ["a@example.test"]\n[log]\nformat = "text"\n')
+    settings = load_settings(config, env={"EDGEPROXY_ALERTS_SMTP_TO": "a@example.test,b@example.test",
+                                          "EDGEPROXY_MONITOR_FAIL_AFTER": "4", "EDGEPROXY_LISTEN_HTTPS": "0.0.0.0:8443"})
+    assert settings.monitor.interval == 30.0 and settings.monitor.fail_after == 4
+    assert settings.alerts.smtp_to == ("a@example.test", "b@example.test")
+    assert settings.log.format == "text"
+    assert probe_port(settings) == 8443
+    with pytest.raises(ConfigError, match="log.format"):
+        load_settings(None, env={"EDGEPROXY_LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigError, match="monitor.ca_bundle"):
+        load_settings(None, env={"EDGEPROXY_MONITOR_CA_BUNDLE": str(tmp_path / "missing.pem")})
