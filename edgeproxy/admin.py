@@ -81,6 +81,8 @@ class DomainOut(BaseModel):
     updated_at: str | None
     dns: DnsOut = Field(..., description="The record the customer must publish (CNAME, or A/AAAA alternatives)")
     snippet: str = Field(..., description="HTML to paste into the customer's pages")
+    last_check: dict[str, Any] | None = Field(
+        None, description="The last acceptance probe of this domain (monitor loop in serve), or null")
 
 
 class DomainList(BaseModel):
@@ -97,8 +99,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Callable[[str], None] | None = None) -> FastAPI:
-    """Build the admin app. ``on_registered`` wakes the issuance loop (same process)."""
+def create_admin_app(
+    registry: Registry,
+    tokens: TokenStore,
+    on_registered: Callable[[str], None] | None = None,
+    *,
+    last_check: Callable[[str], dict[str, Any] | None] | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+) -> FastAPI:
+    """Build the admin app. ``on_registered`` wakes the issuance loop (same process);
+    ``last_check`` gives a domain's last probe result; ``metrics`` renders ``/metrics``
+    as (body, content type)."""
     app = FastAPI(
         title="edgeproxy admin API",
         version="1",
@@ -194,12 +205,30 @@ def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Call
     @app.get("/v1/domains", response_model=DomainList, dependencies=[Depends(require_token)],
              responses={401: _ERRORS[401]})
     def list_domains() -> dict[str, Any]:
-        return {"domains": [registry.view(r) for r in registry.list()]}
+        views = [registry.view(r) for r in registry.list()]
+        if last_check is not None:
+            for view in views:
+                view["last_check"] = last_check(view["hostname"])
+        return {"domains": views}
 
     @app.get("/v1/domains/{hostname}", response_model=DomainOut, dependencies=[Depends(require_token)],
              responses=_ERRORS)
     def get_domain(hostname: str) -> dict[str, Any]:
-        return registry.view(registry.get(hostname))
+        view = registry.view(registry.get(hostname))
+        if last_check is not None:
+            view["last_check"] = last_check(view["hostname"])
+        return view
+
+    if metrics is not None:
+        render_metrics = metrics
+
+        # Like /healthz, no token: loopback listener only, and counts are not secrets
+        # (Prometheus scrapes it without credentials).
+        @app.get("/metrics", summary="Prometheus metrics of every process of this edge",
+                 response_class=Response)
+        def get_metrics() -> Response:
+            body, content_type = render_metrics()
+            return Response(body, media_type=content_type)
 
     @app.delete("/v1/domains/{hostname}", status_code=204, dependencies=[Depends(require_token)],
                 responses=_ERRORS, summary="Remove the domain with its private key and certificate")

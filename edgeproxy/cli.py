@@ -170,6 +170,58 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     findings = run_doctor(_settings(args), network=not args.offline)
     print(format_findings(f for f in findings if f.level != "ok" or args.verbose))
     return exit_code(findings, strict=args.strict)
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .domains import normalize_hostname
+    from .monitor import PROBED_STATUSES, Prober
+
+    settings = _settings(args)
+    if args.domain:
+        hosts = [normalize_hostname(h) for h in args.domain]
+    else:
+        storage = open_store(settings)
+        try:
+            hosts = [d.hostname for d in storage.list_domains() if d.status in PROBED_STATUSES]
+        finally:
+            storage.close()
+    # The same Prober the serve loop uses; the command itself sends no alerts.
+    prober = Prober.from_settings(settings, connect=args.connect, port=args.port)
+
+    async def run() -> list[Any]:
+        gate = asyncio.Semaphore(8)
+
+        async def one(host: str) -> Any:
+            async with gate:
+                return await prober.probe(host)
+
+        return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+    results = asyncio.run(run()) if hosts else []
+    if args.json:
+        _print_json({"ok": all(r.ok for r in results), "results": [r.to_json() for r in results]})
+    else:
+        for result in results:
+            print(result.line())
+        if not results:
+            print("no active domains to check")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _cmd_alert_test(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .monitor import AlertDispatcher, build_sinks, build_test_alert
+
+    settings = _settings(args)
+    sinks = build_sinks(settings)
+    if not sinks:
+        print("no alert sinks configured ([alerts] webhook_url, telegram_*, pagerduty_*, smtp_*)", file=sys.stderr)
+        return EXIT_FAILED
+    cfg = settings.alerts
+    dispatcher = AlertDispatcher(sinks, retries=cfg.retries, retry_delay=cfg.retry_delay, timeout=cfg.timeout)
+    failures = asyncio.run(dispatcher.dispatch([build_test_alert(dt.datetime.now(dt.timezone.utc))]))
+    for name, errors in failures.items():
+        print(f"{'FAIL' if errors else 'ok  '}  {name}" + (f"  {errors[-1]}" if errors else ""))
+    return EXIT_FAILED if any(failures.values()) else EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -231,6 +283,19 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     doctor.add_argument("--offline", action="store_true", help="skip the ACME directory and upstream requests")
     doctor.set_defaults(func=_cmd_doctor)
+    check = sub.add_parser("check", help="probe domains as a real client: TLS, script, one event (exit 1 on any failure)")
+    which = check.add_mutually_exclusive_group()
+    which.add_argument("--domain", action="append", metavar="HOST", help="check this name (repeatable)")
+    which.add_argument("--all", action="store_true", help="check every active domain (the default)")
+    check.add_argument("--connect", metavar="IP", help="connect to this address instead of resolving each name")
+    check.add_argument("--port", type=int, help="HTTPS port (default: monitor.port, else the port of listen.https)")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
+    check.set_defaults(func=_cmd_check)
+
+    alert = sub.add_parser("alert", help="alert sinks")
+    asub = alert.add_subparsers(dest="action", required=True, metavar="ACTION")
+    atest = asub.add_parser("test", help="send a test alert to every configured sink (exit 1 if one fails)")
+    atest.set_defaults(func=_cmd_alert_test)
 
     demo = sub.add_parser("demo", help="run the whole flow locally against Pebble")
     demo.add_argument("--keep", action="store_true", help="keep serving after the round trip until Ctrl-C")

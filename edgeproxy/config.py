@@ -30,6 +30,9 @@ __all__ = [
     "DnsSettings",
     "DomainsSettings",
     "ListenSettings",
+    "LogSettings",
+    "AlertSettings",
+    "MonitorSettings",
     "ProxySettings",
     "RoutesSettings",
     "Settings",
@@ -127,6 +130,50 @@ class ProxySettings:
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
 
 
+# -- monitoring (issue 5): probes, alerts, logs ------------------------------------------
+@dataclass(frozen=True)
+class MonitorSettings:
+    interval: float = 300.0  # seconds between probe rounds inside `serve`; 0 = no loop
+    ca_bundle: str = ""  # CA file the probes trust instead of the system roots (Pebble in tests)
+    port: int = 0  # HTTPS port the probes connect to; 0 = the port of listen.https
+    connect: str = ""  # IP the probes connect to instead of resolving each name (e.g. this node)
+    timeout: float = 10.0  # seconds per probe step
+    fail_after: int = 2  # consecutive failed probes before a domain's alert fires (one blip is not an outage)
+    cert_warn_days: float = 14.0  # alert when a served certificate has fewer days left
+    stuck_after: float = 3600.0  # seconds a domain may stay `failing` before an alert
+    relay_4xx_burst: int = 50  # relay 4xx answers within relay_4xx_window that raise an alert; 0 = off
+    relay_4xx_window: float = 300.0
+    spool_max_depth: int = 10000  # spool alerts (once the spool exists); 0 = off
+    spool_max_age: float = 900.0  # seconds; 0 = off
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    resend_interval: float = 3600.0  # seconds before a still-firing alert is sent again
+    retries: int = 3  # attempts per sink and alert
+    retry_delay: float = 2.0  # seconds before the first retry (doubles)
+    timeout: float = 10.0  # seconds per delivery attempt
+    webhook_url: str = ""  # generic JSON webhook
+    telegram_chat_id: str = ""
+    telegram_token_file: str = ""
+    telegram_api: str = "https://api.telegram.org"
+    pagerduty_routing_key_file: str = ""
+    pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = ""
+    smtp_to: tuple[str, ...] = ()
+    smtp_starttls: bool = False
+    smtp_username: str = ""
+    smtp_password_file: str = ""
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "json"  # "json" (one object per line) or "text", for `serve`
+    access_log: bool = False  # one line per public request
+
+
 @dataclass(frozen=True)
 class Settings:
     acme: AcmeSettings = field(default_factory=AcmeSettings)
@@ -138,6 +185,9 @@ class Settings:
     domains: DomainsSettings = field(default_factory=DomainsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
 
 def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
@@ -235,6 +285,12 @@ def _validate(settings: Settings) -> Settings:
         settings = dataclasses.replace(settings, acme=dataclasses.replace(settings.acme, directory=directory))
     if settings.acme.ca_bundle and not Path(settings.acme.ca_bundle).is_file():
         raise ConfigError(f"acme.ca_bundle: no such file {settings.acme.ca_bundle!r}")
+    if settings.monitor.ca_bundle and not Path(settings.monitor.ca_bundle).is_file():
+        raise ConfigError(f"monitor.ca_bundle: no such file {settings.monitor.ca_bundle!r}")
+    if settings.log.format not in ("json", "text"):
+        raise ConfigError(f"log.format must be 'json' or 'text', got {settings.log.format!r}")
+    if settings.monitor.interval < 0 or settings.monitor.timeout <= 0:
+        raise ConfigError("monitor.interval must be >= 0 and monitor.timeout > 0")
     return settings
 
 

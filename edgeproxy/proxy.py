@@ -577,6 +577,8 @@ class EdgeProxy:
         self._fetch_task: asyncio.Task[bool] | None = None
         self._variants: OrderedDict[str, _Variant] = OrderedDict()
         self._lifespans = 0
+        # (status, seconds, error) after each relay call: metrics only, no I/O (issue 5).
+        self.observe_relay: Callable[[int, float, str | None], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def _http(self) -> httpx.AsyncClient:
@@ -1018,6 +1020,13 @@ class EdgeProxy:
         back as is (status, allowlisted headers, body). Safe to call concurrently
         (the client pool is shared); not idempotent (each call reaches the relay).
         """
+        started = time.perf_counter()
+        result = await self._forward(request)
+        if self.observe_relay is not None:
+            self.observe_relay(result.status, time.perf_counter() - started, result.error)
+        return result
+
+    async def _forward(self, request: ForwardRequest) -> ForwardResult:
         url = self._relay_base + request.target
         error: str
         try:
