@@ -59,6 +59,7 @@ class EdgeConfig:
     https_port: int = 0
     admin_port: int = 0
     cname_target: str = "edge.example.net"
+    dns_check: bool = False  # tests that exercise the DNS pre-check opt in (with a resolver)
     extra: Mapping[str, Mapping[str, Any]] | None = None  # more [section] keys
 
     def __post_init__(self) -> None:
@@ -84,7 +85,7 @@ class EdgeConfig:
             },
             "storage": {"url": f"sqlite://{self.db_path}"},
             "upstream": {"script": self.script_url, "relay": self.relay_url},
-            "dns": {"cname_target": self.cname_target},
+            "dns": {"cname_target": self.cname_target, "check": self.dns_check},
             "domains": {"extra_suffixes": ["test"]},
             "admin": {"token_file": str(self.token_file)},
         }

@@ -25,6 +25,7 @@ __all__ = [
     "CertificateRecord",
     "ChallengeRecord",
     "DomainRecord",
+    "StatusEvent",
     "Storage",
     "DOMAIN_STATUSES",
 ]
@@ -75,6 +76,17 @@ class AccountRecord:
     directory_url: str
     key_pem: bytes
     registration_json: str  # acme RegistrationResource as JSON ("" before registration)
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """One entry of a domain's status history (issue 4)."""
+
+    hostname: str
+    at: datetime
+    status: str
+    error_code: str | None = None
+    message: str | None = None
 
 
 class Storage(Protocol):
@@ -162,3 +174,29 @@ class Storage(Protocol):
 
     def close(self) -> None:
         ...
+
+    # == BEGIN issue 4: rate-budget ledger and status history ============================
+    # Additive tables (CREATE TABLE IF NOT EXISTS); schema_version is unchanged.
+
+    def record_event(self, kind: str, key: str, at: datetime) -> None:
+        """Append one ledger entry (e.g. kind="order", key=<ACME directory>). Not
+        idempotent: every call counts once against a budget."""
+        ...
+
+    def events_since(self, kind: str, key: str, since: datetime) -> list[datetime]:
+        """Times of the ``kind``/``key`` entries at or after ``since``, oldest first."""
+        ...
+
+    def prune_events(self, before: datetime) -> int:
+        """Delete ledger entries older than ``before``; returns how many."""
+        ...
+
+    def add_status_event(self, event: StatusEvent) -> None:
+        """Append to a domain's history. Deleted with the domain (``remove_domain``)."""
+        ...
+
+    def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
+        """The newest ``limit`` entries for ``hostname``, newest first ([] if none)."""
+        ...
+
+    # == END issue 4 ==========================================================================
