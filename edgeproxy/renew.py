@@ -33,7 +33,7 @@ from .certstore import CertStore
 from .config import Settings
 from .domains import DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
 from .errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass
-from .storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
+from .storage.base import AriState, CertificateRecord, DomainRecord, StatusEvent, Storage
 
 __all__ = [
     "Budget",
@@ -59,6 +59,7 @@ _EMERGENCY_FRACTION = 1 / 20
 _EMERGENCY_CAP = dt.timedelta(hours=1)
 # A moved domain's DNS is looked at again daily (it may come back before removal).
 _MOVED_RECHECK = dt.timedelta(days=1)
+_ARI_POLL = dt.timedelta(hours=12)  # RFC 9773 section 4.3: clients poll; we do at least twice a day
 _LEDGER_KEEP = dt.timedelta(days=8)  # longest budget window (7 days) plus slack
 
 # Ledger kinds (Storage.record_event); each is one of Let's Encrypt's limits.
@@ -76,8 +77,14 @@ class IssuedPair(Protocol):
 class Issuer(Protocol):
     """The seam around the CA: ``acme_client.AcmeIssuer`` in production, a fake in unit tests."""
 
-    def issue(self, hostname: str) -> IssuedPair:
-        """Blocking. Returns a key and chain for ``hostname`` or raises ``IssuanceError``."""
+    def issue(self, hostname: str, replaces: str | None = None) -> IssuedPair:
+        """Blocking. Returns a key and chain for ``hostname`` or raises ``IssuanceError``.
+        ``replaces``: the ARI identifier of the certificate being renewed (RFC 9773 section 5)."""
+        ...
+
+    def renewal_info(self, hostname: str, chain_pem: bytes) -> AriState:
+        """Blocking. The CA's renewal window for the leaf of ``chain_pem`` (RFC 9773),
+        ``renew_at=None`` when it offers no ARI; raises ``IssuanceError``."""
         ...
 
 
@@ -267,11 +274,15 @@ class RenewalService:
             try:
                 if record.status == "moved":
                     record = self._recheck_moved(record, cert)  # raises _Waiting unless an order is due
+                replaces = self._ari_gate(record, cert, force) if cert is not None else None
                 self._precheck(record, cert)
-                self._check_budgets(record, cert)
+                if replaces is None:  # ARI-claimed renewals are exempt from the CA's limits
+                    self._check_budgets(record, cert)
+                else:
+                    self._check_budgets(record, cert, kinds=(FAILED_VALIDATION,))
             except _Waiting as waiting:
                 return waiting.outcome
-            return self._order(record, cert)
+            return self._order(record, cert, replaces)
         except DomainNotFound:
             return "skipped"  # removed while we were ordering; storage refused the save
         finally:
@@ -300,6 +311,33 @@ class RenewalService:
         self._set(record, now, status="moved", error_code=record.error_code, error_message=record.error_message,
                   next_attempt_at=min(now + _MOVED_RECHECK, remove_at), attempts=record.attempts)
         raise _Waiting("moved", "still moved")
+
+    def _ari_gate(self, record: DomainRecord, cert: CertificateRecord, force: bool) -> str | None:
+        """Is the served certificate due for renewal? ARI first (RFC 9773), the
+        backstop (``renewal_time``) when the CA offers none, and an emergency
+        renewal under 1/20 of the lifetime left whatever ARI says. Returns the
+        ``replaces`` identifier (None without ARI) or raises ``_Waiting`` with the
+        next check stored on the domain."""
+        now = self.clock()
+        state = self.storage.get_ari(record.hostname)
+        if state is None or state.serial != cert.serial or state.next_poll <= now:
+            try:
+                state = self.issuer.renewal_info(record.hostname, cert.chain_pem)
+                self.storage.save_ari(state)
+            except IssuanceError as exc:
+                log.warning("ARI for %s unavailable (%s); using the backstop", record.hostname, exc)
+                state = None
+        backstop = renewal_time(cert.not_before, cert.not_after)
+        lifetime = cert.not_after - cert.not_before
+        emergency = cert.not_after - now < lifetime * _EMERGENCY_FRACTION
+        ari = state is not None and state.renew_at is not None
+        renew_at = state.renew_at if state is not None and state.renew_at is not None else backstop
+        if force or emergency or renew_at <= now:
+            return state.cert_id if ari and state is not None else None
+        next_check = renew_at if state is None else min(renew_at, state.next_poll)
+        self._set(record, now, status=record.status, error_code=record.error_code,
+                  error_message=record.error_message, next_attempt_at=next_check, attempts=record.attempts)
+        raise _Waiting("skipped", "not due yet")
 
     def _precheck(self, record: DomainRecord, cert: CertificateRecord | None) -> None:
         """DNS/CAA before any order: a name that does not point at us would only
@@ -342,11 +380,15 @@ class RenewalService:
                     f"failed validations for {hostname} per hour"), hostname),
         ]
 
-    def _check_budgets(self, record: DomainRecord, cert: CertificateRecord | None) -> None:
+    def _check_budgets(
+        self, record: DomainRecord, cert: CertificateRecord | None, kinds: tuple[str, ...] | None = None
+    ) -> None:
         """Refuse an order that would exceed one of the CA's limits: it waits on the
         domain with ``error.code = "rate_budget"`` and never reaches the CA."""
         now = self.clock()
         for budget, key in self._budgets(record.hostname):
+            if kinds is not None and budget.kind not in kinds:
+                continue
             events = self.storage.events_since(budget.kind, key, now - budget.window)
             until = budget_wait(events, budget.limit, budget.window, now)
             if until is None:
@@ -359,7 +401,7 @@ class RenewalService:
             log.warning("%s: %s", record.hostname, message)
             raise _Waiting("waiting", f"rate_budget: {message}")
 
-    def _order(self, record: DomainRecord, cert: CertificateRecord | None) -> str:
+    def _order(self, record: DomainRecord, cert: CertificateRecord | None, replaces: str | None = None) -> str:
         hostname = record.hostname
         renewing = cert is not None
         record = self._set(
@@ -369,7 +411,7 @@ class RenewalService:
         )
         self.storage.record_event(ORDER, self.policy.account, self.clock())
         try:
-            pair = self.issuer.issue(hostname)
+            pair = self.issuer.issue(hostname, replaces=replaces) if replaces else self.issuer.issue(hostname)
             saved = self.certstore.save(hostname, pair.key_pem, pair.chain_pem, self.clock())
         except IssuanceError as exc:
             if exc.retry is RetryClass.CUSTOMER:
@@ -380,7 +422,9 @@ class RenewalService:
         for budget, key in self._budgets(hostname):
             if budget.kind in (CERT_DOMAIN, CERT_NAMES):
                 self.storage.record_event(budget.kind, key, now)
-        self._set(record, now, status="active", next_attempt_at=renewal_time(saved.not_before, saved.not_after))
+        # The next look is the backstop, or sooner to ask the CA's ARI (at least twice a day).
+        next_at = min(renewal_time(saved.not_before, saved.not_after), now + _ARI_POLL)
+        self._set(record, now, status="active", next_attempt_at=next_at)
         log.info("certificate for %s issued, serial %s, valid until %s", hostname, saved.serial, saved.not_after)
         return "issued"
 

@@ -811,4 +811,19 @@ def test_status_history_newest_first_and_removed_with_the_domain(store: Storage)
     assert store.status_history("h.example.test") == []
 
 
+def test_ari_state_round_trip_replace_and_removed_with_the_domain(store: Storage) -> None:
+    from edgeproxy.storage.base import AriState
+
+    store.add_domain("ari.example.test", "active", NOW)
+    assert store.get_ari("ari.example.test") is None
+    state = AriState("ari.example.test", "0a1b", "aki.serial", None, NOW + timedelta(hours=6), NOW)
+    store.save_ari(state)
+    assert store.get_ari("ari.example.test") == state
+    newer = replace(state, renew_at=NOW + timedelta(days=30))
+    store.save_ari(newer)
+    assert store.get_ari("ari.example.test") == newer
+    store.remove_domain("ari.example.test")
+    assert store.get_ari("ari.example.test") is None
+
+
 # == END issue 4 ===================================================================================

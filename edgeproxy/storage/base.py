@@ -26,6 +26,7 @@ __all__ = [
     "ChallengeRecord",
     "DomainRecord",
     "StatusEvent",
+    "AriState",
     "Storage",
     "DOMAIN_STATUSES",
 ]
@@ -87,6 +88,23 @@ class StatusEvent:
     status: str
     error_code: str | None = None
     message: str | None = None
+
+
+@dataclass(frozen=True)
+class AriState:
+    """ACME Renewal Information (RFC 9773) for one certificate (issue 4).
+
+    ``cert_id`` is the RFC 9773 section 4.1 identifier (``base64url(AKI).base64url(serial)``)
+    that a renewal order sends as ``replaces``; ``renew_at`` a time inside the
+    CA's suggested window (None when the CA offers no ARI); ``next_poll`` when to
+    ask again (the CA's Retry-After, at most 12 hours away)."""
+
+    hostname: str
+    serial: str
+    cert_id: str
+    renew_at: datetime | None
+    next_poll: datetime
+    checked_at: datetime
 
 
 class Storage(Protocol):
@@ -197,6 +215,13 @@ class Storage(Protocol):
 
     def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
         """The newest ``limit`` entries for ``hostname``, newest first ([] if none)."""
+        ...
+
+    def save_ari(self, state: AriState) -> None:
+        """Insert or replace the ARI state of ``state.hostname``. Deleted with the domain."""
+        ...
+
+    def get_ari(self, hostname: str) -> AriState | None:
         ...
 
     # == END issue 4 ==========================================================================

@@ -67,6 +67,7 @@ from edgeproxy.storage.base import (
     ChallengeRecord,
     DomainRecord,
     StatusEvent,
+    AriState,
 )
 
 __all__ = ["SqliteStorage", "SCHEMA_VERSION"]
@@ -145,6 +146,14 @@ _SCHEMA_RENEW = (
         message    TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS status_history_host ON status_history(hostname, id)",
+    """CREATE TABLE IF NOT EXISTS ari_state (
+        hostname   TEXT PRIMARY KEY,
+        serial     TEXT NOT NULL,
+        cert_id    TEXT NOT NULL,
+        renew_at   TEXT,
+        next_poll  TEXT NOT NULL,
+        checked_at TEXT NOT NULL
+    )""",
 )
 
 _DOMAIN_COLUMNS = (
@@ -510,6 +519,7 @@ class SqliteStorage:
             conn.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM domains WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM status_history WHERE hostname = ?", (hostname,))  # issue 4
+            conn.execute("DELETE FROM ari_state WHERE hostname = ?", (hostname,))  # issue 4
             self._append_change(conn, hostname)
         # secure_delete zeroed the pages in the new WAL frames; checkpoint them into
         # the main file and truncate the WAL so the old key bytes go away now.
@@ -766,6 +776,25 @@ class SqliteStorage:
         except sqlite3.Error as exc:
             raise _map_error(exc, f"read the status history of {hostname}", self.path) from exc
         return [StatusEvent(r[0], _dt(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def save_ari(self, state: AriState) -> None:
+        with self._write(f"save the ARI state of {state.hostname}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO ari_state (hostname, serial, cert_id, renew_at, next_poll, checked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (state.hostname, state.serial, state.cert_id, _ts_opt(state.renew_at), _ts(state.next_poll),
+                 _ts(state.checked_at)),
+            )
+
+    def get_ari(self, hostname: str) -> AriState | None:
+        row = self._query_one(
+            f"read the ARI state of {hostname}",
+            "SELECT hostname, serial, cert_id, renew_at, next_poll, checked_at FROM ari_state WHERE hostname = ?",
+            (hostname,),
+        )
+        if row is None:
+            return None
+        return AriState(row[0], row[1], row[2], _dt_opt(row[3]), _dt(row[4]), _dt(row[5]))
 
     # == END issue 4 ===========================================================================
 
