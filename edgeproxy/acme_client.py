@@ -136,11 +136,19 @@ class _ReplacingNewOrder(messages.NewOrder):
     replaces: str = jose_field("replaces", omitempty=True)
 
 
+def _offers_ari(directory: messages.Directory) -> bool:
+    try:
+        directory["renewalInfo"]
+    except KeyError:
+        return False
+    return True
+
+
 def _new_order(
     client: acme_lib.ClientV2, hostname: str, csr_pem: bytes, profile: str | None, replaces: str | None
 ) -> messages.OrderResource:
     """``client.new_order`` plus ``replaces`` (only when the CA offers ARI, RFC 9773 section 5)."""
-    if not replaces or "renewalInfo" not in client.directory:
+    if not replaces or not _offers_ari(client.directory):
         return client.new_order(csr_pem, profile=profile)
     order = _ReplacingNewOrder(
         identifiers=[messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=hostname)],

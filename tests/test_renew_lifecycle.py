@@ -345,3 +345,131 @@ def test_ca_503_with_retry_after_is_honoured(tmp_path: Path) -> None:
         storage.close()
         server.shutdown()
         server.server_close()
+
+
+# -- ARI (RFC 9773) -----------------------------------------------------------------------------
+# Pebble 2.4 has no renewalInfo. AriFront is a transparent HTTPS front for Pebble
+# (Pebble's own TLS identity, Host preserved so Pebble's JWS URL checks and the
+# URLs it hands out name the front) that adds ``renewalInfo`` to the directory,
+# answers it with a window the test chooses, and records every newOrder payload.
+# Orders, validation and issuance are still real Pebble.
+
+
+class AriFront:
+    def __init__(self, pebble: Pebble) -> None:
+        import base64
+        import ssl
+
+        import httpx
+
+        self.window: tuple[dt.datetime, dt.datetime] = (dt.datetime.now(UTC) + dt.timedelta(days=30),
+                                                         dt.datetime.now(UTC) + dt.timedelta(days=31))
+        self.orders: list[dict[str, Any]] = []
+        self.ari_queries: list[str] = []
+        upstream = pebble.directory_url.split("/dir")[0]
+        client = httpx.Client(verify=ssl.create_default_context(cafile=str(pebble.ca_bundle_path)), timeout=30)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if self.path.startswith("/renewal-info/"):
+                    outer.ari_queries.append(self.path.rsplit("/", 1)[-1])
+                    start, end = outer.window
+                    data = json.dumps({"suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}})
+                    self._reply(200, {"Content-Type": "application/json", "Retry-After": "3600"}, data.encode())
+                    return
+                if method == "POST" and "order-plz" in self.path:
+                    payload = json.loads(body)["payload"]
+                    outer.orders.append(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection")}
+                response = client.request(method, upstream + self.path, content=body, headers=headers)
+                content = response.content
+                if self.path == "/dir":
+                    directory = response.json()
+                    directory["renewalInfo"] = f"https://{self.headers['Host']}/renewal-info"
+                    content = json.dumps(directory).encode()
+                out = {k: v for k, v in response.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
+                self._reply(response.status_code, out, content)
+
+            def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._forward("GET")
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._forward("HEAD")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._forward("POST")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pebble.workdir / "https-cert.pem", pebble.workdir / "https-key.pem")
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.directory_url = f"https://127.0.0.1:{self.server.server_address[1]}/dir"
+        self._client = client
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._client.close()
+
+
+def test_ari_window_decides_and_the_renewal_order_carries_replaces(
+    pebble: tuple[Pebble, Responder, SqliteStorage], dns_server: ChallTestSrv
+) -> None:
+    from edgeproxy.acme_client import ari_cert_id
+
+    ca, _responder, storage = pebble
+    front = AriFront(ca)
+    try:
+        stack = _stack(pebble, dns_server)
+        stack.issuer.inner = AcmeIssuer(storage=storage, directory_url=front.directory_url,
+                                        ca_bundle=str(ca.ca_bundle_path), timeout=30)
+        name = "ari.dns.test"
+        stack.dns.set_cname(name, EDGE)
+        stack.add(name)
+        assert stack.run().issued == [name]
+        first = stack.storage.get_certificate(name)
+        assert first is not None
+        assert "replaces" not in front.orders[-1]  # a first order replaces nothing
+        record = stack.status(name)
+        assert record.next_attempt_at <= stack.clock() + dt.timedelta(hours=12)  # ARI polled twice a day
+
+        # At the poll the CA's window is a month away: nothing is ordered, the window is stored.
+        stack.clock.offset = record.next_attempt_at - dt.datetime.now(UTC) + dt.timedelta(seconds=1)
+        orders = len(front.orders)
+        result = stack.run()
+        assert result.issued == [] and len(front.orders) == orders
+        state = stack.storage.get_ari(name)
+        assert state is not None and state.cert_id == ari_cert_id(first.chain_pem) == front.ari_queries[-1]
+        assert front.window[0] <= state.renew_at <= front.window[1]
+        # next look: the CA's Retry-After (1 h), well before the window
+        assert stack.status(name).next_attempt_at <= stack.clock() + dt.timedelta(hours=1, seconds=5)
+
+        # The CA moves the window into the past (e.g. a revocation is coming): renew now, with replaces.
+        front.window = (dt.datetime.now(UTC) - dt.timedelta(hours=2), dt.datetime.now(UTC) - dt.timedelta(hours=1))
+        stack.clock.offset += dt.timedelta(hours=1, seconds=10)
+        result = stack.run()
+        assert result.issued == [name]
+        assert front.orders[-1]["replaces"] == ari_cert_id(first.chain_pem)
+        assert stack.issuer.replaced[-1] == ari_cert_id(first.chain_pem)
+        second = stack.storage.get_certificate(name)
+        assert second is not None and second.serial != first.serial
+    finally:
+        front.close()
