@@ -26,9 +26,12 @@ Design notes:
   ``Retry-After`` (RFC 8555 section 7.5.1 / 7.4), bounded by the order deadline.
 - ``badNonce`` (RFC 8555 section 6.5) is always retryable with a fresh nonce;
   the library retries once, we retry up to ``_BAD_NONCE_ATTEMPTS`` times.
-- Renewal information (ARI, RFC 9773) is a later issue: ordering lives in
-  ``_run_order`` and the CSR/key in ``_new_key_and_csr``; a ``replaces``
-  order field would go there without changing ``issue()``'s callers.
+- Renewal information (ARI, RFC 9773): ``renewal_info()`` asks the CA through
+  the library's ``ClientV2.renewal_time()`` (a random time in the suggested
+  window, its Retry-After capped at 12 h); ``issue(hostname, replaces=...)``
+  sends the RFC 9773 section 5 ``replaces`` field, which the library's
+  ``NewOrder`` lacks (``_ReplacingNewOrder``), only to CAs that offer ARI, and
+  falls back to a plain order if the CA refuses the replacement.
 """
 
 from __future__ import annotations
