@@ -124,7 +124,10 @@ def ari_cert_id(chain_pem: bytes) -> str:
     base64url(keyIdentifier of the Authority Key Identifier) "." base64url(DER
     serial, as a signed big-endian INTEGER value). Pure."""
     leaf = x509.load_pem_x509_certificates(chain_pem)[0]
-    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        aki = None
     if aki is None:
         raise ValueError("the certificate's Authority Key Identifier has no keyIdentifier")
     serial = leaf.serial_number
@@ -596,6 +599,13 @@ class AcmeIssuer:
         net = self._network()
         now = datetime.now(timezone.utc)
         leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        try:
+            cert_id = ari_cert_id(chain_pem)
+        except ValueError:
+            # No Authority Key Identifier (a certificate not from an ACME CA, e.g.
+            # imported): it has no ARI identity; the backstop decides.
+            return AriState(hostname=hostname, serial=format(leaf.serial_number, "x"), cert_id="",
+                            renew_at=None, next_poll=now + _ARI_MAX_POLL, checked_at=now)
         with self._acme_errors(hostname, net):
             client = acme_lib.ClientV2(self._get_directory(net), net)
             renew_at, next_poll = client.renewal_time(leaf.public_bytes(serialization.Encoding.PEM))
@@ -604,7 +614,7 @@ class AcmeIssuer:
             renew_at = renew_at.astimezone(timezone.utc)
         next_utc = next_poll.astimezone(timezone.utc) if next_poll.tzinfo is None else next_poll
         return AriState(
-            hostname=hostname, serial=format(leaf.serial_number, "x"), cert_id=ari_cert_id(chain_pem),
+            hostname=hostname, serial=format(leaf.serial_number, "x"), cert_id=cert_id,
             renew_at=renew_at, next_poll=min(next_utc, now + _ARI_MAX_POLL), checked_at=now,
         )
 

@@ -333,7 +333,7 @@ class RenewalService:
         ari = state is not None and state.renew_at is not None
         renew_at = state.renew_at if state is not None and state.renew_at is not None else backstop
         if force or emergency or renew_at <= now:
-            return state.cert_id if ari and state is not None else None
+            return state.cert_id if ari and state is not None and state.cert_id else None
         next_check = renew_at if state is None else min(renew_at, state.next_poll)
         self._set(record, now, status=record.status, error_code=record.error_code,
                   error_message=record.error_message, next_attempt_at=next_check, attempts=record.attempts)
