@@ -18,7 +18,9 @@ without waiting.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
+import threading
 import logging
 import os
 import random
@@ -220,6 +222,7 @@ class RenewalService:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._in_flight = 0
         self._in_flight_peak = 0
+        self._count_lock = threading.Lock()
 
     @classmethod
     def from_settings(
@@ -455,34 +458,46 @@ class RenewalService:
         if hostnames is None:
             hostnames = [d.hostname for d in await asyncio.to_thread(self.due, self.clock())]
         result = PassResult()
-        gate = asyncio.Semaphore(self.concurrency)
         self._in_flight_peak = 0
+        loop = asyncio.get_running_loop()
+        # Our own pool: asyncio.to_thread's default executor has only cpu_count + 4
+        # threads, which would silently cap the orders in flight below ``concurrency``.
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.concurrency),
+                                                     thread_name_prefix="renew")
 
-        async def one(hostname: str) -> None:
-            async with gate:
+        def counted(hostname: str) -> str:
+            with self._count_lock:
                 self._in_flight += 1
                 self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
-                try:
-                    outcome = await asyncio.to_thread(self.process, hostname, force)
-                except IssuanceError as exc:
-                    result.failed[hostname] = exc
-                    return
-                finally:
+            try:
+                return self.process(hostname, force)
+            finally:
+                with self._count_lock:
                     self._in_flight -= 1
-                if outcome == "issued":
-                    result.issued.append(hostname)
-                elif outcome == "waiting":
-                    record = await asyncio.to_thread(self.storage.get_domain, hostname)
-                    result.waiting[hostname] = (
-                        f"{record.error_code}: {record.error_message}" if record else "waiting")
-                elif outcome == "moved":
-                    result.moved.append(hostname)
-                elif outcome == "removed":
-                    result.removed.append(hostname)
-                else:
-                    result.skipped.append(hostname)
 
-        await asyncio.gather(*(one(h) for h in hostnames))
+        async def one(hostname: str) -> None:
+            try:
+                outcome = await loop.run_in_executor(pool, counted, hostname)
+            except IssuanceError as exc:
+                result.failed[hostname] = exc
+                return
+            if outcome == "issued":
+                result.issued.append(hostname)
+            elif outcome == "waiting":
+                record = await asyncio.to_thread(self.storage.get_domain, hostname)
+                result.waiting[hostname] = (
+                    f"{record.error_code}: {record.error_message}" if record else "waiting")
+            elif outcome == "moved":
+                result.moved.append(hostname)
+            elif outcome == "removed":
+                result.removed.append(hostname)
+            else:
+                result.skipped.append(hostname)
+
+        try:
+            await asyncio.gather(*(one(h) for h in hostnames))
+        finally:
+            pool.shutdown(wait=False)
         result.orders_in_flight_peak = self._in_flight_peak
         if result.issued or result.removed:
             await self.certstore.refresh()

@@ -471,5 +471,14 @@ def test_ari_window_decides_and_the_renewal_order_carries_replaces(
         assert stack.issuer.replaced[-1] == ari_cert_id(first.chain_pem)
         second = stack.storage.get_certificate(name)
         assert second is not None and second.serial != first.serial
+
+        # Emergency: under 1/20 of the lifetime left, renew even though ARI says "later".
+        front.window = (dt.datetime.now(UTC) + dt.timedelta(days=3000), dt.datetime.now(UTC) + dt.timedelta(days=3001))
+        lifetime = second.not_after - second.not_before
+        stack.clock.offset = second.not_after - lifetime / 30 - dt.datetime.now(UTC)
+        stack.storage.update_domain(name, stack.clock(), status="active", next_attempt_at=stack.clock())  # a check
+        result = stack.run(name)
+        assert result.issued == [name]
+        assert front.orders[-1]["replaces"] == ari_cert_id(second.chain_pem)
     finally:
         front.close()
