@@ -244,4 +244,9 @@ def create_admin_app(
             on_registered(record.hostname)
         return registry.view(record)
 
+    @app.get("/v1/domains/{hostname}/history", dependencies=[Depends(require_token)], responses=_ERRORS,
+             summary="The domain's status changes, newest first (pending_dns, issuing, active, moved, ...)")
+    def domain_history(hostname: str) -> dict[str, Any]:
+        return {"hostname": registry.get(hostname).hostname, "history": registry.history(hostname)}
+
     return app

@@ -105,7 +105,7 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         storage=storage, directory_url=settings.acme.directory, email=settings.acme.email,
         ca_bundle=settings.acme.ca_bundle, profile=settings.acme.profile, timeout=settings.acme.timeout,
     )
-    service = RenewalService(storage, CertStore(storage), issuer)
+    service = RenewalService.from_settings(storage, CertStore(storage), issuer, settings)
     forced = [registry.get(h).hostname for h in args.force]
     due = forced or [d.hostname for d in service.due(service.clock())]
     if args.dry_run:
@@ -119,9 +119,16 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         print(f"issued  {hostname}  not_after={view['certificate']['not_after']}")
     for hostname, exc in result.failed.items():
         print(f"failed  {hostname}  {exc.code}: {exc}")
+    for hostname, why in result.waiting.items():
+        print(f"waiting {hostname}  {why}")
+    for hostname in result.moved:
+        print(f"moved   {hostname}  DNS no longer points at this edge; renewals stopped")
+    for hostname in result.removed:
+        print(f"removed {hostname}  moved away for longer than renew.moved_retention_days")
     for hostname in result.skipped:
         print(f"skipped {hostname}  (another process holds its lock, or it is no longer due)")
-    print(f"{len(result.issued)} issued, {len(result.failed)} failed, {len(result.skipped)} skipped")
+    print(f"{len(result.issued)} issued, {len(result.failed)} failed, {len(result.waiting)} waiting, "
+          f"{len(result.skipped)} skipped")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 

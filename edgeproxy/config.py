@@ -34,6 +34,7 @@ __all__ = [
     "AlertSettings",
     "MonitorSettings",
     "ProxySettings",
+    "RenewSettings",
     "RoutesSettings",
     "Settings",
     "StorageSettings",
@@ -102,6 +103,8 @@ class DnsSettings:
     edge_ips: tuple[str, ...] = ()
     resolver: str = ""  # host:port; empty = system resolver
     check: bool = True  # DNS pre-check before ordering
+    caa_identities: tuple[str, ...] = ("letsencrypt.org",)  # CAA issuer names our CA answers to (RFC 8659)
+    timeout: float = 5.0  # seconds per pre-check lookup
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,22 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class RenewSettings:
+    """Renewal loop, lifecycle and rate budgets (issue 4). Budgets mirror Let's
+    Encrypt's published limits; an order a budget refuses never reaches the CA."""
+
+    interval: float = 600.0  # seconds between full renewal passes inside `serve`
+    jitter: float = 300.0  # + uniform random 0..jitter seconds (nodes and restarts spread out)
+    poll: float = 5.0  # seconds between scans for new registrations and forced retries
+    concurrency: int = 4  # orders in flight per process
+    moved_retention_days: float = 7.0  # a domain `moved` this long is removed with its key
+    orders_per_3h: int = 300  # new orders per account per 3 hours
+    certs_per_domain: int = 50  # certificates per registered domain (eTLD+1) per 7 days
+    duplicate_certs: int = 5  # certificates per exact name set per 7 days
+    failed_validations: int = 5  # failed validations per hostname per hour
+
+
+@dataclass(frozen=True)
 class Settings:
     acme: AcmeSettings = field(default_factory=AcmeSettings)
     listen: ListenSettings = field(default_factory=ListenSettings)
@@ -188,6 +207,7 @@ class Settings:
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    renew: RenewSettings = field(default_factory=RenewSettings)
 
 
 def parse_hostport(value: str, *, what: str) -> tuple[str, int]:

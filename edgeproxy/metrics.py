@@ -42,6 +42,8 @@ from prometheus_client.registry import Collector
 
 from .config import RoutesSettings
 from .errors import IssuanceError
+from .renew import IssuedPair, Issuer
+from .storage.base import AriState
 
 __all__ = [
     "CONTENT_TYPE",
@@ -142,13 +144,16 @@ class StatsCounter(_Counter[str]):
 class CountingIssuer:
     """Wraps the renewal loop's ``Issuer`` and counts orders (the seam, not renew.py)."""
 
-    def __init__(self, inner: Any, metrics: Metrics) -> None:
+    def __init__(self, inner: Issuer, metrics: Metrics) -> None:
         self.inner = inner
         self.metrics = metrics
 
-    def issue(self, hostname: str) -> Any:
+    def renewal_info(self, hostname: str, chain_pem: bytes) -> AriState:
+        return self.inner.renewal_info(hostname, chain_pem)
+
+    def issue(self, hostname: str, replaces: str | None = None) -> IssuedPair:
         try:
-            pair = self.inner.issue(hostname)
+            pair = self.inner.issue(hostname, replaces=replaces)
         except IssuanceError as exc:
             self.metrics.acme_orders.labels(exc.code).inc()
             raise

@@ -266,8 +266,11 @@ class EdgeNode:
                 profile=self.settings.acme.profile,
                 timeout=self.settings.acme.timeout,
             )
-            renewer = RenewalService(self.storage, self.certstore, CountingIssuer(issuer, self.metrics))
-            background.append(asyncio.create_task(renewer.run_forever(self.stop, self.wake)))
+            renewer = RenewalService.from_settings(
+                self.storage, self.certstore, CountingIssuer(issuer, self.metrics), self.settings)
+            r = self.settings.renew
+            background.append(asyncio.create_task(
+                renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
         for listener in listeners:
             ssl_context = self.certstore.server_context() if listener.tls else None
             listener.server = await asyncio.start_server(

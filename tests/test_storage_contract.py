@@ -776,3 +776,54 @@ def test_sqlite_storage_satisfies_the_protocol(sq: SqliteStorage) -> None:
         if not name.startswith("_"):
             assert callable(getattr(s, name)), name
 
+
+
+# == BEGIN issue 4: budget ledger and status history (every backend) ==========================
+
+
+def test_budget_events_count_by_kind_key_and_window(store: Storage) -> None:
+    for minutes in (0, 10, 70):
+        store.record_event("failed_validation", "a.example.test", NOW + timedelta(minutes=minutes))
+    store.record_event("failed_validation", "b.example.test", NOW)
+    store.record_event("order", "a.example.test", NOW)
+    since = NOW + timedelta(minutes=5)
+    assert store.events_since("failed_validation", "a.example.test", since) == [
+        NOW + timedelta(minutes=10), NOW + timedelta(minutes=70)]
+    assert store.events_since("failed_validation", "a.example.test", NOW)[0] == NOW  # inclusive bound
+    assert store.events_since("order", "nobody", NOW) == []
+    assert store.prune_events(NOW + timedelta(minutes=10)) == 3  # the three at NOW
+    assert store.events_since("failed_validation", "a.example.test", NOW) == [
+        NOW + timedelta(minutes=10), NOW + timedelta(minutes=70)]
+
+
+def test_status_history_newest_first_and_removed_with_the_domain(store: Storage) -> None:
+    from edgeproxy.storage.base import StatusEvent
+
+    store.add_domain("h.example.test", "issuing", NOW)
+    store.add_status_event(StatusEvent("h.example.test", NOW, "pending_dns", "dns_missing", "add a CNAME"))
+    store.add_status_event(StatusEvent("h.example.test", NOW + timedelta(seconds=1), "active"))
+    history = store.status_history("h.example.test")
+    assert [e.status for e in history] == ["active", "pending_dns"]
+    assert history[1] == StatusEvent("h.example.test", NOW, "pending_dns", "dns_missing", "add a CNAME")
+    assert len(store.status_history("h.example.test", limit=1)) == 1
+    assert store.status_history("other.example.test") == []
+    store.remove_domain("h.example.test")
+    assert store.status_history("h.example.test") == []
+
+
+def test_ari_state_round_trip_replace_and_removed_with_the_domain(store: Storage) -> None:
+    from edgeproxy.storage.base import AriState
+
+    store.add_domain("ari.example.test", "active", NOW)
+    assert store.get_ari("ari.example.test") is None
+    state = AriState("ari.example.test", "0a1b", "aki.serial", None, NOW + timedelta(hours=6), NOW)
+    store.save_ari(state)
+    assert store.get_ari("ari.example.test") == state
+    newer = replace(state, renew_at=NOW + timedelta(days=30))
+    store.save_ari(newer)
+    assert store.get_ari("ari.example.test") == newer
+    store.remove_domain("ari.example.test")
+    assert store.get_ari("ari.example.test") is None
+
+
+# == END issue 4 ===================================================================================

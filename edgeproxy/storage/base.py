@@ -25,6 +25,8 @@ __all__ = [
     "CertificateRecord",
     "ChallengeRecord",
     "DomainRecord",
+    "StatusEvent",
+    "AriState",
     "Storage",
     "DOMAIN_STATUSES",
 ]
@@ -75,6 +77,34 @@ class AccountRecord:
     directory_url: str
     key_pem: bytes
     registration_json: str  # acme RegistrationResource as JSON ("" before registration)
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """One entry of a domain's status history (issue 4)."""
+
+    hostname: str
+    at: datetime
+    status: str
+    error_code: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class AriState:
+    """ACME Renewal Information (RFC 9773) for one certificate (issue 4).
+
+    ``cert_id`` is the RFC 9773 section 4.1 identifier (``base64url(AKI).base64url(serial)``)
+    that a renewal order sends as ``replaces``; ``renew_at`` a time inside the
+    CA's suggested window (None when the CA offers no ARI); ``next_poll`` when to
+    ask again (the CA's Retry-After, at most 12 hours away)."""
+
+    hostname: str
+    serial: str
+    cert_id: str
+    renew_at: datetime | None
+    next_poll: datetime
+    checked_at: datetime
 
 
 class Storage(Protocol):
@@ -162,3 +192,36 @@ class Storage(Protocol):
 
     def close(self) -> None:
         ...
+
+    # == BEGIN issue 4: rate-budget ledger and status history ============================
+    # Additive tables (CREATE TABLE IF NOT EXISTS); schema_version is unchanged.
+
+    def record_event(self, kind: str, key: str, at: datetime) -> None:
+        """Append one ledger entry (e.g. kind="order", key=<ACME directory>). Not
+        idempotent: every call counts once against a budget."""
+        ...
+
+    def events_since(self, kind: str, key: str, since: datetime) -> list[datetime]:
+        """Times of the ``kind``/``key`` entries at or after ``since``, oldest first."""
+        ...
+
+    def prune_events(self, before: datetime) -> int:
+        """Delete ledger entries older than ``before``; returns how many."""
+        ...
+
+    def add_status_event(self, event: StatusEvent) -> None:
+        """Append to a domain's history. Deleted with the domain (``remove_domain``)."""
+        ...
+
+    def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
+        """The newest ``limit`` entries for ``hostname``, newest first ([] if none)."""
+        ...
+
+    def save_ari(self, state: AriState) -> None:
+        """Insert or replace the ARI state of ``state.hostname``. Deleted with the domain."""
+        ...
+
+    def get_ari(self, hostname: str) -> AriState | None:
+        ...
+
+    # == END issue 4 ==========================================================================

@@ -66,6 +66,8 @@ from edgeproxy.storage.base import (
     CertificateRecord,
     ChallengeRecord,
     DomainRecord,
+    StatusEvent,
+    AriState,
 )
 
 __all__ = ["SqliteStorage", "SCHEMA_VERSION"]
@@ -124,6 +126,33 @@ _SCHEMA_V1 = (
         name       TEXT PRIMARY KEY,
         owner      TEXT NOT NULL,
         expires_at TEXT NOT NULL
+    )""",
+)
+
+# Issue 4: additive tables (no schema_version bump; issue 6 folds them into migrations).
+_SCHEMA_RENEW = (
+    """CREATE TABLE IF NOT EXISTS budget_events (
+        kind TEXT NOT NULL,
+        key  TEXT NOT NULL,
+        at   TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS budget_events_lookup ON budget_events(kind, key, at)",
+    """CREATE TABLE IF NOT EXISTS status_history (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        hostname   TEXT NOT NULL,
+        at         TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        error_code TEXT,
+        message    TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS status_history_host ON status_history(hostname, id)",
+    """CREATE TABLE IF NOT EXISTS ari_state (
+        hostname   TEXT PRIMARY KEY,
+        serial     TEXT NOT NULL,
+        cert_id    TEXT NOT NULL,
+        renew_at   TEXT,
+        next_poll  TEXT NOT NULL,
+        checked_at TEXT NOT NULL
     )""",
 )
 
@@ -323,6 +352,8 @@ class SqliteStorage:
         with self._write("create the schema") as tx:
             for statement in _SCHEMA_V1:
                 tx.execute(statement)
+            for statement in _SCHEMA_RENEW:
+                tx.execute(statement)
             version = tx.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             if version is None:
                 tx.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -487,6 +518,8 @@ class SqliteStorage:
             conn.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM domains WHERE hostname = ?", (hostname,))
+            conn.execute("DELETE FROM status_history WHERE hostname = ?", (hostname,))  # issue 4
+            conn.execute("DELETE FROM ari_state WHERE hostname = ?", (hostname,))  # issue 4
             self._append_change(conn, hostname)
         # secure_delete zeroed the pages in the new WAL frames; checkpoint them into
         # the main file and truncate the WAL so the old key bytes go away now.
@@ -703,6 +736,67 @@ class SqliteStorage:
         """Release if held by ``owner``; otherwise do nothing."""
         with self._write(f"release lock {name}") as conn:
             conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
+
+    # == BEGIN issue 4: rate-budget ledger and status history =============================
+
+    def record_event(self, kind: str, key: str, at: datetime) -> None:
+        with self._write(f"record {kind} event") as conn:
+            conn.execute("INSERT INTO budget_events (kind, key, at) VALUES (?, ?, ?)", (kind, key, _ts(at)))
+
+    def events_since(self, kind: str, key: str, since: datetime) -> list[datetime]:
+        conn = self._conn()
+        try:
+            rows = conn.execute(
+                "SELECT at FROM budget_events WHERE kind = ? AND key = ? AND at >= ? ORDER BY at",
+                (kind, key, _ts(since)),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, f"read {kind} events", self.path) from exc
+        return [_dt(row[0]) for row in rows]
+
+    def prune_events(self, before: datetime) -> int:
+        with self._write("prune budget events") as conn:
+            return conn.execute("DELETE FROM budget_events WHERE at < ?", (_ts(before),)).rowcount
+
+    def add_status_event(self, event: StatusEvent) -> None:
+        with self._write(f"record status of {event.hostname}") as conn:
+            conn.execute(
+                "INSERT INTO status_history (hostname, at, status, error_code, message) VALUES (?, ?, ?, ?, ?)",
+                (event.hostname, _ts(event.at), event.status, event.error_code, event.message),
+            )
+
+    def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
+        conn = self._conn()
+        try:
+            rows = conn.execute(
+                "SELECT hostname, at, status, error_code, message FROM status_history "
+                "WHERE hostname = ? ORDER BY id DESC LIMIT ?",
+                (hostname, limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, f"read the status history of {hostname}", self.path) from exc
+        return [StatusEvent(r[0], _dt(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def save_ari(self, state: AriState) -> None:
+        with self._write(f"save the ARI state of {state.hostname}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO ari_state (hostname, serial, cert_id, renew_at, next_poll, checked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (state.hostname, state.serial, state.cert_id, _ts_opt(state.renew_at), _ts(state.next_poll),
+                 _ts(state.checked_at)),
+            )
+
+    def get_ari(self, hostname: str) -> AriState | None:
+        row = self._query_one(
+            f"read the ARI state of {hostname}",
+            "SELECT hostname, serial, cert_id, renew_at, next_poll, checked_at FROM ari_state WHERE hostname = ?",
+            (hostname,),
+        )
+        if row is None:
+            return None
+        return AriState(row[0], row[1], row[2], _dt_opt(row[3]), _dt(row[4]), _dt(row[5]))
+
+    # == END issue 4 ===========================================================================
 
     # -- lifecycle ------------------------------------------------------------------------
 
