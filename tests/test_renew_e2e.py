@@ -109,9 +109,11 @@ def test_cron_and_loop_started_together_order_once_per_name(stack: tuple[EdgeCon
     for name in names:
         assert run_cli(path, "domains", "add", name).returncode == 0
     # Both start at once: the loop's first full pass and the cron pass see all 8 due.
-    cron = subprocess.Popen([sys.executable, "-m", "edgeproxy", "--config", str(path), "renew"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Cron starts the moment the edge listens (in production the edge is always up
+    # when cron runs; before it listens, Pebble's HTTP-01 check would be refused).
     with EdgeProcess(config) as edge:
+        cron = subprocess.Popen([sys.executable, "-m", "edgeproxy", "--config", str(path), "renew"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out, _ = cron.communicate(timeout=90)
         for name in names:
             edge.wait_status(name, "active", timeout=30)
