@@ -15,7 +15,8 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .errors import (
     StorageUnavailable,
 )
 from .registry import Registry
+from .spool import ReplayFilters, parse_time
 
 __all__ = ["create_admin_app", "load_or_create_token"]
 
@@ -115,8 +117,24 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_admin_app(registry: Registry, token: str, on_registered: Callable[[str], None] | None = None) -> FastAPI:
-    """Build the admin app. ``on_registered`` wakes the issuance loop (same process)."""
+class ReplayRequest(BaseModel):
+    since: str | None = Field(None, description="ISO-8601, or an age such as 12h or 7d")
+    until: str | None = None
+    domain: str | None = None
+    status: int | None = None
+    dry_run: bool = False
+
+
+def create_admin_app(
+    registry: Registry,
+    token: str,
+    on_registered: Callable[[str], None] | None = None,
+    *,
+    spool_status: Callable[[], dict[str, Any]] | None = None,
+    replay: Callable[[ReplayFilters, bool], Awaitable[dict[str, Any]]] | None = None,
+) -> FastAPI:
+    """Build the admin app. ``on_registered`` wakes the issuance loop (same process);
+    ``spool_status``/``replay`` (issue 3) back ``GET /v1/spool`` and ``POST /v1/replay``."""
     app = FastAPI(
         title="edgeproxy admin API",
         version="1",
@@ -159,6 +177,8 @@ def create_admin_app(registry: Registry, token: str, on_registered: Callable[[st
             status = 404
         elif isinstance(exc, StorageUnavailable):
             status = 503
+        elif exc.code == "bad_time":  # issue 3: an unreadable --since/--until in POST /v1/replay
+            status = 400
         if status == 500:
             log.error("admin request failed: %s", exc)
         return _error(status, exc.code, str(exc))
@@ -209,5 +229,30 @@ def create_admin_app(registry: Registry, token: str, on_registered: Callable[[st
         if on_registered is not None:
             on_registered(record.hostname)
         return registry.view(record)
+
+    # -- BEGIN issue 3: spool and replay ------------------------------------------------
+    if spool_status is not None:
+        status_fn = spool_status
+
+        @app.get("/v1/spool", dependencies=[Depends(require_token)], responses={401: _ERRORS[401]},
+                 summary="Spool depth, bytes, age of the oldest entry, dead letters")
+        def get_spool() -> dict[str, Any]:
+            return status_fn()
+
+    if replay is not None:
+        replay_fn = replay
+
+        @app.post("/v1/replay", dependencies=[Depends(require_token)], responses={401: _ERRORS[401]},
+                  summary="Resend failed-request log entries (same filters as `edgeproxy replay`)")
+        async def post_replay(body: ReplayRequest) -> dict[str, Any]:
+            now = datetime.now(timezone.utc)
+            filters = ReplayFilters(
+                since=parse_time(body.since, now) if body.since else None,
+                until=parse_time(body.until, now) if body.until else None,
+                domain=body.domain.lower().rstrip(".") if body.domain else None,
+                status=body.status,
+            )
+            return await replay_fn(filters, body.dry_run)
+    # -- END issue 3 -------------------------------------------------------------------
 
     return app

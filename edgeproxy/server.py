@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -41,6 +42,7 @@ from .config import Settings, parse_hostport
 from .proxy import EdgeProxy, Site
 from .registry import Registry
 from .renew import Issuer, RenewalService
+from .spool import Replayer, ReplayFilters, Spool, SpoolingForwarder, prune_loop, replay_failed, spool_path
 from .storage import open_storage
 from .storage.base import Storage
 
@@ -144,6 +146,10 @@ class EdgeNode:
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge)
+        # Issue 3: every worker spools into the same node-local file; the primary drains it.
+        self.spool = Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
+        self.proxy.deliver = SpoolingForwarder(self.proxy.forward, self.spool, self.storage,
+                                               ip_retention=settings.privacy.ip_retention).deliver
         self.issuer = issuer
         self._config = _hypercorn_config()
         self._context = WorkerContext(None)
@@ -195,7 +201,8 @@ class EdgeNode:
         if self.primary:
             registry = Registry(self.storage, self.settings)
             token = load_or_create_token(self.settings.admin.token_file)
-            admin = create_admin_app(registry, token, on_registered=lambda _h: self._wake_soon())
+            admin = create_admin_app(registry, token, on_registered=lambda _h: self._wake_soon(),
+                                     spool_status=self._spool_status, replay=self._replay)
             listeners.append(_Listener("admin", self.sockets["admin"], admin))
             issuer = self.issuer or AcmeIssuer(
                 storage=self.storage,
@@ -207,6 +214,11 @@ class EdgeNode:
             )
             renewer = RenewalService(self.storage, self.certstore, issuer)
             background.append(asyncio.create_task(renewer.run_forever(self.stop, self.wake)))
+            replayer = Replayer(self.spool, self.proxy.forward, self.settings.spool, storage=self.storage,
+                                ip_retention=self.settings.privacy.ip_retention)
+            background.append(asyncio.create_task(replayer.run(self.stop)))
+            background.append(asyncio.create_task(
+                prune_loop(self.storage, self.settings.failed_log.retention_days, self.stop)))
         for listener in listeners:
             ssl_context = self.certstore.server_context() if listener.tls else None
             listener.server = await asyncio.start_server(
@@ -221,6 +233,13 @@ class EdgeNode:
             await self.stop.wait()
         finally:
             await self._shutdown(background)
+
+    def _spool_status(self) -> dict[str, Any]:
+        return self.spool.stats(time.time()).as_dict()
+
+    async def _replay(self, filters: ReplayFilters, dry_run: bool) -> dict[str, Any]:
+        summary = await replay_failed(self.storage, self.proxy.forward, filters, dry_run=dry_run)
+        return summary.as_dict()
 
     def _wake_soon(self) -> None:
         # Called from the admin route's worker thread: hop back onto the loop.
@@ -240,6 +259,7 @@ class EdgeNode:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await self.proxy.aclose()
+        await asyncio.to_thread(self.spool.close)
         self.storage.close()
 
     async def main(self) -> None:

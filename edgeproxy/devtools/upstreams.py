@@ -9,6 +9,7 @@ Must not import: anything of ours.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,10 +115,13 @@ class RecordingRelay(_Server):
     """Records every request; answers ``status`` with a small JSON body.
 
     ``on_request`` (optional) is called with each recorded request, e.g. to print it.
+    ``down = True`` makes it read each request and close the connection without an
+    answer (what a crashed relay behind a load balancer looks like); nothing is recorded.
     """
 
     def __init__(self, status: int = 202, on_request: Callable[[RecordedRequest], None] | None = None) -> None:
         self.status = status
+        self.down = False
         self.on_request = on_request
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
@@ -139,6 +143,10 @@ class _RelayHandler(_QuietHandler):
         relay: RecordingRelay = self.server.owner  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if relay.down:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         pairs = [(k.lower(), v) for k, v in self.headers.items()]
         relay.record(RecordedRequest(self.command, self.path, dict(pairs), pairs, body))
         self._reply(relay.status, json.dumps({"ok": relay.status < 400}).encode(), "application/json")
