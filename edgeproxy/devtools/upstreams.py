@@ -38,11 +38,17 @@ class RecordedRequest:
     body: bytes
 
 
+class _Backlogged(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of new connections (a replay
+    # window, a load test) would see dropped SYNs and 1 s connect retries.
+    request_queue_size = 256
+
+
 class _Server:
     """A ThreadingHTTPServer on a free loopback port, run in a daemon thread."""
 
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Backlogged(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True)
