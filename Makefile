@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-fast lint typecheck bench clean deps pebble
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble
 
 all: test
 
@@ -30,6 +30,10 @@ demo: deps
 test: deps
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Issue 3: spool/forward/replay benchmark (loopback, about a minute); numbers go into README.
+bench-spool: $(STAMP)
+	$(PY) bench/spool_bench.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -123,7 +123,7 @@ class SpoolSettings:
     max_bytes: int = 1024 * 1024 * 1024  # cap on spooled request bytes; full -> 503
     dead_letter_days: float = 7.0  # undeliverable this long -> dead-letter table + alert
     replay_rate: float = 2000.0  # requests/s the replayer may send (protects a recovering relay)
-    replay_window: int = 16  # requests in flight per domain while draining
+    replay_window: int = 4  # requests in flight per domain while draining (httpcore's pool gets slower with more)
     backoff_base: float = 0.5  # seconds; doubled per failure, full jitter
     backoff_cap: float = 60.0
     poll_interval: float = 0.5  # seconds between replayer passes when idle

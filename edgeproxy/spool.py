@@ -688,8 +688,8 @@ class _Backoff:
 
 
 class Replayer:
-    """Drains the spool through ``forward``: per domain in arrival order (sent in
-    windows of ``spool.replay_window``, dispatched in order), all domains at once, at
+    """Drains the spool through ``forward``: per domain in arrival order (dispatched in
+    order, at most ``spool.replay_window`` in flight), all domains at once, at
     most ``spool.replay_rate`` requests/s overall. A failure stops its domain and backs
     it off (full jitter, capped); entries older than ``spool.dead_letter_days`` move to
     the dead-letter table and raise an alert. Backoff state is in memory: after a
@@ -772,39 +772,50 @@ class Replayer:
 
     async def _drain_domain(self, domain: str, entries: list[SpoolEntry], done: list[int],
                             result: DrainResult) -> None:
-        window = self._settings.replay_window
-        for start in range(0, len(entries), window):
-            chunk = entries[start:start + window]
-            answers = await asyncio.gather(*(self._send(e) for e in chunk))
-            failed: tuple[SpoolEntry, ForwardResult] | None = None
-            for entry, answer in zip(chunk, answers):
+        # A sliding window: entries are dispatched in arrival order with at most
+        # ``replay_window`` in flight (lock-step windows would wait for each window's
+        # slowest answer). After the first retryable failure nothing more is sent for
+        # this domain in this pass: the relay is struggling, and order is kept.
+        window = asyncio.Semaphore(self._settings.replay_window)
+        failures: list[tuple[SpoolEntry, ForwardResult]] = []
+
+        async def one(entry: SpoolEntry) -> None:
+            try:
+                answer = await self._send(entry)
                 verdict = classify(answer)
                 if verdict == DELIVERED:
                     done.append(entry.id)
                     result.delivered += 1
-                elif verdict == REFUSED:
-                    if await self._log_refused(entry, answer):
-                        done.append(entry.id)
-                        result.refused += 1
-                    elif failed is None:
-                        failed = (entry, answer)
-                elif failed is None:
-                    failed = (entry, answer)
-            if failed is not None:
-                entry, answer = failed
-                result.retried += 1
-                state = self._backoff.get(domain) or _Backoff(0, 0.0)
-                state.attempts += 1
-                delay = backoff_delay(state.attempts, self._settings.backoff_base, self._settings.backoff_cap,
-                                      self._rand())
-                state.next_at = self._clock() + delay
-                self._backoff[domain] = state
-                reason = answer.error or f"status {answer.status}"
-                await asyncio.to_thread(self._spool.record_failure, entry.id, reason)
-                log.warning("replay to relay failed for %s (%s); retrying in %.2fs (attempt %d)",
-                            domain, reason, delay, state.attempts)
-                return
-        self._backoff.pop(domain, None)
+                elif verdict == REFUSED and await self._log_refused(entry, answer):
+                    done.append(entry.id)
+                    result.refused += 1
+                else:
+                    failures.append((entry, answer))
+            finally:
+                window.release()
+
+        tasks: list[asyncio.Task[None]] = []
+        for entry in entries:
+            await window.acquire()
+            if failures:
+                window.release()
+                break
+            tasks.append(asyncio.create_task(one(entry)))
+        await asyncio.gather(*tasks)
+        if not failures:
+            self._backoff.pop(domain, None)
+            return
+        entry, answer = min(failures, key=lambda f: f[0].id)
+        result.retried += 1
+        state = self._backoff.get(domain) or _Backoff(0, 0.0)
+        state.attempts += 1
+        delay = backoff_delay(state.attempts, self._settings.backoff_base, self._settings.backoff_cap, self._rand())
+        state.next_at = self._clock() + delay
+        self._backoff[domain] = state
+        reason = answer.error or f"status {answer.status}"
+        await asyncio.to_thread(self._spool.record_failure, entry.id, reason)
+        log.warning("replay to relay failed for %s (%s); retrying in %.2fs (attempt %d)",
+                    domain, reason, delay, state.attempts)
 
     async def _log_refused(self, entry: SpoolEntry, answer: ForwardResult) -> bool:
         """A spooled request the relay now refuses goes to the failed-request log; it
