@@ -284,6 +284,8 @@ _SCHEMA: Final = (
         received_at REAL NOT NULL, size INTEGER NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT)""",
     "CREATE INDEX IF NOT EXISTS spool_domain ON spool(domain, id)",
+    # The dead-letter sweep runs every pass and stats asks for the oldest entry: no scans.
+    "CREATE INDEX IF NOT EXISTS spool_received ON spool(received_at)",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         id INTEGER PRIMARY KEY,
         idempotency_key TEXT NOT NULL, domain TEXT NOT NULL, target TEXT NOT NULL,
@@ -854,6 +856,8 @@ class ReplaySummary:
                 "dry_run": self.dry_run, "failures": dict(self.failures)}
 
 
+_REPLAY_PAGE: Final = 1000
+
 Progress = Callable[[int, int, FailedRequestRecord, str], None]
 """``progress(done, total, record, outcome)`` after each request (outcome: delivered,
 failed: ..., or would send)."""
@@ -874,44 +878,51 @@ async def replay_failed(
     original ``Idempotency-Key``. A 2xx/3xx marks the record delivered (after every
     window, so an interrupted run keeps its progress); a second run selects nothing
     that was delivered. Anything else leaves the record for a later run."""
-    records: list[FailedRequestRecord] = []
+    # Streamed page by page: a week-long relay outage can leave millions of rows, so
+    # the run never holds more than one page; ``total`` comes from a count first.
+    total = await asyncio.to_thread(
+        storage.count_failed_requests, since=filters.since, until=filters.until, domain=filters.domain,
+        status=filters.status)
+    summary = ReplaySummary(selected=0, dry_run=dry_run)
+    step = max(1, window)
     after = 0
+    done = 0
     while True:
         page = await asyncio.to_thread(
             storage.find_failed_requests, since=filters.since, until=filters.until, domain=filters.domain,
-            status=filters.status, delivered=False, limit=1000, after_id=after)
+            status=filters.status, delivered=False, limit=_REPLAY_PAGE, after_id=after)
         if not page:
             break
-        records.extend(page)
         after = page[-1].id
-    summary = ReplaySummary(selected=len(records), dry_run=dry_run)
-    if dry_run:
-        for i, record in enumerate(records, 1):
-            if progress is not None:
-                progress(i, len(records), record, "would send")
-        return summary
-    done = 0
-    for start in range(0, len(records), max(1, window)):
-        chunk = records[start:start + max(1, window)]
-        answers = await asyncio.gather(*(forward(ForwardRequest(
-            target=r.target, headers=r.headers, body=r.body, host=r.domain,
-            idempotency_key=r.idempotency_key, client=r.client,
-            received_at=r.received_at.timestamp())) for r in chunk))
-        delivered: list[int] = []
-        for record, answer in zip(chunk, answers):
-            done += 1
-            if classify(answer) == DELIVERED:
-                delivered.append(record.id)
-                summary.delivered += 1
-                outcome = "delivered"
-            else:
-                summary.failed += 1
-                reason = answer.error or f"status {answer.status}"
-                summary.failures[reason] += 1
-                outcome = f"failed: {reason}"
-            if progress is not None:
-                progress(done, len(records), record, outcome)
-        await asyncio.to_thread(storage.mark_failed_delivered, delivered, now())
+        summary.selected += len(page)
+        total = max(total, summary.selected)
+        if dry_run:
+            for record in page:
+                done += 1
+                if progress is not None:
+                    progress(done, total, record, "would send")
+            continue
+        for start in range(0, len(page), step):
+            chunk = page[start:start + step]
+            answers = await asyncio.gather(*(forward(ForwardRequest(
+                target=r.target, headers=r.headers, body=r.body, host=r.domain,
+                idempotency_key=r.idempotency_key, client=r.client,
+                received_at=r.received_at.timestamp())) for r in chunk))
+            delivered: list[int] = []
+            for record, answer in zip(chunk, answers):
+                done += 1
+                if classify(answer) == DELIVERED:
+                    delivered.append(record.id)
+                    summary.delivered += 1
+                    outcome = "delivered"
+                else:
+                    summary.failed += 1
+                    reason = answer.error or f"status {answer.status}"
+                    summary.failures[reason] += 1
+                    outcome = f"failed: {reason}"
+                if progress is not None:
+                    progress(done, total, record, outcome)
+            await asyncio.to_thread(storage.mark_failed_delivered, delivered, now())
     return summary
 
 

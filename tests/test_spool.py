@@ -293,15 +293,22 @@ def test_replayer_moves_newly_refused_entries_to_the_failed_log(tmp_path: Path) 
     store.close()
 
 
-def test_replay_failed_sends_each_once_and_a_second_run_nothing(tmp_path: Path) -> None:
+def test_replay_failed_sends_each_once_and_a_second_run_nothing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeproxy.spool
+
+    monkeypatch.setattr(edgeproxy.spool, "_REPLAY_PAGE", 5)  # several pages: streamed, never all in memory
     store = open_storage(f"sqlite://{tmp_path}/edge.db")
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
     fwd = SpoolingForwarder(FakeRelay(401), spool, store)
     for i in range(12):
         asyncio.run(fwd.deliver(request(i, "a.x.com" if i % 3 else "b.x.com")))
     relay = FakeRelay()
-    dry = asyncio.run(replay_failed(store, relay, ReplayFilters(), dry_run=True))
+    seen_progress: list[tuple[int, int, str]] = []
+    dry = asyncio.run(replay_failed(store, relay, ReplayFilters(), dry_run=True,
+                                    progress=lambda d, t, _r, o: seen_progress.append((d, t, o))))
     assert dry.selected == 12 and relay.seen == []
+    assert seen_progress == [(i, 12, "would send") for i in range(1, 13)]
     only_b = asyncio.run(replay_failed(store, relay, ReplayFilters(domain="b.x.com", status=401)))
     assert (only_b.selected, only_b.delivered) == (4, 4)
     rest = asyncio.run(replay_failed(store, relay, ReplayFilters(since=NOW - timedelta(days=3650))))

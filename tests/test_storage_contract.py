@@ -810,6 +810,12 @@ def test_failed_log_round_trip_filters_and_order(store: Storage) -> None:
     window = store.find_failed_requests(since=NOW + timedelta(minutes=1), until=NOW + timedelta(minutes=3))
     assert [r.idempotency_key for r in window] == ["k1", "k2"]
     assert [r.idempotency_key for r in store.find_failed_requests(limit=2, after_id=ids[1])] == ["k2", "k3"]
+    assert store.count_failed_requests() == 5
+    assert store.count_failed_requests(domain="a.example.com", status=401) == 1
+    assert store.count_failed_requests(since=NOW + timedelta(minutes=1), until=NOW + timedelta(minutes=3)) == 2
+    store.mark_failed_delivered([ids[0]], NOW)
+    assert (store.count_failed_requests(), store.count_failed_requests(delivered=True),
+            store.count_failed_requests(delivered=None)) == (4, 1, 5)
 
 
 def test_failed_log_is_idempotent_per_key_and_marks_delivered_once(store: Storage) -> None:

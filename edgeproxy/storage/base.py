@@ -215,6 +215,18 @@ class Storage(Protocol):
         None = both."""
         ...
 
+    def count_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+    ) -> int:
+        """How many records ``find_failed_requests`` would return without a limit."""
+        ...
+
     def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
         """Set ``delivered_at = now`` where still unset; returns how many changed."""
         ...

@@ -155,6 +155,30 @@ _FAILED_COLUMNS = (
     "received_at, logged_at, delivered_at"
 )
 
+
+
+def _failed_filters(since: datetime | None, until: datetime | None, domain: str | None, status: int | None,
+                    delivered: bool | None) -> tuple[list[str], list[Any]]:
+    """WHERE terms (constant SQL) and their parameters for the failed-request log filters."""
+    where = ["1 = 1"]
+    params: list[Any] = []
+    if since is not None:
+        where.append("received_at >= ?")
+        params.append(_ts(since))
+    if until is not None:
+        where.append("received_at < ?")
+        params.append(_ts(until))
+    if domain is not None:
+        where.append("domain = ?")
+        params.append(domain)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if delivered is not None:
+        where.append("delivered_at IS NOT NULL" if delivered else "delivered_at IS NULL")
+    return where, params
+
+
 _DOMAIN_COLUMNS = (
     "hostname, status, created_at, updated_at, error_code, error_message, next_attempt_at, attempts"
 )
@@ -781,23 +805,9 @@ class SqliteStorage:
         limit: int = 1000,
         after_id: int = 0,
     ) -> list[FailedRequestRecord]:
-        where = ["id > ?"]
-        params: list[Any] = [after_id]
-        if since is not None:
-            where.append("received_at >= ?")
-            params.append(_ts(since))
-        if until is not None:
-            where.append("received_at < ?")
-            params.append(_ts(until))
-        if domain is not None:
-            where.append("domain = ?")
-            params.append(domain)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if delivered is not None:
-            where.append("delivered_at IS NOT NULL" if delivered else "delivered_at IS NULL")
-        params.append(limit)
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        where.append("id > ?")
+        params.extend([after_id, limit])
         with self._read("find failed requests") as conn:
             rows = conn.execute(
                 f"SELECT {_FAILED_COLUMNS} FROM failed_requests WHERE {' AND '.join(where)} "
@@ -812,6 +822,20 @@ class SqliteStorage:
             )
             for row in rows
         ]
+
+    def count_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+    ) -> int:
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        row = self._query_one("count failed requests",
+                              f"SELECT COUNT(*) FROM failed_requests WHERE {' AND '.join(where)}", tuple(params))
+        return int(row[0])
 
     def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
         if not ids:
