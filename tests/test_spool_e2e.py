@@ -272,6 +272,7 @@ def test_spool_full_answers_503_and_bad_requests_write_nothing(stack: Stack) -> 
     seen = wait_delivered(stack, acked)
     assert_one_key_per_event(seen, acked)
     assert not (set(results) - acked) & set(seen)  # refused with 503 -> never acknowledged, not spooled
+    stack.restart()  # back to the default cap for the tests that follow
 
 
 def bad_content_length(stack: Stack) -> int:
@@ -285,9 +286,25 @@ def bad_content_length(stack: Stack) -> int:
     return int(head.split()[1])
 
 
-def test_cli_spool_stats_and_list(stack: Stack) -> None:
+def test_cli_spool_list_and_drain_while_the_edge_is_stopped(stack: Stack) -> None:
+    stack.relay.down = True
+    try:
+        results = send_events(stack, 12, threads=2)
+        acked = {e for e, s in results.items() if s == 202}
+        assert len(acked) == 12
+        stack.edge.stop()  # graceful: the spool stays on disk
+    finally:
+        stack.relay.down = False
     stats = stack.cli("spool", "stats")
     assert stats.returncode == 0, stats.stderr
-    assert json.loads(stats.stdout)["depth"] == 0
-    listed = stack.cli("spool", "list")
-    assert listed.returncode == 0 and "0 listed" in listed.stdout
+    assert json.loads(stats.stdout)["depth"] == 12
+    listed = stack.cli("spool", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 12
+    drained = stack.cli("spool", "drain")
+    assert drained.returncode == 0, drained.stderr
+    assert "12 delivered" in drained.stdout and "0 left in the spool" in drained.stdout
+    assert_one_key_per_event(wait_delivered(stack, acked, timeout=5), acked)
+    stack.edge = EdgeProcess(stack.config, workers=2).start()
+    wait_served(stack)
+    assert stack.spool()["depth"] == 0
