@@ -546,6 +546,12 @@ class Spool:
             dead_letters=int(dead), domains={str(k): int(v) for k, v in domains.items()},
         )
 
+    def depth_age(self) -> tuple[int, float]:
+        """(depth, age in seconds of the oldest entry) now: the shape ``monitor.SpoolStats``
+        and the metrics collector take. Blocking."""
+        stats = self.stats(time.time())
+        return stats.depth, stats.oldest_age_seconds
+
     def close(self) -> None:
         """Finish queued writes, stop the writer, close every connection. Idempotent."""
         with self._lock:

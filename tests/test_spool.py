@@ -109,6 +109,8 @@ def test_put_is_durable_in_arrival_order_and_commits_in_groups(tmp_path: Path) -
     stats = reopened.stats(time.time())
     assert stats.depth == 300 and stats.bytes > 0 and stats.oldest_age_seconds >= 0
     assert spool_metrics(reopened, time.time())["edgeproxy_spool_depth"] == 300.0
+    depth, age = reopened.depth_age()
+    assert depth == 300 and age >= 0
     reopened.delete([e.id for e in entries[:100]])
     assert reopened.stats(time.time()).depth == 200
     reopened.close()
