@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-fast lint typecheck bench clean deps pebble systemd-tools docs
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble systemd-tools docs
 
 all: test
 
@@ -42,6 +42,9 @@ test: deps
 # docs/configuration.md and docs/admin-api.md are generated; tests/test_docs.py fails when stale.
 docs: $(STAMP)
 	$(PY) -m edgeproxy.devtools.refdocs
+# Issue 3: spool/forward/replay benchmark (loopback, about a minute); numbers go into README.
+bench-spool: $(STAMP)
+	$(PY) bench/spool_bench.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

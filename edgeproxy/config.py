@@ -37,6 +37,9 @@ __all__ = [
     "RenewSettings",
     "RoutesSettings",
     "Settings",
+    "SpoolSettings",
+    "FailedLogSettings",
+    "PrivacySettings",
     "StorageSettings",
     "UpstreamSettings",
     "load_settings",
@@ -193,6 +196,32 @@ class RenewSettings:
     failed_validations: int = 5  # failed validations per hostname per hour
 
 
+# -- BEGIN issue 3 (spool, failed-request log, privacy) ---------------------------------
+@dataclass(frozen=True)
+class SpoolSettings:
+    # Node-local SQLite file (never the shared store: it must work when that is down).
+    # Empty: "spool.db" next to a sqlite storage.url, else /var/lib/edgeproxy/spool.db.
+    path: str = ""
+    max_bytes: int = 1024 * 1024 * 1024  # cap on spooled request bytes; full -> 503
+    dead_letter_days: float = 7.0  # undeliverable this long -> dead-letter table + alert
+    replay_rate: float = 2000.0  # requests/s the replayer may send (protects a recovering relay)
+    replay_window: int = 4  # requests in flight per domain while draining (httpcore's pool gets slower with more)
+    backoff_base: float = 0.5  # seconds; doubled per failure, full jitter
+    backoff_cap: float = 60.0
+    poll_interval: float = 0.5  # seconds between replayer passes when idle
+
+
+@dataclass(frozen=True)
+class FailedLogSettings:
+    retention_days: float = 90.0
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    ip_retention: str = "full"  # full | truncated | none (failed-request log)
+# -- END issue 3 -------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Settings:
     acme: AcmeSettings = field(default_factory=AcmeSettings)
@@ -208,6 +237,9 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     log: LogSettings = field(default_factory=LogSettings)
     renew: RenewSettings = field(default_factory=RenewSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    failed_log: FailedLogSettings = field(default_factory=FailedLogSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
 
 def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
@@ -300,6 +332,10 @@ def _validate(settings: Settings) -> Settings:
                           'use "x-forwarded-for", "forwarded" and/or "x-real-ip"')
     if settings.proxy.max_body <= 0:
         raise ConfigError("proxy.max_body must be positive")
+    if settings.privacy.ip_retention not in ("full", "truncated", "none"):
+        raise ConfigError("privacy.ip_retention must be full, truncated or none")
+    if settings.spool.max_bytes <= 0 or settings.spool.replay_rate <= 0 or settings.spool.replay_window < 1:
+        raise ConfigError("spool.max_bytes, spool.replay_rate and spool.replay_window must be positive")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)
     if directory != settings.acme.directory:
         settings = dataclasses.replace(settings, acme=dataclasses.replace(settings.acme, directory=directory))

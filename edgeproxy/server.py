@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -51,6 +52,7 @@ from .proxy import EdgeProxy, Site
 from .registry import Registry
 from .renew import Issuer, RenewalService
 from .keys import open_store
+from .spool import Replayer, ReplayFilters, Spool, SpoolingForwarder, prune_loop, replay_failed, spool_path
 from .storage.base import Storage
 from .tokens import TokenStore
 
@@ -195,8 +197,12 @@ class EdgeNode:
         self.metrics = Metrics(self.metrics_registry)
         self.proxy.stats = StatsCounter(self.metrics)
         self.proxy.observe_relay = self.metrics.observe_relay
-        # The spool (issue 3) sets this: (depth, oldest age in s) for alerts and /metrics.
-        self.spool_stats: SpoolStats | None = None
+        # Issue 3: every worker spools into the same node-local file; the primary drains it.
+        self.spool = Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
+        self.proxy.deliver = SpoolingForwarder(self.proxy.forward, self.spool, self.storage,
+                                               ip_retention=settings.privacy.ip_retention).deliver
+        # (depth, oldest age in s) for alerts and /metrics.
+        self.spool_stats: SpoolStats | None = self.spool.depth_age
         self.monitor: MonitorService | None = None
         self.issuer = issuer
         self._config = _hypercorn_config()
@@ -255,7 +261,8 @@ class EdgeNode:
             tokens = TokenStore(self.settings.admin, create_bootstrap=True)
             monitor = self._monitor()
             admin = create_admin_app(registry, tokens, on_registered=lambda _h: self._wake_soon(),
-                                     last_check=monitor.last_check, metrics=self._metrics_renderer(monitor))
+                                     last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
+                                     spool_status=self._spool_status, replay=self._replay)
             listeners.append(_Listener("admin", self.sockets["admin"], admin))
             background.append(asyncio.create_task(monitor.run_forever(self.stop)))
             issuer = self.issuer or AcmeIssuer(
@@ -271,6 +278,11 @@ class EdgeNode:
             r = self.settings.renew
             background.append(asyncio.create_task(
                 renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
+            replayer = Replayer(self.spool, self.proxy.forward, self.settings.spool, storage=self.storage,
+                                ip_retention=self.settings.privacy.ip_retention)
+            background.append(asyncio.create_task(replayer.run(self.stop)))
+            background.append(asyncio.create_task(
+                prune_loop(self.storage, self.settings.failed_log.retention_days, self.stop)))
         for listener in listeners:
             ssl_context = self.certstore.server_context() if listener.tls else None
             listener.server = await asyncio.start_server(
@@ -321,6 +333,12 @@ class EdgeNode:
             return render(scrape_registry(state, self.metrics_registry)), CONTENT_TYPE
 
         return render_metrics
+    def _spool_status(self) -> dict[str, Any]:
+        return self.spool.stats(time.time()).as_dict()
+
+    async def _replay(self, filters: ReplayFilters, dry_run: bool) -> dict[str, Any]:
+        summary = await replay_failed(self.storage, self.proxy.forward, filters, dry_run=dry_run)
+        return summary.as_dict()
 
     def _wake_soon(self) -> None:
         # Called from the admin route's worker thread: hop back onto the loop.
@@ -340,6 +358,7 @@ class EdgeNode:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await self.proxy.aclose()
+        await asyncio.to_thread(self.spool.close)
         self.storage.close()
 
     async def main(self) -> None:

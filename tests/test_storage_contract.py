@@ -827,3 +827,75 @@ def test_ari_state_round_trip_replace_and_removed_with_the_domain(store: Storage
 
 
 # == END issue 4 ===================================================================================
+# =====================================================================================
+# BEGIN issue 3: failed-request log (every backend)
+# =====================================================================================
+
+from edgeproxy.storage import FailedRequestRecord  # noqa: E402
+
+
+def failed(key: str, *, domain: str = "a.example.com", status: int = 401, received: datetime = NOW,
+           logged: datetime | None = None) -> FailedRequestRecord:
+    return FailedRequestRecord(
+        idempotency_key=key, domain=domain, method="POST", target="/collect?v=1",
+        headers=((b"content-type", b"application/json"), (b"idempotency-key", key.encode()),
+                 (b"x-odd", bytes(range(128, 140)))),
+        body=b'{"e":"' + key.encode() + b'"}\x00\xff', client="203.0.113.9", status=status, origin="relay",
+        received_at=received, logged_at=logged or received,
+    )
+
+
+def test_failed_log_round_trip_filters_and_order(store: Storage) -> None:
+    ids = [store.log_failed_request(failed(f"k{i}", domain="a.example.com" if i % 2 else "b.example.com",
+                                            status=401 if i < 3 else 403, received=NOW + timedelta(minutes=i)))
+           for i in range(5)]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    everything = store.find_failed_requests()
+    assert [r.idempotency_key for r in everything] == ["k0", "k1", "k2", "k3", "k4"]
+    first = everything[0]
+    assert first == replace(failed("k0", domain="b.example.com"), id=ids[0])  # bytes headers/body exact
+    assert [r.idempotency_key for r in store.find_failed_requests(domain="a.example.com")] == ["k1", "k3"]
+    assert [r.idempotency_key for r in store.find_failed_requests(status=403)] == ["k3", "k4"]
+    window = store.find_failed_requests(since=NOW + timedelta(minutes=1), until=NOW + timedelta(minutes=3))
+    assert [r.idempotency_key for r in window] == ["k1", "k2"]
+    assert [r.idempotency_key for r in store.find_failed_requests(limit=2, after_id=ids[1])] == ["k2", "k3"]
+    assert store.count_failed_requests() == 5
+    assert store.count_failed_requests(domain="a.example.com", status=401) == 1
+    assert store.count_failed_requests(since=NOW + timedelta(minutes=1), until=NOW + timedelta(minutes=3)) == 2
+    store.mark_failed_delivered([ids[0]], NOW)
+    assert (store.count_failed_requests(), store.count_failed_requests(delivered=True),
+            store.count_failed_requests(delivered=None)) == (4, 1, 5)
+
+
+def test_failed_log_is_idempotent_per_key_and_marks_delivered_once(store: Storage) -> None:
+    first = store.log_failed_request(failed("k1"))
+    again = store.log_failed_request(failed("k1", status=500, logged=NOW + timedelta(hours=1)))
+    assert first == again
+    (record,) = store.find_failed_requests(delivered=None)
+    assert record.status == 500 and record.logged_at == NOW + timedelta(hours=1)
+    other = store.log_failed_request(failed("k2"))
+    assert store.mark_failed_delivered([first], NOW) == 1
+    assert store.mark_failed_delivered([first, other], NOW + timedelta(seconds=1)) == 1  # first already done
+    assert store.find_failed_requests() == []  # default: undelivered only
+    delivered = store.find_failed_requests(delivered=True)
+    assert [(r.idempotency_key, r.delivered_at) for r in delivered] == [
+        ("k1", NOW), ("k2", NOW + timedelta(seconds=1))]
+    assert store.mark_failed_delivered([], NOW) == 0
+
+
+def test_failed_log_pruned_after_retention_with_the_clock_passed_in(store: Storage) -> None:
+    from edgeproxy.spool import prune_failed_log
+
+    store.log_failed_request(failed("old", logged=NOW - timedelta(days=90, seconds=1)))
+    store.log_failed_request(failed("edge", logged=NOW - timedelta(days=90)))
+    store.log_failed_request(failed("new", logged=NOW - timedelta(days=89)))
+    assert prune_failed_log(store, NOW, 90) == 1
+    assert [r.idempotency_key for r in store.find_failed_requests(delivered=None)] == ["edge", "new"]
+    # 90 days after the newest: everything is gone.
+    assert prune_failed_log(store, NOW + timedelta(days=90, seconds=1), 90) == 2
+    assert store.find_failed_requests(delivered=None) == []
+
+
+# =====================================================================================
+# END issue 3
+# =====================================================================================

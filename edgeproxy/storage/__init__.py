@@ -27,6 +27,7 @@ from edgeproxy.storage.base import (
     CertificateRecord,
     ChallengeRecord,
     DomainRecord,
+    FailedRequestRecord,
     Storage,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "ChallengeRecord",
     "DomainRecord",
     "DOMAIN_STATUSES",
+    "FailedRequestRecord",
     "Storage",
     "open_storage",
     "sqlite_path_from_url",

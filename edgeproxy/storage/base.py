@@ -27,6 +27,7 @@ __all__ = [
     "DomainRecord",
     "StatusEvent",
     "AriState",
+    "FailedRequestRecord",
     "Storage",
     "DOMAIN_STATUSES",
 ]
@@ -105,6 +106,31 @@ class AriState:
     renew_at: datetime | None
     next_poll: datetime
     checked_at: datetime
+# -- BEGIN issue 3: failed-request log record ---------------------------------------------
+@dataclass(frozen=True)
+class FailedRequestRecord:
+    """One API call the relay refused (or the edge could not accept), with
+    everything needed to send it again (``edgeproxy replay``).
+
+    ``headers`` are the headers sent to the relay, ``Idempotency-Key`` included;
+    ``client`` is already reduced per ``privacy.ip_retention``. ``id`` is 0 before
+    the record is stored.
+    """
+
+    idempotency_key: str
+    domain: str
+    method: str
+    target: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    client: str | None
+    status: int  # what the relay (or the edge) answered
+    origin: str  # "relay" or "edge": who refused it
+    received_at: datetime
+    logged_at: datetime
+    delivered_at: datetime | None = None
+    id: int = 0
+# -- END issue 3 ---------------------------------------------------------------------------
 
 
 class Storage(Protocol):
@@ -225,3 +251,47 @@ class Storage(Protocol):
         ...
 
     # == END issue 4 ==========================================================================
+    # -- BEGIN issue 3: failed-request log (kept ``failed_log.retention_days``) ------------
+    def log_failed_request(self, record: FailedRequestRecord) -> int:
+        """Store a refused request; returns its id. Idempotent per
+        ``idempotency_key``: logging the same key again (a replay refused once
+        more) updates ``status``/``logged_at`` and keeps the one row."""
+        ...
+
+    def find_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+        limit: int = 1000,
+        after_id: int = 0,
+    ) -> list[FailedRequestRecord]:
+        """Records with ``since <= received_at < until`` (either bound optional),
+        matching ``domain``/``status`` when given, ``id > after_id``, ordered by id
+        (arrival order). ``delivered``: False = not yet delivered, True = delivered,
+        None = both."""
+        ...
+
+    def count_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+    ) -> int:
+        """How many records ``find_failed_requests`` would return without a limit."""
+        ...
+
+    def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
+        """Set ``delivered_at = now`` where still unset; returns how many changed."""
+        ...
+
+    def prune_failed_requests(self, before: datetime) -> int:
+        """Delete records logged before ``before``; returns how many."""
+        ...
+    # -- END issue 3 ------------------------------------------------------------------------

@@ -49,6 +49,7 @@ Choices (and why):
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -68,6 +69,7 @@ from edgeproxy.storage.base import (
     DomainRecord,
     StatusEvent,
     AriState,
+    FailedRequestRecord,
 )
 
 __all__ = ["SqliteStorage", "SCHEMA_VERSION"]
@@ -155,6 +157,56 @@ _SCHEMA_RENEW = (
         checked_at TEXT NOT NULL
     )""",
 )
+
+# Issue 3: tables added without a version bump (CREATE ... IF NOT EXISTS is safe
+# to run on every open of an older file).
+_FAILED_LOG_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS failed_requests (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        domain          TEXT NOT NULL,
+        method          TEXT NOT NULL,
+        target          TEXT NOT NULL,
+        headers_json    TEXT NOT NULL,
+        body            BLOB NOT NULL,
+        client          TEXT,
+        status          INTEGER NOT NULL,
+        origin          TEXT NOT NULL,
+        received_at     TEXT NOT NULL,
+        logged_at       TEXT NOT NULL,
+        delivered_at    TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS failed_requests_received ON failed_requests(received_at)",
+    "CREATE INDEX IF NOT EXISTS failed_requests_logged ON failed_requests(logged_at)",
+)
+_FAILED_COLUMNS = (
+    "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
+    "received_at, logged_at, delivered_at"
+)
+
+
+
+def _failed_filters(since: datetime | None, until: datetime | None, domain: str | None, status: int | None,
+                    delivered: bool | None) -> tuple[list[str], list[Any]]:
+    """WHERE terms (constant SQL) and their parameters for the failed-request log filters."""
+    where = ["1 = 1"]
+    params: list[Any] = []
+    if since is not None:
+        where.append("received_at >= ?")
+        params.append(_ts(since))
+    if until is not None:
+        where.append("received_at < ?")
+        params.append(_ts(until))
+    if domain is not None:
+        where.append("domain = ?")
+        params.append(domain)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if delivered is not None:
+        where.append("delivered_at IS NOT NULL" if delivered else "delivered_at IS NULL")
+    return where, params
+
 
 _DOMAIN_COLUMNS = (
     "hostname, status, created_at, updated_at, error_code, error_message, next_attempt_at, attempts"
@@ -350,7 +402,7 @@ class SqliteStorage:
                 "the database must live on a local filesystem"
             )
         with self._write("create the schema") as tx:
-            for statement in _SCHEMA_V1:
+            for statement in _SCHEMA_V1 + _FAILED_LOG_SCHEMA:
                 tx.execute(statement)
             for statement in _SCHEMA_RENEW:
                 tx.execute(statement)
@@ -817,6 +869,87 @@ class SqliteStorage:
             except sqlite3.Error:
                 pass
         self._local = threading.local()
+
+    # -- BEGIN issue 3: failed-request log ----------------------------------------------------
+
+    def log_failed_request(self, record: FailedRequestRecord) -> int:
+        headers = json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in record.headers])
+        with self._write(f"log failed request {record.idempotency_key}") as conn:
+            conn.execute(
+                f"INSERT INTO failed_requests ({_FAILED_COLUMNS.partition(', ')[2]}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (idempotency_key) DO UPDATE SET status = excluded.status, "
+                "origin = excluded.origin, logged_at = excluded.logged_at",
+                (record.idempotency_key, record.domain, record.method, record.target, headers,
+                 record.body, record.client, record.status, record.origin, _ts(record.received_at),
+                 _ts(record.logged_at), _ts_opt(record.delivered_at)),
+            )
+            row = conn.execute("SELECT id FROM failed_requests WHERE idempotency_key = ?",
+                               (record.idempotency_key,)).fetchone()
+            return int(row[0])
+
+    def find_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+        limit: int = 1000,
+        after_id: int = 0,
+    ) -> list[FailedRequestRecord]:
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        where.append("id > ?")
+        params.extend([after_id, limit])
+        with self._read("find failed requests") as conn:
+            rows = conn.execute(
+                f"SELECT {_FAILED_COLUMNS} FROM failed_requests WHERE {' AND '.join(where)} "
+                "ORDER BY id LIMIT ?", params,
+            ).fetchall()
+        return [
+            FailedRequestRecord(
+                id=row[0], idempotency_key=row[1], domain=row[2], method=row[3], target=row[4],
+                headers=tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(row[5])),
+                body=bytes(row[6]), client=row[7], status=row[8], origin=row[9],
+                received_at=_dt(row[10]), logged_at=_dt(row[11]), delivered_at=_dt_opt(row[12]),
+            )
+            for row in rows
+        ]
+
+    def count_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+    ) -> int:
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        row = self._query_one("count failed requests",
+                              f"SELECT COUNT(*) FROM failed_requests WHERE {' AND '.join(where)}", tuple(params))
+        return int(row[0])
+
+    def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
+        if not ids:
+            return 0
+        changed = 0
+        with self._write("mark failed requests delivered") as conn:
+            for start in range(0, len(ids), 500):  # stay under SQLite's parameter limit
+                chunk = ids[start:start + 500]
+                cursor = conn.execute(
+                    f"UPDATE failed_requests SET delivered_at = ? WHERE delivered_at IS NULL "
+                    f"AND id IN ({','.join('?' * len(chunk))})", [_ts(now), *chunk],
+                )
+                changed += cursor.rowcount
+        return changed
+
+    def prune_failed_requests(self, before: datetime) -> int:
+        with self._write("prune failed requests") as conn:
+            return int(conn.execute("DELETE FROM failed_requests WHERE logged_at < ?", (_ts(before),)).rowcount)
+
+    # -- END issue 3 ------------------------------------------------------------------------
 
     def __enter__(self) -> SqliteStorage:
         return self
