@@ -142,7 +142,7 @@ class MonitorSettings:
     cert_warn_days: float = 14.0  # alert when a served certificate has fewer days left
     stuck_after: float = 3600.0  # seconds a domain may stay `failing` before an alert
     relay_4xx_burst: int = 50  # relay 4xx answers within relay_4xx_window that raise an alert; 0 = off
-    relay_4xx_window: float = 300.0
+    relay_4xx_window: float = 300.0  # seconds over which relay 4xx answers are counted
     spool_max_depth: int = 10000  # spool alerts (once the spool exists); 0 = off
     spool_max_age: float = 900.0  # seconds; 0 = off
 
@@ -154,18 +154,18 @@ class AlertSettings:
     retry_delay: float = 2.0  # seconds before the first retry (doubles)
     timeout: float = 10.0  # seconds per delivery attempt
     webhook_url: str = ""  # generic JSON webhook
-    telegram_chat_id: str = ""
-    telegram_token_file: str = ""
-    telegram_api: str = "https://api.telegram.org"
-    pagerduty_routing_key_file: str = ""
-    pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
-    smtp_host: str = ""
-    smtp_port: int = 25
-    smtp_from: str = ""
-    smtp_to: tuple[str, ...] = ()
-    smtp_starttls: bool = False
-    smtp_username: str = ""
-    smtp_password_file: str = ""
+    telegram_chat_id: str = ""  # Telegram chat (or channel) id; with telegram_token_file turns the sink on
+    telegram_token_file: str = ""  # file holding the bot token (read at each send)
+    telegram_api: str = "https://api.telegram.org"  # Bot API base URL
+    pagerduty_routing_key_file: str = ""  # file holding the Events API v2 integration key; turns the sink on
+    pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"  # Events API v2 endpoint
+    smtp_host: str = ""  # mail server; with smtp_to turns e-mail alerts on
+    smtp_port: int = 25  # mail server port
+    smtp_from: str = ""  # sender address; empty = edgeproxy@<this host>
+    smtp_to: tuple[str, ...] = ()  # recipients
+    smtp_starttls: bool = False  # upgrade the SMTP connection with STARTTLS (system roots)
+    smtp_username: str = ""  # SMTP login; empty = no authentication
+    smtp_password_file: str = ""  # file holding the SMTP password
 
 
 @dataclass(frozen=True)
