@@ -160,17 +160,17 @@ class AlertSettings:
     retry_delay: float = 2.0  # seconds before the first retry (doubles)
     timeout: float = 10.0  # seconds per delivery attempt
     webhook_url: str = ""  # generic JSON webhook
-    telegram_chat_id: str = ""  # Telegram chat that receives alerts (sink on when set)
-    telegram_token_file: str = ""  # file holding the bot token, read at each send
-    telegram_api: str = "https://api.telegram.org"  # Bot API base URL (tests point it at a local server)
-    pagerduty_routing_key_file: str = ""  # file holding the Events API v2 integration key (sink on when set)
+    telegram_chat_id: str = ""  # Telegram chat (or channel) id; with telegram_token_file turns the sink on
+    telegram_token_file: str = ""  # file holding the bot token (read at each send)
+    telegram_api: str = "https://api.telegram.org"  # Bot API base URL
+    pagerduty_routing_key_file: str = ""  # file holding the Events API v2 integration key; turns the sink on
     pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"  # Events API v2 endpoint
-    smtp_host: str = ""  # SMTP server for e-mail alerts (sink on when set, with smtp_to)
-    smtp_port: int = 25  # SMTP port
-    smtp_from: str = ""  # sender address of alert mails
-    smtp_to: tuple[str, ...] = ()  # recipients of alert mails
-    smtp_starttls: bool = False  # upgrade the SMTP connection with STARTTLS
-    smtp_username: str = ""  # SMTP login (empty = no AUTH)
+    smtp_host: str = ""  # mail server; with smtp_to turns e-mail alerts on
+    smtp_port: int = 25  # mail server port
+    smtp_from: str = ""  # sender address; empty = edgeproxy@<this host>
+    smtp_to: tuple[str, ...] = ()  # recipients
+    smtp_starttls: bool = False  # upgrade the SMTP connection with STARTTLS (system roots)
+    smtp_username: str = ""  # SMTP login; empty = no authentication
     smtp_password_file: str = ""  # file holding the SMTP password
 
 

@@ -29,6 +29,8 @@ import datetime as dt
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections import Counter as _Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
@@ -54,6 +56,7 @@ __all__ = [
     "StatsCounter",
     "enable_multiprocess",
     "instrument",
+    "make_run_dir",
     "multiprocess_dir",
     "render",
     "sample_total",
@@ -74,6 +77,36 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _RELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The proxy's stats keys that mean "refused: unknown or mismatched host" (never forwarded).
 _REFUSALS = {"http_unknown_host": "http", "https_misdirected": "https"}
+
+
+_RUN_DIR_PREFIX = "edgeproxy-metrics-"
+
+
+def make_run_dir(base: str | None = None) -> str:
+    """A fresh directory for this run's metric files: ``edgeproxy-metrics-<pid>-<random>``
+    under ``base`` (the system temp directory by default).
+
+    Directories left by runs whose process is gone (a ``serve`` killed with SIGKILL
+    cannot clean up) are removed first, so stale files never pile up.
+    """
+    root = base or tempfile.gettempdir()
+    for entry in os.scandir(root):
+        if not entry.is_dir(follow_symlinks=False) or not entry.name.startswith(_RUN_DIR_PREFIX):
+            continue
+        pid_text = entry.name[len(_RUN_DIR_PREFIX):].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            shutil.rmtree(entry.path)
+    return tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive, not ours to judge
+    return True
 
 
 def enable_multiprocess(directory: str) -> None:

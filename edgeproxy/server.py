@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from .certstore import CertStore
 from .config import Settings, parse_hostport
 from .logs import setup_logging
 from .metrics import (
-    CONTENT_TYPE, CountingIssuer, Metrics, StateCollector, StatsCounter, enable_multiprocess, instrument,
+    CONTENT_TYPE, CountingIssuer, Metrics, StateCollector, StatsCounter, enable_multiprocess, instrument, make_run_dir,
     multiprocess_dir, render, sample_total, scrape_registry,
 )
 from .monitor import AlertDispatcher, MonitorService, Prober, SpoolStats, build_sinks
@@ -403,7 +402,7 @@ def serve(settings: Settings, workers: int = 1) -> None:
     setup_logging(settings.log, level=logging.getLogger().level or logging.INFO)
     # One fresh directory per run for every process's metric files (inherited by
     # the spawned workers through the environment); removed when serve ends.
-    metrics_dir = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
+    metrics_dir = make_run_dir()
     enable_multiprocess(metrics_dir)
     try:
         _serve(settings, sockets, public, workers)

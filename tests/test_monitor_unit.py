@@ -175,3 +175,24 @@ def test_monitor_alert_and_log_settings_from_file_and_environment(tmp_path: Path
         load_settings(None, env={"EDGEPROXY_LOG_FORMAT": "xml"})
     with pytest.raises(ConfigError, match="monitor.ca_bundle"):
         load_settings(None, env={"EDGEPROXY_MONITOR_CA_BUNDLE": str(tmp_path / "missing.pem")})
+
+
+def test_metrics_run_dir_sweeps_directories_of_dead_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from edgeproxy.metrics import make_run_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f"edgeproxy-metrics-{int(dead.stdout)}-abc"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"x")
+    live = tmp_path / f"edgeproxy-metrics-{os.getpid()}-def"
+    live.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    fresh = Path(make_run_dir(str(tmp_path)))
+    assert fresh.is_dir() and fresh.name.startswith(f"edgeproxy-metrics-{os.getpid()}-")
+    assert not stale.exists() and live.exists() and other.exists()

@@ -166,7 +166,9 @@ def openapi_document() -> dict[str, Any]:
         storage = open_storage(f"sqlite://{tmp}/refdocs.db")
         try:
             admin = AdminSettings(token_file=f"{tmp}/token", tokens_file=f"{tmp}/tokens.json")
-            app = create_admin_app(Registry(storage, Settings()), TokenStore(admin, create_bootstrap=True))
+            # The optional routes too (/metrics), as `serve` mounts them.
+            app = create_admin_app(Registry(storage, Settings()), TokenStore(admin, create_bootstrap=True),
+                                   last_check=lambda _host: None, metrics=lambda: (b"", "text/plain"))
             document: dict[str, Any] = app.openapi()
         finally:
             storage.close()
