@@ -79,6 +79,9 @@ class AccountRecord:
     registration_json: str  # acme RegistrationResource as JSON ("" before registration)
 
 
+# -- issue 4 records (status history, ARI state) ----------------------------------------
+
+
 @dataclass(frozen=True)
 class StatusEvent:
     """One entry of a domain's status history (issue 4)."""
@@ -105,6 +108,9 @@ class AriState:
     renew_at: datetime | None
     next_poll: datetime
     checked_at: datetime
+
+
+# -- end of issue 4 records ---------------------------------------------------------------
 
 
 class Storage(Protocol):
