@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import resource
 import tempfile
 import threading
 import time
+import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--trace", action="store_true", help="print the top Python allocations left after the pass")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ChallTestSrv(default_ipv4="127.0.0.1", default_ipv6="") as dns:
         storage = SqliteStorage(str(Path(tmp) / "bench.db"))
@@ -119,6 +122,8 @@ def main() -> None:
                     samples.append(rss_mib())
                     time.sleep(0.5)
 
+            if args.trace:
+                tracemalloc.start(10)
             sampler = threading.Thread(target=sample, daemon=True)
             rss_before = rss_mib()
             sampler.start()
@@ -127,6 +132,14 @@ def main() -> None:
             wall = time.monotonic() - started
             done.set()
             sampler.join()
+            if args.trace:
+                gc.collect()
+                snapshot = tracemalloc.take_snapshot()
+                print(f"python heap after the pass: {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MiB")
+                for stat in snapshot.statistics("traceback")[:5]:
+                    print(stat)
+                    for line in stat.traceback.format()[-6:]:
+                        print("   ", line)
             renewed = sum(1 for n in names if (c := storage.get_certificate(n)) is not None
                           and "Pebble" in c.issuer)
             quarter = max(1, len(samples) // 4)

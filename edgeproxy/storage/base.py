@@ -80,6 +80,9 @@ class AccountRecord:
     registration_json: str  # acme RegistrationResource as JSON ("" before registration)
 
 
+# -- issue 4 records (status history, ARI state) ----------------------------------------
+
+
 @dataclass(frozen=True)
 class StatusEvent:
     """One entry of a domain's status history (issue 4)."""
@@ -131,6 +134,9 @@ class FailedRequestRecord:
     delivered_at: datetime | None = None
     id: int = 0
 # -- END issue 3 ---------------------------------------------------------------------------
+
+
+# -- end of issue 4 records ---------------------------------------------------------------
 
 
 class Storage(Protocol):
