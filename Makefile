@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-fast lint typecheck bench clean deps pebble postgres
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble systemd-tools docs postgres
 
 all: test
 
@@ -37,7 +37,16 @@ postgres: $(STAMP)
 	fi
 	$(PY) -m edgeproxy.devtools.pgharness '$(PG_TEST_URL)'
 
-deps: $(STAMP) pebble
+
+# systemd-analyze / systemd-sysusers check deploy/ (tests/test_packaging.py). Debian's
+# systemd package only installs them here; nothing is started (no systemd as PID 1).
+systemd-tools:
+	@if ! command -v systemd-analyze >/dev/null || ! command -v systemd-sysusers >/dev/null; then \
+		echo "installing Debian's systemd package (for systemd-analyze verify)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
+	fi
+
+deps: $(STAMP) pebble systemd-tools
 
 demo: deps
 	$(VENV)/bin/edgeproxy demo
@@ -45,6 +54,13 @@ demo: deps
 test: deps postgres
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# docs/configuration.md and docs/admin-api.md are generated; tests/test_docs.py fails when stale.
+docs: $(STAMP)
+	$(PY) -m edgeproxy.devtools.refdocs
+# Issue 3: spool/forward/replay benchmark (loopback, about a minute); numbers go into README.
+bench-spool: $(STAMP)
+	$(PY) bench/spool_bench.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

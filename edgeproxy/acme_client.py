@@ -26,14 +26,18 @@ Design notes:
   ``Retry-After`` (RFC 8555 section 7.5.1 / 7.4), bounded by the order deadline.
 - ``badNonce`` (RFC 8555 section 6.5) is always retryable with a fresh nonce;
   the library retries once, we retry up to ``_BAD_NONCE_ATTEMPTS`` times.
-- Renewal information (ARI, RFC 9773) is a later issue: ordering lives in
-  ``_run_order`` and the CSR/key in ``_new_key_and_csr``; a ``replaces``
-  order field would go there without changing ``issue()``'s callers.
+- Renewal information (ARI, RFC 9773): ``renewal_info()`` asks the CA through
+  the library's ``ClientV2.renewal_time()`` (a random time in the suggested
+  window, its Retry-After capped at 12 h); ``issue(hostname, replaces=...)``
+  sends the RFC 9773 section 5 ``replaces`` field, which the library's
+  ``NewOrder`` lacks (``_ReplacingNewOrder``), only to CAs that offer ARI, and
+  falls back to a plain order if the CA refuses the replacement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import logging
 import threading
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
+from josepy.json_util import field as jose_field
 from josepy.errors import DeserializationError
 from josepy.jwa import ES256, ES384, ES512, RS256, JWASignature
 from josepy.jwk import JWK, JWKEC, JWKRSA
@@ -57,10 +62,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .errors import IssuanceError, RetryClass, StorageError
 from .certstore import certificate_metadata
-from .storage.base import AccountRecord, ChallengeRecord, Storage
+from .storage.base import AccountRecord, AriState, ChallengeRecord, Storage
 
 __all__ = [
     "AcmeIssuer",
+    "ari_cert_id",
     "IssuedCertificate",
     "classify_problem",
     "parse_retry_after",
@@ -100,6 +106,74 @@ class IssuedCertificate:
     not_after: datetime
     serial: str
     issuer: str
+
+
+# ---------------------------------------------------------------------------------
+# ACME Renewal Information (RFC 9773) and "replaces" (issue 4)
+# ---------------------------------------------------------------------------------
+
+_ARI_MAX_POLL = timedelta(hours=12)  # poll at least twice a day (issue 4)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def ari_cert_id(chain_pem: bytes) -> str:
+    """The RFC 9773 section 4.1 certificate identifier of the leaf of ``chain_pem``:
+    base64url(keyIdentifier of the Authority Key Identifier) "." base64url(DER
+    serial, as a signed big-endian INTEGER value). Pure."""
+    leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        aki = None
+    if aki is None:
+        raise ValueError("the certificate's Authority Key Identifier has no keyIdentifier")
+    serial = leaf.serial_number
+    serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8, "big", signed=True)
+    return f"{_b64url(aki)}.{_b64url(serial_bytes)}"
+
+
+class _ReplacingNewOrder(messages.NewOrder):
+    """newOrder with the RFC 9773 section 5 ``replaces`` field, which the acme
+    library's ``NewOrder`` lacks."""
+
+    replaces: str = jose_field("replaces", omitempty=True)
+
+
+def _offers_ari(directory: messages.Directory) -> bool:
+    try:
+        directory["renewalInfo"]
+    except KeyError:
+        return False
+    return True
+
+
+def _new_order(
+    client: acme_lib.ClientV2, hostname: str, csr_pem: bytes, profile: str | None, replaces: str | None
+) -> messages.OrderResource:
+    """``client.new_order`` plus ``replaces`` (only when the CA offers ARI, RFC 9773 section 5)."""
+    if not replaces or not _offers_ari(client.directory):
+        return client.new_order(csr_pem, profile=profile)
+    order = _ReplacingNewOrder(
+        identifiers=[messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=hostname)],
+        profile=profile or "", replaces=replaces,
+    )
+    try:
+        response = client._post(client.directory["newOrder"], order)
+    except messages.Error as problem:
+        # RFC 9773 section 5: a CA that will not accept this replacement (already
+        # replaced, unknown certificate) still issues a plain new order.
+        if problem.code in ("alreadyReplaced", "malformed", "conflict"):
+            log.info("the CA refused replaces=%s for %s (%s); ordering without it", replaces, hostname,
+                     problem.code)
+            return client.new_order(csr_pem, profile=profile)
+        raise
+    body = messages.Order.from_json(response.json())
+    authorizations = [client._authzr_from_response(client._post_as_get(url), uri=url) for url in body.authorizations]
+    return messages.OrderResource(body=body, uri=response.headers.get("Location"),
+                                  authorizations=authorizations, csr_pem=csr_pem)
 
 
 # ---------------------------------------------------------------------------------
@@ -480,12 +554,13 @@ class AcmeIssuer:
         self.bad_nonce_retries = 0  # badNonce answers survived so far (for metrics and tests)
 
     # -- public API -------------------------------------------------------------------
-    def issue(self, hostname: str) -> IssuedCertificate:
+    def issue(self, hostname: str, replaces: str | None = None) -> IssuedCertificate:
         """Order, validate (HTTP-01) and download a certificate for ``hostname``. Blocking.
 
         ``hostname`` is already normalized (IDNA A-label, lowercase, no
         trailing dot). Challenge tokens are in storage only while the order
-        runs. Raises :class:`IssuanceError` (``code``/``retry`` say what
+        runs. ``replaces`` is the ARI identifier of the certificate this order
+        renews (RFC 9773 section 5). Raises :class:`IssuanceError` (``code``/``retry`` say what
         happened and how to retry); storage failures propagate as
         ``StorageError``.
         """
@@ -493,14 +568,14 @@ class AcmeIssuer:
         deadline = started + self.timeout
         try:
             try:
-                cert = self._issue_once(hostname, deadline)
+                cert = self._issue_once(hostname, deadline, replaces)
             except _StaleAccount:
                 # The CA forgot our account (Pebble restarted, account
                 # deactivated): look it up or register it again, then retry once.
                 with self._lock:
                     self._account = None
                     self._directory = None
-                cert = self._issue_once(hostname, deadline)
+                cert = self._issue_once(hostname, deadline, replaces)
         except _StaleAccount as exc:
             raise exc.error from None
         log.info(
@@ -513,8 +588,38 @@ class AcmeIssuer:
         """:meth:`issue` in a worker thread (house rule 4: ``acme`` is blocking)."""
         return await asyncio.to_thread(self.issue, hostname)
 
+    def renewal_info(self, hostname: str, chain_pem: bytes) -> AriState:
+        """Ask the CA when to renew (RFC 9773 section 4.2; a plain GET, no account).
+
+        ``renew_at`` is a random time inside the suggested window (the acme
+        library's ``renewal_time``) or None when the directory has no
+        ``renewalInfo``; ``next_poll`` honours the CA's Retry-After, at most 12 h
+        away. Raises :class:`IssuanceError` when the CA cannot be asked.
+        """
+        net = self._network()
+        now = datetime.now(timezone.utc)
+        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+        try:
+            cert_id = ari_cert_id(chain_pem)
+        except ValueError:
+            # No Authority Key Identifier (a certificate not from an ACME CA, e.g.
+            # imported): it has no ARI identity; the backstop decides.
+            return AriState(hostname=hostname, serial=format(leaf.serial_number, "x"), cert_id="",
+                            renew_at=None, next_poll=now + _ARI_MAX_POLL, checked_at=now)
+        with self._acme_errors(hostname, net):
+            client = acme_lib.ClientV2(self._get_directory(net), net)
+            renew_at, next_poll = client.renewal_time(leaf.public_bytes(serialization.Encoding.PEM))
+        # The library mixes aware (window) and naive local (retry) datetimes.
+        if renew_at is not None and renew_at.tzinfo is None:
+            renew_at = renew_at.astimezone(timezone.utc)
+        next_utc = next_poll.astimezone(timezone.utc) if next_poll.tzinfo is None else next_poll
+        return AriState(
+            hostname=hostname, serial=format(leaf.serial_number, "x"), cert_id=cert_id,
+            renew_at=renew_at, next_poll=min(next_utc, now + _ARI_MAX_POLL), checked_at=now,
+        )
+
     # -- one attempt ----------------------------------------------------------------------
-    def _issue_once(self, hostname: str, deadline: float) -> IssuedCertificate:
+    def _issue_once(self, hostname: str, deadline: float, replaces: str | None = None) -> IssuedCertificate:
         # One network (HTTP session + nonce pool) per attempt: it carries the
         # directory GET, the account lookup and the order, so whichever request
         # fails, its HTTP status and Retry-After are at hand for classification.
@@ -525,7 +630,7 @@ class AcmeIssuer:
                 account = self._get_account(directory, net)
                 net.key, net.alg, net.account = account.jwk, account.alg, account.regr
                 client = acme_lib.ClientV2(directory, net)
-                return self._run_order(client, net, hostname, deadline)
+                return self._run_order(client, net, hostname, deadline, replaces)
             finally:
                 with self._lock:
                     self.bad_nonce_retries += net.bad_nonces
@@ -674,10 +779,10 @@ class AcmeIssuer:
         return self.profile
 
     def _run_order(
-        self, client: acme_lib.ClientV2, net: _Network, hostname: str, deadline: float
+        self, client: acme_lib.ClientV2, net: _Network, hostname: str, deadline: float, replaces: str | None = None
     ) -> IssuedCertificate:
         key, key_pem, csr_pem = _new_key_and_csr(hostname)
-        orderr = client.new_order(csr_pem, profile=self._order_profile(client.directory))
+        orderr = _new_order(client, hostname, csr_pem, self._order_profile(client.directory), replaces)
         published: list[str] = []
         try:
             for authzr in orderr.authorizations:

@@ -12,6 +12,7 @@ the public sockets: the public ASGI app has no route that reaches it.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from .errors import (
     StorageUnavailable,
 )
 from .registry import Registry
+from .spool import ReplayFilters, parse_time
 from .tokens import TokenStore
 
 __all__ = ["create_admin_app"]
@@ -81,6 +83,8 @@ class DomainOut(BaseModel):
     updated_at: str | None
     dns: DnsOut = Field(..., description="The record the customer must publish (CNAME, or A/AAAA alternatives)")
     snippet: str = Field(..., description="HTML to paste into the customer's pages")
+    last_check: dict[str, Any] | None = Field(
+        None, description="The last acceptance probe of this domain (monitor loop in serve), or null")
 
 
 class DomainList(BaseModel):
@@ -97,8 +101,28 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Callable[[str], None] | None = None) -> FastAPI:
-    """Build the admin app. ``on_registered`` wakes the issuance loop (same process)."""
+class ReplayRequest(BaseModel):
+    since: str | None = Field(None, description="ISO-8601, or an age such as 12h or 7d")
+    until: str | None = None
+    domain: str | None = None
+    status: int | None = None
+    dry_run: bool = False
+
+
+def create_admin_app(
+    registry: Registry,
+    tokens: TokenStore,
+    on_registered: Callable[[str], None] | None = None,
+    *,
+    last_check: Callable[[str], dict[str, Any] | None] | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    spool_status: Callable[[], dict[str, Any]] | None = None,
+    replay: Callable[[ReplayFilters, bool], Awaitable[dict[str, Any]]] | None = None,
+) -> FastAPI:
+    """Build the admin app. ``on_registered`` wakes the issuance loop (same process);
+    ``last_check`` gives a domain's last probe result; ``metrics`` renders ``/metrics``
+    as (body, content type); ``spool_status``/``replay`` back ``GET /v1/spool`` and
+    ``POST /v1/replay``."""
     app = FastAPI(
         title="edgeproxy admin API",
         version="1",
@@ -162,6 +186,8 @@ def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Call
             if exc.retry_after is None:
                 return _error(403, exc.code, str(exc))
             return _error(429, exc.code, str(exc), {"Retry-After": str(int(exc.retry_after) + 1)})
+        elif exc.code == "bad_time":  # issue 3: an unreadable --since/--until in POST /v1/replay
+            status = 400
         if status == 500:
             log.error("admin request failed: %s", exc)
         return _error(status, exc.code, str(exc))
@@ -194,12 +220,30 @@ def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Call
     @app.get("/v1/domains", response_model=DomainList, dependencies=[Depends(require_token)],
              responses={401: _ERRORS[401]})
     def list_domains() -> dict[str, Any]:
-        return {"domains": [registry.view(r) for r in registry.list()]}
+        views = [registry.view(r) for r in registry.list()]
+        if last_check is not None:
+            for view in views:
+                view["last_check"] = last_check(view["hostname"])
+        return {"domains": views}
 
     @app.get("/v1/domains/{hostname}", response_model=DomainOut, dependencies=[Depends(require_token)],
              responses=_ERRORS)
     def get_domain(hostname: str) -> dict[str, Any]:
-        return registry.view(registry.get(hostname))
+        view = registry.view(registry.get(hostname))
+        if last_check is not None:
+            view["last_check"] = last_check(view["hostname"])
+        return view
+
+    if metrics is not None:
+        render_metrics = metrics
+
+        # Like /healthz, no token: loopback listener only, and counts are not secrets
+        # (Prometheus scrapes it without credentials).
+        @app.get("/metrics", summary="Prometheus metrics of every process of this edge",
+                 response_class=Response)
+        def get_metrics() -> Response:
+            body, content_type = render_metrics()
+            return Response(body, media_type=content_type)
 
     @app.delete("/v1/domains/{hostname}", status_code=204, dependencies=[Depends(require_token)],
                 responses=_ERRORS, summary="Remove the domain with its private key and certificate")
@@ -214,5 +258,34 @@ def create_admin_app(registry: Registry, tokens: TokenStore, on_registered: Call
         if on_registered is not None:
             on_registered(record.hostname)
         return registry.view(record)
+
+    @app.get("/v1/domains/{hostname}/history", dependencies=[Depends(require_token)], responses=_ERRORS,
+             summary="The domain's status changes, newest first (pending_dns, issuing, active, moved, ...)")
+    def domain_history(hostname: str) -> dict[str, Any]:
+        return {"hostname": registry.get(hostname).hostname, "history": registry.history(hostname)}
+    # -- BEGIN issue 3: spool and replay ------------------------------------------------
+    if spool_status is not None:
+        status_fn = spool_status
+
+        @app.get("/v1/spool", dependencies=[Depends(require_token)], responses={401: _ERRORS[401]},
+                 summary="Spool depth, bytes, age of the oldest entry, dead letters")
+        def get_spool() -> dict[str, Any]:
+            return status_fn()
+
+    if replay is not None:
+        replay_fn = replay
+
+        @app.post("/v1/replay", dependencies=[Depends(require_token)], responses={401: _ERRORS[401]},
+                  summary="Resend failed-request log entries (same filters as `edgeproxy replay`)")
+        async def post_replay(body: ReplayRequest) -> dict[str, Any]:
+            now = datetime.now(timezone.utc)
+            filters = ReplayFilters(
+                since=parse_time(body.since, now) if body.since else None,
+                until=parse_time(body.until, now) if body.until else None,
+                domain=body.domain.lower().rstrip(".") if body.domain else None,
+                status=body.status,
+            )
+            return await replay_fn(filters, body.dry_run)
+    # -- END issue 3 -------------------------------------------------------------------
 
     return app

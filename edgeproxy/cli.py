@@ -107,7 +107,7 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         storage=storage, directory_url=settings.acme.directory, email=settings.acme.email,
         ca_bundle=settings.acme.ca_bundle, profile=settings.acme.profile, timeout=settings.acme.timeout,
     )
-    service = RenewalService(storage, CertStore(storage), issuer, lock_ttl=settings.storage.lock_ttl)
+    service = RenewalService.from_settings(storage, CertStore(storage), issuer, settings)
     forced = [registry.get(h).hostname for h in args.force]
     due = forced or [d.hostname for d in service.due(service.clock())]
     if args.dry_run:
@@ -121,9 +121,16 @@ def _cmd_renew(args: argparse.Namespace) -> int:
         print(f"issued  {hostname}  not_after={view['certificate']['not_after']}")
     for hostname, exc in result.failed.items():
         print(f"failed  {hostname}  {exc.code}: {exc}")
+    for hostname, why in result.waiting.items():
+        print(f"waiting {hostname}  {why}")
+    for hostname in result.moved:
+        print(f"moved   {hostname}  DNS no longer points at this edge; renewals stopped")
+    for hostname in result.removed:
+        print(f"removed {hostname}  moved away for longer than renew.moved_retention_days")
     for hostname in result.skipped:
         print(f"skipped {hostname}  (another process holds its lock, or it is no longer due)")
-    print(f"{len(result.issued)} issued, {len(result.failed)} failed, {len(result.skipped)} skipped")
+    print(f"{len(result.issued)} issued, {len(result.failed)} failed, {len(result.waiting)} waiting, "
+          f"{len(result.skipped)} skipped")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -190,6 +197,192 @@ def _cmd_tokens_revoke(args: argparse.Namespace) -> int:
     TokenStore(_settings(args).admin).revoke(args.name)
     print(f"revoked {args.name}")
     return EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import exit_code, format_findings, run_doctor
+
+    findings = run_doctor(_settings(args), network=not args.offline)
+    print(format_findings(f for f in findings if f.level != "ok" or args.verbose))
+    return exit_code(findings, strict=args.strict)
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .domains import normalize_hostname
+    from .monitor import PROBED_STATUSES, Prober
+
+    settings = _settings(args)
+    if args.domain:
+        hosts = [normalize_hostname(h) for h in args.domain]
+    else:
+        storage = open_store(settings)
+        try:
+            hosts = [d.hostname for d in storage.list_domains() if d.status in PROBED_STATUSES]
+        finally:
+            storage.close()
+    # The same Prober the serve loop uses; the command itself sends no alerts.
+    prober = Prober.from_settings(settings, connect=args.connect, port=args.port)
+
+    async def run() -> list[Any]:
+        gate = asyncio.Semaphore(8)
+
+        async def one(host: str) -> Any:
+            async with gate:
+                return await prober.probe(host)
+
+        return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+    results = asyncio.run(run()) if hosts else []
+    if args.json:
+        _print_json({"ok": all(r.ok for r in results), "results": [r.to_json() for r in results]})
+    else:
+        for result in results:
+            print(result.line())
+        if not results:
+            print("no active domains to check")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _cmd_alert_test(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .monitor import AlertDispatcher, build_sinks, build_test_alert
+
+    settings = _settings(args)
+    sinks = build_sinks(settings)
+    if not sinks:
+        print("no alert sinks configured ([alerts] webhook_url, telegram_*, pagerduty_*, smtp_*)", file=sys.stderr)
+        return EXIT_FAILED
+    cfg = settings.alerts
+    dispatcher = AlertDispatcher(sinks, retries=cfg.retries, retry_delay=cfg.retry_delay, timeout=cfg.timeout)
+    failures = asyncio.run(dispatcher.dispatch([build_test_alert(dt.datetime.now(dt.timezone.utc))]))
+    for name, errors in failures.items():
+        print(f"{'FAIL' if errors else 'ok  '}  {name}" + (f"  {errors[-1]}" if errors else ""))
+    return EXIT_FAILED if any(failures.values()) else EXIT_OK
+# -- BEGIN issue 3: replay and spool ------------------------------------------------------
+def _relay_forwarder(settings: Settings) -> Any:
+    """An EdgeProxy used only for its forward path (same client policy as serve)."""
+    from .proxy import EdgeProxy
+
+    async def no_challenge(_token: str) -> None:
+        return None
+
+    return EdgeProxy(settings, resolve=lambda _h: None, challenge=no_challenge)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from .spool import ReplayFilters, parse_time, replay_failed
+
+    settings = _settings(args)
+    storage = open_store(settings)
+    now = datetime.now(timezone.utc)
+    filters = ReplayFilters(
+        since=parse_time(args.since, now) if args.since else None,
+        until=parse_time(args.until, now) if args.until else None,
+        domain=args.domain.lower().rstrip(".") if args.domain else None,
+        status=args.status,
+    )
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int, record: Any, outcome: str) -> None:
+        width = 30
+        filled = width * done // max(1, total)
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        if tty:
+            sys.stderr.write(f"\r{bar}")
+            if done == total:
+                sys.stderr.write("\n")
+        elif done == total or done % 100 == 0 or not outcome.startswith("delivered"):
+            sys.stderr.write(f"{bar} {record.domain} {record.idempotency_key} {outcome}\n")
+        sys.stderr.flush()
+
+    proxy = _relay_forwarder(settings)
+
+    async def run() -> Any:
+        try:
+            return await replay_failed(storage, proxy.forward, filters, dry_run=args.dry_run, progress=progress)
+        finally:
+            await proxy.aclose()
+
+    summary = asyncio.run(run())
+    storage.close()
+    if args.json:
+        _print_json(summary.as_dict())
+    elif args.dry_run:
+        print(f"{summary.selected} would be sent, nothing sent (--dry-run)")
+    else:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.failures.items()))
+        print(f"{summary.selected} selected, {summary.delivered} delivered, {summary.failed} failed"
+              + (f" ({reasons})" if reasons else ""))
+    return EXIT_OK if summary.failed == 0 else EXIT_FAILED
+
+
+def _open_spool(settings: Settings) -> Any:
+    from .spool import Spool, spool_path
+
+    return Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
+
+
+def _cmd_spool_stats(args: argparse.Namespace) -> int:
+    import time
+
+    spool = _open_spool(_settings(args))
+    try:
+        _print_json(spool.stats(time.time()).as_dict())
+    finally:
+        spool.close()
+    return EXIT_OK
+
+
+def _cmd_spool_list(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    spool = _open_spool(_settings(args))
+    try:
+        entries = spool.entries(args.limit, args.domain)
+    finally:
+        spool.close()
+    if args.json:
+        _print_json([{"id": e.id, "domain": e.domain, "idempotency_key": e.idempotency_key, "target": e.target,
+                      "received_at": datetime.fromtimestamp(e.received_at, timezone.utc).isoformat(),
+                      "attempts": e.attempts, "last_error": e.last_error, "bytes": len(e.body)} for e in entries])
+        return EXIT_OK
+    for e in entries:
+        when = datetime.fromtimestamp(e.received_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(f"{e.id:>8} {when} {e.domain:<30} {e.idempotency_key} attempts={e.attempts} {e.last_error or ''}")
+    print(f"{len(entries)} listed")
+    return EXIT_OK
+
+
+def _cmd_spool_drain(args: argparse.Namespace) -> int:
+    from .spool import Replayer
+
+    settings = _settings(args)
+    spool = _open_spool(settings)
+    storage = open_store(settings)
+    proxy = _relay_forwarder(settings)
+    replayer = Replayer(spool, proxy.forward, settings.spool, storage=storage,
+                        ip_retention=settings.privacy.ip_retention)
+
+    async def run() -> int:
+        try:
+            while True:
+                result = await replayer.drain_once()
+                if result.sent == 0 or result.retried:
+                    break
+        finally:
+            await proxy.aclose()
+        import time
+        return int(spool.stats(time.time()).depth)
+
+    left = asyncio.run(run())
+    spool.close()
+    storage.close()
+    totals = replayer.totals
+    print(f"{totals.delivered} delivered, {totals.refused} moved to the failed-request log, "
+          f"{totals.dead} dead-lettered, {left} left in the spool")
+    return EXIT_OK if left == 0 else EXIT_FAILED
+# -- END issue 3 -------------------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -263,6 +456,43 @@ def _parser() -> argparse.ArgumentParser:
     trevoke = tsub.add_parser("revoke", help="revoke a token by name")
     trevoke.add_argument("name")
     trevoke.set_defaults(func=_cmd_tokens_revoke)
+
+    doctor = sub.add_parser("doctor", help="check the configuration and warn about names ad blockers match")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    doctor.add_argument("--offline", action="store_true", help="skip the ACME directory and upstream requests")
+    doctor.set_defaults(func=_cmd_doctor)
+    check = sub.add_parser("check", help="probe domains as a real client: TLS, script, one event (exit 1 on any failure)")
+    which = check.add_mutually_exclusive_group()
+    which.add_argument("--domain", action="append", metavar="HOST", help="check this name (repeatable)")
+    which.add_argument("--all", action="store_true", help="check every active domain (the default)")
+    check.add_argument("--connect", metavar="IP", help="connect to this address instead of resolving each name")
+    check.add_argument("--port", type=int, help="HTTPS port (default: monitor.port, else the port of listen.https)")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
+    check.set_defaults(func=_cmd_check)
+
+    alert = sub.add_parser("alert", help="alert sinks")
+    asub = alert.add_subparsers(dest="action", required=True, metavar="ACTION")
+    atest = asub.add_parser("test", help="send a test alert to every configured sink (exit 1 if one fails)")
+    atest.set_defaults(func=_cmd_alert_test)
+    # issue 3
+    replay = sub.add_parser("replay", help="resend failed-request log entries with their original idempotency keys")
+    replay.add_argument("--since", metavar="T", help="received at or after T (ISO-8601, or an age like 12h, 7d)")
+    replay.add_argument("--until", metavar="T", help="received before T")
+    replay.add_argument("--domain", metavar="HOST", help="only this custom domain")
+    replay.add_argument("--status", type=int, metavar="CODE", help="only entries refused with this status")
+    replay.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
+    replay.add_argument("--json", action="store_true", help="print the summary as JSON")
+    replay.set_defaults(func=_cmd_replay)
+    spool = sub.add_parser("spool", help="inspect or drain this node's durable spool")
+    ssub = spool.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ssub.add_parser("stats", help="depth, bytes, oldest entry, dead letters (JSON)").set_defaults(func=_cmd_spool_stats)
+    slist = ssub.add_parser("list", help="list spooled requests, oldest first")
+    slist.add_argument("--limit", type=int, default=100)
+    slist.add_argument("--domain", metavar="HOST")
+    slist.add_argument("--json", action="store_true")
+    slist.set_defaults(func=_cmd_spool_list)
+    ssub.add_parser("drain", help="send spooled requests to the relay now (exit 0 when empty)").set_defaults(
+        func=_cmd_spool_drain)
 
     demo = sub.add_parser("demo", help="run the whole flow locally against Pebble")
     demo.add_argument("--keep", action="store_true", help="keep serving after the round trip until Ctrl-C")

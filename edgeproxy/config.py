@@ -30,9 +30,16 @@ __all__ = [
     "DnsSettings",
     "DomainsSettings",
     "ListenSettings",
+    "LogSettings",
+    "AlertSettings",
+    "MonitorSettings",
     "ProxySettings",
+    "RenewSettings",
     "RoutesSettings",
     "Settings",
+    "SpoolSettings",
+    "FailedLogSettings",
+    "PrivacySettings",
     "StorageSettings",
     "UpstreamSettings",
     "load_settings",
@@ -105,6 +112,8 @@ class DnsSettings:
     edge_ips: tuple[str, ...] = ()
     resolver: str = ""  # host:port; empty = system resolver
     check: bool = True  # DNS pre-check before ordering
+    caa_identities: tuple[str, ...] = ("letsencrypt.org",)  # CAA issuer names our CA answers to (RFC 8659)
+    timeout: float = 5.0  # seconds per pre-check lookup
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,94 @@ class ProxySettings:
     # API requests per second per visitor IP and per custom domain, answered 429
     # locally (never forwarded, never spooled); per worker process; 0 = off.
     rate_per_ip: float = 20.0
-    rate_per_domain: float = 2000.0
+    rate_per_domain: float = 2000.0  # API requests per second per custom domain; 0 = off
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
+
+
+# -- monitoring (issue 5): probes, alerts, logs ------------------------------------------
+@dataclass(frozen=True)
+class MonitorSettings:
+    interval: float = 300.0  # seconds between probe rounds inside `serve`; 0 = no loop
+    ca_bundle: str = ""  # CA file the probes trust instead of the system roots (Pebble in tests)
+    port: int = 0  # HTTPS port the probes connect to; 0 = the port of listen.https
+    connect: str = ""  # IP the probes connect to instead of resolving each name (e.g. this node)
+    timeout: float = 10.0  # seconds per probe step
+    fail_after: int = 2  # consecutive failed probes before a domain's alert fires (one blip is not an outage)
+    cert_warn_days: float = 14.0  # alert when a served certificate has fewer days left
+    stuck_after: float = 3600.0  # seconds a domain may stay `failing` before an alert
+    relay_4xx_burst: int = 50  # relay 4xx answers within relay_4xx_window that raise an alert; 0 = off
+    relay_4xx_window: float = 300.0  # seconds over which relay 4xx answers are counted
+    spool_max_depth: int = 10000  # spool alerts (once the spool exists); 0 = off
+    spool_max_age: float = 900.0  # seconds; 0 = off
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    resend_interval: float = 3600.0  # seconds before a still-firing alert is sent again
+    retries: int = 3  # attempts per sink and alert
+    retry_delay: float = 2.0  # seconds before the first retry (doubles)
+    timeout: float = 10.0  # seconds per delivery attempt
+    webhook_url: str = ""  # generic JSON webhook
+    telegram_chat_id: str = ""  # Telegram chat (or channel) id; with telegram_token_file turns the sink on
+    telegram_token_file: str = ""  # file holding the bot token (read at each send)
+    telegram_api: str = "https://api.telegram.org"  # Bot API base URL
+    pagerduty_routing_key_file: str = ""  # file holding the Events API v2 integration key; turns the sink on
+    pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"  # Events API v2 endpoint
+    smtp_host: str = ""  # mail server; with smtp_to turns e-mail alerts on
+    smtp_port: int = 25  # mail server port
+    smtp_from: str = ""  # sender address; empty = edgeproxy@<this host>
+    smtp_to: tuple[str, ...] = ()  # recipients
+    smtp_starttls: bool = False  # upgrade the SMTP connection with STARTTLS (system roots)
+    smtp_username: str = ""  # SMTP login; empty = no authentication
+    smtp_password_file: str = ""  # file holding the SMTP password
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "json"  # "json" (one object per line) or "text", for `serve`
+    access_log: bool = False  # one line per public request
+
+
+@dataclass(frozen=True)
+class RenewSettings:
+    """Renewal loop, lifecycle and rate budgets (issue 4). Budgets mirror Let's
+    Encrypt's published limits; an order a budget refuses never reaches the CA."""
+
+    interval: float = 600.0  # seconds between full renewal passes inside `serve`
+    jitter: float = 300.0  # + uniform random 0..jitter seconds (nodes and restarts spread out)
+    poll: float = 5.0  # seconds between scans for new registrations and forced retries
+    concurrency: int = 4  # orders in flight per process
+    moved_retention_days: float = 7.0  # a domain `moved` this long is removed with its key
+    orders_per_3h: int = 300  # new orders per account per 3 hours
+    certs_per_domain: int = 50  # certificates per registered domain (eTLD+1) per 7 days
+    duplicate_certs: int = 5  # certificates per exact name set per 7 days
+    failed_validations: int = 5  # failed validations per hostname per hour
+
+
+# -- BEGIN issue 3 (spool, failed-request log, privacy) ---------------------------------
+@dataclass(frozen=True)
+class SpoolSettings:
+    # Node-local SQLite file (never the shared store: it must work when that is down).
+    # Empty: "spool.db" next to a sqlite storage.url, else /var/lib/edgeproxy/spool.db.
+    path: str = ""
+    max_bytes: int = 1024 * 1024 * 1024  # cap on spooled request bytes; full -> 503
+    dead_letter_days: float = 7.0  # undeliverable this long -> dead-letter table + alert
+    replay_rate: float = 2000.0  # requests/s the replayer may send (protects a recovering relay)
+    replay_window: int = 4  # requests in flight per domain while draining (httpcore's pool gets slower with more)
+    backoff_base: float = 0.5  # seconds; doubled per failure, full jitter
+    backoff_cap: float = 60.0
+    poll_interval: float = 0.5  # seconds between replayer passes when idle
+
+
+@dataclass(frozen=True)
+class FailedLogSettings:
+    retention_days: float = 90.0
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    ip_retention: str = "full"  # full | truncated | none (failed-request log)
+# -- END issue 3 -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -144,6 +239,13 @@ class Settings:
     domains: DomainsSettings = field(default_factory=DomainsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    renew: RenewSettings = field(default_factory=RenewSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    failed_log: FailedLogSettings = field(default_factory=FailedLogSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
 
 def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
@@ -238,11 +340,21 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError("storage.lock_ttl must be positive (seconds)")
     if settings.proxy.max_body <= 0:
         raise ConfigError("proxy.max_body must be positive")
+    if settings.privacy.ip_retention not in ("full", "truncated", "none"):
+        raise ConfigError("privacy.ip_retention must be full, truncated or none")
+    if settings.spool.max_bytes <= 0 or settings.spool.replay_rate <= 0 or settings.spool.replay_window < 1:
+        raise ConfigError("spool.max_bytes, spool.replay_rate and spool.replay_window must be positive")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)
     if directory != settings.acme.directory:
         settings = dataclasses.replace(settings, acme=dataclasses.replace(settings.acme, directory=directory))
     if settings.acme.ca_bundle and not Path(settings.acme.ca_bundle).is_file():
         raise ConfigError(f"acme.ca_bundle: no such file {settings.acme.ca_bundle!r}")
+    if settings.monitor.ca_bundle and not Path(settings.monitor.ca_bundle).is_file():
+        raise ConfigError(f"monitor.ca_bundle: no such file {settings.monitor.ca_bundle!r}")
+    if settings.log.format not in ("json", "text"):
+        raise ConfigError(f"log.format must be 'json' or 'text', got {settings.log.format!r}")
+    if settings.monitor.interval < 0 or settings.monitor.timeout <= 0:
+        raise ConfigError("monitor.interval must be >= 0 and monitor.timeout > 0")
     return settings
 
 

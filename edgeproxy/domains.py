@@ -1,11 +1,11 @@
-"""Customer hostnames: normalization and validation (later: the registry service, DNS pre-check).
+"""Customer hostnames: normalization, validation and the DNS/CAA pre-check.
 
 Owns: turning whatever a customer typed into the one canonical form that we store,
 look up, route on and put in certificates (lowercase IDNA A-labels, no trailing
 dot); deciding whether that name may be served at all (no IP literal, no
 wildcard, no bare public suffix, no unknown TLD, nothing inside the edge's own
-zone); the registered domain (eTLD+1) that rate budgets are keyed on. The lead
-appends the domain registry service and the DNS/CAA pre-check at the bottom.
+zone); the registered domain (eTLD+1) that rate budgets are keyed on; and, at the
+bottom, the DNS/CAA pre-check (dnspython) that runs before every order.
 Must not import: ``acme``, ``httpx``, ``hypercorn``.
 
 The hostname half of this module is sans-IO (house rule 2): pure functions, no
@@ -26,9 +26,14 @@ import re
 import unicodedata
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NoReturn
 
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
 import idna
 import tldextract
 
@@ -41,6 +46,17 @@ __all__ = [
     "normalize_hostname",
     "registered_domain",
     "validate_hostname",
+    # DNS/CAA pre-check (issue 4)
+    "DNS_CAA_FORBIDS",
+    "DNS_ELSEWHERE",
+    "DNS_MISSING",
+    "DNS_OK",
+    "DNS_UNAVAILABLE",
+    "DnsChecker",
+    "DnsVerdict",
+    "caa_allows",
+    "caa_lookup_names",
+    "evaluate_pointing",
 ]
 
 # RFC 1035 §2.3.4: 63 octets per label, 255 octets per name on the wire. The wire
@@ -621,3 +637,184 @@ def registered_domain(hostname: str, *, extra_suffixes: Sequence[str] = ()) -> s
 # Domain registry service (DomainRegistry) and DNS/CAA pre-check: appended below by the lead.
 # Everything above this line is pure and sans-IO and must stay that way.
 # =================================================================================================
+
+
+# -- DNS and CAA pre-check (issue 4) ------------------------------------------------------------------
+# Before every new order (and on every renewal) the name must point at the edge,
+# and CAA must allow our CA: an order we know will fail only burns the CA's
+# failed-validation budget. The verdict logic is pure (``evaluate_pointing``,
+# ``caa_allows``, ``caa_lookup_names``); ``DnsChecker`` does the lookups.
+
+# Verdict codes (stable: they are the ``error.code`` of a domain waiting on DNS).
+DNS_OK = "dns_ok"
+DNS_MISSING = "dns_missing"  # no CNAME/A/AAAA at all (NXDOMAIN or empty answer)
+DNS_ELSEWHERE = "dns_elsewhere"  # the name points somewhere that is not the edge
+DNS_CAA_FORBIDS = "caa_forbids"  # a CAA RRset exists and does not name our CA
+DNS_UNAVAILABLE = "dns_unavailable"  # SERVFAIL / timeout: we do not know (not definitive)
+
+
+@dataclass(frozen=True)
+class DnsVerdict:
+    """The pre-check outcome. ``definitive`` is False when DNS could not be asked
+    (a SERVFAIL is no proof that a customer removed their record)."""
+
+    ok: bool
+    code: str
+    message: str
+    definitive: bool = True
+
+
+def _record_to_add(hostname: str, cname_target: str, edge_ips: Sequence[str]) -> str:
+    text = f"{hostname}. CNAME {cname_target.rstrip('.')}."
+    if edge_ips:
+        kinds = " / ".join(f"{'AAAA' if ':' in ip else 'A'} {ip}" for ip in edge_ips)
+        text += f" (or {kinds})"
+    return text
+
+
+def evaluate_pointing(
+    hostname: str, cname_chain: Sequence[str], addresses: Sequence[str], *,
+    cname_target: str, edge_ips: Sequence[str],
+) -> DnsVerdict:
+    """Does ``hostname`` point at the edge? Pure.
+
+    ``cname_chain`` are the CNAME targets met while resolving (in order),
+    ``addresses`` the final A/AAAA values. A CNAME to ``cname_target`` anywhere in
+    the chain passes (RFC 1034 section 3.6.2: the alias is followed); otherwise
+    every address must be one of ``edge_ips`` (a name that also resolves to some
+    other host would fail the CA's validation from there).
+    """
+    target = cname_target.rstrip(".").lower()
+    chain = [c.rstrip(".").lower() for c in cname_chain]
+    need = _record_to_add(hostname, cname_target, edge_ips)
+    if target in chain:
+        return DnsVerdict(True, DNS_OK, f"{hostname} is a CNAME to {target}")
+    edge = {ip.lower() for ip in edge_ips}
+    if addresses and edge and all(a.lower() in edge for a in addresses):
+        return DnsVerdict(True, DNS_OK, f"{hostname} resolves to the edge ({', '.join(addresses)})")
+    if chain:
+        return DnsVerdict(False, DNS_ELSEWHERE,
+                          f"{hostname} is a CNAME to {chain[0]}, not to this edge; the customer must "
+                          f"publish {need}")
+    if addresses:
+        return DnsVerdict(False, DNS_ELSEWHERE,
+                          f"{hostname} resolves to {', '.join(addresses)}, not to this edge; the customer "
+                          f"must publish {need}")
+    return DnsVerdict(False, DNS_MISSING, f"{hostname} has no DNS record yet; the customer must publish {need}")
+
+
+def caa_lookup_names(hostname: str) -> list[str]:
+    """The names whose CAA RRsets are searched, closest first (RFC 8659 section 3:
+    climb towards the root, which itself is not queried)."""
+    labels = hostname.rstrip(".").split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
+
+
+def caa_allows(
+    records: Sequence[tuple[int, str, str]], ca_identities: Sequence[str], *, wildcard: bool = False
+) -> bool:
+    """Does the relevant CAA RRset ``records`` ((flags, tag, value) triples) allow
+    one of ``ca_identities`` to issue? Pure.
+
+    RFC 8659 section 4: an empty set allows everyone; an unknown tag with the
+    critical flag (128) forbids; for a non-wildcard name only ``issue``
+    properties count (section 4.3: ``issuewild`` is for wildcards only) and
+    if there are none, issuance is not restricted. The issuer domain name is the
+    value up to the first ``;`` (section 4.2), compared case-insensitively.
+    """
+    known = {"issue", "issuewild", "iodef", "contactemail", "contactphone", "issuemail", "issuevmc"}
+    for flags, tag, _value in records:
+        if flags & 128 and tag.lower() not in known:
+            return False
+    tag_wanted = "issuewild" if wildcard else "issue"
+    relevant = [v for _f, t, v in records if t.lower() == tag_wanted]
+    if wildcard and not relevant:
+        relevant = [v for _f, t, v in records if t.lower() == "issue"]
+    if not relevant:
+        return True
+    allowed = {c.strip().lower().rstrip(".") for c in ca_identities}
+    for value in relevant:
+        issuer = value.split(";", 1)[0].strip().lower().rstrip(".")
+        if issuer and issuer in allowed:
+            return True
+    return False
+
+
+class DnsChecker:
+    """Asks DNS whether a name points at the edge and whether CAA lets our CA issue.
+
+    Blocking (dnspython): call it from a thread in async code. ``resolver`` is
+    ``host:port`` or empty for the system resolver (``/etc/resolv.conf``).
+    Thread-safe: dnspython resolvers may be shared between threads.
+    """
+
+    def __init__(
+        self, *, cname_target: str, edge_ips: Sequence[str] = (), resolver: str = "",
+        ca_identities: Sequence[str] = ("letsencrypt.org",), timeout: float = 5.0,
+    ) -> None:
+        self.cname_target = cname_target
+        self.edge_ips = tuple(edge_ips)
+        self.ca_identities = tuple(ca_identities)
+        if resolver:
+            host, _, port = resolver.rpartition(":")
+            self._resolver = dns.resolver.Resolver(configure=False)
+            self._resolver.nameservers = [host.strip("[]")]
+            self._resolver.port = int(port)
+        else:
+            self._resolver = dns.resolver.Resolver()
+        self._resolver.lifetime = timeout
+        self._resolver.timeout = timeout
+
+    def _answer(self, name: str, rdtype: str) -> list[dns.rrset.RRset] | None:
+        """The answer section, [] for NXDOMAIN / no data; None when DNS failed."""
+        try:
+            answer = self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return []
+        except (dns.exception.DNSException, OSError):
+            return None
+        return list(answer.response.answer)
+
+    def check(self, hostname: str) -> DnsVerdict:
+        chain: list[str] = []
+        addresses: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            rrsets = self._answer(hostname, rdtype)
+            if rrsets is None:
+                return DnsVerdict(False, DNS_UNAVAILABLE,
+                                  f"DNS lookup of {hostname} ({rdtype}) failed (SERVFAIL or timeout); "
+                                  "we check again later", definitive=False)
+            for rrset in rrsets:
+                for rdata in rrset:
+                    if rrset.rdtype == dns.rdatatype.CNAME:
+                        target = str(rdata.target).rstrip(".").lower()
+                        if target not in chain:
+                            chain.append(target)
+                    elif rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                        addresses.append(str(rdata.address))
+        verdict = evaluate_pointing(hostname, chain, addresses,
+                                    cname_target=self.cname_target, edge_ips=self.edge_ips)
+        if not verdict.ok:
+            return verdict
+        return self._check_caa(hostname) or verdict
+
+    def _check_caa(self, hostname: str) -> DnsVerdict | None:
+        for name in caa_lookup_names(hostname):
+            rrsets = self._answer(name, "CAA")
+            if rrsets is None:
+                # RFC 8659 section 3: a CA must not issue when the CAA lookup fails.
+                return DnsVerdict(False, DNS_UNAVAILABLE,
+                                  f"CAA lookup of {name} failed (SERVFAIL or timeout); we check again later",
+                                  definitive=False)
+            records = [
+                (int(r.flags), r.tag.decode(), r.value.decode())
+                for rrset in rrsets if rrset.rdtype == dns.rdatatype.CAA for r in rrset
+            ]
+            if records:  # the closest non-empty RRset is the relevant one
+                if caa_allows(records, self.ca_identities):
+                    return None
+                wanted = self.ca_identities[0] if self.ca_identities else "letsencrypt.org"
+                return DnsVerdict(False, DNS_CAA_FORBIDS,
+                                  f"the CAA records of {name} do not allow {wanted} to issue for {hostname}; "
+                                  f'the customer must add {name}. CAA 0 issue "{wanted}"')
+        return None

@@ -34,6 +34,7 @@ import ipaddress
 import logging
 import re
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -366,6 +367,11 @@ class ForwardRequest:
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     host: str  # the custom domain it came in on
+    # Issue 3: generated at ingress, sent as ``Idempotency-Key`` (already in ``headers``)
+    # and reused by every replay so the relay can drop duplicates.
+    idempotency_key: str = ""
+    client: str | None = None  # the peer address, for the failed-request log
+    received_at: float = 0.0  # time.time() at ingress
 
 
 @dataclass(frozen=True)
@@ -577,6 +583,11 @@ class EdgeProxy:
         self._fetch_task: asyncio.Task[bool] | None = None
         self._variants: OrderedDict[str, _Variant] = OrderedDict()
         self._lifespans = 0
+        # (status, seconds, error) after each relay call: metrics only, no I/O (issue 5).
+        self.observe_relay: Callable[[int, float, str | None], None] | None = None
+        # What an accepted API call goes through: the plain relay forward, or (issue 3)
+        # ``spool.SpoolingForwarder.deliver`` installed by ``server.py``.
+        self.deliver: Callable[[ForwardRequest], Awaitable[ForwardResult]] = self.forward
 
     # -- lifecycle ---------------------------------------------------------------------
     def _http(self) -> httpx.AsyncClient:
@@ -927,14 +938,23 @@ class EdgeProxy:
             await _reply(send, _TOO_LARGE)
             return
         target = (rest + b"?" + query if query else rest).decode("ascii")
+        # Issue 3: one key per accepted call; a client-sent key is not trusted (it could
+        # make the relay drop someone else's event as a duplicate).
+        key = uuid.uuid4().hex
+        out_headers = [h for h in forward_headers(headers, peer=_client_addr(scope), trusted=self._trusted, host=host,
+                                                  client_ip=self._client_ip)
+                       if h[0] != b"idempotency-key"]
+        out_headers.append((b"idempotency-key", key.encode("ascii")))
         request = ForwardRequest(
             target=target,
-            headers=tuple(forward_headers(headers, peer=_client_addr(scope), trusted=self._trusted, host=host,
-                                          client_ip=self._client_ip)),
+            headers=tuple(out_headers),
             body=body,
             host=host,
+            idempotency_key=key,
+            client=_client_addr(scope),
+            received_at=time.time(),
         )
-        result = await self.forward(request)
+        result = await self.deliver(request)
         out = list(result.headers)
         out.append((b"content-length", str(len(result.body)).encode()))
         out.extend(self._cors(headers))
@@ -1018,6 +1038,13 @@ class EdgeProxy:
         back as is (status, allowlisted headers, body). Safe to call concurrently
         (the client pool is shared); not idempotent (each call reaches the relay).
         """
+        started = time.perf_counter()
+        result = await self._forward(request)
+        if self.observe_relay is not None:
+            self.observe_relay(result.status, time.perf_counter() - started, result.error)
+        return result
+
+    async def _forward(self, request: ForwardRequest) -> ForwardResult:
         url = self._relay_base + request.target
         error: str
         try:

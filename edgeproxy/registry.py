@@ -11,6 +11,7 @@ edge's configuration (extra suffixes, the edge's own zone) and talks to storage.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from .config import Settings
 from .domains import normalize_hostname, registered_domain, validate_hostname
 from .errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, LimitReached
-from .storage.base import CertificateRecord, DomainRecord, Storage
+from .storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
 
 __all__ = ["Registry", "utcnow"]
 
@@ -66,6 +67,7 @@ class Registry:
             raise DomainExists(f"{hostname} is already registered")
         self._check_limits(hostname, now)
         self.storage.add_domain(hostname, "issuing", now)
+        self.storage.add_status_event(StatusEvent(hostname, now, "issuing", None, "registered"))
         return self.storage.update_domain(hostname, now, status="issuing", next_attempt_at=now)
 
     def _check_limits(self, hostname: str, now: dt.datetime) -> None:
@@ -115,6 +117,14 @@ class Registry:
             next_attempt_at=self.clock(),
             attempts=record.attempts,
         )
+
+    def history(self, raw_hostname: str, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """The domain's status changes, newest first (issue 4)."""
+        record = self.get(raw_hostname)
+        return [
+            {"at": _iso(e.at), "status": e.status, "error_code": e.error_code, "message": e.message}
+            for e in self.storage.status_history(record.hostname, limit)
+        ]
 
     # -- the view customers and operators see ------------------------------------------
     def view(self, record: DomainRecord) -> dict[str, Any]:

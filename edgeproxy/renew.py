@@ -1,40 +1,54 @@
 """Issuance and renewal: one pass over due domains, and the loop that runs it.
 
-Owns: deciding which domains need an order now, the per-name lock around an
-order, recording success (certificate saved, domain active, next renewal time)
-and failure (error kept on the domain, exponential backoff), and the loop inside
-``serve``. New registrations and renewals go through the same function.
+Owns: deciding which domains need work now; the DNS/CAA pre-check before an order
+(through ``domains.DnsChecker``); the rate budgets checked before an order; the
+per-name lock around an order; the domain lifecycle (``pending_dns -> issuing ->
+active -> renewing -> active``, ``failing``, ``moved`` and removal after
+``renew.moved_retention_days``) with its status history; recording success
+(certificate saved, next renewal time) and failure (error on the domain,
+exponential backoff, Retry-After); the loop inside ``serve``. New registrations
+and renewals go through the same function, so cron and the loop share one lock.
 Must not import: ``proxy``, ``hypercorn``, ``acme`` (the CA is behind ``Issuer``).
 
-The pure parts (``backoff``, ``renewal_time``, ``is_due``) take ``now`` as an
-argument (house rule 2) so they are tested without waiting.
+The pure parts (``backoff``, ``renewal_time``, ``is_due``, ``retry_delay``,
+``budget_wait``) take ``now`` as an argument (house rule 2) so they are tested
+without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
+import threading
 import logging
 import os
+import random
 import socket
-import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .certstore import CertStore
-from .errors import DomainNotFound, IssuanceError, RetryClass, StorageError
-from .storage.base import DomainRecord, Storage
+from .config import Settings
+from .domains import DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
+from .errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
+from .storage.base import AriState, CertificateRecord, DomainRecord, StatusEvent, Storage
 
 __all__ = [
+    "Budget",
     "Issuer",
     "IssuedPair",
     "LeaseKeeper",
     "PassResult",
+    "RenewPolicy",
     "RenewalService",
     "backoff",
+    "budget_wait",
     "renewal_time",
+    "retry_delay",
     "is_due",
 ]
 
@@ -43,6 +57,16 @@ log = logging.getLogger("edgeproxy.renew")
 # Failed attempts back off 1 min, 10 min, 100 min, then once a day (issue #4).
 _BACKOFF_STEPS = (dt.timedelta(minutes=1), dt.timedelta(minutes=10), dt.timedelta(minutes=100))
 _BACKOFF_CAP = dt.timedelta(days=1)
+# Under 1/20 of its lifetime left a certificate is an emergency: retries at least hourly.
+_EMERGENCY_FRACTION = 1 / 20
+_EMERGENCY_CAP = dt.timedelta(hours=1)
+# A moved domain's DNS is looked at again daily (it may come back before removal).
+_MOVED_RECHECK = dt.timedelta(days=1)
+_ARI_POLL = dt.timedelta(hours=12)  # RFC 9773 section 4.3: clients poll; we do at least twice a day
+_LEDGER_KEEP = dt.timedelta(days=8)  # longest budget window (7 days) plus slack
+
+# Ledger kinds (Storage.record_event); each is one of Let's Encrypt's limits.
+ORDER, CERT_DOMAIN, CERT_NAMES, FAILED_VALIDATION = "order", "cert_domain", "cert_names", "failed_validation"
 
 
 class IssuedPair(Protocol):
@@ -56,9 +80,18 @@ class IssuedPair(Protocol):
 class Issuer(Protocol):
     """The seam around the CA: ``acme_client.AcmeIssuer`` in production, a fake in unit tests."""
 
-    def issue(self, hostname: str) -> IssuedPair:
-        """Blocking. Returns a key and chain for ``hostname`` or raises ``IssuanceError``."""
+    def issue(self, hostname: str, replaces: str | None = None) -> IssuedPair:
+        """Blocking. Returns a key and chain for ``hostname`` or raises ``IssuanceError``.
+        ``replaces``: the ARI identifier of the certificate being renewed (RFC 9773 section 5)."""
         ...
+
+    def renewal_info(self, hostname: str, chain_pem: bytes) -> AriState:
+        """Blocking. The CA's renewal window for the leaf of ``chain_pem`` (RFC 9773),
+        ``renew_at=None`` when it offers no ARI; raises ``IssuanceError``."""
+        ...
+
+
+# -- pure maths ------------------------------------------------------------------------------
 
 
 def backoff(attempts: int) -> dt.timedelta:
@@ -70,6 +103,17 @@ def backoff(attempts: int) -> dt.timedelta:
     return _BACKOFF_CAP
 
 
+def retry_delay(attempts: int, cert: tuple[dt.datetime, dt.datetime] | None, now: dt.datetime) -> dt.timedelta:
+    """Backoff, shortened to at most an hour once the served certificate
+    (``(not_before, not_after)``) has under 1/20 of its lifetime left."""
+    delay = backoff(attempts)
+    if cert is not None:
+        not_before, not_after = cert
+        if not_after - now < (not_after - not_before) * _EMERGENCY_FRACTION:
+            delay = min(delay, _EMERGENCY_CAP)
+    return delay
+
+
 def renewal_time(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
     """When to renew without ARI: with 1/3 of the lifetime left, or 1/2 for
     lifetimes under 10 days (short-lived certificates leave less room to retry)."""
@@ -79,8 +123,51 @@ def renewal_time(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime
 
 
 def is_due(record: DomainRecord, now: dt.datetime) -> bool:
-    """A domain needs an order when its next attempt time has come (moved domains never)."""
-    return record.status != "moved" and record.next_attempt_at is not None and record.next_attempt_at <= now
+    """The domain needs work now: an order, a DNS re-check (``pending_dns``), or,
+    for ``moved``, a DNS re-check that never orders unless DNS points back."""
+    return record.next_attempt_at is not None and record.next_attempt_at <= now
+
+
+def budget_wait(events: Sequence[dt.datetime], limit: int, window: dt.timedelta, now: dt.datetime) -> dt.datetime | None:
+    """None if one more event fits ``limit`` per sliding ``window``; else the time
+    when enough old events have left the window. ``limit <= 0`` is unlimited."""
+    if limit <= 0:
+        return None
+    inside = sorted(e for e in events if e > now - window)
+    if len(inside) < limit:
+        return None
+    return inside[len(inside) - limit] + window
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    limit: int
+    window: dt.timedelta
+    label: str
+
+
+@dataclass(frozen=True)
+class RenewPolicy:
+    """What the pass needs beyond storage and the CA; ``from_settings`` in production."""
+
+    account: str = ""  # ledger key for per-account orders (the ACME directory URL)
+    orders_per_3h: int = 300
+    certs_per_domain: int = 50
+    duplicate_certs: int = 5
+    failed_validations: int = 5
+    moved_retention: dt.timedelta = dt.timedelta(days=7)
+    extra_suffixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RenewPolicy:
+        r = settings.renew
+        return cls(
+            account=settings.acme.directory, orders_per_3h=r.orders_per_3h, certs_per_domain=r.certs_per_domain,
+            duplicate_certs=r.duplicate_certs, failed_validations=r.failed_validations,
+            moved_retention=dt.timedelta(days=r.moved_retention_days),
+            extra_suffixes=tuple(settings.domains.extra_suffixes),
+        )
 
 
 class LeaseKeeper:
@@ -119,6 +206,10 @@ class PassResult:
     issued: list[str] = field(default_factory=list)
     failed: dict[str, IssuanceError] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # another process holds the lock, or no longer due
+    waiting: dict[str, str] = field(default_factory=dict)  # pending DNS or a rate budget: "code: message"
+    moved: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    orders_in_flight_peak: int = 0
 
     @property
     def ok(self) -> bool:
@@ -127,6 +218,14 @@ class PassResult:
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+class _Waiting(Exception):
+    """Internal: the domain waits (DNS or budget); the record already says why."""
+
+    def __init__(self, outcome: str, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
 
 
 class RenewalService:
@@ -141,6 +240,8 @@ class RenewalService:
         clock: Callable[[], dt.datetime] = _utcnow,
         concurrency: int = 4,
         lock_ttl: float = 300.0,
+        policy: RenewPolicy | None = None,
+        dns: DnsChecker | None = None,
     ) -> None:
         self.storage = storage
         self.certstore = certstore
@@ -148,18 +249,54 @@ class RenewalService:
         self.clock = clock
         self.concurrency = concurrency
         self.lock_ttl = lock_ttl
+        self.policy = policy or RenewPolicy()
+        self.dns = dns
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._in_flight = 0
+        self._in_flight_peak = 0
+        self._count_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(
+        cls, storage: Storage, certstore: CertStore, issuer: Issuer, settings: Settings,
+        *, clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> RenewalService:
+        dns = None
+        if settings.dns.check:
+            dns = DnsChecker(
+                cname_target=settings.dns.cname_target, edge_ips=settings.dns.edge_ips,
+                resolver=settings.dns.resolver, ca_identities=settings.dns.caa_identities,
+                timeout=settings.dns.timeout,
+            )
+        return cls(storage, certstore, issuer, clock=clock, concurrency=settings.renew.concurrency,
+                   lock_ttl=settings.storage.lock_ttl, policy=RenewPolicy.from_settings(settings), dns=dns)
 
     def due(self, now: dt.datetime) -> list[DomainRecord]:
         return [d for d in self.storage.list_domains() if is_due(d, now)]
 
-    def process(self, hostname: str, force: bool = False) -> str:
-        """Order a certificate for one name if still due (blocking).
+    # -- state changes (with history) ---------------------------------------------------
+    def _set(
+        self, record: DomainRecord, now: dt.datetime, *, status: str, error_code: str | None = None,
+        error_message: str | None = None, next_attempt_at: dt.datetime | None = None, attempts: int = 0,
+    ) -> DomainRecord:
+        updated = self.storage.update_domain(
+            record.hostname, now, status=status, error_code=error_code, error_message=error_message,
+            next_attempt_at=next_attempt_at, attempts=attempts,
+        )
+        if (status, error_code) != (record.status, record.error_code):
+            self.storage.add_status_event(StatusEvent(record.hostname, now, status, error_code, error_message))
+        return updated
 
-        Returns "issued", "skipped" or raises ``IssuanceError`` after recording it.
+    # -- one name -----------------------------------------------------------------------
+    def process(self, hostname: str, force: bool = False) -> str:
+        """Do what one name needs now (blocking).
+
+        Returns "issued", "skipped", "waiting" (DNS or budget; the record says
+        why), "moved" or "removed"; raises ``IssuanceError`` after recording it.
         The lock is taken around the expensive work only, the record is read
-        again after taking it (another process may have just finished), and the
-        lock is released in ``finally`` (house rule 1).
+        again after taking it (another process may have just finished: a cron
+        run and the loop never order one name twice), and released in ``finally``
+        (house rule 1).
         """
         lock = f"order:{hostname}"
         if not self.storage.try_lock(lock, self.owner, self.lock_ttl, self.clock()):
@@ -170,80 +307,271 @@ class RenewalService:
             record = self.storage.get_domain(hostname)
             if record is None or not (force or is_due(record, self.clock())):
                 return "skipped"
-            renewing = record.status in ("active", "renewing")
-            self.storage.update_domain(
-                hostname, self.clock(), status="renewing" if renewing else "issuing",
-                error_code=record.error_code, error_message=record.error_message,
-                next_attempt_at=record.next_attempt_at, attempts=record.attempts,
-            )
+            cert = self.storage.get_certificate(hostname)
             try:
-                pair = self.issuer.issue(hostname)
-                saved = self.certstore.save(hostname, pair.key_pem, pair.chain_pem, self.clock())
-            except IssuanceError as exc:
-                self._record_failure(record, exc, renewing)
-                raise
-            now = self.clock()
-            self.storage.update_domain(
-                hostname, now, status="active",
-                next_attempt_at=renewal_time(saved.not_before, saved.not_after),
-            )
-            log.info("certificate for %s issued, serial %s, valid until %s", hostname, saved.serial, saved.not_after)
-            return "issued"
+                if record.status == "moved":
+                    record = self._recheck_moved(record, cert)  # raises _Waiting unless an order is due
+                replaces = self._ari_gate(record, cert, force) if cert is not None else None
+                self._precheck(record, cert)
+                if replaces is None:  # ARI-claimed renewals are exempt from the CA's limits
+                    self._check_budgets(record, cert)
+                else:
+                    self._check_budgets(record, cert, kinds=(FAILED_VALIDATION,))
+            except _Waiting as waiting:
+                return waiting.outcome
+            return self._order(record, cert, replaces)
         except DomainNotFound:
             return "skipped"  # removed while we were ordering; storage refused the save
         finally:
             keeper.stop()
             self.storage.unlock(lock, self.owner)
 
-    def _record_failure(self, record: DomainRecord, exc: IssuanceError, renewing: bool) -> None:
+    def _recheck_moved(self, record: DomainRecord, cert: CertificateRecord | None) -> DomainRecord:
+        """A moved domain: back to work if DNS points at the edge again, removed
+        (with its key) after ``moved_retention``, else looked at again daily."""
+        now = self.clock()
+        verdict = self.dns.check(record.hostname) if self.dns else DnsVerdict(True, "dns_ok", "")
+        if verdict.ok:
+            log.info("%s points at the edge again", record.hostname)
+            if cert is not None and renewal_time(cert.not_before, cert.not_after) > now:
+                self._set(record, now, status="active",
+                          next_attempt_at=renewal_time(cert.not_before, cert.not_after))
+                raise _Waiting("skipped", "back to active")
+            return self._set(record, now, status="renewing" if cert else "issuing", next_attempt_at=now)
+        since = next((e.at for e in self.storage.status_history(record.hostname) if e.status == "moved"),
+                     record.updated_at)
+        remove_at = since + self.policy.moved_retention
+        if now >= remove_at and verdict.definitive:
+            self.storage.remove_domain(record.hostname)
+            log.warning("%s was moved away for %s: removed with its key and certificate",
+                        record.hostname, self.policy.moved_retention)
+            raise _Waiting("removed", "removed")
+        self._set(record, now, status="moved", error_code=record.error_code, error_message=record.error_message,
+                  next_attempt_at=min(now + _MOVED_RECHECK, remove_at), attempts=record.attempts)
+        raise _Waiting("moved", "still moved")
+
+    def _ari_gate(self, record: DomainRecord, cert: CertificateRecord, force: bool) -> str | None:
+        """Is the served certificate due for renewal? ARI first (RFC 9773), the
+        backstop (``renewal_time``) when the CA offers none, and an emergency
+        renewal under 1/20 of the lifetime left whatever ARI says. Returns the
+        ``replaces`` identifier (None without ARI) or raises ``_Waiting`` with the
+        next check stored on the domain."""
+        now = self.clock()
+        state = self.storage.get_ari(record.hostname)
+        if state is None or state.serial != cert.serial or state.next_poll <= now:
+            try:
+                state = self.issuer.renewal_info(record.hostname, cert.chain_pem)
+                self.storage.save_ari(state)
+            except IssuanceError as exc:
+                log.warning("ARI for %s unavailable (%s); using the backstop", record.hostname, exc)
+                state = None
+        backstop = renewal_time(cert.not_before, cert.not_after)
+        lifetime = cert.not_after - cert.not_before
+        emergency = cert.not_after - now < lifetime * _EMERGENCY_FRACTION
+        ari = state is not None and state.renew_at is not None
+        renew_at = state.renew_at if state is not None and state.renew_at is not None else backstop
+        if force or emergency or renew_at <= now:
+            return state.cert_id if ari and state is not None and state.cert_id else None
+        next_check = renew_at if state is None else min(renew_at, state.next_poll)
+        self._set(record, now, status=record.status, error_code=record.error_code,
+                  error_message=record.error_message, next_attempt_at=next_check, attempts=record.attempts)
+        raise _Waiting("skipped", "not due yet")
+
+    def _precheck(self, record: DomainRecord, cert: CertificateRecord | None) -> None:
+        """DNS/CAA before any order: a name that does not point at us would only
+        burn the CA's failed-validation budget."""
+        if self.dns is None:
+            return
+        verdict = self.dns.check(record.hostname)
+        if verdict.ok:
+            return
+        now = self.clock()
+        if cert is not None and verdict.definitive and verdict.code in (DNS_MISSING, DNS_ELSEWHERE):
+            # The customer took the name away: keep serving the valid certificate,
+            # stop renewing; removed after moved_retention unless DNS comes back.
+            self._set(record, now, status="moved", error_code="dns_moved",
+                      error_message=f"{verdict.message}; renewals stopped, the current certificate is still "
+                                    f"served until it expires; removed after {self.policy.moved_retention.days} days",
+                      next_attempt_at=min(now + _MOVED_RECHECK, now + self.policy.moved_retention))
+            log.warning("%s moved away: %s", record.hostname, verdict.message)
+            raise _Waiting("moved", verdict.message)
+        attempts = record.attempts + 1
+        bounds = (cert.not_before, cert.not_after) if cert else None
+        self._set(record, now, status="pending_dns" if cert is None else record.status,
+                  error_code=verdict.code, error_message=verdict.message,
+                  next_attempt_at=now + retry_delay(attempts, bounds, now), attempts=attempts)
+        raise _Waiting("waiting", f"{verdict.code}: {verdict.message}")
+
+    def _budgets(self, hostname: str) -> list[tuple[Budget, str]]:
+        try:
+            domain = registered_domain(hostname, extra_suffixes=self.policy.extra_suffixes)
+        except InvalidHostname:
+            domain = hostname
+        p = self.policy
+        return [
+            (Budget(ORDER, p.orders_per_3h, dt.timedelta(hours=3), "new orders per account per 3 hours"), p.account),
+            (Budget(CERT_DOMAIN, p.certs_per_domain, dt.timedelta(days=7),
+                    f"certificates for {domain} per 7 days"), domain),
+            (Budget(CERT_NAMES, p.duplicate_certs, dt.timedelta(days=7),
+                    f"duplicate certificates for {hostname} per 7 days"), hostname),
+            (Budget(FAILED_VALIDATION, p.failed_validations, dt.timedelta(hours=1),
+                    f"failed validations for {hostname} per hour"), hostname),
+        ]
+
+    def _check_budgets(
+        self, record: DomainRecord, cert: CertificateRecord | None, kinds: tuple[str, ...] | None = None
+    ) -> None:
+        """Refuse an order that would exceed one of the CA's limits: it waits on the
+        domain with ``error.code = "rate_budget"`` and never reaches the CA."""
+        now = self.clock()
+        for budget, key in self._budgets(record.hostname):
+            if kinds is not None and budget.kind not in kinds:
+                continue
+            events = self.storage.events_since(budget.kind, key, now - budget.window)
+            until = budget_wait(events, budget.limit, budget.window, now)
+            if until is None:
+                continue
+            message = (f"rate budget reached: {budget.limit} {budget.label}; the next attempt is at "
+                       f"{until.isoformat().replace('+00:00', 'Z')} (nothing was sent to the CA)")
+            self._set(record, now, status=record.status if record.status != "pending_dns" else "issuing",
+                      error_code="rate_budget", error_message=message, next_attempt_at=until,
+                      attempts=record.attempts)
+            log.warning("%s: %s", record.hostname, message)
+            raise _Waiting("waiting", f"rate_budget: {message}")
+
+    def _order(self, record: DomainRecord, cert: CertificateRecord | None, replaces: str | None = None) -> str:
+        hostname = record.hostname
+        renewing = cert is not None
+        record = self._set(
+            record, self.clock(), status="renewing" if renewing else "issuing",
+            error_code=record.error_code, error_message=record.error_message,
+            next_attempt_at=record.next_attempt_at, attempts=record.attempts,
+        )
+        self.storage.record_event(ORDER, self.policy.account, self.clock())
+        try:
+            pair = self.issuer.issue(hostname, replaces=replaces) if replaces else self.issuer.issue(hostname)
+            saved = self.certstore.save(hostname, pair.key_pem, pair.chain_pem, self.clock())
+        except IssuanceError as exc:
+            if exc.retry is RetryClass.CUSTOMER:
+                self.storage.record_event(FAILED_VALIDATION, hostname, self.clock())
+            self._record_failure(record, cert, exc, renewing)
+            raise
+        now = self.clock()
+        for budget, key in self._budgets(hostname):
+            if budget.kind in (CERT_DOMAIN, CERT_NAMES):
+                self.storage.record_event(budget.kind, key, now)
+        # The next look is the backstop, or sooner to ask the CA's ARI (at least twice a day).
+        next_at = min(renewal_time(saved.not_before, saved.not_after), now + _ARI_POLL)
+        self._set(record, now, status="active", next_attempt_at=next_at)
+        log.info("certificate for %s issued, serial %s, valid until %s", hostname, saved.serial, saved.not_after)
+        return "issued"
+
+    def _record_failure(
+        self, record: DomainRecord, cert: CertificateRecord | None, exc: IssuanceError, renewing: bool
+    ) -> None:
         now = self.clock()
         attempts = record.attempts + 1
         if exc.retry_after is not None:
-            next_at = now + dt.timedelta(seconds=exc.retry_after)
+            # RFC 8555 section 6.6 / RFC 9110 section 10.2.3: the CA said when.
+            next_at: dt.datetime | None = now + dt.timedelta(seconds=exc.retry_after)
         elif exc.retry is RetryClass.NEVER:
             next_at = None  # only an operator's retry starts it again
         else:
-            next_at = now + backoff(attempts)
+            next_at = now + retry_delay(attempts, (cert.not_before, cert.not_after) if cert else None, now)
         log.warning("order for %s failed (%s): %s; next attempt %s", record.hostname, exc.code, exc, next_at)
-        self.storage.update_domain(
-            record.hostname, now,
+        self._set(
+            record, now,
             # A renewal that fails keeps serving the valid certificate it has.
             status="renewing" if renewing else "failing",
             error_code=exc.code, error_message=str(exc),
             next_attempt_at=next_at, attempts=attempts,
         )
 
+    # -- a pass and the loop --------------------------------------------------------------
     async def run_pass(self, hostnames: list[str] | None = None, force: bool = False) -> PassResult:
         """One pass over due domains (or the given ones), at most ``concurrency`` orders at once."""
         if hostnames is None:
             hostnames = [d.hostname for d in await asyncio.to_thread(self.due, self.clock())]
         result = PassResult()
-        gate = asyncio.Semaphore(self.concurrency)
+        self._in_flight_peak = 0
+        loop = asyncio.get_running_loop()
+        # Our own pool: asyncio.to_thread's default executor has only cpu_count + 4
+        # threads, which would silently cap the orders in flight below ``concurrency``.
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.concurrency),
+                                                     thread_name_prefix="renew")
+
+        def counted(hostname: str) -> str:
+            with self._count_lock:
+                self._in_flight += 1
+                self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
+            try:
+                return self.process(hostname, force)
+            finally:
+                with self._count_lock:
+                    self._in_flight -= 1
 
         async def one(hostname: str) -> None:
-            async with gate:
-                try:
-                    outcome = await asyncio.to_thread(self.process, hostname, force)
-                except IssuanceError as exc:
-                    result.failed[hostname] = exc
-                    return
-                (result.issued if outcome == "issued" else result.skipped).append(hostname)
+            try:
+                outcome = await loop.run_in_executor(pool, counted, hostname)
+            except IssuanceError as exc:
+                result.failed[hostname] = exc
+                return
+            if outcome == "issued":
+                result.issued.append(hostname)
+            elif outcome == "waiting":
+                record = await asyncio.to_thread(self.storage.get_domain, hostname)
+                result.waiting[hostname] = (
+                    f"{record.error_code}: {record.error_message}" if record else "waiting")
+            elif outcome == "moved":
+                result.moved.append(hostname)
+            elif outcome == "removed":
+                result.removed.append(hostname)
+            else:
+                result.skipped.append(hostname)
 
-        await asyncio.gather(*(one(h) for h in hostnames))
-        if result.issued:
+        try:
+            await asyncio.gather(*(one(h) for h in hostnames))
+        finally:
+            pool.shutdown(wait=False)
+        result.orders_in_flight_peak = self._in_flight_peak
+        if result.issued or result.removed:
             await self.certstore.refresh()
         return result
 
-    async def run_forever(self, stop: asyncio.Event, wake: asyncio.Event, interval: float = 5.0) -> None:
-        """The loop inside ``serve``: a pass whenever woken (new registration) or every ``interval``."""
+    def _new_work(self) -> list[str]:
+        """Due names without a certificate yet (registrations, DNS re-checks, retries):
+        picked up within ``poll`` seconds, between full passes."""
+        now = self.clock()
+        return [d.hostname for d in self.storage.list_domains()
+                if is_due(d, now) and d.status in ("issuing", "pending_dns", "failing")]
+
+    async def run_forever(
+        self, stop: asyncio.Event, wake: asyncio.Event, interval: float = 600.0, jitter: float = 300.0,
+        poll: float = 5.0,
+    ) -> None:
+        """The loop inside ``serve``: a full pass at start, whenever woken (a
+        registration or a retry through the admin API) and every ``interval`` +
+        random(0, ``jitter``) seconds; in between, every ``poll`` seconds, new
+        work only (so a name added by the CLI in another process starts within
+        seconds). Jitter spreads nodes and restarts apart (issue 4)."""
+        next_full = time.monotonic()
         while not stop.is_set():
+            full = wake.is_set() or time.monotonic() >= next_full
             wake.clear()
             try:
-                await self.run_pass()
+                if full:
+                    await self.run_pass()
+                    await asyncio.to_thread(self.storage.prune_events, self.clock() - _LEDGER_KEEP)
+                    next_full = time.monotonic() + interval + random.uniform(0, max(jitter, 0.0))
+                else:
+                    names = await asyncio.to_thread(self._new_work)
+                    if names:
+                        await self.run_pass(names)
             except Exception:  # the loop must outlive a bad pass; the error is on the record
                 log.exception("renewal pass failed")
+            timeout = max(0.05, min(poll, next_full - time.monotonic()))
             waiter = asyncio.ensure_future(wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stopper.cancel()

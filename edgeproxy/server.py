@@ -20,8 +20,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -33,15 +35,23 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
+from prometheus_client import CollectorRegistry
 
 from .acme_client import AcmeIssuer
 from .admin import create_admin_app
 from .certstore import CertStore
 from .config import Settings, parse_hostport
+from .logs import setup_logging
+from .metrics import (
+    CONTENT_TYPE, CountingIssuer, Metrics, StateCollector, StatsCounter, enable_multiprocess, instrument, make_run_dir,
+    multiprocess_dir, render, sample_total, scrape_registry,
+)
+from .monitor import AlertDispatcher, MonitorService, Prober, SpoolStats, build_sinks
 from .proxy import EdgeProxy, Site
 from .registry import Registry
 from .renew import Issuer, RenewalService
 from .keys import open_store
+from .spool import Replayer, ReplayFilters, Spool, SpoolingForwarder, prune_loop, replay_failed, spool_path
 from .storage.base import Storage
 from .tokens import TokenStore
 
@@ -181,6 +191,18 @@ class EdgeNode:
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge)
+        # Metrics (issue 5): multiprocess files under `serve`, a local registry otherwise.
+        self.metrics_registry = None if multiprocess_dir() else CollectorRegistry()
+        self.metrics = Metrics(self.metrics_registry)
+        self.proxy.stats = StatsCounter(self.metrics)
+        self.proxy.observe_relay = self.metrics.observe_relay
+        # Issue 3: every worker spools into the same node-local file; the primary drains it.
+        self.spool = Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
+        self.proxy.deliver = SpoolingForwarder(self.proxy.forward, self.spool, self.storage,
+                                               ip_retention=settings.privacy.ip_retention).deliver
+        # (depth, oldest age in s) for alerts and /metrics.
+        self.spool_stats: SpoolStats | None = self.spool.depth_age
+        self.monitor: MonitorService | None = None
         self.issuer = issuer
         self._config = _hypercorn_config()
         self._context = WorkerContext(None)
@@ -224,16 +246,24 @@ class EdgeNode:
         self._loop = asyncio.get_running_loop()
         await self.certstore.refresh()
         await self.proxy.startup()
+        access = self.settings.log.access_log
+        routes = self.settings.routes
         listeners = [
-            _Listener("http", self.sockets["http"], self.proxy.http_app),
-            _Listener("https", self.sockets["https"], self.proxy.https_app, tls=True),
+            _Listener("http", self.sockets["http"],
+                      instrument(self.proxy.http_app, "http", self.metrics, routes, log_access=access)),
+            _Listener("https", self.sockets["https"],
+                      instrument(self.proxy.https_app, "https", self.metrics, routes, log_access=access), tls=True),
         ]
         background = [asyncio.create_task(self.certstore.run(self.settings.proxy.cert_refresh_interval, self.stop))]
         if self.primary:
             registry = Registry(self.storage, self.settings)
             tokens = TokenStore(self.settings.admin, create_bootstrap=True)
-            admin = create_admin_app(registry, tokens, on_registered=lambda _h: self._wake_soon())
+            monitor = self._monitor()
+            admin = create_admin_app(registry, tokens, on_registered=lambda _h: self._wake_soon(),
+                                     last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
+                                     spool_status=self._spool_status, replay=self._replay)
             listeners.append(_Listener("admin", self.sockets["admin"], admin))
+            background.append(asyncio.create_task(monitor.run_forever(self.stop)))
             issuer = self.issuer or AcmeIssuer(
                 storage=self.storage,
                 directory_url=self.settings.acme.directory,
@@ -242,8 +272,16 @@ class EdgeNode:
                 profile=self.settings.acme.profile,
                 timeout=self.settings.acme.timeout,
             )
-            renewer = RenewalService(self.storage, self.certstore, issuer, lock_ttl=self.settings.storage.lock_ttl)
-            background.append(asyncio.create_task(renewer.run_forever(self.stop, self.wake)))
+            renewer = RenewalService.from_settings(
+                self.storage, self.certstore, CountingIssuer(issuer, self.metrics), self.settings)
+            r = self.settings.renew
+            background.append(asyncio.create_task(
+                renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
+            replayer = Replayer(self.spool, self.proxy.forward, self.settings.spool, storage=self.storage,
+                                ip_retention=self.settings.privacy.ip_retention)
+            background.append(asyncio.create_task(replayer.run(self.stop)))
+            background.append(asyncio.create_task(
+                prune_loop(self.storage, self.settings.failed_log.retention_days, self.stop)))
         for listener in listeners:
             ssl_context = self.certstore.server_context() if listener.tls else None
             listener.server = await asyncio.start_server(
@@ -259,6 +297,47 @@ class EdgeNode:
             await self.stop.wait()
         finally:
             await self._shutdown(background)
+
+    # -- monitoring (issue 5) ----------------------------------------------------------
+    def _relay_4xx_total(self) -> float:
+        registry = scrape_registry(None, self.metrics_registry)
+        return sample_total(registry, "edgeproxy_relay_responses_total", {"code_class": "4xx"})
+
+    def _spool(self) -> tuple[int, float] | None:
+        return self.spool_stats() if self.spool_stats is not None else None
+
+    def _monitor(self) -> MonitorService:
+        alerts = self.settings.alerts
+        dispatcher = AlertDispatcher(build_sinks(self.settings), retries=alerts.retries,
+                                     retry_delay=alerts.retry_delay, timeout=alerts.timeout,
+                                     on_delivery=self.metrics.observe_delivery)
+        probes = self.metrics.probes
+        self.monitor = MonitorService(
+            self.settings, self.storage, Prober.from_settings(self.settings), dispatcher,
+            spool_stats=self._spool, relay_4xx_total=self._relay_4xx_total,
+            on_result=lambda r: probes.labels("ok" if r.ok else "failed").inc(),
+        )
+        return self.monitor
+
+    def _metrics_renderer(self, monitor: MonitorService) -> Callable[[], tuple[bytes, str]]:
+        state = StateCollector(
+            domain_statuses=lambda: [d.status for d in self.storage.list_domains()],
+            cert_expiries=lambda: [c.not_after for c in list(self.certstore.certs.values())],
+            spool_stats=self._spool,
+            failing_probes=lambda: sum(1 for r in list(monitor.results.values()) if not r.ok),
+            warn_days=self.settings.monitor.cert_warn_days,
+        )
+
+        def render_metrics() -> tuple[bytes, str]:
+            return render(scrape_registry(state, self.metrics_registry)), CONTENT_TYPE
+
+        return render_metrics
+    def _spool_status(self) -> dict[str, Any]:
+        return self.spool.stats(time.time()).as_dict()
+
+    async def _replay(self, filters: ReplayFilters, dry_run: bool) -> dict[str, Any]:
+        summary = await replay_failed(self.storage, self.proxy.forward, filters, dry_run=dry_run)
+        return summary.as_dict()
 
     def _wake_soon(self) -> None:
         # Called from the admin route's worker thread: hop back onto the loop.
@@ -278,6 +357,7 @@ class EdgeNode:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await self.proxy.aclose()
+        await asyncio.to_thread(self.spool.close)
         self.storage.close()
 
     async def main(self) -> None:
@@ -289,8 +369,7 @@ class EdgeNode:
 
 def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int) -> None:
     """Entry point of an extra worker process (spawned, so nothing is shared but sockets)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(settings.log)
     node = EdgeNode(settings, sockets, primary=False)
 
     async def orphan_guard() -> None:
@@ -320,6 +399,21 @@ def serve(settings: Settings, workers: int = 1) -> None:
         "admin": bind_socket(settings.listen.admin, "listen.admin"),
     }
     public = {k: sockets[k] for k in ("http", "https")}
+    setup_logging(settings.log, level=logging.getLogger().level or logging.INFO)
+    # One fresh directory per run for every process's metric files (inherited by
+    # the spawned workers through the environment); removed when serve ends.
+    metrics_dir = make_run_dir()
+    enable_multiprocess(metrics_dir)
+    try:
+        _serve(settings, sockets, public, workers)
+    finally:
+        shutil.rmtree(metrics_dir)
+        for sock in sockets.values():
+            sock.close()
+
+
+def _serve(settings: Settings, sockets: dict[str, socket.socket], public: dict[str, socket.socket],
+           workers: int) -> None:
     spawn = multiprocessing.get_context("spawn")
     children: list[Any] = []
 
@@ -352,6 +446,4 @@ def serve(settings: Settings, workers: int = 1) -> None:
                 await asyncio.to_thread(proc.join, 10)
 
     asyncio.run(main())
-    for sock in sockets.values():
-        sock.close()
 

@@ -37,4 +37,70 @@ def test_is_due() -> None:
     assert is_due(_record("issuing", T0), T0)
     assert not is_due(_record("issuing", T0 + dt.timedelta(seconds=1)), T0)
     assert not is_due(_record("active", None), T0)
-    assert not is_due(_record("moved", T0), T0)  # moved domains are never renewed
+    # A moved domain is due for a DNS re-check only (RenewalService never orders for it
+    # unless DNS points back; see tests/test_renew_lifecycle.py).
+    assert is_due(_record("moved", T0), T0)
+    assert not is_due(_record("moved", None), T0)
+
+
+# -- issue 4: budgets, emergency retries, DNS/CAA verdicts (pure) ---------------------------------
+
+from typing import Any  # noqa: E402
+
+from edgeproxy.domains import caa_allows, caa_lookup_names, evaluate_pointing  # noqa: E402
+from edgeproxy.renew import budget_wait, retry_delay  # noqa: E402
+
+
+def test_budget_wait_sliding_window() -> None:
+    hour = dt.timedelta(hours=1)
+    events = [T0 - dt.timedelta(minutes=m) for m in (50, 40, 30, 20, 10)]
+    assert budget_wait(events[:4], 5, hour, T0) is None  # four used, a fifth fits
+    assert budget_wait(events, 5, hour, T0) == events[0] + hour  # the oldest leaves at T0+10min
+    assert budget_wait(events + [T0 - dt.timedelta(minutes=70)], 5, hour, T0) == events[0] + hour  # outside ignored
+    assert budget_wait(events, 0, hour, T0) is None  # 0 = unlimited
+
+
+def test_retry_delay_is_capped_in_an_emergency() -> None:
+    ninety = (T0 - dt.timedelta(days=40), T0 + dt.timedelta(days=50))
+    assert retry_delay(5, ninety, T0) == dt.timedelta(days=1)
+    nearly_expired = (T0 - dt.timedelta(days=86), T0 + dt.timedelta(days=4))  # 4 of 90 days left < 1/20
+    assert retry_delay(5, nearly_expired, T0) == dt.timedelta(hours=1)
+    assert retry_delay(1, nearly_expired, T0) == dt.timedelta(minutes=1)
+    six_day = (T0 - dt.timedelta(days=5, hours=18), T0 + dt.timedelta(hours=6))  # 6 h of 6 days < 1/20
+    assert retry_delay(4, six_day, T0) == dt.timedelta(hours=1)
+
+
+def test_caa_lookup_climbs_to_the_tld() -> None:
+    assert caa_lookup_names("cdn.shop.example.com") == ["cdn.shop.example.com", "shop.example.com", "example.com", "com"]
+
+
+@pytest.mark.parametrize(
+    ("records", "allowed"),
+    [
+        ([], True),
+        ([(0, "issue", "letsencrypt.org")], True),
+        ([(0, "issue", "LetsEncrypt.org; validationmethods=http-01")], True),
+        ([(0, "issue", "pki.goog")], False),
+        ([(0, "issue", ";")], False),  # RFC 8659 section 4.2: nobody may issue
+        ([(0, "issuewild", "pki.goog")], True),  # issuewild only binds wildcards
+        ([(0, "iodef", "mailto:x@example.com")], True),
+        ([(128, "tbs", "x")], False),  # unknown critical property
+        ([(0, "issue", "pki.goog"), (0, "issue", "letsencrypt.org")], True),
+    ],
+)
+def test_caa_allows(records: list[tuple[int, str, str]], allowed: bool) -> None:
+    assert caa_allows(records, ["letsencrypt.org"]) is allowed
+
+
+def test_evaluate_pointing() -> None:
+    def check(chain: list[str], addresses: list[str]) -> Any:
+        return evaluate_pointing("a.shop.test", chain, addresses, cname_target="edge.example.net.",
+                                 edge_ips=["192.0.2.10"])
+
+    assert check(["x.cdn.test", "edge.example.net"], ["192.0.2.10"]).ok  # CNAME chain through a CDN
+    assert check([], ["192.0.2.10"]).ok
+    mixed = check([], ["192.0.2.10", "198.51.100.1"])  # one address elsewhere fails validation from there
+    assert (mixed.ok, mixed.code) == (False, "dns_elsewhere")
+    missing = check([], [])
+    assert missing.code == "dns_missing"
+    assert "a.shop.test. CNAME edge.example.net. (or A 192.0.2.10)" in missing.message

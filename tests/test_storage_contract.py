@@ -791,6 +791,129 @@ def test_sqlite_storage_satisfies_the_protocol(sq: SqliteStorage) -> None:
 
 
 
+# == BEGIN issue 4: budget ledger and status history (every backend) ==========================
+
+
+def test_budget_events_count_by_kind_key_and_window(store: Storage) -> None:
+    for minutes in (0, 10, 70):
+        store.record_event("failed_validation", "a.example.test", NOW + timedelta(minutes=minutes))
+    store.record_event("failed_validation", "b.example.test", NOW)
+    store.record_event("order", "a.example.test", NOW)
+    since = NOW + timedelta(minutes=5)
+    assert store.events_since("failed_validation", "a.example.test", since) == [
+        NOW + timedelta(minutes=10), NOW + timedelta(minutes=70)]
+    assert store.events_since("failed_validation", "a.example.test", NOW)[0] == NOW  # inclusive bound
+    assert store.events_since("order", "nobody", NOW) == []
+    assert store.prune_events(NOW + timedelta(minutes=10)) == 3  # the three at NOW
+    assert store.events_since("failed_validation", "a.example.test", NOW) == [
+        NOW + timedelta(minutes=10), NOW + timedelta(minutes=70)]
+
+
+def test_status_history_newest_first_and_removed_with_the_domain(store: Storage) -> None:
+    from edgeproxy.storage.base import StatusEvent
+
+    store.add_domain("h.example.test", "issuing", NOW)
+    store.add_status_event(StatusEvent("h.example.test", NOW, "pending_dns", "dns_missing", "add a CNAME"))
+    store.add_status_event(StatusEvent("h.example.test", NOW + timedelta(seconds=1), "active"))
+    history = store.status_history("h.example.test")
+    assert [e.status for e in history] == ["active", "pending_dns"]
+    assert history[1] == StatusEvent("h.example.test", NOW, "pending_dns", "dns_missing", "add a CNAME")
+    assert len(store.status_history("h.example.test", limit=1)) == 1
+    assert store.status_history("other.example.test") == []
+    store.remove_domain("h.example.test")
+    assert store.status_history("h.example.test") == []
+
+
+def test_ari_state_round_trip_replace_and_removed_with_the_domain(store: Storage) -> None:
+    from edgeproxy.storage.base import AriState
+
+    store.add_domain("ari.example.test", "active", NOW)
+    assert store.get_ari("ari.example.test") is None
+    state = AriState("ari.example.test", "0a1b", "aki.serial", None, NOW + timedelta(hours=6), NOW)
+    store.save_ari(state)
+    assert store.get_ari("ari.example.test") == state
+    newer = replace(state, renew_at=NOW + timedelta(days=30))
+    store.save_ari(newer)
+    assert store.get_ari("ari.example.test") == newer
+    store.remove_domain("ari.example.test")
+    assert store.get_ari("ari.example.test") is None
+
+
+# == END issue 4 ===================================================================================
+# =====================================================================================
+# BEGIN issue 3: failed-request log (every backend)
+# =====================================================================================
+
+from edgeproxy.storage import FailedRequestRecord  # noqa: E402
+
+
+def failed(key: str, *, domain: str = "a.example.com", status: int = 401, received: datetime = NOW,
+           logged: datetime | None = None) -> FailedRequestRecord:
+    return FailedRequestRecord(
+        idempotency_key=key, domain=domain, method="POST", target="/collect?v=1",
+        headers=((b"content-type", b"application/json"), (b"idempotency-key", key.encode()),
+                 (b"x-odd", bytes(range(128, 140)))),
+        body=b'{"e":"' + key.encode() + b'"}\x00\xff', client="203.0.113.9", status=status, origin="relay",
+        received_at=received, logged_at=logged or received,
+    )
+
+
+def test_failed_log_round_trip_filters_and_order(store: Storage) -> None:
+    ids = [store.log_failed_request(failed(f"k{i}", domain="a.example.com" if i % 2 else "b.example.com",
+                                            status=401 if i < 3 else 403, received=NOW + timedelta(minutes=i)))
+           for i in range(5)]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    everything = store.find_failed_requests()
+    assert [r.idempotency_key for r in everything] == ["k0", "k1", "k2", "k3", "k4"]
+    first = everything[0]
+    assert first == replace(failed("k0", domain="b.example.com"), id=ids[0])  # bytes headers/body exact
+    assert [r.idempotency_key for r in store.find_failed_requests(domain="a.example.com")] == ["k1", "k3"]
+    assert [r.idempotency_key for r in store.find_failed_requests(status=403)] == ["k3", "k4"]
+    window = store.find_failed_requests(since=NOW + timedelta(minutes=1), until=NOW + timedelta(minutes=3))
+    assert [r.idempotency_key for r in window] == ["k1", "k2"]
+    assert [r.idempotency_key for r in store.find_failed_requests(limit=2, after_id=ids[1])] == ["k2", "k3"]
+    assert store.count_failed_requests() == 5
+    assert store.count_failed_requests(domain="a.example.com", status=401) == 1
+    assert store.count_failed_requests(since=NOW + timedelta(minutes=1), until=NOW + timedelta(minutes=3)) == 2
+    store.mark_failed_delivered([ids[0]], NOW)
+    assert (store.count_failed_requests(), store.count_failed_requests(delivered=True),
+            store.count_failed_requests(delivered=None)) == (4, 1, 5)
+
+
+def test_failed_log_is_idempotent_per_key_and_marks_delivered_once(store: Storage) -> None:
+    first = store.log_failed_request(failed("k1"))
+    again = store.log_failed_request(failed("k1", status=500, logged=NOW + timedelta(hours=1)))
+    assert first == again
+    (record,) = store.find_failed_requests(delivered=None)
+    assert record.status == 500 and record.logged_at == NOW + timedelta(hours=1)
+    other = store.log_failed_request(failed("k2"))
+    assert store.mark_failed_delivered([first], NOW) == 1
+    assert store.mark_failed_delivered([first, other], NOW + timedelta(seconds=1)) == 1  # first already done
+    assert store.find_failed_requests() == []  # default: undelivered only
+    delivered = store.find_failed_requests(delivered=True)
+    assert [(r.idempotency_key, r.delivered_at) for r in delivered] == [
+        ("k1", NOW), ("k2", NOW + timedelta(seconds=1))]
+    assert store.mark_failed_delivered([], NOW) == 0
+
+
+def test_failed_log_pruned_after_retention_with_the_clock_passed_in(store: Storage) -> None:
+    from edgeproxy.spool import prune_failed_log
+
+    store.log_failed_request(failed("old", logged=NOW - timedelta(days=90, seconds=1)))
+    store.log_failed_request(failed("edge", logged=NOW - timedelta(days=90)))
+    store.log_failed_request(failed("new", logged=NOW - timedelta(days=89)))
+    assert prune_failed_log(store, NOW, 90) == 1
+    assert [r.idempotency_key for r in store.find_failed_requests(delivered=None)] == ["edge", "new"]
+    # 90 days after the newest: everything is gone.
+    assert prune_failed_log(store, NOW + timedelta(days=90, seconds=1), 90) == 2
+    assert store.find_failed_requests(delivered=None) == []
+
+
+# =====================================================================================
+# END issue 3
+# =====================================================================================
+
+
 # =====================================================================================
 # Part 3: what only the PostgreSQL backend promises
 # =====================================================================================
@@ -1012,3 +1135,36 @@ def test_postgres_instance_inherited_through_fork_opens_its_own_pool(pg_url: str
         assert {d.hostname for d in s.list_domains()} == {"parent.example", "child.example"}
     finally:
         s.close()
+
+
+def test_postgres_upgrades_a_version_1_database_in_place(pg_url: str) -> None:
+    """A store created by the first release (schema 1) is upgraded on open,
+    its data kept, and the issue 3/4 tables work afterwards."""
+    from edgeproxy.storage.base import StatusEvent
+    from edgeproxy.storage.postgres import MIGRATIONS, SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= 2
+    with _raw(pg_url) as conn:
+        with conn.transaction():
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for statement in dict(MIGRATIONS)[1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+            conn.execute("INSERT INTO domains (hostname, status, created_at, updated_at) VALUES (%s, %s, %s, %s)",
+                         ("old.example", "active", NOW, NOW))
+    with pytest.raises(StorageError, match="schema version 1, this edgeproxy needs"):
+        open_storage(pg_url, auto_migrate=False)
+    s = open_storage(pg_url)
+    try:
+        assert getattr(s, "last_migration") == (1, SCHEMA_VERSION)
+        assert s.get_domain("old.example") is not None
+        s.add_status_event(StatusEvent("old.example", NOW, "active"))
+        assert [e.status for e in s.status_history("old.example")] == ["active"]
+    finally:
+        s.close()
+
+
+def test_every_backend_implements_the_whole_protocol(store: Storage) -> None:
+    for name in dir(Storage):
+        if not name.startswith("_"):
+            assert callable(getattr(store, name)), name

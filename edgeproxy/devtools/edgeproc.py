@@ -60,6 +60,7 @@ class EdgeConfig:
     admin_port: int = 0
     cname_target: str = "edge.example.net"
     admin_socket: str = ""  # serve the admin API on this Unix socket instead of a TCP port
+    dns_check: bool = False  # tests that exercise the DNS pre-check opt in (with a resolver)
     extra: Mapping[str, Mapping[str, Any]] | None = None  # more [section] keys
 
     def __post_init__(self) -> None:
@@ -85,7 +86,7 @@ class EdgeConfig:
             },
             "storage": {"url": f"sqlite://{self.db_path}"},
             "upstream": {"script": self.script_url, "relay": self.relay_url},
-            "dns": {"cname_target": self.cname_target},
+            "dns": {"cname_target": self.cname_target, "check": self.dns_check},
             "domains": {"extra_suffixes": ["test"]},
             "admin": {"token_file": str(self.token_file), "tokens_file": str(self.state_dir / "admin-tokens.json")},
             # Every local client is 127.0.0.1: per-IP limits would throttle tests and

@@ -9,6 +9,7 @@ Must not import: anything of ours.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,11 +38,17 @@ class RecordedRequest:
     body: bytes
 
 
+class _Backlogged(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of new connections (a replay
+    # window, a load test) would see dropped SYNs and 1 s connect retries.
+    request_queue_size = 256
+
+
 class _Server:
     """A ThreadingHTTPServer on a free loopback port, run in a daemon thread."""
 
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Backlogged(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True)
@@ -114,10 +121,13 @@ class RecordingRelay(_Server):
     """Records every request; answers ``status`` with a small JSON body.
 
     ``on_request`` (optional) is called with each recorded request, e.g. to print it.
+    ``down = True`` makes it read each request and close the connection without an
+    answer (what a crashed relay behind a load balancer looks like); nothing is recorded.
     """
 
     def __init__(self, status: int = 202, on_request: Callable[[RecordedRequest], None] | None = None) -> None:
         self.status = status
+        self.down = False
         self.on_request = on_request
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
@@ -139,6 +149,10 @@ class _RelayHandler(_QuietHandler):
         relay: RecordingRelay = self.server.owner  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if relay.down:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         pairs = [(k.lower(), v) for k, v in self.headers.items()]
         relay.record(RecordedRequest(self.command, self.path, dict(pairs), pairs, body))
         self._reply(relay.status, json.dumps({"ok": relay.status < 400}).encode(), "application/json")

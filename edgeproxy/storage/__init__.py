@@ -34,6 +34,7 @@ from edgeproxy.storage.base import (
     CertificateRecord,
     ChallengeRecord,
     DomainRecord,
+    FailedRequestRecord,
     Storage,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "ChallengeRecord",
     "DomainRecord",
     "DOMAIN_STATUSES",
+    "FailedRequestRecord",
     "Storage",
     "migrate_storage",
     "open_storage",

@@ -25,6 +25,9 @@ __all__ = [
     "CertificateRecord",
     "ChallengeRecord",
     "DomainRecord",
+    "StatusEvent",
+    "AriState",
+    "FailedRequestRecord",
     "Storage",
     "DOMAIN_STATUSES",
 ]
@@ -75,6 +78,65 @@ class AccountRecord:
     directory_url: str
     key_pem: bytes
     registration_json: str  # acme RegistrationResource as JSON ("" before registration)
+
+
+# -- issue 4 records (status history, ARI state) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """One entry of a domain's status history (issue 4)."""
+
+    hostname: str
+    at: datetime
+    status: str
+    error_code: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class AriState:
+    """ACME Renewal Information (RFC 9773) for one certificate (issue 4).
+
+    ``cert_id`` is the RFC 9773 section 4.1 identifier (``base64url(AKI).base64url(serial)``)
+    that a renewal order sends as ``replaces``; ``renew_at`` a time inside the
+    CA's suggested window (None when the CA offers no ARI); ``next_poll`` when to
+    ask again (the CA's Retry-After, at most 12 hours away)."""
+
+    hostname: str
+    serial: str
+    cert_id: str
+    renew_at: datetime | None
+    next_poll: datetime
+    checked_at: datetime
+# -- BEGIN issue 3: failed-request log record ---------------------------------------------
+@dataclass(frozen=True)
+class FailedRequestRecord:
+    """One API call the relay refused (or the edge could not accept), with
+    everything needed to send it again (``edgeproxy replay``).
+
+    ``headers`` are the headers sent to the relay, ``Idempotency-Key`` included;
+    ``client`` is already reduced per ``privacy.ip_retention``. ``id`` is 0 before
+    the record is stored.
+    """
+
+    idempotency_key: str
+    domain: str
+    method: str
+    target: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    client: str | None
+    status: int  # what the relay (or the edge) answered
+    origin: str  # "relay" or "edge": who refused it
+    received_at: datetime
+    logged_at: datetime
+    delivered_at: datetime | None = None
+    id: int = 0
+# -- END issue 3 ---------------------------------------------------------------------------
+
+
+# -- end of issue 4 records ---------------------------------------------------------------
 
 
 class Storage(Protocol):
@@ -166,3 +228,80 @@ class Storage(Protocol):
 
     def close(self) -> None:
         ...
+
+    # == BEGIN issue 4: rate-budget ledger and status history ============================
+    # Additive tables (CREATE TABLE IF NOT EXISTS); schema_version is unchanged.
+
+    def record_event(self, kind: str, key: str, at: datetime) -> None:
+        """Append one ledger entry (e.g. kind="order", key=<ACME directory>). Not
+        idempotent: every call counts once against a budget."""
+        ...
+
+    def events_since(self, kind: str, key: str, since: datetime) -> list[datetime]:
+        """Times of the ``kind``/``key`` entries at or after ``since``, oldest first."""
+        ...
+
+    def prune_events(self, before: datetime) -> int:
+        """Delete ledger entries older than ``before``; returns how many."""
+        ...
+
+    def add_status_event(self, event: StatusEvent) -> None:
+        """Append to a domain's history. Deleted with the domain (``remove_domain``)."""
+        ...
+
+    def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
+        """The newest ``limit`` entries for ``hostname``, newest first ([] if none)."""
+        ...
+
+    def save_ari(self, state: AriState) -> None:
+        """Insert or replace the ARI state of ``state.hostname``. Deleted with the domain."""
+        ...
+
+    def get_ari(self, hostname: str) -> AriState | None:
+        ...
+
+    # == END issue 4 ==========================================================================
+    # -- BEGIN issue 3: failed-request log (kept ``failed_log.retention_days``) ------------
+    def log_failed_request(self, record: FailedRequestRecord) -> int:
+        """Store a refused request; returns its id. Idempotent per
+        ``idempotency_key``: logging the same key again (a replay refused once
+        more) updates ``status``/``logged_at`` and keeps the one row."""
+        ...
+
+    def find_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+        limit: int = 1000,
+        after_id: int = 0,
+    ) -> list[FailedRequestRecord]:
+        """Records with ``since <= received_at < until`` (either bound optional),
+        matching ``domain``/``status`` when given, ``id > after_id``, ordered by id
+        (arrival order). ``delivered``: False = not yet delivered, True = delivered,
+        None = both."""
+        ...
+
+    def count_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+    ) -> int:
+        """How many records ``find_failed_requests`` would return without a limit."""
+        ...
+
+    def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
+        """Set ``delivered_at = now`` where still unset; returns how many changed."""
+        ...
+
+    def prune_failed_requests(self, before: datetime) -> int:
+        """Delete records logged before ``before``; returns how many."""
+        ...
+    # -- END issue 3 ------------------------------------------------------------------------

@@ -66,6 +66,7 @@ Choices (and why):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -84,9 +85,12 @@ from edgeproxy.errors import DomainExists, DomainNotFound, StorageError, Storage
 from edgeproxy.storage.base import (
     DOMAIN_STATUSES,
     AccountRecord,
+    AriState,
     CertificateRecord,
     ChallengeRecord,
     DomainRecord,
+    FailedRequestRecord,
+    StatusEvent,
 )
 
 __all__ = ["PostgresStorage", "SCHEMA_VERSION", "MIGRATIONS", "NOTIFY_CHANNEL"]
@@ -154,6 +158,53 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        2,
+        (
+            # Issue 4: rate-budget ledger, status history, ARI state.
+            """CREATE TABLE budget_events (
+                kind TEXT NOT NULL,
+                key  TEXT NOT NULL,
+                at   TIMESTAMPTZ NOT NULL
+            )""",
+            "CREATE INDEX budget_events_lookup ON budget_events (kind, key, at)",
+            """CREATE TABLE status_history (
+                id         BIGSERIAL PRIMARY KEY,
+                hostname   TEXT COLLATE "C" NOT NULL,
+                at         TIMESTAMPTZ NOT NULL,
+                status     TEXT NOT NULL,
+                error_code TEXT,
+                message    TEXT
+            )""",
+            "CREATE INDEX status_history_host ON status_history (hostname, id)",
+            """CREATE TABLE ari_state (
+                hostname   TEXT COLLATE "C" PRIMARY KEY,
+                serial     TEXT NOT NULL,
+                cert_id    TEXT NOT NULL,
+                renew_at   TIMESTAMPTZ,
+                next_poll  TIMESTAMPTZ NOT NULL,
+                checked_at TIMESTAMPTZ NOT NULL
+            )""",
+            # Issue 3: the failed-request log (every node writes to the shared one).
+            """CREATE TABLE failed_requests (
+                id              BIGSERIAL PRIMARY KEY,
+                idempotency_key TEXT NOT NULL UNIQUE,
+                domain          TEXT COLLATE "C" NOT NULL,
+                method          TEXT NOT NULL,
+                target          TEXT NOT NULL,
+                headers_json    TEXT NOT NULL,
+                body            BYTEA NOT NULL,
+                client          TEXT,
+                status          INTEGER NOT NULL,
+                origin          TEXT NOT NULL,
+                received_at     TIMESTAMPTZ NOT NULL,
+                logged_at       TIMESTAMPTZ NOT NULL,
+                delivered_at    TIMESTAMPTZ
+            )""",
+            "CREATE INDEX failed_requests_received ON failed_requests (received_at)",
+            "CREATE INDEX failed_requests_logged ON failed_requests (logged_at)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -163,7 +214,34 @@ _DOMAIN_COLUMNS = (
 )
 _CERT_COLUMNS = "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at"
 
+_FAILED_COLUMNS = (
+    "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
+    "received_at, logged_at, delivered_at"
+)
+
 _MAX_UTC = datetime.max.replace(tzinfo=timezone.utc)
+
+
+def _failed_filters(since: datetime | None, until: datetime | None, domain: str | None, status: int | None,
+                    delivered: bool | None) -> tuple[list[str], list[Any]]:
+    """WHERE terms (constant SQL fragments) and their parameters for the failed-request log."""
+    where = ["TRUE"]
+    params: list[Any] = []
+    if since is not None:
+        where.append("received_at >= %s")
+        params.append(_ts(since))
+    if until is not None:
+        where.append("received_at < %s")
+        params.append(_ts(until))
+    if domain is not None:
+        where.append("domain = %s")
+        params.append(domain)
+    if status is not None:
+        where.append("status = %s")
+        params.append(status)
+    if delivered is not None:
+        where.append("delivered_at IS NOT NULL" if delivered else "delivered_at IS NULL")
+    return where, params
 
 # Errors that say "try again later" rather than "this is broken".
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -507,6 +585,8 @@ class PostgresStorage:
             # The certificate goes by ON DELETE CASCADE; said again for clarity.
             conn.execute("DELETE FROM certificates WHERE hostname = %s", (hostname,))
             conn.execute("DELETE FROM challenges WHERE hostname = %s", (hostname,))
+            conn.execute("DELETE FROM status_history WHERE hostname = %s", (hostname,))  # issue 4
+            conn.execute("DELETE FROM ari_state WHERE hostname = %s", (hostname,))  # issue 4
             self._append_change(conn, hostname)
         return True
 
@@ -764,6 +844,149 @@ class PostgresStorage:
         """Release if held by ``owner``; otherwise do nothing."""
         with self._conn(f"release lock {name}") as conn:
             conn.execute("DELETE FROM locks WHERE name = %s AND owner = %s", (name, owner))
+
+    # -- issue 4: rate-budget ledger, status history, ARI state ------------------------
+
+    def record_event(self, kind: str, key: str, at: datetime) -> None:
+        """Append one ledger entry. Not idempotent: every call counts once."""
+        with self._conn(f"record {kind} event") as conn:
+            conn.execute("INSERT INTO budget_events (kind, key, at) VALUES (%s, %s, %s)", (kind, key, _ts(at)))
+
+    def events_since(self, kind: str, key: str, since: datetime) -> list[datetime]:
+        """Times of the ``kind``/``key`` entries at or after ``since``, oldest first."""
+        with self._conn(f"read {kind} events") as conn:
+            rows = conn.execute(
+                "SELECT at FROM budget_events WHERE kind = %s AND key = %s AND at >= %s ORDER BY at",
+                (kind, key, _ts(since)),
+            ).fetchall()
+        return [_utc(row[0]) for row in rows]
+
+    def prune_events(self, before: datetime) -> int:
+        """Delete ledger entries older than ``before``; returns how many."""
+        with self._conn("prune budget events") as conn:
+            return int(conn.execute("DELETE FROM budget_events WHERE at < %s", (_ts(before),)).rowcount)
+
+    def add_status_event(self, event: StatusEvent) -> None:
+        """Append to a domain's history (deleted with the domain)."""
+        with self._conn(f"record status of {event.hostname}") as conn:
+            conn.execute(
+                "INSERT INTO status_history (hostname, at, status, error_code, message) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (event.hostname, _ts(event.at), event.status, event.error_code, event.message),
+            )
+
+    def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
+        """The newest ``limit`` entries for ``hostname``, newest first."""
+        with self._conn(f"read the status history of {hostname}") as conn:
+            rows = conn.execute(
+                "SELECT hostname, at, status, error_code, message FROM status_history "
+                "WHERE hostname = %s ORDER BY id DESC LIMIT %s",
+                (hostname, limit),
+            ).fetchall()
+        return [StatusEvent(r[0], _utc(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def save_ari(self, state: AriState) -> None:
+        """Insert or replace the ARI state of ``state.hostname``."""
+        with self._conn(f"save the ARI state of {state.hostname}") as conn:
+            conn.execute(
+                "INSERT INTO ari_state (hostname, serial, cert_id, renew_at, next_poll, checked_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (hostname) DO UPDATE SET "
+                "serial = excluded.serial, cert_id = excluded.cert_id, renew_at = excluded.renew_at, "
+                "next_poll = excluded.next_poll, checked_at = excluded.checked_at",
+                (state.hostname, state.serial, state.cert_id, _ts_opt(state.renew_at),
+                 _ts(state.next_poll), _ts(state.checked_at)),
+            )
+
+    def get_ari(self, hostname: str) -> AriState | None:
+        row = self._one(
+            f"read the ARI state of {hostname}",
+            "SELECT hostname, serial, cert_id, renew_at, next_poll, checked_at FROM ari_state WHERE hostname = %s",
+            (hostname,),
+        )
+        if row is None:
+            return None
+        return AriState(row[0], row[1], row[2], _utc_opt(row[3]), _utc(row[4]), _utc(row[5]))
+
+    # -- issue 3: failed-request log ---------------------------------------------------
+
+    def log_failed_request(self, record: FailedRequestRecord) -> int:
+        """Store a refused request; returns its id. Idempotent per ``idempotency_key``
+        (a repeat updates ``status``/``origin``/``logged_at`` and keeps the one row)."""
+        headers = json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in record.headers])
+        with self._conn(f"log failed request {record.idempotency_key}") as conn:
+            row = conn.execute(
+                f"INSERT INTO failed_requests ({_FAILED_COLUMNS.partition(', ')[2]}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (idempotency_key) DO UPDATE SET status = excluded.status, "
+                "origin = excluded.origin, logged_at = excluded.logged_at RETURNING id",
+                (record.idempotency_key, record.domain, record.method, record.target, headers,
+                 bytes(record.body), record.client, record.status, record.origin, _ts(record.received_at),
+                 _ts(record.logged_at), _ts_opt(record.delivered_at)),
+            ).fetchone()
+        if row is None:  # pragma: no cover - INSERT .. DO UPDATE always returns the row
+            raise StorageError(f"{self.where}: logging failed request {record.idempotency_key} returned no id")
+        return int(row[0])
+
+    def find_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+        limit: int = 1000,
+        after_id: int = 0,
+    ) -> list[FailedRequestRecord]:
+        """Matching records with ``id > after_id``, in arrival (id) order."""
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        where.append("id > %s")
+        params.extend([after_id, limit])
+        with self._conn("find failed requests") as conn:
+            rows = conn.execute(
+                f"SELECT {_FAILED_COLUMNS} FROM failed_requests WHERE {' AND '.join(where)} "
+                "ORDER BY id LIMIT %s", params,
+            ).fetchall()
+        return [
+            FailedRequestRecord(
+                id=int(row[0]), idempotency_key=row[1], domain=row[2], method=row[3], target=row[4],
+                headers=tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(row[5])),
+                body=bytes(row[6]), client=row[7], status=row[8], origin=row[9],
+                received_at=_utc(row[10]), logged_at=_utc(row[11]), delivered_at=_utc_opt(row[12]),
+            )
+            for row in rows
+        ]
+
+    def count_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+    ) -> int:
+        """How many records ``find_failed_requests`` would return without a limit."""
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        row = self._one("count failed requests",
+                        f"SELECT COUNT(*) FROM failed_requests WHERE {' AND '.join(where)}", tuple(params))
+        return int(row[0])
+
+    def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
+        """Set ``delivered_at = now`` where still unset; returns how many changed."""
+        if not ids:
+            return 0
+        with self._conn("mark failed requests delivered") as conn:
+            # One array parameter: no statement text built from the id count.
+            return int(conn.execute(
+                "UPDATE failed_requests SET delivered_at = %s WHERE delivered_at IS NULL AND id = ANY(%s)",
+                (_ts(now), list(ids)),
+            ).rowcount)
+
+    def prune_failed_requests(self, before: datetime) -> int:
+        """Delete records logged before ``before``; returns how many."""
+        with self._conn("prune failed requests") as conn:
+            return int(conn.execute("DELETE FROM failed_requests WHERE logged_at < %s", (_ts(before),)).rowcount)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ Choices (and why):
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -66,6 +67,9 @@ from edgeproxy.storage.base import (
     CertificateRecord,
     ChallengeRecord,
     DomainRecord,
+    StatusEvent,
+    AriState,
+    FailedRequestRecord,
 )
 
 __all__ = ["SqliteStorage", "SCHEMA_VERSION"]
@@ -126,6 +130,83 @@ _SCHEMA_V1 = (
         expires_at TEXT NOT NULL
     )""",
 )
+
+# Issue 4: additive tables (no schema_version bump; issue 6 folds them into migrations).
+_SCHEMA_RENEW = (
+    """CREATE TABLE IF NOT EXISTS budget_events (
+        kind TEXT NOT NULL,
+        key  TEXT NOT NULL,
+        at   TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS budget_events_lookup ON budget_events(kind, key, at)",
+    """CREATE TABLE IF NOT EXISTS status_history (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        hostname   TEXT NOT NULL,
+        at         TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        error_code TEXT,
+        message    TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS status_history_host ON status_history(hostname, id)",
+    """CREATE TABLE IF NOT EXISTS ari_state (
+        hostname   TEXT PRIMARY KEY,
+        serial     TEXT NOT NULL,
+        cert_id    TEXT NOT NULL,
+        renew_at   TEXT,
+        next_poll  TEXT NOT NULL,
+        checked_at TEXT NOT NULL
+    )""",
+)
+
+# Issue 3: tables added without a version bump (CREATE ... IF NOT EXISTS is safe
+# to run on every open of an older file).
+_FAILED_LOG_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS failed_requests (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        idempotency_key TEXT NOT NULL UNIQUE,
+        domain          TEXT NOT NULL,
+        method          TEXT NOT NULL,
+        target          TEXT NOT NULL,
+        headers_json    TEXT NOT NULL,
+        body            BLOB NOT NULL,
+        client          TEXT,
+        status          INTEGER NOT NULL,
+        origin          TEXT NOT NULL,
+        received_at     TEXT NOT NULL,
+        logged_at       TEXT NOT NULL,
+        delivered_at    TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS failed_requests_received ON failed_requests(received_at)",
+    "CREATE INDEX IF NOT EXISTS failed_requests_logged ON failed_requests(logged_at)",
+)
+_FAILED_COLUMNS = (
+    "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
+    "received_at, logged_at, delivered_at"
+)
+
+
+
+def _failed_filters(since: datetime | None, until: datetime | None, domain: str | None, status: int | None,
+                    delivered: bool | None) -> tuple[list[str], list[Any]]:
+    """WHERE terms (constant SQL) and their parameters for the failed-request log filters."""
+    where = ["1 = 1"]
+    params: list[Any] = []
+    if since is not None:
+        where.append("received_at >= ?")
+        params.append(_ts(since))
+    if until is not None:
+        where.append("received_at < ?")
+        params.append(_ts(until))
+    if domain is not None:
+        where.append("domain = ?")
+        params.append(domain)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if delivered is not None:
+        where.append("delivered_at IS NOT NULL" if delivered else "delivered_at IS NULL")
+    return where, params
+
 
 _DOMAIN_COLUMNS = (
     "hostname, status, created_at, updated_at, error_code, error_message, next_attempt_at, attempts"
@@ -321,7 +402,9 @@ class SqliteStorage:
                 "the database must live on a local filesystem"
             )
         with self._write("create the schema") as tx:
-            for statement in _SCHEMA_V1:
+            for statement in _SCHEMA_V1 + _FAILED_LOG_SCHEMA:
+                tx.execute(statement)
+            for statement in _SCHEMA_RENEW:
                 tx.execute(statement)
             version = tx.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             if version is None:
@@ -487,6 +570,8 @@ class SqliteStorage:
             conn.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM domains WHERE hostname = ?", (hostname,))
+            conn.execute("DELETE FROM status_history WHERE hostname = ?", (hostname,))  # issue 4
+            conn.execute("DELETE FROM ari_state WHERE hostname = ?", (hostname,))  # issue 4
             self._append_change(conn, hostname)
         # secure_delete zeroed the pages in the new WAL frames; checkpoint them into
         # the main file and truncate the WAL so the old key bytes go away now.
@@ -715,6 +800,67 @@ class SqliteStorage:
         with self._write(f"release lock {name}") as conn:
             conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
 
+    # == BEGIN issue 4: rate-budget ledger and status history =============================
+
+    def record_event(self, kind: str, key: str, at: datetime) -> None:
+        with self._write(f"record {kind} event") as conn:
+            conn.execute("INSERT INTO budget_events (kind, key, at) VALUES (?, ?, ?)", (kind, key, _ts(at)))
+
+    def events_since(self, kind: str, key: str, since: datetime) -> list[datetime]:
+        conn = self._conn()
+        try:
+            rows = conn.execute(
+                "SELECT at FROM budget_events WHERE kind = ? AND key = ? AND at >= ? ORDER BY at",
+                (kind, key, _ts(since)),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, f"read {kind} events", self.path) from exc
+        return [_dt(row[0]) for row in rows]
+
+    def prune_events(self, before: datetime) -> int:
+        with self._write("prune budget events") as conn:
+            return conn.execute("DELETE FROM budget_events WHERE at < ?", (_ts(before),)).rowcount
+
+    def add_status_event(self, event: StatusEvent) -> None:
+        with self._write(f"record status of {event.hostname}") as conn:
+            conn.execute(
+                "INSERT INTO status_history (hostname, at, status, error_code, message) VALUES (?, ?, ?, ?, ?)",
+                (event.hostname, _ts(event.at), event.status, event.error_code, event.message),
+            )
+
+    def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
+        conn = self._conn()
+        try:
+            rows = conn.execute(
+                "SELECT hostname, at, status, error_code, message FROM status_history "
+                "WHERE hostname = ? ORDER BY id DESC LIMIT ?",
+                (hostname, limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, f"read the status history of {hostname}", self.path) from exc
+        return [StatusEvent(r[0], _dt(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def save_ari(self, state: AriState) -> None:
+        with self._write(f"save the ARI state of {state.hostname}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO ari_state (hostname, serial, cert_id, renew_at, next_poll, checked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (state.hostname, state.serial, state.cert_id, _ts_opt(state.renew_at), _ts(state.next_poll),
+                 _ts(state.checked_at)),
+            )
+
+    def get_ari(self, hostname: str) -> AriState | None:
+        row = self._query_one(
+            f"read the ARI state of {hostname}",
+            "SELECT hostname, serial, cert_id, renew_at, next_poll, checked_at FROM ari_state WHERE hostname = ?",
+            (hostname,),
+        )
+        if row is None:
+            return None
+        return AriState(row[0], row[1], row[2], _dt_opt(row[3]), _dt(row[4]), _dt(row[5]))
+
+    # == END issue 4 ===========================================================================
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -734,6 +880,87 @@ class SqliteStorage:
             except sqlite3.Error:
                 pass
         self._local = threading.local()
+
+    # -- BEGIN issue 3: failed-request log ----------------------------------------------------
+
+    def log_failed_request(self, record: FailedRequestRecord) -> int:
+        headers = json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in record.headers])
+        with self._write(f"log failed request {record.idempotency_key}") as conn:
+            conn.execute(
+                f"INSERT INTO failed_requests ({_FAILED_COLUMNS.partition(', ')[2]}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (idempotency_key) DO UPDATE SET status = excluded.status, "
+                "origin = excluded.origin, logged_at = excluded.logged_at",
+                (record.idempotency_key, record.domain, record.method, record.target, headers,
+                 record.body, record.client, record.status, record.origin, _ts(record.received_at),
+                 _ts(record.logged_at), _ts_opt(record.delivered_at)),
+            )
+            row = conn.execute("SELECT id FROM failed_requests WHERE idempotency_key = ?",
+                               (record.idempotency_key,)).fetchone()
+            return int(row[0])
+
+    def find_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+        limit: int = 1000,
+        after_id: int = 0,
+    ) -> list[FailedRequestRecord]:
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        where.append("id > ?")
+        params.extend([after_id, limit])
+        with self._read("find failed requests") as conn:
+            rows = conn.execute(
+                f"SELECT {_FAILED_COLUMNS} FROM failed_requests WHERE {' AND '.join(where)} "
+                "ORDER BY id LIMIT ?", params,
+            ).fetchall()
+        return [
+            FailedRequestRecord(
+                id=row[0], idempotency_key=row[1], domain=row[2], method=row[3], target=row[4],
+                headers=tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(row[5])),
+                body=bytes(row[6]), client=row[7], status=row[8], origin=row[9],
+                received_at=_dt(row[10]), logged_at=_dt(row[11]), delivered_at=_dt_opt(row[12]),
+            )
+            for row in rows
+        ]
+
+    def count_failed_requests(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        domain: str | None = None,
+        status: int | None = None,
+        delivered: bool | None = False,
+    ) -> int:
+        where, params = _failed_filters(since, until, domain, status, delivered)
+        row = self._query_one("count failed requests",
+                              f"SELECT COUNT(*) FROM failed_requests WHERE {' AND '.join(where)}", tuple(params))
+        return int(row[0])
+
+    def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
+        if not ids:
+            return 0
+        changed = 0
+        with self._write("mark failed requests delivered") as conn:
+            for start in range(0, len(ids), 500):  # stay under SQLite's parameter limit
+                chunk = ids[start:start + 500]
+                cursor = conn.execute(
+                    f"UPDATE failed_requests SET delivered_at = ? WHERE delivered_at IS NULL "
+                    f"AND id IN ({','.join('?' * len(chunk))})", [_ts(now), *chunk],
+                )
+                changed += cursor.rowcount
+        return changed
+
+    def prune_failed_requests(self, before: datetime) -> int:
+        with self._write("prune failed requests") as conn:
+            return int(conn.execute("DELETE FROM failed_requests WHERE logged_at < ?", (_ts(before),)).rowcount)
+
+    # -- END issue 3 ------------------------------------------------------------------------
 
     def __enter__(self) -> SqliteStorage:
         return self

@@ -1,0 +1,49 @@
+# edgeproxy container image. Build: docker build -t edgeproxy .
+# Run (state in a named volume; the public ports are high inside the container, mapped to 80/443):
+#   docker run -d --name edgeproxy -p 80:8080 -p 443:8443 -v edgeproxy-state:/var/lib/edgeproxy \
+#     -e EDGEPROXY_UPSTREAM_SCRIPT=https://... -e EDGEPROXY_UPSTREAM_RELAY=https://... \
+#     -e EDGEPROXY_DNS_CNAME_TARGET=edge.your-neutral-domain.net edgeproxy
+# The admin API stays on the container's loopback: use `docker exec edgeproxy edgeproxy domains add ...`.
+# See docs/runbook.md.
+
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY edgeproxy ./edgeproxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+# A fixed numeric uid/gid so that volume ownership and runAsNonRoot policies are predictable.
+RUN groupadd --system --gid 10001 edgeproxy \
+ && useradd --system --uid 10001 --gid edgeproxy --home-dir /var/lib/edgeproxy --shell /usr/sbin/nologin edgeproxy \
+ && install -d -o edgeproxy -g edgeproxy -m 0700 /var/lib/edgeproxy
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-compile /wheels/*.whl && rm -rf /wheels
+
+# High ports inside the container: the non-root user needs no CAP_NET_BIND_SERVICE
+# (works with --cap-drop ALL); publish them as 80 and 443 on the host.
+# All state (SQLite store with keys and certificates, the admin token) lives in the volume.
+# DL3064 flags the word TOKEN in a variable name: this one holds a path, the token is
+# created in the volume on first start (0600) and never enters the image.
+# hadolint ignore=DL3064
+ENV PYTHONUNBUFFERED=1 \
+    EDGEPROXY_LISTEN_HTTP=0.0.0.0:8080 \
+    EDGEPROXY_LISTEN_HTTPS=0.0.0.0:8443 \
+    EDGEPROXY_LISTEN_ADMIN=127.0.0.1:8081 \
+    EDGEPROXY_STORAGE_URL=sqlite:///var/lib/edgeproxy/edgeproxy.db \
+    EDGEPROXY_ADMIN_TOKEN_FILE=/var/lib/edgeproxy/admin-token
+VOLUME ["/var/lib/edgeproxy"]
+EXPOSE 8080 8443
+USER 10001:10001
+WORKDIR /var/lib/edgeproxy
+
+# /healthz answers 200 when the process is up and its store is readable; it runs
+# inside the container, so it reaches the loopback-only admin listener.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://' + os.environ['EDGEPROXY_LISTEN_ADMIN'] + '/healthz', timeout=4)"]
+
+# Exec form: edgeproxy is PID 1 and receives SIGTERM from `docker stop` directly;
+# `serve` stops its listeners and worker processes on SIGTERM.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["edgeproxy"]
+CMD ["serve"]

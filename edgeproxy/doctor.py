@@ -1,0 +1,367 @@
+"""``edgeproxy doctor``: is this configuration ready to serve, and will ad blockers leave it alone?
+
+Owns: the pre-flight checks an operator runs after editing the config and
+before (re)starting the service, and the list of trigger words that filter
+lists key on.
+Must not import: ``acme``, ``hypercorn``, storage backends (storage is reached
+through ``storage.open_storage``).
+
+Each check yields :class:`Finding` rows; an ``error`` means the edge cannot work
+as configured (exit 1), a ``warning`` means it works but something will hurt
+later (exit 0, or 1 with ``--strict``). The name checks are pure functions;
+the listener, token, storage and network checks touch the machine, and the
+network ones (ACME directory, vendor script and relay) can be turned off with
+``--offline``.
+
+Why the name checks exist: EasyPrivacy and its kin block by words in the path
+or hostname (``/stats.*/event``, ``://analytics.*/collect``, ``/api/collect|``)
+and by the vendor's own domain (``||plausible.io^$third-party``); uBlock Origin
+on Firefox also re-checks a request under its CNAME target (CNAME uncloaking).
+``tests/test_adblock.py`` runs the real list over the defaults.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography import x509
+
+from .config import LETSENCRYPT_STAGING, Settings, parse_hostport
+from .domains import normalize_hostname, registered_domain
+from .errors import ConfigError, EdgeproxyError, InvalidHostname
+from .storage import open_storage, sqlite_path_from_url
+
+__all__ = [
+    "Finding",
+    "Level",
+    "SHORT_TRIGGERS",
+    "TRIGGER_WORDS",
+    "check_acme",
+    "check_listeners",
+    "check_names",
+    "check_storage",
+    "check_token_file",
+    "check_upstream",
+    "exit_code",
+    "format_findings",
+    "run_doctor",
+    "trigger_words_in",
+]
+
+Level = Literal["error", "warning", "ok"]
+
+# Matched anywhere inside a path segment or DNS label ("googleanalytics", "tracker").
+TRIGGER_WORDS: tuple[str, ...] = (
+    "analytic", "stats", "statistic", "track", "collect", "event", "pixel", "beacon",
+    "telemetry", "metric", "pageview", "counter", "measure", "tracing",
+)
+# Too short to match inside words ("static", "white"): matched as a whole segment/label.
+SHORT_TRIGGERS: tuple[str, ...] = ("ga", "gtm", "pv", "px", "hit", "tag", "log")
+
+# RFC 2606 / RFC 6761 names: fine in examples, never what customers should CNAME to.
+_PLACEHOLDER_DOMAINS = ("example.com", "example.net", "example.org")
+_PLACEHOLDER_TLDS = ("example", "invalid", "test", "localhost")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    check: str  # the setting or resource concerned, e.g. "routes.api_path"
+    message: str
+
+
+Bind = Callable[[str, int], None]
+
+
+# -- names (pure) -------------------------------------------------------------------------
+
+
+def trigger_words_in(name: str, extra: Iterable[str] = ()) -> list[str]:
+    """The trigger words found in a path or hostname, in order of first appearance."""
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t]
+    found: list[str] = []
+    long_words = [*TRIGGER_WORDS, *(w.lower() for w in extra if len(w) > 3)]
+    for token in tokens:
+        for word in long_words:
+            if word in token and word not in found:
+                found.append(word)
+        if token in SHORT_TRIGGERS and token not in found:
+            found.append(token)
+    return found
+
+
+def _vendor_domains(settings: Settings) -> dict[str, str]:
+    """Registrable domain of each upstream URL (keyed by setting name)."""
+    out: dict[str, str] = {}
+    for key in ("script", "relay"):
+        host = urlsplit(getattr(settings.upstream, key)).hostname or ""
+        try:
+            out[f"upstream.{key}"] = registered_domain(host, extra_suffixes=settings.domains.extra_suffixes)
+        except InvalidHostname:
+            # Unknown TLD (".invalid", a lab name): the last two labels are the best guess.
+            if host:
+                out[f"upstream.{key}"] = ".".join(host.split(".")[-2:])
+    return out
+
+
+def check_names(settings: Settings) -> list[Finding]:
+    """Route paths and the CNAME target: trigger words, vendor names, placeholders."""
+    findings: list[Finding] = []
+    vendors = _vendor_domains(settings)
+    # The vendor's brand ("plausible", "simpleanalyticscdn") is a trigger word too.
+    brands = sorted({domain.split(".")[0] for domain in vendors.values()})
+    for key in ("script_path", "api_path"):
+        path = getattr(settings.routes, key)
+        words = trigger_words_in(path, brands)
+        if words:
+            findings.append(Finding("warning", f"routes.{key}", (
+                f"{path!r} contains {', '.join(words)}: filter lists block paths with such words; "
+                "choose a neutral name such as /assets/site.js or /api/v1/m")))
+        else:
+            findings.append(Finding("ok", f"routes.{key}", f"{path!r} has no trigger words"))
+
+    target = settings.dns.cname_target.rstrip(".")
+    if not target:
+        level: Level = "warning" if settings.dns.edge_ips else "error"
+        findings.append(Finding(level, "dns.cname_target", "empty: customers are told no CNAME"
+                                + (" (only dns.edge_ips)" if settings.dns.edge_ips else " and no dns.edge_ips")))
+        return findings
+    try:
+        target = normalize_hostname(target)
+    except InvalidHostname as exc:
+        findings.append(Finding("error", "dns.cname_target", f"{target!r} is not a hostname: {exc}"))
+        return findings
+    words = trigger_words_in(target, brands)
+    if words:
+        findings.append(Finding("warning", "dns.cname_target", (
+            f"{target!r} contains {', '.join(words)}: uBlock Origin uncloaks CNAMEs and blocks such "
+            "hostnames; choose a neutral label such as edge.<your domain>")))
+    for key, vendor in vendors.items():
+        if target == vendor or target.endswith("." + vendor):
+            findings.append(Finding("warning", "dns.cname_target", (
+                f"{target!r} is under the vendor's domain {vendor} ({key}): lists block it by domain "
+                "(||vendor^$third-party) once the CNAME is uncloaked; use a domain of your own")))
+    if target.endswith(_PLACEHOLDER_DOMAINS) or target.rsplit(".", 1)[-1] in _PLACEHOLDER_TLDS:
+        findings.append(Finding("warning", "dns.cname_target",
+                                f"{target!r} is a reserved example name: set the edge's real hostname"))
+    if not any(f.check == "dns.cname_target" for f in findings):
+        findings.append(Finding("ok", "dns.cname_target", f"{target!r} is neutral"))
+    return findings
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+
+def _try_bind(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+
+
+def check_listeners(settings: Settings, bind: Bind = _try_bind) -> list[Finding]:
+    """Each listener parses, is distinct, can be bound; the admin API stays off public addresses."""
+    findings: list[Finding] = []
+    addresses: dict[str, tuple[str, int]] = {}
+    for key in ("http", "https", "admin"):
+        try:
+            addresses[key] = parse_hostport(getattr(settings.listen, key), what=f"listen.{key}")
+        except ConfigError as exc:
+            findings.append(Finding("error", f"listen.{key}", str(exc)))
+    seen: dict[tuple[str, int], str] = {}
+    for key, (host, port) in addresses.items():
+        where = f"listen.{key}"
+        if port and (host, port) in seen:  # port 0: each bind gets its own ephemeral port
+            findings.append(Finding("error", where, f"same address as listen.{seen[host, port]}"))
+            continue
+        seen[host, port] = key
+        try:
+            bind(host, port)
+        except OSError as exc:
+            if exc.errno == errno.EACCES:
+                findings.append(Finding("error", where, (
+                    f"cannot bind {host}:{port}: permission denied; ports below 1024 need "
+                    "CAP_NET_BIND_SERVICE (systemd AmbientCapabilities, docker --cap-add) or root")))
+            elif exc.errno == errno.EADDRINUSE:
+                findings.append(Finding("warning", where,
+                                        f"{host}:{port} is in use (is edgeproxy already running?)"))
+            else:
+                findings.append(Finding("error", where, f"cannot bind {host}:{port}: {exc.strerror or exc}"))
+            continue
+        findings.append(Finding("ok", where, f"{host}:{port} can be bound"))
+    if "admin" in addresses:
+        host = addresses["admin"][0]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            findings.append(Finding("warning", "listen.admin", (
+                f"{host} is not a loopback address: the admin API is then reachable from the network "
+                "(bearer token only); keep it on 127.0.0.1 or firewall it")))
+    return findings
+
+
+def check_token_file(settings: Settings) -> list[Finding]:
+    path = Path(settings.admin.token_file)
+    where = "admin.token_file"
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK):
+            return [Finding("error", where, f"{path} is missing and {parent} is not writable: "
+                            "serve cannot create the token on first start")]
+        return [Finding("warning", where, f"{path} is missing: serve creates a random one (0600) on first start")]
+    try:
+        info = path.stat()
+        token = path.read_text().strip()
+    except OSError as exc:
+        return [Finding("error", where, f"cannot read {path}: {exc.strerror or exc}")]
+    findings: list[Finding] = []
+    if len(token) < 16:
+        findings.append(Finding("error", where, f"the token in {path} is shorter than 16 characters"))
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        findings.append(Finding("warning", where, f"{path} is readable by group/others "
+                                f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600"))
+    return findings or [Finding("ok", where, f"{path} is readable and private")]
+
+
+def check_storage(settings: Settings) -> list[Finding]:
+    """Open the store and read from it; a SQLite file that does not exist yet is not created."""
+    url = settings.storage.url
+    try:
+        if url.partition(":")[0].lower() == "sqlite":
+            path = Path(sqlite_path_from_url(url))
+            if not path.exists():
+                parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+                if not os.access(parent, os.W_OK):
+                    return [Finding("error", "storage.url", f"{path} does not exist and {parent} is not writable")]
+                return [Finding("warning", "storage.url", f"{path} does not exist yet: serve creates it")]
+        storage = open_storage(settings.storage.url)
+        try:
+            storage.get_domain("doctor.invalid")
+            count = len(storage.list_domains())
+        finally:
+            storage.close()
+    except EdgeproxyError as exc:
+        return [Finding("error", "storage.url", str(exc))]
+    return [Finding("ok", "storage.url", f"readable, {count} domain(s) registered")]
+
+
+# -- configuration of the ACME CA and the vendor, optionally over the network ------------------
+
+
+def _url_findings(where: str, url: str) -> tuple[list[Finding], bool]:
+    """Shape of an https URL; (findings, usable)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return [Finding("error", where, f"{url!r} is not an http(s) URL")], False
+    findings: list[Finding] = []
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        findings.append(Finding("warning", where, f"{url!r} is plain HTTP: use https"))
+    if parts.hostname.rsplit(".", 1)[-1] == "invalid":
+        findings.append(Finding("error", where, f"{url!r} is the placeholder (.invalid never resolves): set it"))
+        return findings, False
+    return findings, True
+
+
+def check_acme(settings: Settings, *, network: bool, transport: httpx.BaseTransport | None = None) -> list[Finding]:
+    where = "acme.directory"
+    directory = settings.acme.directory
+    findings, usable = _url_findings(where, directory)
+    if directory == LETSENCRYPT_STAGING:
+        findings.append(Finding("warning", where, "Let's Encrypt staging: browsers do not trust its certificates"))
+    verify: ssl.SSLContext | bool = True
+    if settings.acme.ca_bundle:
+        try:
+            certs = x509.load_pem_x509_certificates(Path(settings.acme.ca_bundle).read_bytes())
+        except (OSError, ValueError) as exc:
+            findings.append(Finding("error", "acme.ca_bundle", f"{settings.acme.ca_bundle}: no PEM certificates ({exc})"))
+            return findings
+        findings.append(Finding("ok", "acme.ca_bundle", f"{len(certs)} certificate(s)"))
+        verify = ssl.create_default_context(cafile=settings.acme.ca_bundle)
+    if not (network and usable):
+        return findings
+    try:
+        with httpx.Client(transport=transport, verify=verify, trust_env=False, timeout=10.0) as client:
+            reply = client.get(directory)
+        reply.raise_for_status()
+        resources = reply.json()
+        missing = [k for k in ("newNonce", "newAccount", "newOrder") if k not in resources]
+    except (httpx.HTTPError, ValueError) as exc:
+        findings.append(Finding("error", where, f"GET {directory} failed: {exc}"))
+        return findings
+    if missing:
+        findings.append(Finding("error", where, f"{directory} is not an ACME directory (no {', '.join(missing)})"))
+    else:
+        findings.append(Finding("ok", where, f"{directory} answers as an ACME directory"))
+    return findings
+
+
+def check_upstream(settings: Settings, *, network: bool, transport: httpx.BaseTransport | None = None) -> list[Finding]:
+    """The vendor script must answer 200; the relay must answer HTTP at all (any status)."""
+    findings: list[Finding] = []
+    targets: list[tuple[str, str]] = []
+    for key in ("script", "relay"):
+        url = getattr(settings.upstream, key)
+        found, usable = _url_findings(f"upstream.{key}", url)
+        findings += found
+        if usable:
+            targets.append((key, url))
+    if not network:
+        return findings
+    with httpx.Client(transport=transport, trust_env=False, follow_redirects=False,
+                      timeout=httpx.Timeout(settings.upstream.timeout, connect=settings.upstream.connect_timeout)) as client:
+        for key, url in targets:
+            where = f"upstream.{key}"
+            try:
+                reply = client.get(url)
+            except httpx.HTTPError as exc:
+                findings.append(Finding("error", where, f"GET {url} failed: {exc or type(exc).__name__}"))
+                continue
+            if key == "script" and reply.status_code != 200:
+                findings.append(Finding("error", where, f"GET {url} answered {reply.status_code}, expected 200"))
+            else:
+                findings.append(Finding("ok", where, f"GET {url} answered {reply.status_code}"))
+    return findings
+
+
+# -- the whole run ------------------------------------------------------------------------------
+
+
+def run_doctor(settings: Settings, *, network: bool = True, bind: Bind = _try_bind,
+               transport: httpx.BaseTransport | None = None) -> list[Finding]:
+    return [
+        *check_listeners(settings, bind),
+        *check_token_file(settings),
+        *check_storage(settings),
+        *check_acme(settings, network=network, transport=transport),
+        *check_upstream(settings, network=network, transport=transport),
+        *check_names(settings),
+    ]
+
+
+def exit_code(findings: Iterable[Finding], *, strict: bool = False) -> int:
+    levels = {f.level for f in findings}
+    return 1 if "error" in levels or (strict and "warning" in levels) else 0
+
+
+def format_findings(findings: Iterable[Finding]) -> str:
+    rows = list(findings)
+    label = {"error": "ERROR", "warning": "WARN", "ok": "ok"}
+    lines = [f"{label[f.level]:<6} {f.check:<20} {f.message}" for f in rows]
+    errors = sum(f.level == "error" for f in rows)
+    warnings = sum(f.level == "warning" for f in rows)
+    lines.append(f"{errors} error(s), {warnings} warning(s)")
+    return "\n".join(lines)

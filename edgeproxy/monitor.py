@@ -1,0 +1,761 @@
+"""Acceptance probes and alert delivery: know within minutes when a custom domain stops working.
+
+Owns: the probe a real client would make against one custom domain (resolve or
+``--connect``, TLS with hostname verification, days left on the certificate,
+GET the script, POST a probe event), the alert conditions derived from probe
+results and edge state, the alert state machine (dedup, resend interval,
+resolve), and the sinks that carry alerts out (JSON webhook, Telegram Bot API,
+PagerDuty Events v2, SMTP). ``MonitorService`` is the loop inside ``serve``;
+``edgeproxy check`` and ``edgeproxy alert test`` call the same pieces.
+Must not import: ``acme``, storage backends, ``proxy``, ``hypercorn``. Domains
+come from the ``Storage`` protocol; spool and relay figures come through small
+callables (``SpoolStats``, ``Relay4xxTotal``), so this module knows nothing of
+how they are measured.
+
+Pure parts (``conditions``, ``AlertState.evaluate``, ``increase_over``) take
+``now`` (house rule 2). A sink that fails is retried and logged; nothing in
+this module raises into the edge (issue 5: "never takes the edge down").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from .config import Settings, parse_hostport
+from .storage.base import DomainRecord, Storage
+
+__all__ = [
+    "Alert",
+    "AlertDispatcher",
+    "AlertSink",
+    "AlertState",
+    "Condition",
+    "MonitorService",
+    "PagerDutySink",
+    "ProbeResult",
+    "Prober",
+    "Relay4xxTotal",
+    "SmtpSink",
+    "SpoolStats",
+    "Step",
+    "TelegramSink",
+    "WebhookSink",
+    "build_sinks",
+    "conditions",
+    "increase_over",
+    "probe_port",
+    "build_test_alert",
+    "PROBE_HEADER",
+    "PROBED_STATUSES",
+]
+
+log = logging.getLogger("edgeproxy.monitor")
+
+PROBE_HEADER = "X-Edgeproxy-Probe"  # the relay may discard events carrying it
+PROBED_STATUSES = ("active", "renewing")  # domains that serve a certificate and are checked by the loop
+
+SpoolStats = Callable[[], tuple[int, float] | None]
+"""(depth, age in seconds of the oldest entry) of the durable spool; None while there is no spool."""
+
+Relay4xxTotal = Callable[[], float]
+"""Monotonic count of relay 4xx answers, all workers together (from the metrics)."""
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------------------
+# Probes
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One check of a probe: ``dns``, ``tls``, ``script`` or ``event``."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    hostname: str
+    ok: bool
+    steps: tuple[Step, ...]
+    checked_at: dt.datetime
+    duration: float  # seconds
+    days_left: float | None = None  # on the certificate the edge served, when the handshake succeeded
+    address: str | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """``step: detail`` of the first failed step, or None."""
+        for step in self.steps:
+            if not step.ok:
+                return f"{step.name}: {step.detail}"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hostname": self.hostname,
+            "ok": self.ok,
+            "checked_at": _iso(self.checked_at),
+            "duration": round(self.duration, 3),
+            "days_left": None if self.days_left is None else round(self.days_left, 2),
+            "address": self.address,
+            "error": self.failure,
+            "steps": [{"name": s.name, "ok": s.ok, "detail": s.detail} for s in self.steps],
+        }
+
+    def line(self) -> str:
+        """The one line ``edgeproxy check`` prints for this domain."""
+        if self.ok:
+            details = "  ".join(f"{s.name} {s.detail}" for s in self.steps)
+            return f"ok    {self.hostname}  {details}  ({self.duration:.2f}s)"
+        return f"FAIL  {self.hostname}  {self.failure}  ({self.duration:.2f}s)"
+
+
+def probe_port(settings: Settings) -> int:
+    """The HTTPS port probes connect to: ``monitor.port``, else the port of ``listen.https``."""
+    if settings.monitor.port:
+        return settings.monitor.port
+    return parse_hostport(settings.listen.https, what="listen.https")[1]
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+class Prober:
+    """Checks custom domains the way a browser reaches them.
+
+    Concurrency: ``probe`` may run concurrently for many hosts; each probe uses
+    its own connections (a probe must see what a new visitor sees, not a pooled
+    connection from a minute ago).
+    """
+
+    def __init__(
+        self,
+        *,
+        script_path: str,
+        api_path: str,
+        port: int,
+        ca_bundle: str = "",
+        timeout: float = 10.0,
+        connect: str = "",
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.script_path = script_path
+        self.api_path = api_path.rstrip("/")
+        self.port = port
+        self.timeout = timeout
+        self.connect = connect
+        self.clock = clock
+        # System roots, or only the configured bundle (Pebble's root in tests): a
+        # probe that trusted anything would not notice a wrong certificate.
+        self.context = ssl.create_default_context(cafile=ca_bundle or None)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, connect: str | None = None, port: int | None = None) -> "Prober":
+        return cls(
+            script_path=settings.routes.script_path,
+            api_path=settings.routes.api_path,
+            port=port or probe_port(settings),
+            ca_bundle=settings.monitor.ca_bundle,
+            timeout=settings.monitor.timeout,
+            connect=settings.monitor.connect if connect is None else connect,
+        )
+
+    async def probe(self, hostname: str) -> ProbeResult:
+        """Run every check for ``hostname``; never raises for network trouble."""
+        started = time.monotonic()
+        checked_at = self.clock()
+        steps: list[Step] = []
+        days_left: float | None = None
+
+        def done(address: str | None) -> ProbeResult:
+            return ProbeResult(hostname, all(s.ok for s in steps), tuple(steps), checked_at,
+                               time.monotonic() - started, days_left, address)
+
+        # 1. where the name leads
+        address = self.connect
+        if address:
+            steps.append(Step("dns", True, f"--connect {address}"))
+        else:
+            try:
+                infos = await asyncio.wait_for(
+                    asyncio.get_running_loop().getaddrinfo(hostname, self.port, type=socket.SOCK_STREAM),
+                    self.timeout)
+                address = str(infos[0][4][0])
+                steps.append(Step("dns", True, address))
+            except (OSError, TimeoutError) as exc:
+                steps.append(Step("dns", False, f"cannot resolve: {exc}"))
+                return done(None)
+
+        # 2. TLS handshake, hostname verified, days left
+        try:
+            days_left = await self._handshake(hostname, address, checked_at)
+            steps.append(Step("tls", True, f"{days_left:.1f}d left"))
+        except ssl.SSLCertVerificationError as exc:
+            steps.append(Step("tls", False, f"certificate rejected: {exc.verify_message or exc}"))
+            return done(address)
+        except (OSError, TimeoutError, ValueError) as exc:
+            steps.append(Step("tls", False, f"handshake failed: {type(exc).__name__}: {exc}"))
+            return done(address)
+
+        # 3 and 4. the script and one probe event over the same verified TLS
+        base = f"https://{_url_host(address)}:{self.port}"
+        ext = {"sni_hostname": hostname}
+        async with httpx.AsyncClient(verify=self.context, trust_env=False, timeout=self.timeout,
+                                     follow_redirects=False) as client:
+            try:
+                response = await client.get(base + self.script_path, headers={"Host": hostname}, extensions=ext)
+                steps.append(self._script_step(hostname, response))
+            except httpx.HTTPError as exc:
+                steps.append(Step("script", False, f"{type(exc).__name__}: {exc}"))
+            body = json.dumps({"type": "edgeproxy-probe", "ts": _iso(checked_at)}).encode()
+            try:
+                response = await client.post(
+                    base + self.api_path, content=body, extensions=ext,
+                    headers={"Host": hostname, PROBE_HEADER: "1", "Content-Type": "application/json"})
+                if 200 <= response.status_code < 300:
+                    steps.append(Step("event", True, str(response.status_code)))
+                else:
+                    steps.append(Step("event", False, f"relay answered {response.status_code} (expected 2xx)"))
+            except httpx.HTTPError as exc:
+                steps.append(Step("event", False, f"{type(exc).__name__}: {exc}"))
+        return done(address)
+
+    async def _handshake(self, hostname: str, address: str, now: dt.datetime) -> float:
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(address, self.port, ssl=self.context, server_hostname=hostname,
+                                    ssl_handshake_timeout=self.timeout),
+            self.timeout)
+        try:
+            ssl_object = writer.get_extra_info("ssl_object")
+            cert = ssl_object.getpeercert() if ssl_object is not None else None
+            if not cert or "notAfter" not in cert:
+                raise ValueError("no peer certificate")
+            not_after = ssl.cert_time_to_seconds(str(cert["notAfter"]))
+        finally:
+            writer.close()
+        return (not_after - now.timestamp()) / 86400.0
+
+    def _script_step(self, hostname: str, response: httpx.Response) -> Step:
+        if response.status_code != 200:
+            return Step("script", False, f"status {response.status_code} (expected 200)")
+        content_type = response.headers.get("content-type", "")
+        if "javascript" not in content_type.lower():
+            return Step("script", False, f"content type {content_type!r} (expected JavaScript)")
+        # The rewrite is applied when the script talks back to this host (README: upstream.rewrite).
+        if f"https://{hostname}{self.api_path}" not in response.text:
+            return Step("script", False, f"not rewritten: no https://{hostname}{self.api_path} in the script")
+        return Step("script", True, "200 rewritten")
+
+
+# ---------------------------------------------------------------------------------------
+# Alert conditions and the state machine (pure)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Something that may be wrong right now. ``key`` identifies it across rounds (dedup)."""
+
+    key: str
+    kind: str  # probe_failing | cert_expiring | domain_stuck | spool_depth | spool_age | relay_4xx_burst | test
+    firing: bool
+    severity: str  # critical | warning | info
+    summary: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One message to the sinks: ``action`` is ``trigger`` (new or resent) or ``resolve``."""
+
+    key: str
+    kind: str
+    action: str
+    severity: str
+    summary: str
+    details: Mapping[str, Any]
+    at: dt.datetime
+    resent: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": "edgeproxy",
+            "node": socket.gethostname(),
+            "key": self.key,
+            "kind": self.kind,
+            "action": self.action,
+            "severity": self.severity,
+            "summary": self.summary,
+            "details": dict(self.details),
+            "at": _iso(self.at),
+            "resent": self.resent,
+        }
+
+    def text(self) -> str:
+        head = "RESOLVED" if self.action == "resolve" else self.severity.upper()
+        return f"[edgeproxy {head}] {self.summary}"
+
+
+def increase_over(samples: Sequence[tuple[float, float]], now: float, window: float) -> float:
+    """How much a monotonic counter grew within ``window`` seconds before ``now``.
+
+    ``samples`` are (time, value), oldest first. The baseline is the newest
+    sample at or before ``now - window`` (or the oldest one we have); a counter
+    that went down (a restarted worker) counts from zero.
+    """
+    if not samples:
+        return 0.0
+    start = now - window
+    baseline = samples[0]
+    for sample in samples:
+        if sample[0] <= start:
+            baseline = sample
+        else:
+            break
+    latest = samples[-1][1]
+    return latest if latest < baseline[1] else latest - baseline[1]
+
+
+def conditions(
+    *,
+    results: Iterable[ProbeResult],
+    domains: Iterable[DomainRecord],
+    failing_since: Mapping[str, dt.datetime],
+    now: dt.datetime,
+    consecutive_failures: Mapping[str, int] | None = None,
+    settings: Settings,
+    spool: tuple[int, float] | None = None,
+    relay_4xx: float | None = None,
+) -> list[Condition]:
+    """Every condition the monitor tracks, firing or not, for one round.
+
+    A probe alert fires after ``monitor.fail_after`` consecutive failures
+    (``consecutive_failures``, counting this round; 1 when not given).
+    """
+    mon = settings.monitor
+    out: list[Condition] = []
+    for result in results:
+        host = result.hostname
+        failures = (consecutive_failures or {}).get(host, 0 if result.ok else 1)
+        out.append(Condition(
+            f"probe:{host}", "probe_failing", not result.ok and failures >= mon.fail_after, "critical",
+            f"{host}: probe failing: {result.failure}" if not result.ok else f"{host}: probe ok",
+            {"hostname": host, "check": result.to_json()},
+        ))
+        if result.days_left is not None:
+            out.append(Condition(
+                f"cert:{host}", "cert_expiring", result.days_left < mon.cert_warn_days, "warning",
+                f"{host}: certificate expires in {result.days_left:.1f} days",
+                {"hostname": host, "days_left": round(result.days_left, 2)},
+            ))
+    for domain in domains:
+        since = failing_since.get(domain.hostname)
+        stuck = domain.status == "failing" and since is not None and (now - since).total_seconds() >= mon.stuck_after
+        out.append(Condition(
+            f"stuck:{domain.hostname}", "domain_stuck", stuck, "warning",
+            f"{domain.hostname}: stuck in failing since {_iso(since) if since else '-'}: "
+            f"{domain.error_code or ''} {domain.error_message or ''}".rstrip(),
+            {"hostname": domain.hostname, "status": domain.status, "error_code": domain.error_code,
+             "error_message": domain.error_message},
+        ))
+    if spool is not None:
+        depth, age = spool
+        out.append(Condition("spool:depth", "spool_depth", bool(mon.spool_max_depth) and depth > mon.spool_max_depth,
+                             "critical", f"spool holds {depth} events (threshold {mon.spool_max_depth})",
+                             {"depth": depth}))
+        out.append(Condition("spool:age", "spool_age", bool(mon.spool_max_age) and age > mon.spool_max_age,
+                             "critical", f"oldest spooled event is {age:.0f}s old (threshold {mon.spool_max_age:.0f}s)",
+                             {"age_seconds": age}))
+    if relay_4xx is not None and mon.relay_4xx_burst > 0:
+        out.append(Condition(
+            "relay:4xx", "relay_4xx_burst", relay_4xx >= mon.relay_4xx_burst, "warning",
+            f"relay answered 4xx {relay_4xx:.0f} times in {mon.relay_4xx_window:.0f}s "
+            f"(threshold {mon.relay_4xx_burst})",
+            {"count": relay_4xx, "window_seconds": mon.relay_4xx_window},
+        ))
+    return out
+
+
+class AlertState:
+    """Which alerts are firing, and what to send when a round's conditions come in.
+
+    - a condition that starts firing: one ``trigger``;
+    - still firing: nothing until ``resend_interval`` has passed since the last send
+      (then the trigger is sent again, ``resent=True``);
+    - stops firing, or disappears (a domain removed): one ``resolve``.
+    In memory only: after a restart a condition still firing is announced again.
+    """
+
+    def __init__(self, resend_interval: float) -> None:
+        self.resend_interval = resend_interval
+        self.firing: dict[str, tuple[Condition, dt.datetime]] = {}
+
+    def evaluate(self, round_conditions: Iterable[Condition], now: dt.datetime) -> list[Alert]:
+        alerts: list[Alert] = []
+        seen: set[str] = set()
+        for cond in round_conditions:
+            seen.add(cond.key)
+            previous = self.firing.get(cond.key)
+            if cond.firing:
+                if previous is None:
+                    alerts.append(Alert(cond.key, cond.kind, "trigger", cond.severity, cond.summary, cond.details, now))
+                    self.firing[cond.key] = (cond, now)
+                elif (now - previous[1]).total_seconds() >= self.resend_interval:
+                    alerts.append(Alert(cond.key, cond.kind, "trigger", cond.severity, cond.summary, cond.details,
+                                        now, resent=True))
+                    self.firing[cond.key] = (cond, now)
+            elif previous is not None:
+                alerts.append(Alert(cond.key, cond.kind, "resolve", cond.severity, cond.summary, cond.details, now))
+                del self.firing[cond.key]
+        for key in [k for k in self.firing if k not in seen]:
+            cond, _ = self.firing.pop(key)
+            alerts.append(Alert(key, cond.kind, "resolve", cond.severity, f"{cond.summary} (no longer checked)",
+                                cond.details, now))
+        return alerts
+
+
+def build_test_alert(now: dt.datetime) -> Alert:
+    """What ``edgeproxy alert test`` sends to every sink."""
+    return Alert(f"test:{socket.gethostname()}", "test", "trigger", "info",
+                 f"test alert from edgeproxy on {socket.gethostname()}: this sink works", {}, now)
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# Sinks
+# ---------------------------------------------------------------------------------------
+
+
+class AlertSink(Protocol):
+    """Delivers one alert or raises (any exception): the dispatcher retries and logs."""
+
+    name: str
+
+    async def send(self, alert: Alert, client: httpx.AsyncClient) -> None: ...
+
+
+def _read_secret(path: str, what: str) -> str:
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise RuntimeError(f"{what}: cannot read {path}: {exc.strerror}") from exc
+    if not value:
+        raise RuntimeError(f"{what}: {path} is empty")
+    return value
+
+
+def _expect(response: httpx.Response, ok: Callable[[httpx.Response], bool], what: str) -> None:
+    if not ok(response):
+        raise RuntimeError(f"{what} answered {response.status_code}: {response.text[:200]}")
+
+
+@dataclass
+class WebhookSink:
+    """POSTs ``Alert.to_json()``; any 2xx is success."""
+
+    url: str
+    name: str = "webhook"
+
+    async def send(self, alert: Alert, client: httpx.AsyncClient) -> None:
+        response = await client.post(self.url, json=alert.to_json())
+        _expect(response, lambda r: r.is_success, "webhook")
+
+
+@dataclass
+class TelegramSink:
+    """Telegram Bot API ``sendMessage``; the token is read from a file at each send (rotation)."""
+
+    chat_id: str
+    token_file: str
+    api: str = "https://api.telegram.org"
+    name: str = "telegram"
+
+    async def send(self, alert: Alert, client: httpx.AsyncClient) -> None:
+        token = _read_secret(self.token_file, "alerts.telegram_token_file")
+        text = alert.text()
+        if alert.action == "trigger" and alert.details.get("hostname"):
+            text += f"\nkey: {alert.key}"
+        response = await client.post(f"{self.api.rstrip('/')}/bot{token}/sendMessage",
+                                     json={"chat_id": self.chat_id, "text": text[:4096],
+                                           "disable_web_page_preview": True})
+        # The Bot API answers {"ok": true, "result": ...} on success.
+        _expect(response, lambda r: r.is_success and r.json().get("ok") is True, "telegram")
+
+
+@dataclass
+class PagerDutySink:
+    """PagerDuty Events API v2: ``trigger``/``resolve`` with ``dedup_key`` = the alert key."""
+
+    routing_key_file: str
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+    name: str = "pagerduty"
+
+    async def send(self, alert: Alert, client: httpx.AsyncClient) -> None:
+        routing_key = _read_secret(self.routing_key_file, "alerts.pagerduty_routing_key_file")
+        await self._event(client, routing_key, alert, alert.action)
+        if alert.kind == "test":
+            # A test must not leave an open incident behind.
+            await self._event(client, routing_key, alert, "resolve")
+
+    async def _event(self, client: httpx.AsyncClient, routing_key: str, alert: Alert, action: str) -> None:
+        body: dict[str, Any] = {"routing_key": routing_key, "event_action": action, "dedup_key": alert.key}
+        if action == "trigger":
+            body["payload"] = {
+                "summary": alert.summary[:1024],
+                "source": socket.gethostname(),
+                "severity": alert.severity if alert.severity in ("critical", "error", "warning", "info") else "error",
+                "timestamp": _iso(alert.at),
+                "component": "edgeproxy",
+                "group": alert.kind,
+                "custom_details": dict(alert.details),
+            }
+        response = await client.post(self.url, json=body)
+        _expect(response, lambda r: r.status_code == 202, "pagerduty")
+
+
+@dataclass
+class SmtpSink:
+    """E-mail over SMTP (``smtplib`` in a thread: it blocks)."""
+
+    host: str
+    port: int
+    sender: str
+    recipients: tuple[str, ...]
+    starttls: bool = False
+    username: str = ""
+    password_file: str = ""
+    timeout: float = 10.0
+    name: str = "smtp"
+
+    async def send(self, alert: Alert, client: httpx.AsyncClient) -> None:
+        await asyncio.to_thread(self._send_blocking, alert)
+
+    def message(self, alert: Alert) -> EmailMessage:
+        msg = EmailMessage()
+        msg["Subject"] = alert.text()
+        msg["From"] = self.sender
+        msg["To"] = ", ".join(self.recipients)
+        msg.set_content(f"{alert.summary}\n\n{json.dumps(alert.to_json(), indent=2, sort_keys=True)}\n")
+        return msg
+
+    def _send_blocking(self, alert: Alert) -> None:
+        with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+            if self.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if self.username:
+                smtp.login(self.username, _read_secret(self.password_file, "alerts.smtp_password_file"))
+            smtp.send_message(self.message(alert))
+
+
+def build_sinks(settings: Settings) -> list[AlertSink]:
+    """Every sink the configuration names (a sink with no destination is off)."""
+    cfg = settings.alerts
+    sinks: list[AlertSink] = []
+    if cfg.webhook_url:
+        sinks.append(WebhookSink(cfg.webhook_url))
+    if cfg.telegram_chat_id and cfg.telegram_token_file:
+        sinks.append(TelegramSink(cfg.telegram_chat_id, cfg.telegram_token_file, cfg.telegram_api))
+    if cfg.pagerduty_routing_key_file:
+        sinks.append(PagerDutySink(cfg.pagerduty_routing_key_file, cfg.pagerduty_url))
+    if cfg.smtp_host and cfg.smtp_to:
+        sinks.append(SmtpSink(cfg.smtp_host, cfg.smtp_port, cfg.smtp_from or f"edgeproxy@{socket.gethostname()}",
+                              tuple(cfg.smtp_to), cfg.smtp_starttls, cfg.smtp_username, cfg.smtp_password_file,
+                              cfg.timeout))
+    return sinks
+
+
+class AlertDispatcher:
+    """Sends alerts to every sink concurrently; retries each failing sink with doubling
+    delays, logs what finally failed, and never raises."""
+
+    def __init__(
+        self,
+        sinks: Sequence[AlertSink],
+        *,
+        retries: int = 3,
+        retry_delay: float = 2.0,
+        timeout: float = 10.0,
+        on_delivery: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self.sinks = list(sinks)
+        self.retries = max(1, retries)
+        self.retry_delay = retry_delay
+        self.timeout = timeout
+        self.on_delivery = on_delivery
+
+    async def dispatch(self, alerts: Sequence[Alert]) -> dict[str, list[str]]:
+        """Deliver ``alerts`` in order; returns sink name -> errors of deliveries that failed."""
+        failures: dict[str, list[str]] = {sink.name: [] for sink in self.sinks}
+        if not alerts or not self.sinks:
+            return failures
+        async with httpx.AsyncClient(trust_env=False, timeout=self.timeout, follow_redirects=False) as client:
+            for alert in alerts:
+                log.info("alert %s %s: %s", alert.action, alert.key, alert.summary)
+                errors = await asyncio.gather(*(self._deliver(sink, alert, client) for sink in self.sinks))
+                for sink, error in zip(self.sinks, errors):
+                    if error is not None:
+                        failures[sink.name].append(error)
+        return failures
+
+    async def _deliver(self, sink: AlertSink, alert: Alert, client: httpx.AsyncClient) -> str | None:
+        delay = self.retry_delay
+        error = ""
+        for attempt in range(1, self.retries + 1):
+            try:
+                await asyncio.wait_for(sink.send(alert, client), self.timeout)
+                if self.on_delivery is not None:
+                    self.on_delivery(sink.name, True)
+                return None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any sink failure is retried, logged, and contained
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("alert sink %s failed (attempt %d/%d) for %s: %s",
+                            sink.name, attempt, self.retries, alert.key, error)
+            if attempt < self.retries:
+                await asyncio.sleep(delay)
+                delay *= 2
+        log.error("alert sink %s gave up on %s %s after %d attempts: %s",
+                  sink.name, alert.action, alert.key, self.retries, error)
+        if self.on_delivery is not None:
+            self.on_delivery(sink.name, False)
+        return error
+
+
+# ---------------------------------------------------------------------------------------
+# The loop inside `serve`
+# ---------------------------------------------------------------------------------------
+
+
+class MonitorService:
+    """Probes every served domain each ``monitor.interval``, keeps ``last_check`` per
+    domain, and turns each round's conditions into alerts.
+
+    Runs in the primary process only. ``last_check(host)`` is read by the admin API
+    from another thread: it reads one dict entry that the loop replaces whole.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        prober: Prober,
+        dispatcher: AlertDispatcher,
+        *,
+        spool_stats: SpoolStats | None = None,
+        relay_4xx_total: Relay4xxTotal | None = None,
+        on_result: Callable[[ProbeResult], None] | None = None,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        concurrency: int = 8,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.prober = prober
+        self.dispatcher = dispatcher
+        self.spool_stats = spool_stats
+        self.relay_4xx_total = relay_4xx_total
+        self.on_result = on_result
+        self.clock = clock
+        self.concurrency = concurrency
+        self.state = AlertState(settings.alerts.resend_interval)
+        self.results: dict[str, ProbeResult] = {}
+        self.failing_since: dict[str, dt.datetime] = {}
+        self.consecutive_failures: dict[str, int] = {}
+        self._relay_samples: list[tuple[float, float]] = []
+
+    def last_check(self, hostname: str) -> dict[str, Any] | None:
+        result = self.results.get(hostname)
+        return None if result is None else result.to_json()
+
+    async def probe_all(self, hostnames: Sequence[str]) -> list[ProbeResult]:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(host: str) -> ProbeResult:
+            async with gate:
+                return await self.prober.probe(host)
+
+        return list(await asyncio.gather(*(one(h) for h in hostnames)))
+
+    async def run_round(self) -> list[Alert]:
+        """One round: probe, derive conditions, send what changed. Returns the alerts sent."""
+        domains = await asyncio.to_thread(self.storage.list_domains)
+        now = self.clock()
+        for domain in domains:
+            if domain.status == "failing":
+                self.failing_since.setdefault(domain.hostname, now)
+            else:
+                self.failing_since.pop(domain.hostname, None)
+        known = {d.hostname for d in domains}
+        for host in [h for h in self.failing_since if h not in known]:
+            del self.failing_since[host]
+        results = await self.probe_all([d.hostname for d in domains if d.status in PROBED_STATUSES])
+        fresh = {r.hostname: r for r in results}
+        self.consecutive_failures = {
+            r.hostname: 0 if r.ok else self.consecutive_failures.get(r.hostname, 0) + 1 for r in results}
+        self.results = fresh  # replaced whole: readers in other threads see one round or the other
+        if self.on_result is not None:
+            for result in results:
+                self.on_result(result)
+        for result in results:
+            if not result.ok:
+                log.warning("probe failed for %s: %s", result.hostname, result.failure)
+        # Both hooks may read files or a database: off the event loop (house rule 4).
+        spool = await asyncio.to_thread(self.spool_stats) if self.spool_stats is not None else None
+        relay_4xx: float | None = None
+        if self.relay_4xx_total is not None:
+            total = await asyncio.to_thread(self.relay_4xx_total)
+            mono = time.monotonic()
+            self._relay_samples.append((mono, total))
+            window = self.settings.monitor.relay_4xx_window
+            while len(self._relay_samples) > 2 and self._relay_samples[1][0] <= mono - window:
+                self._relay_samples.pop(0)
+            relay_4xx = increase_over(self._relay_samples, mono, window)
+        round_conditions = conditions(results=results, domains=domains, failing_since=self.failing_since,
+                                      now=self.clock(), settings=self.settings, spool=spool, relay_4xx=relay_4xx,
+                                      consecutive_failures=self.consecutive_failures)
+        alerts = self.state.evaluate(round_conditions, self.clock())
+        await self.dispatcher.dispatch(alerts)
+        return alerts
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        interval = self.settings.monitor.interval
+        if interval <= 0:
+            return
+        while not stop.is_set():
+            try:
+                await self.run_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive a bad round (storage down, a bug)
+                log.exception("monitor round failed")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass

@@ -1,0 +1,198 @@
+"""The pure parts of the monitor: conditions, the alert state machine, counter windows."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgeproxy.config import Settings, load_settings
+from edgeproxy.errors import ConfigError
+from edgeproxy.monitor import (
+    Alert,
+    AlertDispatcher,
+    AlertState,
+    MonitorService,
+    Prober,
+    Condition,
+    ProbeResult,
+    Step,
+    conditions,
+    increase_over,
+    probe_port,
+)
+from edgeproxy.storage import open_storage
+from edgeproxy.storage.base import DomainRecord
+
+T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def cond(firing: bool, key: str = "probe:a.example.test") -> Condition:
+    return Condition(key, "probe_failing", firing, "critical", f"{key} {'down' if firing else 'up'}")
+
+
+def test_alert_state_triggers_once_resends_after_interval_and_resolves_once() -> None:
+    state = AlertState(resend_interval=3600)
+    assert state.evaluate([cond(False)], at(0)) == []
+    first = state.evaluate([cond(True)], at(60))
+    assert [(a.action, a.resent) for a in first] == [("trigger", False)]
+    assert state.evaluate([cond(True)], at(120)) == []  # deduplicated
+    assert state.evaluate([cond(True)], at(3659)) == []
+    again = state.evaluate([cond(True)], at(3660))
+    assert [(a.action, a.resent) for a in again] == [("trigger", True)]
+    resolved = state.evaluate([cond(False)], at(3700))
+    assert [a.action for a in resolved] == ["resolve"]
+    assert state.evaluate([cond(False)], at(3800)) == []  # one resolve only
+
+
+def test_alert_state_resolves_conditions_that_disappear() -> None:
+    state = AlertState(resend_interval=60)
+    state.evaluate([cond(True, "probe:gone.example.test"), cond(True, "probe:b.example.test")], at(0))
+    alerts = state.evaluate([cond(True, "probe:b.example.test")], at(10))
+    assert [(a.key, a.action) for a in alerts] == [("probe:gone.example.test", "resolve")]
+    assert "no longer checked" in alerts[0].summary
+
+
+def result(host: str, ok: bool, days_left: float | None = 60.0) -> ProbeResult:
+    steps = (Step("tls", True, "ok"), Step("event", ok, "202" if ok else "relay answered 401 (expected 2xx)"))
+    return ProbeResult(host, ok, steps, T0, 0.1, days_left)
+
+
+def domain(host: str, status: str) -> DomainRecord:
+    return DomainRecord(host, status, T0, T0, error_code="dns" if status == "failing" else None)
+
+
+def by_key(conds: list[Condition]) -> dict[str, Condition]:
+    return {c.key: c for c in conds}
+
+
+def test_conditions_probe_cert_and_stuck() -> None:
+    settings = Settings()
+    got = by_key(conditions(
+        results=[result("a.example.test", False, days_left=10.0), result("b.example.test", True)],
+        domains=[domain("c.example.test", "failing"), domain("d.example.test", "failing")],
+        failing_since={"c.example.test": at(0), "d.example.test": at(3000)},
+        consecutive_failures={"a.example.test": 2},
+        now=at(3600), settings=settings,
+    ))
+    assert got["probe:a.example.test"].firing and "event: relay answered 401" in got["probe:a.example.test"].summary
+    assert not got["probe:b.example.test"].firing
+    assert got["cert:a.example.test"].firing  # 10 days < 14
+    assert not got["cert:b.example.test"].firing
+    assert got["stuck:c.example.test"].firing  # failing for an hour
+    assert not got["stuck:d.example.test"].firing  # failing for 10 minutes
+    assert "spool:depth" not in got and "relay:4xx" not in got  # no hooks, no conditions
+
+
+def test_one_failed_probe_is_not_an_outage() -> None:
+    settings = Settings()  # fail_after = 2
+    once = by_key(conditions(results=[result("a.example.test", False)], domains=[], failing_since={},
+                             consecutive_failures={"a.example.test": 1}, now=T0, settings=settings))
+    assert not once["probe:a.example.test"].firing
+
+
+def test_conditions_spool_and_relay_thresholds() -> None:
+    settings = Settings()
+    settings = dataclasses.replace(settings, monitor=dataclasses.replace(
+        settings.monitor, spool_max_depth=100, spool_max_age=60, relay_4xx_burst=5))
+    ok = by_key(conditions(results=[], domains=[], failing_since={}, now=T0, settings=settings,
+                           spool=(100, 60.0), relay_4xx=4))
+    assert not ok["spool:depth"].firing and not ok["spool:age"].firing and not ok["relay:4xx"].firing
+    bad = by_key(conditions(results=[], domains=[], failing_since={}, now=T0, settings=settings,
+                            spool=(101, 61.0), relay_4xx=5))
+    assert bad["spool:depth"].firing and bad["spool:age"].firing and bad["relay:4xx"].firing
+
+
+def test_increase_over_window() -> None:
+    samples = [(0.0, 0.0), (100.0, 10.0), (200.0, 25.0), (300.0, 40.0)]
+    assert increase_over(samples, now=300.0, window=100.0) == 15.0
+    assert increase_over(samples, now=300.0, window=1000.0) == 40.0
+    assert increase_over([(0.0, 50.0), (10.0, 3.0)], now=10.0, window=5.0) == 3.0  # counter reset
+    assert increase_over([], now=0.0, window=10.0) == 0.0
+
+
+class RecordingSink:
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+
+    async def send(self, alert: Alert, client: httpx.AsyncClient) -> None:
+        self.alerts.append(alert)
+
+
+def test_monitor_rounds_alert_on_stuck_domain_spool_hook_and_relay_4xx_burst(tmp_path: Path) -> None:
+    """The serve loop's round with real storage: conditions from storage, the spool hook
+    and the relay 4xx counter each trigger once and resolve once."""
+    base = Settings()
+    settings = dataclasses.replace(
+        base,
+        monitor=dataclasses.replace(base.monitor, stuck_after=0.0, spool_max_depth=100, spool_max_age=60.0,
+                                    relay_4xx_burst=3, relay_4xx_window=1e-6, connect="127.0.0.1"),
+    )
+    storage = open_storage(f"sqlite://{tmp_path}/edge.db")
+    storage.add_domain("stuck.example.test", "failing", T0)
+    spool = [(5, 1.0)]
+    relay_total = [0.0]
+    sink = RecordingSink()
+    service = MonitorService(settings, storage, Prober.from_settings(settings), AlertDispatcher([sink], retries=1),
+                             spool_stats=lambda: spool[0], relay_4xx_total=lambda: relay_total[0],
+                             clock=lambda: T0)
+
+    def round_() -> list[tuple[str, str]]:
+        return sorted((a.key, a.action) for a in asyncio.run(service.run_round()))
+
+    assert round_() == [("stuck:stuck.example.test", "trigger")]
+    spool[0], relay_total[0] = (500, 10.0), 10.0
+    assert round_() == [("relay:4xx", "trigger"), ("spool:depth", "trigger")]
+    assert round_() == [("relay:4xx", "resolve")]  # no new 4xx since the last round
+    spool[0] = (0, 0.0)
+    storage.remove_domain("stuck.example.test")
+    assert round_() == [("spool:depth", "resolve"), ("stuck:stuck.example.test", "resolve")]
+    assert round_() == []
+    assert [a.action for a in sink.alerts] == ["trigger"] * 3 + ["resolve"] * 3
+    storage.close()
+
+
+def test_monitor_alert_and_log_settings_from_file_and_environment(tmp_path: Path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text('[monitor]\ninterval = 30\n[alerts]\nsmtp_to = ["a@example.test"]\n[log]\nformat = "text"\n')
+    settings = load_settings(config, env={"EDGEPROXY_ALERTS_SMTP_TO": "a@example.test,b@example.test",
+                                          "EDGEPROXY_MONITOR_FAIL_AFTER": "4", "EDGEPROXY_LISTEN_HTTPS": "0.0.0.0:8443"})
+    assert settings.monitor.interval == 30.0 and settings.monitor.fail_after == 4
+    assert settings.alerts.smtp_to == ("a@example.test", "b@example.test")
+    assert settings.log.format == "text"
+    assert probe_port(settings) == 8443
+    with pytest.raises(ConfigError, match="log.format"):
+        load_settings(None, env={"EDGEPROXY_LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigError, match="monitor.ca_bundle"):
+        load_settings(None, env={"EDGEPROXY_MONITOR_CA_BUNDLE": str(tmp_path / "missing.pem")})
+
+
+def test_metrics_run_dir_sweeps_directories_of_dead_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from edgeproxy.metrics import make_run_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f"edgeproxy-metrics-{int(dead.stdout)}-abc"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"x")
+    live = tmp_path / f"edgeproxy-metrics-{os.getpid()}-def"
+    live.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    fresh = Path(make_run_dir(str(tmp_path)))
+    assert fresh.is_dir() and fresh.name.startswith(f"edgeproxy-metrics-{os.getpid()}-")
+    assert not stale.exists() and live.exists() and other.exists()
