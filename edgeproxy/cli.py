@@ -156,7 +156,7 @@ def _cmd_storage_copy(args: argparse.Namespace) -> int:
     finally:
         src.close()
     print(f"{result.domains} domain(s), {result.certificates} certificate(s) with their keys, "
-          f"{result.accounts} ACME account(s) copied")
+          f"{result.accounts} ACME account(s), {result.failed_requests} failed request(s) copied")
     return EXIT_OK
 
 

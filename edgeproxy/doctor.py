@@ -248,7 +248,8 @@ def check_storage(settings: Settings) -> list[Finding]:
                 if not os.access(parent, os.W_OK):
                     return [Finding("error", "storage.url", f"{path} does not exist and {parent} is not writable")]
                 return [Finding("warning", "storage.url", f"{path} does not exist yet: serve creates it")]
-        storage = open_storage(settings.storage.url)
+        # Never migrate from doctor: an outdated shared schema is a finding, not a fix.
+        storage = open_storage(settings.storage.url, auto_migrate=False)
         try:
             storage.get_domain("doctor.invalid")
             count = len(storage.list_domains())

@@ -160,8 +160,19 @@ def test_storage_is_read_and_never_created(tmp_path: Path) -> None:
     assert levels(findings, "storage.url") == ["ok"] and "0 domain(s)" in messages(findings, "storage.url")
     db.write_bytes(b"this is not a database" * 100)
     assert levels(check_storage(settings), "storage.url") == ["error"]
-    pg = check_storage(Settings(storage=StorageSettings(url="postgresql://db/edge")))
-    assert levels(pg, "storage.url") == ["error"] and "not supported yet" in messages(pg, "storage.url")
+    pg = check_storage(Settings(storage=StorageSettings(url="postgresql://edge@127.0.0.1:1/edge")))
+    assert levels(pg, "storage.url") == ["error"] and "unreachable" in messages(pg, "storage.url")
+
+
+def test_postgres_storage_is_read_and_never_migrated(pg_url: str) -> None:
+    from edgeproxy.storage import migrate_storage
+
+    settings = Settings(storage=StorageSettings(url=pg_url))
+    findings = check_storage(settings)
+    assert levels(findings, "storage.url") == ["error"] and "edgeproxy migrate" in messages(findings, "storage.url")
+    migrate_storage(pg_url)
+    findings = check_storage(settings)
+    assert levels(findings, "storage.url") == ["ok"] and "0 domain(s)" in messages(findings, "storage.url")
 
 
 def test_acme_directory_and_ca_bundle(tmp_path: Path) -> None:

@@ -9,12 +9,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from edgeproxy.keys import KeyRing, SealedStorage, generate_master_key, load_keyring
 from edgeproxy.config import StorageSettings
-from edgeproxy.storage import AccountRecord, CertificateRecord, ChallengeRecord, Storage, open_storage
+from edgeproxy.storage import (
+    AccountRecord,
+    CertificateRecord,
+    ChallengeRecord,
+    FailedRequestRecord,
+    Storage,
+    open_storage,
+)
+from edgeproxy.storage.base import AriState, StatusEvent
 
 NOW = datetime(2025, 6, 1, 8, 30, 0, 250000, tzinfo=timezone.utc)
 
@@ -37,11 +46,21 @@ def fill(store: Storage, n: int = 3) -> None:
             store.save_certificate(CertificateRecord(host, f"KEY {i}".encode(), f"CHAIN {i}".encode(), NOW,
                                                      NOW + timedelta(days=90), f"{i:x}", "CN=Test", NOW))
     store.put_challenge(ChallengeRecord("tok", "tok.k", "shop0.example", NOW))
+    store.add_status_event(StatusEvent("shop0.example", NOW, "issuing"))
+    store.add_status_event(StatusEvent("shop0.example", NOW + timedelta(minutes=1), "active"))
+    store.save_ari(AriState("shop0.example", "0", "aki.0", NOW + timedelta(days=50), NOW + timedelta(hours=6), NOW))
+    for k in range(3):
+        store.log_failed_request(FailedRequestRecord(
+            idempotency_key=f"key-{k}", domain="shop1.example", method="POST", target="/collect",
+            headers=((b"idempotency-key", f"key-{k}".encode()),), body=b"\x00body", client=None, status=401,
+            origin="relay", received_at=NOW, logged_at=NOW, delivered_at=NOW if k == 0 else None))
 
 
 def snapshot(store: Storage) -> tuple[object, ...]:
     domains = store.list_domains()
-    return (domains, [store.get_certificate(d.hostname) for d in domains], store.list_accounts())
+    return (domains, [store.get_certificate(d.hostname) for d in domains], store.list_accounts(),
+            [store.status_history(d.hostname) for d in domains], [store.get_ari(d.hostname) for d in domains],
+            [replace(r, id=0) for r in store.find_failed_requests(delivered=None)])
 
 
 def test_migrate_is_versioned_and_idempotent(pg_url: str, tmp_path: Path) -> None:
@@ -80,7 +99,9 @@ def test_storage_copy_sqlite_to_postgres(pg_url: str, tmp_path: Path) -> None:
     copied = cli("storage", "copy", "--from", src_url, "--to", pg_url)
     assert copied.returncode == 0, copied.stderr
     assert "copied domain 3/3 shop2.example (failing, no certificate)" in copied.stdout
-    assert "3 domain(s), 2 certificate(s) with their keys, 2 ACME account(s) copied" in copied.stdout
+    assert "copied failed-request log 3/3" in copied.stdout
+    assert ("3 domain(s), 2 certificate(s) with their keys, 2 ACME account(s), 3 failed request(s) copied"
+            in copied.stdout)
     dst = open_storage(pg_url)
     try:
         assert snapshot(dst) == expected  # created_at, updated_at, schedule, errors: all kept

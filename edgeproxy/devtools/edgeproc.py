@@ -85,6 +85,9 @@ class EdgeConfig:
                 "admin": f"unix:{self.admin_socket}" if self.admin_socket else f"127.0.0.1:{self.admin_port}",
             },
             "storage": {"url": f"sqlite://{self.db_path}"},
+            # The spool is node-local even when storage.url is a shared PostgreSQL:
+            # keep it in this node's state dir, never the system default.
+            "spool": {"path": str(self.state_dir / "spool.db")},
             "upstream": {"script": self.script_url, "relay": self.relay_url},
             "dns": {"cname_target": self.cname_target, "check": self.dns_check},
             "domains": {"extra_suffixes": ["test"]},

@@ -50,7 +50,12 @@ EXTRA_DOCS: dict[str, str] = {
     "listen.http": "HTTP-01 answers, and a redirect to https for registered hosts with a certificate.",
     "listen.https": "TLS for every registered hostname, certificate chosen by SNI.",
     "listen.admin": "The admin API. Keep it on loopback: it must never share the public sockets.",
-    "storage.url": "`sqlite://<absolute path>`; PostgreSQL is not supported yet.",
+    "storage.url": ("`sqlite://<absolute path>` (one node), or a libpq URI `postgresql://user@host/db` "
+                    "shared by several nodes (README: several nodes on one PostgreSQL store)."),
+    "storage.auto_migrate": ("PostgreSQL: create or upgrade the schema on start. `false`: a node refuses an "
+                             "outdated schema until `edgeproxy migrate` has run."),
+    "storage.lock_ttl": ("Seconds of the lease one node holds on a name's ACME order, renewed every third "
+                         "of it while the order runs: a crashed node's lease is taken over after this."),
     "upstream.script": "The vendor's tracker script, fetched and cached in memory.",
     "upstream.relay": "The vendor's queue relay; POSTs under `routes.api_path` are forwarded here.",
     "upstream.connect_timeout": "Seconds to connect to the script origin or the relay.",

@@ -1,18 +1,22 @@
 """Copy one store into another: ``edgeproxy storage copy --from sqlite:///... --to postgresql://...``.
 
 Owns: moving a single node's state onto the shared store (or back): domains
-with their status, errors and schedule, certificates with their keys, and ACME
-accounts. Works through the ``Storage`` protocol only, so any backend pair works.
+with their status, errors and schedule, certificates with their keys, ACME
+accounts, each domain's status history and ARI state, and the failed-request
+log. Works through the ``Storage`` protocol only, so any backend pair works.
 Must not import: ``acme``, ``httpx``, ``hypercorn``, or a backend module.
 
 Private keys are copied as stored: open both stores with ``open_storage`` (not
 ``keys.open_store``), so sealed blobs move verbatim and the target nodes need the
 same master key; unsealed keys stay unsealed (``keys rotate`` seals them later).
 Challenge tokens (minutes-long) and locks (leases of running processes) are
-not copied.
+not copied, nor the rate-budget ledger (the protocol cannot list it; it only
+counts the last hours or days, and the CA enforces its own limits anyway).
 
-Idempotent: copying again updates every copied record to the source's values;
-records that exist only in the target are left alone. A target that already
+Idempotent: copying again updates every copied record to the source's values
+(a domain's history is copied only while the target has none for it; the
+failed-request log is keyed by Idempotency-Key); records that exist only in
+the target are left alone. A target that already
 holds domains or accounts is refused unless ``force`` (so that a typo in
 ``--to`` does not merge two edges' state by accident).
 """
@@ -20,7 +24,7 @@ holds domains or accounts is refused unless ``force`` (so that a typo in
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgeproxy.errors import DomainExists, StorageError
 from edgeproxy.storage.base import DomainRecord, Storage
@@ -39,6 +43,10 @@ class CopyResult:
     domains: int = 0
     certificates: int = 0
     accounts: int = 0
+    failed_requests: int = 0
+
+# Pages of the failed-request log copied at a time (bounded memory).
+_PAGE = 500
 
 
 def _put_domain(dst: Storage, d: DomainRecord) -> None:
@@ -84,6 +92,24 @@ def copy_store(
         if cert is not None:
             dst.save_certificate(cert)
             result.certificates += 1
+        ari = src.get_ari(domain.hostname)
+        if ari is not None:
+            dst.save_ari(ari)
+        if not dst.status_history(domain.hostname, limit=1):
+            # status_history is newest first; append oldest first to keep the order.
+            for event in reversed(src.status_history(domain.hostname, limit=1_000_000)):
+                dst.add_status_event(event)
         what = "with certificate" if cert is not None else "no certificate"
         progress(f"domain {n}/{len(domains)} {domain.hostname} ({domain.status}, {what})")
+    total = src.count_failed_requests(delivered=None)
+    after = 0
+    while True:
+        page = src.find_failed_requests(delivered=None, limit=_PAGE, after_id=after)
+        if not page:
+            break
+        for record in page:
+            dst.log_failed_request(replace(record, id=0))
+            result.failed_requests += 1
+        after = page[-1].id
+        progress(f"failed-request log {result.failed_requests}/{total}")
     return result
