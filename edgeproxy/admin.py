@@ -33,7 +33,7 @@ from .errors import (
     StorageUnavailable,
 )
 from .registry import Registry
-from .spool import ReplayFilters, parse_time
+from .spool import ReplayFilters
 from .tokens import TokenStore
 
 __all__ = ["create_admin_app"]
@@ -278,13 +278,8 @@ def create_admin_app(
         @app.post("/v1/replay", dependencies=[Depends(require_token)], responses={401: _ERRORS[401]},
                   summary="Resend failed-request log entries (same filters as `edgeproxy replay`)")
         async def post_replay(body: ReplayRequest) -> dict[str, Any]:
-            now = datetime.now(timezone.utc)
-            filters = ReplayFilters(
-                since=parse_time(body.since, now) if body.since else None,
-                until=parse_time(body.until, now) if body.until else None,
-                domain=body.domain.lower().rstrip(".") if body.domain else None,
-                status=body.status,
-            )
+            filters = ReplayFilters.parse(body.since, body.until, body.domain, body.status,
+                                          datetime.now(timezone.utc))
             return await replay_fn(filters, body.dry_run)
     # -- END issue 3 -------------------------------------------------------------------
 

@@ -271,17 +271,11 @@ def _relay_forwarder(settings: Settings) -> Any:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from .spool import ReplayFilters, parse_time, replay_failed
+    from .spool import ReplayFilters, replay_failed
 
     settings = _settings(args)
     storage = open_store(settings)
-    now = datetime.now(timezone.utc)
-    filters = ReplayFilters(
-        since=parse_time(args.since, now) if args.since else None,
-        until=parse_time(args.until, now) if args.until else None,
-        domain=args.domain.lower().rstrip(".") if args.domain else None,
-        status=args.status,
-    )
+    filters = ReplayFilters.parse(args.since, args.until, args.domain, args.status, datetime.now(timezone.utc))
     tty = sys.stderr.isatty()
 
     def progress(done: int, total: int, record: Any, outcome: str) -> None:

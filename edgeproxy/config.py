@@ -213,13 +213,13 @@ class SpoolSettings:
     replay_rate: float = 2000.0  # requests/s the replayer may send (protects a recovering relay)
     replay_window: int = 4  # requests in flight per domain while draining (httpcore's pool gets slower with more)
     backoff_base: float = 0.5  # seconds; doubled per failure, full jitter
-    backoff_cap: float = 60.0
+    backoff_cap: float = 60.0  # longest wait (s) between replay attempts while the relay is down
     poll_interval: float = 0.5  # seconds between replayer passes when idle
 
 
 @dataclass(frozen=True)
 class FailedLogSettings:
-    retention_days: float = 90.0
+    retention_days: float = 90.0  # days a refused request is kept for `edgeproxy replay`, then pruned
 
 
 @dataclass(frozen=True)

@@ -848,6 +848,18 @@ class ReplayFilters:
     domain: str | None = None
     status: int | None = None
 
+    @classmethod
+    def parse(cls, since: str | None, until: str | None, domain: str | None, status: int | None,
+              now: datetime) -> "ReplayFilters":
+        """From what an operator types (CLI flags or the admin API's JSON): times as
+        ISO-8601 or ages like ``12h``; raises ``EdgeproxyError(code="bad_time")``."""
+        return cls(
+            since=parse_time(since, now) if since else None,
+            until=parse_time(until, now) if until else None,
+            domain=domain.lower().rstrip(".") if domain else None,
+            status=status,
+        )
+
 
 @dataclass
 class ReplaySummary:

@@ -176,6 +176,11 @@ def test_relay_down_under_load_then_back_delivers_every_acknowledged_event(stack
         assert len(acked) == len(results) == 400  # the spool takes everything while the relay is down
         spooled = stack.spool()
         assert spooled["depth"] >= 1 and spooled["oldest_age_seconds"] >= 0
+        # The same figures reach /metrics (and the spool alerts) through the monitor's hook.
+        with stack.edge.admin_client() as client:
+            metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+                       if line.startswith("edgeproxy_spool_")}
+        assert metrics["edgeproxy_spool_depth"] >= 1
         assert not acked & set(arrivals(stack.relay))
     finally:
         stack.relay.down = False
