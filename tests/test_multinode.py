@@ -322,6 +322,8 @@ def test_store_outage_keeps_serving_and_recovers_without_restart(
                 assert refused.json()["error"]["code"] == "storage_unavailable"
                 health = admin.get("/healthz")
                 assert health.status_code == 503  # degraded: the store is down, serving is not
+                assert health.json()["status"] == "degraded" and health.json()["serving"] is True
+                assert health.json()["error"]["code"] == "storage_unavailable"
         finally:
             private_pg.start()
 
