@@ -33,6 +33,7 @@ from .edgeproc import free_port
 __all__ = [
     "DEFAULT_URL",
     "PgHarnessError",
+    "main",
     "PrivateCluster",
     "require_server",
     "temp_schema",

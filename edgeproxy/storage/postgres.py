@@ -303,7 +303,7 @@ def _check_status(status: str) -> None:
         raise ValueError(f"unknown domain status {status!r}; expected one of {DOMAIN_STATUSES}")
 
 
-def describe_url(url: str) -> str:
+def _describe_url(url: str) -> str:
     """``host:port/dbname`` of a PostgreSQL URL, for messages (never the password)."""
     try:
         params = psycopg.conninfo.conninfo_to_dict(url)
@@ -344,7 +344,7 @@ class PostgresStorage:
         if keep_changes < 0:
             raise ValueError("keep_changes must be >= 0")
         self.url = url
-        self.where = describe_url(url)
+        self.where = _describe_url(url)
         self._keep_changes = keep_changes
         self._pool_args = (min_connections, max_connections, pool_timeout, connect_timeout)
         self._pid = os.getpid()
@@ -403,13 +403,13 @@ class PostgresStorage:
             raise StorageError(f"storage {self.where} is closed")
         if self._pid != os.getpid():
             # Inherited through fork(): the pool's threads do not exist here and
-            # its sockets belong to the parent. Never touch them; start afresh.
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._lock = threading.Lock()
-                    self._listener = None
-                    self._pool = self._new_pool()
-                    self._pid = os.getpid()
+            # its sockets belong to the parent. Never touch them (nor the lock,
+            # which a parent thread may have held at fork time); start afresh.
+            # A forked child starts with one thread, so no lock is needed here.
+            self._lock = threading.Lock()
+            self._listener = None
+            self._pool = self._new_pool()
+            self._pid = os.getpid()
         return self._pool
 
     def _map(self, exc: BaseException, action: str) -> StorageError:
