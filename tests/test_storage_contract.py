@@ -316,6 +316,7 @@ def test_accounts_insert_or_replace_per_directory(store: Storage) -> None:
     store.save_account(other)
     assert store.get_account(pebble) == other
     assert store.get_account(le) == registered
+    assert store.list_accounts() == [other, registered]  # ordered by directory URL
 
 
 # -- change feed -----------------------------------------------------------------------
