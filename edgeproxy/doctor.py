@@ -3,8 +3,8 @@
 Owns: the pre-flight checks an operator runs after editing the config and
 before (re)starting the service, and the list of trigger words that filter
 lists key on.
-Must not import: ``acme``, ``hypercorn``, storage backends (storage is reached
-through ``storage.open_storage``).
+Must not import: ``acme``, ``hypercorn``, storage backends (the store is opened
+through ``keys.open_store``, exactly as ``serve`` opens it).
 
 Each check yields :class:`Finding` rows; an ``error`` means the edge cannot work
 as configured (exit 1), a ``warning`` means it works but something will hurt
@@ -41,7 +41,9 @@ from cryptography import x509
 from .config import LETSENCRYPT_STAGING, Settings, parse_hostport
 from .domains import normalize_hostname, registered_domain
 from .errors import ConfigError, EdgeproxyError, InvalidHostname
-from .storage import open_storage, sqlite_path_from_url
+from .keys import open_store
+from .storage import sqlite_path_from_url
+from .tokens import TokenStore
 
 __all__ = [
     "Finding",
@@ -214,31 +216,48 @@ def check_listeners(settings: Settings, bind: Bind = _try_bind) -> list[Finding]
     return findings
 
 
-def check_token_file(settings: Settings) -> list[Finding]:
-    path = Path(settings.admin.token_file)
-    where = "admin.token_file"
+def _private_file(where: str, path: Path, *, missing: str) -> tuple[list[Finding], str | None]:
+    """Findings for a secret file that must be readable and private; (findings, its text)."""
     if not path.exists():
-        parent = next((p for p in path.parents if p.exists()), Path("/"))
+        parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
         if not os.access(parent, os.W_OK):
-            return [Finding("error", where, f"{path} is missing and {parent} is not writable: "
-                            "serve cannot create the token on first start")]
-        return [Finding("warning", where, f"{path} is missing: serve creates a random one (0600) on first start")]
+            return [Finding("error", where, f"{path} is missing and {parent} is not writable")], None
+        return [Finding("warning", where, f"{path} is missing: {missing}")], None
     try:
         info = path.stat()
-        token = path.read_text().strip()
+        text = path.read_text()
     except OSError as exc:
-        return [Finding("error", where, f"cannot read {path}: {exc.strerror or exc}")]
-    findings: list[Finding] = []
-    if len(token) < 16:
-        findings.append(Finding("error", where, f"the token in {path} is shorter than 16 characters"))
+        return [Finding("error", where, f"cannot read {path}: {exc.strerror or exc}")], None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        findings.append(Finding("warning", where, f"{path} is readable by group/others "
-                                f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600"))
-    return findings or [Finding("ok", where, f"{path} is readable and private")]
+        return [Finding("warning", where, f"{path} is readable by group/others "
+                        f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600")], text
+    return [], text
+
+
+def check_token_file(settings: Settings) -> list[Finding]:
+    """The bootstrap token file and the named-tokens file (``tokens.py``)."""
+    findings, token = _private_file("admin.token_file", Path(settings.admin.token_file),
+                                    missing="serve creates a random one (0600) on first start")
+    if token is not None and len(token.strip()) < 16:
+        findings.insert(0, Finding("error", "admin.token_file",
+                                   f"the token in {settings.admin.token_file} is shorter than 16 characters"))
+    if token is not None and not findings:
+        findings.append(Finding("ok", "admin.token_file", f"{settings.admin.token_file} is readable and private"))
+    named, text = _private_file("admin.tokens_file", Path(settings.admin.tokens_file),
+                                missing="no named tokens yet (`edgeproxy tokens create NAME`)")
+    if text is not None and not any(f.level == "error" for f in findings):
+        try:
+            TokenStore(settings.admin).list()  # reads both files exactly as serve does
+        except ConfigError as exc:
+            named.insert(0, Finding("error", "admin.tokens_file", str(exc)))
+        if not named:
+            named.append(Finding("ok", "admin.tokens_file", f"{settings.admin.tokens_file} is readable and private"))
+    return findings + named
 
 
 def check_storage(settings: Settings) -> list[Finding]:
-    """Open the store and read from it; a SQLite file that does not exist yet is not created."""
+    """Open the store as serve does (master key check included) and read from it; a
+    SQLite file that does not exist yet is not created."""
     url = settings.storage.url
     try:
         if url.partition(":")[0].lower() == "sqlite":
@@ -248,7 +267,7 @@ def check_storage(settings: Settings) -> list[Finding]:
                 if not os.access(parent, os.W_OK):
                     return [Finding("error", "storage.url", f"{path} does not exist and {parent} is not writable")]
                 return [Finding("warning", "storage.url", f"{path} does not exist yet: serve creates it")]
-        storage = open_storage(settings.storage.url)
+        storage = open_store(settings)  # opens a few sealed keys: a wrong master key is an error
         try:
             storage.get_domain("doctor.invalid")
             count = len(storage.list_domains())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import os
 import socket
@@ -36,7 +37,9 @@ from edgeproxy.doctor import (
     exit_code,
     trigger_words_in,
 )
+from edgeproxy.keys import generate_master_key
 from edgeproxy.storage import open_storage
+from edgeproxy.tokens import TokenStore
 
 
 def levels(findings: list[Finding], check: str) -> list[str]:
@@ -136,17 +139,28 @@ def test_listeners_real_socket_in_use_and_duplicates() -> None:
     assert "same address as listen.https" in messages(findings, "listen.admin")
 
 
-def test_token_file(tmp_path: Path) -> None:
+def test_token_files(tmp_path: Path) -> None:
     path = tmp_path / "etc" / "token"
-    settings = Settings(admin=AdminSettings(token_file=str(path)))
-    assert levels(check_token_file(settings), "admin.token_file") == ["warning"]  # created on first start
+    named = tmp_path / "etc" / "tokens.json"
+    settings = Settings(admin=AdminSettings(token_file=str(path), tokens_file=str(named)))
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.token_file") == ["warning"]  # created on first start
+    assert levels(findings, "admin.tokens_file") == ["warning"]  # no named tokens yet
     path.parent.mkdir()
     path.write_text("short\n")
     path.chmod(0o644)
-    assert levels(check_token_file(settings), "admin.token_file") == ["error", "warning"]
+    named.write_text("[1, 2]")
+    named.chmod(0o600)
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.token_file") == ["error", "warning"]  # too short, readable by others
     path.write_text("x" * 40 + "\n")
     path.chmod(0o600)
-    assert levels(check_token_file(settings), "admin.token_file") == ["ok"]
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.tokens_file") == ["error"] and "JSON object" in messages(findings, "admin.tokens_file")
+    named.write_text("{}")
+    TokenStore(settings.admin).create("ops", dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc))
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.token_file") == ["ok"] and levels(findings, "admin.tokens_file") == ["ok"]
 
 
 def test_storage_is_read_and_never_created(tmp_path: Path) -> None:
@@ -158,6 +172,12 @@ def test_storage_is_read_and_never_created(tmp_path: Path) -> None:
     open_storage(settings.storage.url).close()
     findings = check_storage(settings)
     assert levels(findings, "storage.url") == ["ok"] and "0 domain(s)" in messages(findings, "storage.url")
+    wrong_key = tmp_path / "master.key"
+    generate_master_key(str(wrong_key))
+    sealed = Settings(storage=StorageSettings(url=settings.storage.url, key_encryption_key_file=str(wrong_key)))
+    assert levels(check_storage(sealed), "storage.url") == ["ok"]  # nothing sealed yet: any key opens it
+    missing_key = Settings(storage=StorageSettings(url=settings.storage.url, key_encryption_key_file=str(tmp_path / "nope")))
+    assert levels(check_storage(missing_key), "storage.url") == ["error"]
     db.write_bytes(b"this is not a database" * 100)
     assert levels(check_storage(settings), "storage.url") == ["error"]
     pg = check_storage(Settings(storage=StorageSettings(url="postgresql://db/edge")))
@@ -220,12 +240,14 @@ def _write_config(tmp_path: Path, **routes: Any) -> Path:
     token = tmp_path / "token"
     token.write_text("y" * 40)
     token.chmod(0o600)
+    (tmp_path / "tokens.json").write_text("{}")
+    (tmp_path / "tokens.json").chmod(0o600)
     config = tmp_path / "edgeproxy.toml"
     route_lines = "".join(f'{k} = "{v}"\n' for k, v in routes.items())
     config.write_text(
         '[listen]\nhttp = "127.0.0.1:0"\nhttps = "127.0.0.1:0"\nadmin = "127.0.0.1:0"\n'
         f'[storage]\nurl = "sqlite://{tmp_path / "edge.db"}"\n'
-        f'[admin]\ntoken_file = "{token}"\n'
+        f'[admin]\ntoken_file = "{token}"\ntokens_file = "{tmp_path / "tokens.json"}"\n'
         '[upstream]\nscript = "https://cdn.vendorx.test/latest.js"\nrelay = "https://queue.vendorx.test"\n'
         '[dns]\ncname_target = "edge.neutral-proxy.net"\n'
         f"[routes]\n{route_lines}"
