@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from edgeproxy.config import (
     Settings,
     StorageSettings,
     UpstreamSettings,
+    load_settings,
 )
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
 from edgeproxy.doctor import (
@@ -105,6 +107,15 @@ def test_names_neutral_target_is_ok_and_bad_target_is_an_error() -> None:
     assert levels(empty, "dns.cname_target") == ["error"]
     ips_only = check_names(Settings(dns=DnsSettings(cname_target="", edge_ips=("192.0.2.1",))))
     assert levels(ips_only, "dns.cname_target") == ["warning"]
+
+
+def test_the_runbook_example_config_has_neutral_names(tmp_path: Path) -> None:
+    """The configuration operators copy from docs/runbook.md passes the name checks."""
+    runbook = (Path(__file__).resolve().parent.parent / "docs" / "runbook.md").read_text()
+    (example,) = re.findall(r"<<'TOML'\n(.*?)\nTOML\n", runbook, re.S)
+    (tmp_path / "example.toml").write_text(example)
+    findings = check_names(load_settings(tmp_path / "example.toml", env={}))
+    assert {f.level for f in findings} == {"ok"}, findings
 
 
 def test_listeners_bind_errors_are_classified() -> None:
