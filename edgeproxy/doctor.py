@@ -173,13 +173,26 @@ def _try_bind(host: str, port: int) -> None:
         sock.bind((host, port))
 
 
+def _unix_socket_findings(path: Path) -> list[Finding]:
+    """The admin API on a Unix socket: serve creates it (0600) and reclaims a stale one."""
+    if not path.parent.is_dir():
+        return [Finding("error", "listen.admin", f"{path.parent} does not exist: serve cannot create {path.name}")]
+    if not os.access(path.parent, os.W_OK):
+        return [Finding("error", "listen.admin", f"{path.parent} is not writable: serve cannot create {path.name}")]
+    return [Finding("ok", "listen.admin", f"unix socket {path} can be created (local users only)")]
+
+
 def check_listeners(settings: Settings, bind: Bind = _try_bind) -> list[Finding]:
     """Each listener parses, is distinct, can be bound; the admin API stays off public addresses."""
     findings: list[Finding] = []
     addresses: dict[str, tuple[str, int]] = {}
     for key in ("http", "https", "admin"):
+        value = getattr(settings.listen, key)
+        if key == "admin" and value.startswith("unix:"):
+            findings += _unix_socket_findings(Path(value[len("unix:"):]))
+            continue
         try:
-            addresses[key] = parse_hostport(getattr(settings.listen, key), what=f"listen.{key}")
+            addresses[key] = parse_hostport(value, what=f"listen.{key}")
         except ConfigError as exc:
             findings.append(Finding("error", f"listen.{key}", str(exc)))
     seen: dict[tuple[str, int], str] = {}

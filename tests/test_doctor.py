@@ -137,6 +137,14 @@ def test_listeners_bind_errors_are_classified() -> None:
     assert levels(far, "listen.admin") == ["error", "warning"]  # cannot bind, and not loopback
 
 
+def test_listeners_admin_on_a_unix_socket(tmp_path: Path) -> None:
+    ok = check_listeners(Settings(listen=ListenSettings(admin=f"unix:{tmp_path / 'admin.sock'}")), lambda h, p: None)
+    assert levels(ok, "listen.admin") == ["ok"]  # no bind attempt, no loopback warning
+    missing = check_listeners(Settings(listen=ListenSettings(admin=f"unix:{tmp_path / 'no' / 'admin.sock'}")),
+                              lambda h, p: None)
+    assert levels(missing, "listen.admin") == ["error"]
+
+
 def test_listeners_real_socket_in_use_and_duplicates() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

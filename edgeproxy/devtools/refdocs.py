@@ -69,6 +69,10 @@ EXTRA_DOCS: dict[str, str] = {
                          "missing. May be deleted once named tokens exist."),
     "admin.tokens_file": "Named tokens (`edgeproxy tokens create NAME`), stored as SHA-256 hashes only.",
     "proxy.max_body": "API request bodies larger than this many bytes get 413.",
+    "proxy.rate_per_ip": ("API requests per second per visitor IP, answered 429 locally beyond it (never "
+                          "forwarded, never spooled); per worker process; 0 = off."),
+    "proxy.rate_per_domain": ("API requests per second per custom domain, answered 429 locally beyond it; "
+                              "per worker process; 0 = off."),
 }
 
 
