@@ -155,7 +155,8 @@ def check_names(settings: Settings) -> list[Finding]:
             findings.append(Finding("warning", "dns.cname_target", (
                 f"{target!r} is under the vendor's domain {vendor} ({key}): lists block it by domain "
                 "(||vendor^$third-party) once the CNAME is uncloaked; use a domain of your own")))
-    if target.endswith(_PLACEHOLDER_DOMAINS) or target.rsplit(".", 1)[-1] in _PLACEHOLDER_TLDS:
+    placeholder = any(target == d or target.endswith("." + d) for d in _PLACEHOLDER_DOMAINS)
+    if placeholder or target.rsplit(".", 1)[-1] in _PLACEHOLDER_TLDS:
         findings.append(Finding("warning", "dns.cname_target",
                                 f"{target!r} is a reserved example name: set the edge's real hostname"))
     if not any(f.check == "dns.cname_target" for f in findings):

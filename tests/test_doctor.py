@@ -101,6 +101,10 @@ def test_names_warn_on_trigger_words_and_vendor_domain() -> None:
 def test_names_neutral_target_is_ok_and_bad_target_is_an_error() -> None:
     ok = check_names(Settings(dns=DnsSettings(cname_target="edge.neutral-proxy.net.")))
     assert levels(ok, "dns.cname_target") == ["ok"]
+    lookalike = check_names(Settings(dns=DnsSettings(cname_target="edge.myexample.net")))
+    assert levels(lookalike, "dns.cname_target") == ["ok"]  # not example.net
+    lab = check_names(Settings(dns=DnsSettings(cname_target="edge.lab.test")))
+    assert levels(lab, "dns.cname_target") == ["warning"]
     bad = check_names(Settings(dns=DnsSettings(cname_target="edge_1..net")))
     assert levels(bad, "dns.cname_target") == ["error"]
     empty = check_names(Settings(dns=DnsSettings(cname_target="")))
