@@ -98,6 +98,10 @@ class UpstreamSettings:
 class RoutesSettings:
     script_path: str = "/js/app.js"
     api_path: str = "/api/v1/m"
+    # Each domain gets its own script and API paths, derived from randomize_secret
+    # (routes.py); script_path and api_path are then not served at all.
+    randomize: bool = False
+    randomize_secret: str = ""  # at least 16 characters; the same on every node; never change it
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,8 @@ def _validate(settings: Settings) -> Settings:
     if unknown_ip_headers:
         raise ConfigError(f"upstream.client_ip_headers: unknown {sorted(unknown_ip_headers)}; "
                           'use "x-forwarded-for", "forwarded" and/or "x-real-ip"')
+    if settings.routes.randomize and len(settings.routes.randomize_secret) < 16:
+        raise ConfigError("routes.randomize needs routes.randomize_secret of at least 16 characters")
     if settings.proxy.max_body <= 0:
         raise ConfigError("proxy.max_body must be positive")
     if settings.privacy.ip_retention not in ("full", "truncated", "none"):
