@@ -15,6 +15,8 @@ from test_proxy import OTHER, SHOP, SITES, Upstreams, call, make_settings
 from edgeproxy.config import RoutesSettings, Settings, load_settings
 from edgeproxy.doctor import trigger_words_in
 from edgeproxy.errors import ConfigError
+from edgeproxy.metrics import _route
+from edgeproxy.monitor import Prober
 from edgeproxy.proxy import EdgeProxy
 from edgeproxy.registry import html_snippet
 from edgeproxy.routes import SiteRoutes, site_routes
@@ -103,3 +105,15 @@ def test_randomized_urls_pass_easyprivacy() -> None:
         requests += [(page, f"https://{host}{paths.api_path}/collect", t) for t in ("xhr", "fetch", "ping")]
     rows = check(requests)
     assert [r for r in rows if r[0] != "ALLOWED"] == []
+
+
+def test_probes_and_metrics_follow_the_domains_paths() -> None:
+    """The acceptance probes ask for each domain's own paths; metrics label them script/api."""
+    settings = Settings(routes=RANDOM)
+    shop = site_routes(SHOP, RANDOM)
+    assert Prober.from_settings(settings).paths(SHOP) == shop
+    assert Prober.from_settings(Settings()).paths(SHOP) == SiteRoutes("/js/app.js", "/api/v1/m")
+    assert _route(shop.script_path, RANDOM, f"{SHOP.upper()}:443") == "script"
+    assert _route(f"{shop.api_path}/collect", RANDOM, SHOP) == "api"
+    assert _route(shop.script_path, RANDOM, OTHER) == "other"
+    assert _route("/js/app.js", RoutesSettings(), "") == "script"
