@@ -24,7 +24,7 @@ import binascii
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -159,6 +159,20 @@ class SealedStorage:
         if cert is None:
             return None
         return replace(cert, key_pem=self._ring.open(cert.key_pem, f"cert:{hostname}"))
+
+    def bulk_certificates(self, hostnames: Sequence[str]) -> tuple[set[str], dict[str, CertificateRecord]]:
+        """The backend's bulk read (when it has one) with every key opened; without
+        one, the per-name reads. Defined here so ``__getattr__`` can never hand
+        sealed keys to the certstore."""
+        inner_bulk = getattr(self._inner, "bulk_certificates", None)
+        if inner_bulk is None:
+            registered = {h for h in hostnames if self._inner.get_domain(h) is not None}
+            found = {h: c for h in registered if (c := self.get_certificate(h)) is not None}
+            return registered, found
+        registered, certs = inner_bulk(hostnames)
+        return set(registered), {
+            h: replace(c, key_pem=self._ring.open(c.key_pem, f"cert:{h}")) for h, c in certs.items()
+        }
 
     def save_account(self, account: AccountRecord) -> None:
         owner = f"account:{account.directory_url}"

@@ -53,7 +53,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -536,6 +536,32 @@ class SqliteStorage:
             (hostname,),
         )
         return None if row is None else _certificate(row)
+
+    def bulk_certificates(self, hostnames: Sequence[str]) -> tuple[set[str], dict[str, CertificateRecord]]:
+        """Which of ``hostnames`` are registered, and the certificates of those that
+        have one, read in one snapshot. Not part of the ``Storage`` protocol: the
+        certstore uses it when present to load 100,000 names at start-up in one
+        scan instead of two point queries per name (issue 8)."""
+        wanted = set(hostnames)
+        registered: set[str] = set()
+        certs: dict[str, CertificateRecord] = {}
+        with self._read("read certificates in bulk") as conn:
+            if len(wanted) > 500:  # most of the table: one scan beats many lookups
+                registered = {row[0] for row in conn.execute("SELECT hostname FROM domains") if row[0] in wanted}
+                rows = [row for row in conn.execute(f"SELECT {_CERT_COLUMNS} FROM certificates")
+                        if row[0] in wanted]
+            else:
+                names = sorted(wanted)
+                marks = ", ".join("?" * len(names))
+                registered = {row[0] for row in conn.execute(
+                    f"SELECT hostname FROM domains WHERE hostname IN ({marks})", names)} if names else set()
+                rows = conn.execute(
+                    f"SELECT {_CERT_COLUMNS} FROM certificates WHERE hostname IN ({marks})", names
+                ).fetchall() if names else []
+        for row in rows:
+            cert = _certificate(row)
+            certs[cert.hostname] = cert
+        return registered, certs
 
     # -- HTTP-01 challenges ---------------------------------------------------------------
 
