@@ -258,6 +258,15 @@ class CertStore:
         record = record_from_pem(hostname, key_pem, chain_pem, now)
         build_context(chain_pem, key_pem)  # refuse a pair that does not load before storing it
         self.storage.save_certificate(record)
+        # Serve it from this process at once: the renewal loop marks the domain
+        # active right after this call, and a client that sees "active" must not
+        # get the fallback while we wait for the next change-feed poll. Other
+        # workers pick it up from the feed. save() runs in a worker thread; each
+        # step is one dict operation (atomic under the GIL), in _apply's order.
+        leaf, tail = _split_chain(chain_pem)
+        tail = self._tails.setdefault(tail, tail)
+        self._apply([(hostname, True, _Material(leaf, key_pem, tail),
+                      CertInfo(hostname, record.not_after, record.serial))])
         return record
 
     def _records(self, hostnames: Sequence[str]) -> tuple[set[str], dict[str, CertificateRecord]]:

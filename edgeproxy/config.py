@@ -85,6 +85,12 @@ class UpstreamSettings:
     script_ttl: float = 300.0  # seconds the in-memory script copy is fresh
     connect_timeout: float = 2.0
     timeout: float = 5.0
+    # The relay client's connection pool: "aiohttp" (httpx API on an aiohttp
+    # connector) or "httpx" (httpx's own httpcore pool). Measured side by side in
+    # bench/README.md (issue 8): httpcore's pool scans every pooled connection,
+    # with a readability syscall each, on every request.
+    client: str = "aiohttp"
+    pool_size: int = 64  # keep-alive connections to the relay per worker
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,12 @@ def _validate(settings: Settings) -> Settings:
                           'use "x-forwarded-for", "forwarded" and/or "x-real-ip"')
     if settings.proxy.max_body <= 0:
         raise ConfigError("proxy.max_body must be positive")
+    if settings.upstream.client not in ("aiohttp", "httpx"):
+        raise ConfigError(f"upstream.client must be \"aiohttp\" or \"httpx\", got {settings.upstream.client!r}")
+    if settings.upstream.pool_size < 1:
+        raise ConfigError("upstream.pool_size must be at least 1")
+    if settings.proxy.tls_context_cache < 1:
+        raise ConfigError("proxy.tls_context_cache must be at least 1")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)
     if directory != settings.acme.directory:
         settings = dataclasses.replace(settings, acme=dataclasses.replace(settings.acme, directory=directory))

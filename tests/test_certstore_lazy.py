@@ -211,3 +211,15 @@ def test_async_refresh_loads_without_building(storage: SqliteStorage) -> None:
 def test_cache_size_must_be_positive(storage: SqliteStorage) -> None:
     with pytest.raises(ValueError):
         CertStore(storage, cache_size=0)
+
+
+def test_save_serves_the_new_certificate_in_this_process_at_once(storage: SqliteStorage) -> None:
+    storage.add_domain("fresh.example.test", "issuing", NOW)
+    store = CertStore(storage, cache_size=8)
+    store.refresh_blocking(NOW)
+    assert store.hosts["fresh.example.test"] is False
+    key_pem, chain = _pair("fresh.example.test", serial=77)
+    store.save("fresh.example.test", key_pem, chain, NOW)
+    assert store.hosts["fresh.example.test"] is True  # no refresh needed in the issuing process
+    served = _served(store, "fresh.example.test")
+    assert served is not None and served[0].serial_number == 77
