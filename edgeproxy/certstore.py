@@ -27,13 +27,17 @@ bench/README.md for the measurements.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import datetime as dt
 import logging
 import os
+import re
 import ssl
 import tempfile
+import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -152,33 +156,82 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+_PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END \1-----\r?\n?")
+_BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
 _END_CERT = b"-----END CERTIFICATE-----"
+_RAW = 0xFFFF  # "label" id of material kept as PEM because it did not parse as plain PEM
 
 
-def _split_chain(chain_pem: bytes) -> tuple[bytes, bytes]:
-    """(leaf PEM block, the rest of the chain) of a leaf-first PEM chain."""
-    cut = chain_pem.find(_END_CERT)
-    if cut < 0:
-        return chain_pem, b""
-    cut += len(_END_CERT)
-    return chain_pem[:cut] + b"\n", chain_pem[cut:].strip()
+def _pem(label: bytes, der: bytes) -> bytes:
+    b64 = base64.b64encode(der)
+    lines = b"\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+    return b"-----BEGIN " + label + b"-----\n" + lines + b"\n-----END " + label + b"-----\n"
 
 
-@dataclass(frozen=True)
-class _Material:
-    """What a lazy context is built from: the host's own key and leaf, plus an
-    intermediate chain shared (by identity) with every host issued under it."""
+class _Codec:
+    """Per-host TLS material packed into one ``bytes`` (issue 8: 100,000 names in memory).
 
-    leaf_pem: bytes
-    key_pem: bytes
-    tail_pem: bytes
+    Layout: tail id (2 bytes), key label id (2), key length (4), key DER, leaf DER.
+    The tail (the intermediates after the leaf, as PEM) and the key's PEM label are
+    interned: every host issued by one CA shares one copy. DER instead of PEM saves
+    a quarter; one bytes object instead of a record per host saves the rest. A key
+    that is not plain PEM (e.g. with headers) is kept verbatim (label id ``_RAW``).
+    The tables only grow, by one entry per distinct CA chain or key type.
+    """
 
-    def build(self) -> ssl.SSLContext:
-        chain = self.leaf_pem + self.tail_pem + b"\n" if self.tail_pem else self.leaf_pem
-        return build_context(chain, self.key_pem)
+    def __init__(self) -> None:
+        self._tails: list[bytes] = []
+        self._tail_ids: dict[bytes, int] = {}
+        self._labels: list[bytes] = []
+        self._label_ids: dict[bytes, int] = {}
+        self._lock = threading.Lock()  # pack() runs in refresh and renewal threads
+
+    def _intern(self, value: bytes, table: list[bytes], ids: dict[bytes, int]) -> int:
+        found = ids.get(value)
+        if found is None:
+            with self._lock:
+                found = ids.get(value)
+                if found is None:
+                    found = len(table)
+                    table.append(value)  # before the id is published: unpack never sees an id without its entry
+                    ids[value] = found
+        return found
+
+    def pack(self, key_pem: bytes, chain_pem: bytes) -> bytes:
+        """Raises ValueError when the chain does not start with a PEM certificate.
+
+        Start-up packs every name (100,000 in about a second), hence plain
+        ``find`` and ``a2b_base64`` (which skips the line breaks) for the leaf.
+        """
+        chain = chain_pem.lstrip()
+        end = chain.find(_END_CERT)
+        if not chain.startswith(_BEGIN_CERT) or end < 0:
+            raise ValueError("the chain does not start with a PEM certificate")
+        try:
+            leaf_der = binascii.a2b_base64(chain[len(_BEGIN_CERT):end])
+        except binascii.Error as exc:
+            raise ValueError(f"the leaf certificate is not valid base64: {exc}") from exc
+        tail = chain[end + len(_END_CERT):].strip()
+        tail_id = self._intern(tail + b"\n" if tail else b"", self._tails, self._tail_ids)
+        key = _PEM_RE.fullmatch(key_pem.strip() + b"\n")
+        if key is not None:
+            label_id = self._intern(key.group(1), self._labels, self._label_ids)
+            key_bytes = binascii.a2b_base64(key.group(2))
+        else:
+            label_id, key_bytes = _RAW, key_pem
+        return (tail_id.to_bytes(2, "big") + label_id.to_bytes(2, "big") + len(key_bytes).to_bytes(4, "big")
+                + key_bytes + leaf_der)
+
+    def unpack(self, blob: bytes) -> tuple[bytes, bytes]:
+        """(chain_pem, key_pem) back from ``pack``."""
+        tail_id, label_id = int.from_bytes(blob[0:2], "big"), int.from_bytes(blob[2:4], "big")
+        key_len = int.from_bytes(blob[4:8], "big")
+        key_bytes, leaf_der = blob[8:8 + key_len], blob[8 + key_len:]
+        key_pem = key_bytes if label_id == _RAW else _pem(self._labels[label_id], key_bytes)
+        return _pem(b"CERTIFICATE", leaf_der) + self._tails[tail_id], key_pem
 
 
-_Loaded = tuple[str, bool, _Material | None, CertInfo | None]
+_Loaded = tuple[str, bool, bytes | None, "CertInfo | None"]
 
 
 class CertStore:
@@ -199,8 +252,8 @@ class CertStore:
         self.hosts: dict[str, bool] = {}
         self.contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
         self.certs: dict[str, CertInfo] = {}
-        self._material: dict[str, _Material] = {}
-        self._tails: dict[bytes, bytes] = {}  # interned intermediate chains (a handful of CAs)
+        self._material: dict[str, bytes] = {}  # packed by self._codec
+        self._codec = _Codec()
         self.built = 0  # contexts built since start (cache misses that found material)
         self._seq = 0
         chain, key = make_fallback_pair(_utcnow())
@@ -238,8 +291,9 @@ class CertStore:
         if material is None:
             return None
         try:
-            ctx = material.build()
-        except (ssl.SSLError, OSError) as exc:  # checked at refresh; a failure here must not kill the handshake
+            chain_pem, key_pem = self._codec.unpack(material)
+            ctx = build_context(chain_pem, key_pem)
+        except (ssl.SSLError, OSError, ValueError, IndexError) as exc:  # checked at refresh; a failure here must not kill the handshake
             log.error("cannot build the TLS context of %s: %s", name, exc)
             return None
         self.built += 1
@@ -263,57 +317,62 @@ class CertStore:
         # get the fallback while we wait for the next change-feed poll. Other
         # workers pick it up from the feed. save() runs in a worker thread; each
         # step is one dict operation (atomic under the GIL), in _apply's order.
-        leaf, tail = _split_chain(chain_pem)
-        tail = self._tails.setdefault(tail, tail)
-        self._apply([(hostname, True, _Material(leaf, key_pem, tail),
+        self._apply([(hostname, True, self._codec.pack(key_pem, chain_pem),
                       CertInfo(hostname, record.not_after, record.serial))])
         return record
 
-    def _records(self, hostnames: Sequence[str]) -> tuple[set[str], dict[str, CertificateRecord]]:
-        """Which of ``hostnames`` are registered, and their certificates.
+    def _scan(self, hostnames: Sequence[str],
+              visit: Callable[[str, bytes, bytes, dt.datetime, str], None]) -> set[str]:
+        """Which of ``hostnames`` are registered; ``visit`` each one's certificate.
 
-        One bulk read when the store offers ``bulk_certificates`` (SQLite does:
-        100,000 names in one scan instead of 200,000 point queries); otherwise
-        the ``Storage`` protocol's per-name reads.
+        One streaming bulk read when the store offers ``scan_certificates``
+        (SQLite does: 100,000 names in one scan instead of 200,000 point queries,
+        never all rows in memory at once); otherwise the ``Storage`` protocol's
+        per-name reads.
         """
-        bulk = getattr(self.storage, "bulk_certificates", None)
-        if bulk is not None:
-            registered, certs = bulk(hostnames)
-            return set(registered), dict(certs)
-        registered_set: set[str] = set()
-        found: dict[str, CertificateRecord] = {}
+        scan = getattr(self.storage, "scan_certificates", None)
+        if scan is not None:
+            return set(scan(hostnames, visit))
+        registered: set[str] = set()
         for hostname in hostnames:
             if self.storage.get_domain(hostname) is None:
                 continue
-            registered_set.add(hostname)
+            registered.add(hostname)
             cert = self.storage.get_certificate(hostname)
             if cert is not None:
-                found[hostname] = cert
-        return registered_set, found
+                visit(hostname, cert.key_pem, cert.chain_pem, cert.not_after, cert.serial)
+        return registered
 
     def _load(self, hostnames: Iterable[str], now: dt.datetime) -> list[_Loaded]:
-        """Blocking part of a refresh: read storage, keep PEM material (runs in a thread).
+        """Blocking part of a refresh: read storage, pack the material (runs in a thread).
 
         Nothing is built here. A pair that cannot load is found when a worker
         first serves it (logged, fallback served); ``save()`` already refuses
         such pairs before they reach storage.
         """
         names = list(dict.fromkeys(hostnames))  # de-duplicate, keep order
-        registered, certs = self._records(names)
+        found: dict[str, tuple[bytes, CertInfo]] = {}
+        pack = self._codec.pack
+
+        def visit(hostname: str, key_pem: bytes, chain_pem: bytes, not_after: dt.datetime, serial: str) -> None:
+            if not_after <= now:
+                return
+            try:
+                found[hostname] = (pack(key_pem, chain_pem), CertInfo(hostname, not_after, serial))
+            except ValueError as exc:
+                log.error("cannot load certificate for %s: %s", hostname, exc)
+
+        registered = self._scan(names, visit)
         out: list[_Loaded] = []
-        tails = self._tails
         for hostname in names:
             if hostname not in registered:
                 out.append((hostname, False, None, None))
                 continue
-            cert = certs.get(hostname)
-            if cert is None or cert.not_after <= now:
+            entry = found.get(hostname)
+            if entry is None:
                 out.append((hostname, True, None, None))
-                continue
-            leaf, tail = _split_chain(cert.chain_pem)
-            tail = tails.setdefault(tail, tail)
-            material = _Material(leaf, cert.key_pem, tail)
-            out.append((hostname, True, material, CertInfo(hostname, cert.not_after, cert.serial)))
+            else:
+                out.append((hostname, True, entry[0], entry[1]))
         return out
 
     def _apply(self, loaded: Sequence[_Loaded]) -> None:

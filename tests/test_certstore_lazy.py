@@ -167,15 +167,16 @@ def test_the_chain_is_served_whole_and_intermediates_are_shared(storage: SqliteS
     _register(storage, "y.example.test")
     store = CertStore(storage, cache_size=8)
     store.refresh_blocking(NOW)
-    mx, my = store._material["x.example.test"], store._material["y.example.test"]
-    assert mx.tail_pem is my.tail_pem  # one copy of the intermediate for every host
+    assert store._codec._tails == [CA_CERT.public_bytes(serialization.Encoding.PEM)]  # one shared copy
+    chain, key = store._codec.unpack(store._material["x.example.test"])
+    assert chain.count(b"BEGIN CERTIFICATE") == 2 and key.startswith(b"-----BEGIN PRIVATE KEY-----")
     served = _served(store, "x.example.test")
     assert served is not None
     if served[1]:  # Python >= 3.13 exposes the chain the peer sent
         assert len(served[1]) == 2
 
 
-def test_bulk_read_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: Path) -> None:
+def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: Path) -> None:
     kek = tmp_path / "master.key"
     generate_master_key(str(kek))
     inner = SqliteStorage(str(tmp_path / "db" / "edge.db"))
@@ -186,16 +187,33 @@ def test_bulk_read_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: P
     inner.add_domain("pending.example.test", "issuing", NOW)
     for names in (hosts + ["pending.example.test", "nope.example.test"],
                   [f"filler{i}.example.test" for i in range(600)] + hosts):  # point and scan paths
-        registered, certs = sealed.bulk_certificates(names)
+        seen: dict[str, tuple[bytes, bytes, dt.datetime, str]] = {}
+        registered = sealed.scan_certificates(
+            names, lambda h, k, c, na, s: seen.__setitem__(h, (k, c, na, s)))
         assert registered == {h for h in names if inner.get_domain(h) is not None}
-        assert set(certs) == set(hosts)
+        assert set(seen) == set(hosts)
         for host in hosts:
-            assert certs[host] == sealed.get_certificate(host)  # keys opened, not sealed blobs
-            assert certs[host].key_pem.startswith(b"-----BEGIN")
+            record = sealed.get_certificate(host)
+            assert record is not None
+            # keys opened, not sealed blobs
+            assert seen[host] == (record.key_pem, record.chain_pem, record.not_after, record.serial)
+            assert seen[host][0].startswith(b"-----BEGIN")
     store = CertStore(sealed, cache_size=8)  # type: ignore[arg-type]
     store.refresh_blocking(NOW)
     served = _served(store, "s1.example.test")
     assert served is not None and _cn(served[0]) == "s1.example.test"
+
+
+def test_material_round_trips_through_the_packed_form() -> None:
+    from edgeproxy.certstore import _Codec
+    codec = _Codec()
+    key_pem, chain = _pair("p.example.test")
+    got_chain, got_key = codec.unpack(codec.pack(key_pem, chain))
+    assert got_chain == chain and got_key == key_pem
+    odd_key = b"-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\nAAAA\n-----END EC PRIVATE KEY-----\n"
+    assert codec.unpack(codec.pack(odd_key, chain))[1] == odd_key  # not plain PEM: kept verbatim
+    with pytest.raises(ValueError):
+        codec.pack(key_pem, b"not a chain")
 
 
 def test_async_refresh_loads_without_building(storage: SqliteStorage) -> None:
