@@ -12,8 +12,10 @@ pays for its own half of each handshake (ECDHE + signature verification is
 skipped: CERT_NONE, but key exchange is not), so the absolute numbers are a
 floor of what the server alone could do; the ratios between runs are the point.
 
-Usage: ``python bench/handshakes.py PORT NAMES SECONDS [PROCS THREADS]`` where
-NAMES is how many names ``s000000.bench.test``.. to draw from. Prints JSON.
+Usage: ``python bench/handshakes.py PORT NAMES SECONDS [PROCS THREADS [zipf]]``
+where NAMES is how many names ``s000000.bench.test``.. to draw from, uniformly
+at random, or with ``zipf`` by rank with probability proportional to 1/rank
+(a few busy sites and a long tail). Prints JSON.
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ def _host(i: int) -> str:
     return f"s{i:06d}.bench.test"
 
 
-def _worker(port: int, names: int, seconds: float, threads: int, seed: int, out: "multiprocessing.Queue[object]") -> None:
+def _worker(port: int, names: int, seconds: float, threads: int, seed: int, out: "multiprocessing.Queue[object]",
+            zipf: bool = False) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["http/1.1"])
+    cum: list[float] | None = None
+    if zipf:
+        cum, acc = [], 0.0
+        for rank in range(1, names + 1):
+            acc += 1.0 / rank
+            cum.append(acc)
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
     results: dict[str, list[float] | int] = {"lat": [], "errors": 0, "wrong": 0, "checked": 0}
@@ -50,7 +59,8 @@ def _worker(port: int, names: int, seconds: float, threads: int, seed: int, out:
         errors = wrong = checked = 0
         n = 0
         while time.monotonic() < deadline:
-            name = _host(rng.randrange(names))
+            index = rng.choices(range(names), cum_weights=cum)[0] if cum else rng.randrange(names)
+            name = _host(index)
             t0 = time.perf_counter()
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
@@ -83,8 +93,9 @@ def main() -> None:
     port, names, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     procs = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     threads = int(sys.argv[5]) if len(sys.argv) > 5 else 8
+    zipf = len(sys.argv) > 6 and sys.argv[6] == "zipf"
     queue: multiprocessing.Queue[object] = multiprocessing.Queue()
-    workers = [multiprocessing.Process(target=_worker, args=(port, names, seconds, threads, s, queue))
+    workers = [multiprocessing.Process(target=_worker, args=(port, names, seconds, threads, s, queue, zipf))
                for s in range(procs)]
     start = time.monotonic()
     for w in workers:
