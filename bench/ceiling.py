@@ -58,6 +58,8 @@ def main() -> None:
     config.keyfile = spec["keyfile"]
     config.alpn_protocols = ["h2", "http/1.1"]
     config.keep_alive_timeout = 30
+    if spec.get("read_timeout"):
+        config.read_timeout = spec["read_timeout"]  # the edge sets 60 s (slow-client defence)
     config.backlog = 1024
     config.accesslog = None
     config.errorlog = "-"
