@@ -274,10 +274,10 @@ class Table:
 
 
 def scenario_ab(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, seconds: float,
-                workers: int, only: set[str], repeats: int) -> dict[str, Any]:
+                workers: int, only: set[str], repeats: int, label: str = "", candidates: bool = True) -> dict[str, Any]:
     """Scenarios a and b (and the 1-name handshake rate, which needs the same processes)."""
     found: dict[str, Any] = {}
-    state = work / "edge-1"
+    state = work / f"edge-1-w{workers}"
     fixtures.install_db(1, state)
     chain, key = fixtures.chain_and_key(0, work / "ceiling")
     config = edge_config(state, origin, relay_port)
@@ -303,12 +303,12 @@ def scenario_ab(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, sec
                 e, c = alternate(lambda: wrk(ceiling_port, "/js/app.js", seconds),
                                  lambda: wrk(port, "/js/app.js", seconds), repeats)
                 t.add(f"a. script GET ({len(body)} B gzip of {len(origin.script)} B), HTTP/1.1 keep-alive, "
-                      f"{CONNECTIONS} conns (req/s)", ">= 0.90", e, c, note=f"non-2xx {e['non_2xx']}")
+                      f"{CONNECTIONS} conns{label} (req/s)", ">= 0.90", e, c, note=f"non-2xx {e['non_2xx']}")
                 found["a"] = (e, c)
             if "b" in only:
                 e, c = alternate(lambda: wrk(ceiling_port, api, seconds, body=post),
                                  lambda: wrk(port, api, seconds, body=post), repeats)
-                t.add("b. API POST forwarded to the relay, upstream.client=aiohttp (default) (req/s)", ">= 0.60",
+                t.add(f"b. API POST forwarded to the relay, upstream.client=aiohttp (default){label} (req/s)", ">= 0.60",
                       e, c, note=f"non-2xx {e['non_2xx']}")
                 found["b"] = (e, c)
             if "c" in only:
@@ -317,7 +317,7 @@ def scenario_ab(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, sec
                 t.add("c1. new TLS handshakes/s, 1 name", "(ceiling)", e, c, key="rate",
                       note=f"wrong cert {e['wrong_cert']}/{e['checked']}, errors {e['errors']}")
                 found["c1"] = (e, c)
-            if "b" in only:
+            if "b" in only and candidates:
                 # The candidates for the forwarding transport, each in its own edge,
                 # each against the same ceiling (issue 8: measure them side by side).
                 edge.stop()
@@ -420,6 +420,8 @@ def main() -> None:
     parser.add_argument("--only", default="a,b,c,d,e")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--also-workers", type=int, default=2,
+                        help="repeat a and b with this many edge workers (0: skip); the ceiling keeps 1")
     parser.add_argument("--repeats", type=int, default=2, help="alternating ceiling/edge runs per scenario")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -436,6 +438,9 @@ def main() -> None:
         with process([PY, str(HERE / "relay.py"), str(relay_port)], work / "relay.log"):
             wait_port(relay_port)
             found = scenario_ab(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
+            if args.also_workers:
+                scenario_ab(t, work, origin, relay_port, args.seconds, args.also_workers, only & {"a", "b"},
+                            args.repeats, label=f", edge with {args.also_workers} workers", candidates=False)
             if only & {"c", "d"}:
                 scenario_cd(t, work, origin, relay_port, args.seconds, args.workers, only, found.get("c1"))
             if "e" in only:

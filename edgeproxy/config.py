@@ -134,6 +134,9 @@ class ProxySettings:
     # TLS contexts kept built per worker (LRU; issue 8). A built context costs
     # ~50 KB of RSS and ~1.5 ms of CPU, so 100,000 names are never all built at once.
     tls_context_cache: int = 1024
+    # The event loop of `serve`: "uvloop" (libuv; faster TLS and socket I/O) when
+    # installed, else "asyncio". Measured in bench/README.md (issue 8).
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,8 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError(f"upstream.client must be \"aiohttp\" or \"httpx\", got {settings.upstream.client!r}")
     if settings.upstream.pool_size < 1:
         raise ConfigError("upstream.pool_size must be at least 1")
+    if settings.proxy.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"proxy.event_loop must be \"uvloop\" or \"asyncio\", got {settings.proxy.event_loop!r}")
     if settings.proxy.tls_context_cache < 1:
         raise ConfigError("proxy.tls_context_cache must be at least 1")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)

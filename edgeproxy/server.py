@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -340,6 +340,19 @@ class EdgeNode:
         await self.run()
 
 
+def _run(settings: Settings, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` on the configured event loop (``proxy.event_loop``)."""
+    if settings.proxy.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # an optional speed-up: fall back, say so
+            log.warning("proxy.event_loop = uvloop but uvloop is not installed; using asyncio")
+        else:
+            uvloop.run(main())
+            return
+    asyncio.run(main())
+
+
 def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int) -> None:
     """Entry point of an extra worker process (spawned, so nothing is shared but sockets)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -359,7 +372,7 @@ def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: 
         finally:
             guard.cancel()
 
-    asyncio.run(main())
+    _run(settings, main)
 
 
 def serve(settings: Settings, workers: int = 1) -> None:
@@ -404,7 +417,7 @@ def serve(settings: Settings, workers: int = 1) -> None:
             for proc in children:
                 await asyncio.to_thread(proc.join, 10)
 
-    asyncio.run(main())
+    _run(settings, main)
     for sock in sockets.values():
         sock.close()
 
