@@ -85,7 +85,9 @@ class _TCPServer(TCPServer):
     bench/README.md). Here one timer per connection checks, when it fires,
     whether anything arrived during the last ``read_timeout`` seconds and re-arms
     itself if so; a connection silent that long is aborted, which ends the read
-    loop exactly as hypercorn's timeout does (the app sees a disconnect).
+    loop as hypercorn's timeout does (the app sees a disconnect). Unlike
+    hypercorn's graceful close, output still buffered for that peer is dropped:
+    a peer silent for ``read_timeout`` is treated as gone.
     """
 
     async def _read_data(self) -> None:
