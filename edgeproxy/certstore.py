@@ -13,8 +13,9 @@ handshake callback reads. The callback never does I/O (house rule 4).
 
 Scale (issue 8): contexts are built lazily. A built ``SSLContext`` costs about
 50 KB of RSS and 1.5 ms of CPU, so building one per name eagerly took minutes and
-gigabytes at 100,000 names. A refresh now keeps only the PEM material of each
-servable name in memory (key + leaf; identical intermediate chains are shared),
+gigabytes at 100,000 names. A refresh now keeps only the material of each
+servable name in memory (key + leaf as DER in one ``bytes``, ~1 KB; identical
+intermediate chains are shared; see ``_Codec``),
 and the handshake callback turns it into a context on first use, into a bounded
 LRU (``proxy.tls_context_cache``). A hit is a dict lookup; a miss is a
 pure-CPU build from memory (~1.5 ms, no I/O, no lock), the same order as the
@@ -278,9 +279,9 @@ class CertStore:
     def context_for(self, name: str) -> ssl.SSLContext | None:
         """The context serving ``name`` (built now if it is not cached), or None.
 
-        No I/O and no await: safe inside the handshake callback. Single-threaded
-        by design (the worker's event loop), like every other CertStore method
-        that mutates the maps.
+        No I/O and no await: safe inside the handshake callback. Runs on the
+        worker's event loop; the only other writer of the maps from a thread is
+        ``save()``, whose single-dict-operation updates are atomic under the GIL.
         """
         contexts = self.contexts
         ctx = contexts.get(name)
