@@ -22,16 +22,17 @@ RUN pip install --no-cache-dir --no-compile /wheels/*.whl && rm -rf /wheels
 
 # High ports inside the container: the non-root user needs no CAP_NET_BIND_SERVICE
 # (works with --cap-drop ALL); publish them as 80 and 443 on the host.
-# All state (SQLite store with keys and certificates, the admin token) lives in the volume.
-# DL3064 flags the word TOKEN in a variable name: this one holds a path, the token is
-# created in the volume on first start (0600) and never enters the image.
+# All state (SQLite store with keys and certificates, the admin tokens) lives in the volume.
+# DL3064 flags the word TOKEN in variable names: these hold paths; the tokens are
+# created in the volume (0600) and never enter the image.
 # hadolint ignore=DL3064
 ENV PYTHONUNBUFFERED=1 \
     EDGEPROXY_LISTEN_HTTP=0.0.0.0:8080 \
     EDGEPROXY_LISTEN_HTTPS=0.0.0.0:8443 \
     EDGEPROXY_LISTEN_ADMIN=127.0.0.1:8081 \
     EDGEPROXY_STORAGE_URL=sqlite:///var/lib/edgeproxy/edgeproxy.db \
-    EDGEPROXY_ADMIN_TOKEN_FILE=/var/lib/edgeproxy/admin-token
+    EDGEPROXY_ADMIN_TOKEN_FILE=/var/lib/edgeproxy/admin-token \
+    EDGEPROXY_ADMIN_TOKENS_FILE=/var/lib/edgeproxy/admin-tokens.json
 VOLUME ["/var/lib/edgeproxy"]
 EXPOSE 8080 8443
 USER 10001:10001

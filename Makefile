@@ -67,3 +67,10 @@ typecheck: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache *.egg-info
+
+# Benchmarks (issue 8): loopback only, a few minutes; NOT part of `make test`.
+# wrk comes from Debian; py-spy/pyinstrument (bench extra) for bench/profile.py.
+bench: deps
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) bench/run.py

@@ -115,7 +115,9 @@ def _cmd_renew(args: argparse.Namespace) -> int:
             print(f"due     {hostname}")
         print(f"{len(due)} due, nothing ordered (--dry-run)")
         return EXIT_OK
-    result = asyncio.run(service.run_pass(due, force=bool(forced)))
+    # The running `serve` picks the new certificates up from the change feed; this
+    # process exits after the pass and needs no TLS contexts of its own.
+    result = asyncio.run(service.run_pass(due, force=bool(forced), refresh=False))
     for hostname in result.issued:
         view = domain_view(registry.get(hostname), storage.get_certificate(hostname), settings)
         print(f"issued  {hostname}  not_after={view['certificate']['not_after']}")

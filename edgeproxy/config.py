@@ -98,12 +98,22 @@ class UpstreamSettings:
     script_ttl: float = 300.0  # seconds the in-memory script copy is fresh
     connect_timeout: float = 2.0
     timeout: float = 5.0
+    # The relay client's connection pool: "aiohttp" (httpx API on an aiohttp
+    # connector) or "httpx" (httpx's own httpcore pool). Measured side by side in
+    # bench/README.md (issue 8): httpcore's pool scans every pooled connection,
+    # with a readability syscall each, on every request.
+    client: str = "aiohttp"
+    pool_size: int = 64  # keep-alive connections to the relay per worker
 
 
 @dataclass(frozen=True)
 class RoutesSettings:
     script_path: str = "/js/app.js"
     api_path: str = "/api/v1/m"
+    # Each domain gets its own script and API paths, derived from randomize_secret
+    # (routes.py); script_path and api_path are then not served at all.
+    randomize: bool = False
+    randomize_secret: str = ""  # at least 16 characters; the same on every node; never change it
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,12 @@ class ProxySettings:
     rate_per_ip: float = 20.0
     rate_per_domain: float = 2000.0  # API requests per second per custom domain; 0 = off
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
+    # TLS contexts kept built per worker (LRU; issue 8). A built context costs
+    # ~50 KB of RSS and ~1.5 ms of CPU, so 100,000 names are never all built at once.
+    tls_context_cache: int = 1024
+    # The event loop of `serve`: "uvloop" (libuv; faster TLS and socket I/O) when
+    # installed, else "asyncio". Measured in bench/README.md (issue 8).
+    event_loop: str = "uvloop"
 
 
 # -- monitoring (issue 5): probes, alerts, logs ------------------------------------------
@@ -338,12 +354,22 @@ def _validate(settings: Settings) -> Settings:
                           'use "x-forwarded-for", "forwarded" and/or "x-real-ip"')
     if settings.storage.lock_ttl <= 0:
         raise ConfigError("storage.lock_ttl must be positive (seconds)")
+    if settings.routes.randomize and len(settings.routes.randomize_secret) < 16:
+        raise ConfigError("routes.randomize needs routes.randomize_secret of at least 16 characters")
     if settings.proxy.max_body <= 0:
         raise ConfigError("proxy.max_body must be positive")
     if settings.privacy.ip_retention not in ("full", "truncated", "none"):
         raise ConfigError("privacy.ip_retention must be full, truncated or none")
     if settings.spool.max_bytes <= 0 or settings.spool.replay_rate <= 0 or settings.spool.replay_window < 1:
         raise ConfigError("spool.max_bytes, spool.replay_rate and spool.replay_window must be positive")
+    if settings.upstream.client not in ("aiohttp", "httpx"):
+        raise ConfigError(f"upstream.client must be \"aiohttp\" or \"httpx\", got {settings.upstream.client!r}")
+    if settings.upstream.pool_size < 1:
+        raise ConfigError("upstream.pool_size must be at least 1")
+    if settings.proxy.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"proxy.event_loop must be \"uvloop\" or \"asyncio\", got {settings.proxy.event_loop!r}")
+    if settings.proxy.tls_context_cache < 1:
+        raise ConfigError("proxy.tls_context_cache must be at least 1")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)
     if directory != settings.acme.directory:
         settings = dataclasses.replace(settings, acme=dataclasses.replace(settings.acme, directory=directory))

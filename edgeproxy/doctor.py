@@ -3,8 +3,8 @@
 Owns: the pre-flight checks an operator runs after editing the config and
 before (re)starting the service, and the list of trigger words that filter
 lists key on.
-Must not import: ``acme``, ``hypercorn``, storage backends (storage is reached
-through ``storage.open_storage``).
+Must not import: ``acme``, ``hypercorn``, storage backends (the store is opened
+through ``keys.open_store``, exactly as ``serve`` opens it).
 
 Each check yields :class:`Finding` rows; an ``error`` means the edge cannot work
 as configured (exit 1), a ``warning`` means it works but something will hurt
@@ -30,7 +30,7 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -41,7 +41,9 @@ from cryptography import x509
 from .config import LETSENCRYPT_STAGING, Settings, parse_hostport
 from .domains import normalize_hostname, registered_domain
 from .errors import ConfigError, EdgeproxyError, InvalidHostname
-from .storage import open_storage, sqlite_path_from_url
+from .keys import open_store
+from .storage import sqlite_path_from_url
+from .tokens import TokenStore
 
 __all__ = [
     "Finding",
@@ -153,7 +155,8 @@ def check_names(settings: Settings) -> list[Finding]:
             findings.append(Finding("warning", "dns.cname_target", (
                 f"{target!r} is under the vendor's domain {vendor} ({key}): lists block it by domain "
                 "(||vendor^$third-party) once the CNAME is uncloaked; use a domain of your own")))
-    if target.endswith(_PLACEHOLDER_DOMAINS) or target.rsplit(".", 1)[-1] in _PLACEHOLDER_TLDS:
+    placeholder = any(target == d or target.endswith("." + d) for d in _PLACEHOLDER_DOMAINS)
+    if placeholder or target.rsplit(".", 1)[-1] in _PLACEHOLDER_TLDS:
         findings.append(Finding("warning", "dns.cname_target",
                                 f"{target!r} is a reserved example name: set the edge's real hostname"))
     if not any(f.check == "dns.cname_target" for f in findings):
@@ -171,13 +174,26 @@ def _try_bind(host: str, port: int) -> None:
         sock.bind((host, port))
 
 
+def _unix_socket_findings(path: Path) -> list[Finding]:
+    """The admin API on a Unix socket: serve creates it (0600) and reclaims a stale one."""
+    if not path.parent.is_dir():
+        return [Finding("error", "listen.admin", f"{path.parent} does not exist: serve cannot create {path.name}")]
+    if not os.access(path.parent, os.W_OK):
+        return [Finding("error", "listen.admin", f"{path.parent} is not writable: serve cannot create {path.name}")]
+    return [Finding("ok", "listen.admin", f"unix socket {path} can be created (local users only)")]
+
+
 def check_listeners(settings: Settings, bind: Bind = _try_bind) -> list[Finding]:
     """Each listener parses, is distinct, can be bound; the admin API stays off public addresses."""
     findings: list[Finding] = []
     addresses: dict[str, tuple[str, int]] = {}
     for key in ("http", "https", "admin"):
+        value = getattr(settings.listen, key)
+        if key == "admin" and value.startswith("unix:"):
+            findings += _unix_socket_findings(Path(value[len("unix:"):]))
+            continue
         try:
-            addresses[key] = parse_hostport(getattr(settings.listen, key), what=f"listen.{key}")
+            addresses[key] = parse_hostport(value, what=f"listen.{key}")
         except ConfigError as exc:
             findings.append(Finding("error", f"listen.{key}", str(exc)))
     seen: dict[tuple[str, int], str] = {}
@@ -214,31 +230,48 @@ def check_listeners(settings: Settings, bind: Bind = _try_bind) -> list[Finding]
     return findings
 
 
-def check_token_file(settings: Settings) -> list[Finding]:
-    path = Path(settings.admin.token_file)
-    where = "admin.token_file"
+def _private_file(where: str, path: Path, *, missing: str) -> tuple[list[Finding], str | None]:
+    """Findings for a secret file that must be readable and private; (findings, its text)."""
     if not path.exists():
-        parent = next((p for p in path.parents if p.exists()), Path("/"))
+        parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
         if not os.access(parent, os.W_OK):
-            return [Finding("error", where, f"{path} is missing and {parent} is not writable: "
-                            "serve cannot create the token on first start")]
-        return [Finding("warning", where, f"{path} is missing: serve creates a random one (0600) on first start")]
+            return [Finding("error", where, f"{path} is missing and {parent} is not writable")], None
+        return [Finding("warning", where, f"{path} is missing: {missing}")], None
     try:
         info = path.stat()
-        token = path.read_text().strip()
+        text = path.read_text()
     except OSError as exc:
-        return [Finding("error", where, f"cannot read {path}: {exc.strerror or exc}")]
-    findings: list[Finding] = []
-    if len(token) < 16:
-        findings.append(Finding("error", where, f"the token in {path} is shorter than 16 characters"))
+        return [Finding("error", where, f"cannot read {path}: {exc.strerror or exc}")], None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        findings.append(Finding("warning", where, f"{path} is readable by group/others "
-                                f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600"))
-    return findings or [Finding("ok", where, f"{path} is readable and private")]
+        return [Finding("warning", where, f"{path} is readable by group/others "
+                        f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600")], text
+    return [], text
+
+
+def check_token_file(settings: Settings) -> list[Finding]:
+    """The bootstrap token file and the named-tokens file (``tokens.py``)."""
+    findings, token = _private_file("admin.token_file", Path(settings.admin.token_file),
+                                    missing="serve creates a random one (0600) on first start")
+    if token is not None and len(token.strip()) < 16:
+        findings.insert(0, Finding("error", "admin.token_file",
+                                   f"the token in {settings.admin.token_file} is shorter than 16 characters"))
+    if token is not None and not findings:
+        findings.append(Finding("ok", "admin.token_file", f"{settings.admin.token_file} is readable and private"))
+    named, text = _private_file("admin.tokens_file", Path(settings.admin.tokens_file),
+                                missing="no named tokens yet (`edgeproxy tokens create NAME`)")
+    if text is not None and not any(f.level == "error" for f in findings):
+        try:
+            TokenStore(settings.admin).list()  # reads both files exactly as serve does
+        except ConfigError as exc:
+            named.insert(0, Finding("error", "admin.tokens_file", str(exc)))
+        if not named:
+            named.append(Finding("ok", "admin.tokens_file", f"{settings.admin.tokens_file} is readable and private"))
+    return findings + named
 
 
 def check_storage(settings: Settings) -> list[Finding]:
-    """Open the store and read from it; a SQLite file that does not exist yet is not created."""
+    """Open the store as serve does (master key check included) and read from it; a
+    SQLite file that does not exist yet is not created."""
     url = settings.storage.url
     try:
         if url.partition(":")[0].lower() == "sqlite":
@@ -248,8 +281,9 @@ def check_storage(settings: Settings) -> list[Finding]:
                 if not os.access(parent, os.W_OK):
                     return [Finding("error", "storage.url", f"{path} does not exist and {parent} is not writable")]
                 return [Finding("warning", "storage.url", f"{path} does not exist yet: serve creates it")]
-        # Never migrate from doctor: an outdated shared schema is a finding, not a fix.
-        storage = open_storage(settings.storage.url, auto_migrate=False)
+        # Opens a few sealed keys (a wrong master key is an error), and never
+        # migrates: an outdated shared schema is a finding, not something to fix here.
+        storage = open_store(replace(settings, storage=replace(settings.storage, auto_migrate=False)))
         try:
             storage.get_domain("doctor.invalid")
             count = len(storage.list_domains())

@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from .config import RoutesSettings
 from .errors import IssuanceError
 from .renew import IssuedPair, Issuer
+from .routes import site_routes
 from .storage.base import AriState
 
 __all__ = [
@@ -194,9 +195,14 @@ class CountingIssuer:
         return pair
 
 
-def _route(path: str, routes: RoutesSettings) -> str:
-    api = routes.api_path.rstrip("/")
-    if path == routes.script_path:
+def _route(path: str, routes: RoutesSettings, host: str) -> str:
+    if routes.randomize:  # each domain has its own paths (routes.py)
+        name = host.lower().rpartition(":")[0] if ":" in host else host.lower()
+        paths = site_routes(name.rstrip("."), routes)
+        script, api = paths.script_path, paths.api_path
+    else:
+        script, api = routes.script_path, routes.api_path.rstrip("/")
+    if path == script:
         return "script"
     if path == api or path.startswith(api + "/"):
         return "api"
@@ -228,10 +234,11 @@ def instrument(app: ASGIApp, listener: str, metrics: Metrics, routes: RoutesSett
         try:
             await app(scope, receive, send_with_id)
         finally:
-            route = _route(scope.get("path", ""), routes)
+            host = (next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"host"), "")
+                    if routes.randomize or log_access else "")
+            route = _route(scope.get("path", ""), routes, host)
             metrics.requests.labels(listener, route, str(status)).inc()
             if log_access:
-                host = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"host"), "")
                 client = scope.get("client")
                 access_log.info(
                     "%s %s %s", scope.get("method"), scope.get("path"), status,

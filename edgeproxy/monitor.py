@@ -35,7 +35,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from .config import Settings, parse_hostport
+from .config import RoutesSettings, Settings, parse_hostport
+from .routes import SiteRoutes, site_routes
 from .storage.base import DomainRecord, Storage
 
 __all__ = [
@@ -167,6 +168,7 @@ class Prober:
     ) -> None:
         self.script_path = script_path
         self.api_path = api_path.rstrip("/")
+        self.routes: RoutesSettings | None = None  # set by from_settings: per-domain paths (routes.randomize)
         self.port = port
         self.timeout = timeout
         self.connect = connect
@@ -177,7 +179,7 @@ class Prober:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, connect: str | None = None, port: int | None = None) -> "Prober":
-        return cls(
+        prober = cls(
             script_path=settings.routes.script_path,
             api_path=settings.routes.api_path,
             port=port or probe_port(settings),
@@ -185,6 +187,14 @@ class Prober:
             timeout=settings.monitor.timeout,
             connect=settings.monitor.connect if connect is None else connect,
         )
+        prober.routes = settings.routes
+        return prober
+
+    def paths(self, hostname: str) -> SiteRoutes:
+        """The script and API paths this domain is served on."""
+        if self.routes is not None and self.routes.randomize:
+            return site_routes(hostname, self.routes)
+        return SiteRoutes(self.script_path, self.api_path)
 
     async def probe(self, hostname: str) -> ProbeResult:
         """Run every check for ``hostname``; never raises for network trouble."""
@@ -229,14 +239,15 @@ class Prober:
         async with httpx.AsyncClient(verify=self.context, trust_env=False, timeout=self.timeout,
                                      follow_redirects=False) as client:
             try:
-                response = await client.get(base + self.script_path, headers={"Host": hostname}, extensions=ext)
+                response = await client.get(base + self.paths(hostname).script_path, headers={"Host": hostname},
+                                            extensions=ext)
                 steps.append(self._script_step(hostname, response))
             except httpx.HTTPError as exc:
                 steps.append(Step("script", False, f"{type(exc).__name__}: {exc}"))
             body = json.dumps({"type": "edgeproxy-probe", "ts": _iso(checked_at)}).encode()
             try:
                 response = await client.post(
-                    base + self.api_path, content=body, extensions=ext,
+                    base + self.paths(hostname).api_path, content=body, extensions=ext,
                     headers={"Host": hostname, PROBE_HEADER: "1", "Content-Type": "application/json"})
                 if 200 <= response.status_code < 300:
                     steps.append(Step("event", True, str(response.status_code)))
@@ -268,8 +279,9 @@ class Prober:
         if "javascript" not in content_type.lower():
             return Step("script", False, f"content type {content_type!r} (expected JavaScript)")
         # The rewrite is applied when the script talks back to this host (README: upstream.rewrite).
-        if f"https://{hostname}{self.api_path}" not in response.text:
-            return Step("script", False, f"not rewritten: no https://{hostname}{self.api_path} in the script")
+        api_path = self.paths(hostname).api_path
+        if f"https://{hostname}{api_path}" not in response.text:
+            return Step("script", False, f"not rewritten: no https://{hostname}{api_path} in the script")
         return Step("script", True, "200 rewritten")
 
 

@@ -43,8 +43,9 @@ from urllib.parse import quote, unquote_to_bytes
 
 import httpx
 
-from .config import RoutesSettings, Settings, UpstreamSettings
+from .config import Settings, UpstreamSettings
 from .errors import ConfigError
+from .routes import SiteRoutes, site_routes
 from .ratelimit import TokenBuckets
 
 __all__ = [
@@ -450,6 +451,29 @@ def _no_cookie_jar() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=_NeverCookies())
 
 
+def _aiohttp_transport(pool: int) -> httpx.AsyncBaseTransport:
+    """httpx's API on an aiohttp connection pool (issue 8: ~7x the forwarded
+    req/s of httpcore's pool on 2 cores; numbers in bench/README.md).
+
+    The same guarantees as the default transport (house rule 5): the session
+    keeps no cookies (``DummyCookieJar``) and ignores the environment
+    (``trust_env=False``); the transport itself never follows redirects and
+    never decompresses (httpx does, as before); httpx's timeouts are passed
+    per request (connect, read, pool). The session is created on first use,
+    inside the running loop, as aiohttp requires.
+    """
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    verify = httpx.create_ssl_context(trust_env=False)
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=pool, keepalive_timeout=30.0, ssl=verify)
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+
+    return AiohttpTransport(client=session, trust_env=False)
+
+
 @dataclass(frozen=True)
 class _Origin:
     """The one in-memory copy of the vendor script, as the origin served it."""
@@ -477,28 +501,29 @@ class _Rewriter:
     """Literal replacements in one pass (a replacement never rewrites another's output).
 
     Rules from ``upstream.rewrite`` plus, always and winning over a rule with the same
-    key, the relay origin -> ``https://{host}{api_path}``. ``{api_path}`` and
-    ``{script_path}`` are fixed per deployment and resolved here; ``{host}`` per variant.
+    key, the relay origin -> ``https://{host}{api_path}``. ``{host}``, ``{api_path}``
+    and ``{script_path}`` are resolved per variant (the paths may differ per host:
+    ``routes.randomize``), once per host and script version.
     """
 
-    def __init__(self, upstream: UpstreamSettings, routes: RoutesSettings) -> None:
+    def __init__(self, upstream: UpstreamSettings) -> None:
         rules = dict(upstream.rewrite)
         relay_origin = upstream.relay.rstrip("/")
         if relay_origin:
             rules[relay_origin] = "https://{host}{api_path}"
-        self._rules: dict[bytes, bytes] = {
-            key.encode(): value.replace("{api_path}", routes.api_path)
-            .replace("{script_path}", routes.script_path).encode()
-            for key, value in rules.items() if key
-        }
+        self._rules: dict[bytes, bytes] = {key.encode(): value.encode() for key, value in rules.items() if key}
         keys = sorted(self._rules, key=len, reverse=True)  # longest match first
         self._pattern = re.compile(b"|".join(re.escape(k) for k in keys)) if keys else None
 
-    def apply(self, body: bytes, host: str) -> bytes:
+    def apply(self, body: bytes, host: str, paths: SiteRoutes) -> bytes:
         if self._pattern is None:
             return body
         host_b = host.encode("ascii")  # the gate admitted LDH characters only: nothing to escape
-        values = {key: value.replace(b"{host}", host_b) for key, value in self._rules.items()}
+        values = {
+            key: value.replace(b"{host}", host_b).replace(b"{api_path}", paths.api_path.encode("ascii"))
+            .replace(b"{script_path}", paths.script_path.encode("ascii"))
+            for key, value in self._rules.items()
+        }
         return self._pattern.sub(lambda m: values[m.group(0)], body)
 
 
@@ -570,12 +595,10 @@ class EdgeProxy:
         self._relay_base = upstream.relay.rstrip("/")
         self._ttl = upstream.script_ttl
         self._timeout = httpx.Timeout(upstream.timeout, connect=upstream.connect_timeout)
-        self._script_path = routes.script_path
-        api = routes.api_path.rstrip("/")
-        self._api_path = api
-        self._api_prefix = api + "/"
-        self._api_raw = api.encode("ascii")
-        self._rewriter = _Rewriter(upstream, routes)
+        self._routes = routes
+        # One pair for every host unless routes.randomize: then routes.site_routes per host (cached).
+        self._fixed_paths = None if routes.randomize else site_routes("", routes)
+        self._rewriter = _Rewriter(upstream)
         self._cache_control = f"public, max-age={max(0, int(self._ttl))}".encode()
         self._client: httpx.AsyncClient | None = None
         self._origin: _Origin | None = None
@@ -592,12 +615,16 @@ class EdgeProxy:
     # -- lifecycle ---------------------------------------------------------------------
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
+            pool = self.settings.upstream.pool_size
+            transport = self._transport
+            if transport is None and self.settings.upstream.client == "aiohttp":
+                transport = _aiohttp_transport(pool)
             self._client = httpx.AsyncClient(
-                transport=self._transport,
+                transport=transport,
                 trust_env=False,  # no proxy/cert settings from the environment (house rule 5)
                 follow_redirects=False,
                 timeout=self._timeout,
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30.0),
+                limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=30.0),
                 cookies=_no_cookie_jar(),  # a shared client must never carry one user's cookie to another
             )
         return self._client
@@ -740,14 +767,15 @@ class EdgeProxy:
         assert host is not None
         path: str = scope["path"]
         method: str = scope["method"]
-        if path == self._script_path:
+        paths = self._fixed_paths or site_routes(host, self._routes)
+        if path == paths.script_path:
             if method == "GET" or method == "HEAD":
                 await self._serve_script(send, headers, host, head=method == "HEAD")
             else:
                 await _reply(send, _SCRIPT_METHODS)
             return
-        if path == self._api_path or path.startswith(self._api_prefix):
-            await self._api(scope, receive, send, host, method)
+        if path == paths.api_path or path.startswith(paths.api_prefix):
+            await self._api(scope, receive, send, host, method, paths.api_path.encode("ascii"))
             return
         self.stats["https_not_found"] += 1
         await _reply(send, _NOT_FOUND)
@@ -836,7 +864,7 @@ class EdgeProxy:
         if variant is not None and variant.origin is origin:
             self._variants.move_to_end(host)
             return variant
-        body = self._rewriter.apply(origin.body, host)
+        body = self._rewriter.apply(origin.body, host, self._fixed_paths or site_routes(host, self._routes))
         body_gz = gzip.compress(body, compresslevel=9, mtime=0)
         digest = hashlib.sha256(body).hexdigest()[:32]
         # Strong validators differ per content coding (RFC 9110 section 8.8.3).
@@ -896,7 +924,7 @@ class EdgeProxy:
                     "body": b"" if head else (variant.body_gz if gz else variant.body)})
 
     # -- the API -----------------------------------------------------------------------
-    async def _api(self, scope: Scope, receive: Receive, send: Send, host: str, method: str) -> None:
+    async def _api(self, scope: Scope, receive: Receive, send: Send, host: str, method: str, api_raw: bytes) -> None:
         headers: Headers = scope["headers"]
         if method == "OPTIONS":
             await self._preflight(send, headers)
@@ -909,11 +937,11 @@ class EdgeProxy:
             await _reply(send, _TOO_MANY)
             return
         raw = _raw_path(scope)
-        rest = raw[len(self._api_raw):]
+        rest = raw[len(api_raw):]
         query: bytes = scope.get("query_string", b"")
         # The decoded path matched the route; the raw one is what we forward, so it must
         # match too, and must not climb out of the relay's base path.
-        if not raw.startswith(self._api_raw) or (rest and not rest.startswith(b"/")) or _dot_segments(rest):
+        if not raw.startswith(api_raw) or (rest and not rest.startswith(b"/")) or _dot_segments(rest):
             self.stats["https_not_found"] += 1
             await _reply(send, _NOT_FOUND)
             return

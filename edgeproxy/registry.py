@@ -19,6 +19,7 @@ from typing import Any
 from .config import Settings
 from .domains import normalize_hostname, registered_domain, validate_hostname
 from .errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, LimitReached
+from .routes import site_routes
 from .storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
 
 __all__ = ["Registry", "utcnow"]
@@ -149,7 +150,7 @@ def dns_instructions(hostname: str, settings: Settings) -> dict[str, Any]:
 
 
 def html_snippet(hostname: str, settings: Settings) -> str:
-    return f'<script async src="https://{hostname}{settings.routes.script_path}"></script>'
+    return f'<script async src="https://{hostname}{site_routes(hostname, settings.routes).script_path}"></script>'
 
 
 def domain_view(record: DomainRecord, cert: CertificateRecord | None, settings: Settings) -> dict[str, Any]:

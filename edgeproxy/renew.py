@@ -488,8 +488,13 @@ class RenewalService:
         )
 
     # -- a pass and the loop --------------------------------------------------------------
-    async def run_pass(self, hostnames: list[str] | None = None, force: bool = False) -> PassResult:
-        """One pass over due domains (or the given ones), at most ``concurrency`` orders at once."""
+    async def run_pass(self, hostnames: list[str] | None = None, force: bool = False,
+                       refresh: bool = True) -> PassResult:
+        """One pass over due domains (or the given ones), at most ``concurrency`` orders at once.
+
+        ``refresh`` loads what the pass issued into this process's SNI map (about
+        25 KiB of TLS context per certificate): what ``serve`` needs at once, and
+        what a cron ``edgeproxy renew``, which exits after the pass, does not."""
         if hostnames is None:
             hostnames = [d.hostname for d in await asyncio.to_thread(self.due, self.clock())]
         result = PassResult()
@@ -534,7 +539,7 @@ class RenewalService:
         finally:
             pool.shutdown(wait=False)
         result.orders_in_flight_peak = self._in_flight_peak
-        if result.issued or result.removed:
+        if refresh and (result.issued or result.removed):
             await self.certstore.refresh()
         return result
 

@@ -23,8 +23,9 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -32,7 +33,8 @@ import h2.events
 import hypercorn.protocol
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.events import Closed, RawData
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CollectorRegistry
@@ -84,6 +86,53 @@ class _H2Protocol(H2Protocol):
             await super()._handle_events([event])
 
 
+class _TCPServer(TCPServer):
+    """hypercorn 0.18's connection handler with a cheaper read timeout.
+
+    hypercorn wraps every ``reader.read()`` in ``asyncio.wait_for`` when
+    ``read_timeout`` is set: a new Task and timer per read, which cost plain
+    hypercorn about a quarter of its keep-alive throughput on 2 cores (issue 8,
+    bench/README.md). Here one timer per connection checks, when it fires,
+    whether anything arrived during the last ``read_timeout`` seconds and re-arms
+    itself if so; a connection silent that long is aborted, which ends the read
+    loop as hypercorn's timeout does (the app sees a disconnect). Unlike
+    hypercorn's graceful close, output still buffered for that peer is dropped:
+    a peer silent for ``read_timeout`` is treated as gone.
+    """
+
+    async def _read_data(self) -> None:
+        timeout = self.config.read_timeout
+        if timeout is None:
+            await super()._read_data()
+            return
+        loop = self.loop
+        reader = self.reader
+        last_data = loop.time()
+        watchdog: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal watchdog
+            remaining = last_data + timeout - loop.time()
+            if remaining > 0:
+                watchdog = loop.call_later(remaining, check)
+            else:
+                self.writer.transport.abort()
+
+        watchdog = loop.call_later(timeout, check)
+        try:
+            while not reader.at_eof():
+                try:
+                    data = await reader.read(MAX_RECV)
+                except (ConnectionError, OSError, ssl.SSLError):
+                    break
+                last_data = loop.time()
+                await self.protocol.handle(RawData(data))
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        await self.protocol.handle(Closed())
+
+
 # ProtocolWrapper looks the class up in its module at connection time.
 setattr(hypercorn.protocol, "H2Protocol", _H2Protocol)
 
@@ -97,6 +146,12 @@ def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit TCP_NODELAY on Linux. Without it, Nagle holds a
+    # response's second write (hypercorn sends headers and body separately) until
+    # the client's delayed ACK, ~40 ms per request: keep-alive throughput was a
+    # quarter of plain hypercorn's, which sets the same option (issue 8). asyncio
+    # only sets it itself on sockets created with proto=IPPROTO_TCP.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -187,7 +242,7 @@ class EdgeNode:
         self.sockets = sockets
         self.primary = primary
         self.storage = storage or open_store(settings)
-        self.certstore = CertStore(self.storage)
+        self.certstore = CertStore(self.storage, settings.proxy.tls_context_cache)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge)
@@ -232,7 +287,7 @@ class EdgeNode:
                 ssl_object = writer.get_extra_info("ssl_object")
                 app = ASGIWrapper(cast(Any, _with_sni(listener.app, getattr(ssl_object, "edgeproxy_sni", None))))
             try:
-                await TCPServer(app, loop, self._config, self._context, {}, reader, writer)
+                await _TCPServer(app, loop, self._config, self._context, {}, reader, writer)
             except asyncio.CancelledError:
                 # Shutdown cancels connections that outlived the grace period.
                 # End the task normally: asyncio's stream callback logs a
@@ -367,6 +422,19 @@ class EdgeNode:
         await self.run()
 
 
+def _run(settings: Settings, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` on the configured event loop (``proxy.event_loop``)."""
+    if settings.proxy.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # an optional speed-up: fall back, say so
+            log.warning("proxy.event_loop = uvloop but uvloop is not installed; using asyncio")
+        else:
+            uvloop.run(main())
+            return
+    asyncio.run(main())
+
+
 def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int) -> None:
     """Entry point of an extra worker process (spawned, so nothing is shared but sockets)."""
     setup_logging(settings.log)
@@ -385,7 +453,7 @@ def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: 
         finally:
             guard.cancel()
 
-    asyncio.run(main())
+    _run(settings, main)
 
 
 def serve(settings: Settings, workers: int = 1) -> None:
@@ -445,5 +513,5 @@ def _serve(settings: Settings, sockets: dict[str, socket.socket], public: dict[s
             for proc in children:
                 await asyncio.to_thread(proc.join, 10)
 
-    asyncio.run(main())
+    _run(settings, main)
 

@@ -31,6 +31,7 @@ from edgeproxy.storage import open_storage
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 CHECKER = SHARED / "tools" / "adblock-check"
 LISTS = SHARED / "filterlists" / "easyprivacy"
+RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "runbook.md"
 
 PAGE = "https://www.customer-shop.com/"
 HOST = "cdn.customer-shop.com"  # same registrable domain as the page: first party
@@ -161,10 +162,15 @@ def test_cname_target_passes_easyprivacy_after_uncloaking(tmp_path: Path) -> Non
     assert record["type"] == "CNAME"
     target = record["value"].rstrip(".")
     assert target == settings.dns.cname_target
+    # ...and every target the runbook's examples suggest to operators.
+    suggested = re.findall(r'cname_target = "([^"]+)"', RUNBOOK.read_text())
+    suggested += re.findall(r"EDGEPROXY_DNS_CNAME_TARGET=(\S+)", RUNBOOK.read_text())
+    assert suggested, "the runbook suggests no CNAME target"
     paths = [settings.routes.script_path, f"{settings.routes.api_path}/collect", f"{settings.routes.api_path}/events"]
-    requests = [(PAGE, f"https://{target}{settings.routes.script_path}", "script")]
-    requests += [(PAGE, f"https://{target}{path}", rtype) for path in paths[1:] for rtype in ("xhr", "fetch")]
-    requests += [(PAGE, f"https://{target}/", "script")]
+    requests = []
+    for name in sorted({target, *suggested}):
+        requests += [(PAGE, f"https://{name}{settings.routes.script_path}", "script"), (PAGE, f"https://{name}/", "script")]
+        requests += [(PAGE, f"https://{name}{path}", rtype) for path in paths[1:] for rtype in ("xhr", "fetch")]
     rows = check(requests)
     assert [r for r in rows if r[0] != "ALLOWED"] == []
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import get_type_hints
 
+import pytest
+
 from edgeproxy.config import Settings, load_settings
-from edgeproxy.devtools.refdocs import EXTRA_DOCS, field_docs, generated_files, openapi_document
+from edgeproxy.devtools.refdocs import EXTRA_DOCS, field_docs, generated_files, main, openapi_document
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,17 +21,16 @@ def test_committed_references_match_the_generator() -> None:
         assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run `make docs` and commit it"
 
 
-def test_check_mode_reports_drift(tmp_path: Path) -> None:
+def test_check_mode_reports_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "configuration.md").write_text("# old\n")
-    run = subprocess.run([sys.executable, "-m", "edgeproxy.devtools.refdocs", "--root", str(tmp_path), "--check"],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1 and "configuration.md" in run.stderr and "admin-api.md" in run.stderr
+    assert main(["--root", str(tmp_path), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "configuration.md" in err and "admin-api.md" in err
     assert (tmp_path / "docs" / "configuration.md").read_text() == "# old\n"  # --check writes nothing
-    wrote = subprocess.run([sys.executable, "-m", "edgeproxy.devtools.refdocs", "--root", str(tmp_path)],
-                           capture_output=True, text=True, timeout=60)
-    assert wrote.returncode == 0
+    assert main(["--root", str(tmp_path)]) == 0
     assert (tmp_path / "docs" / "configuration.md").read_text() == (ROOT / "docs" / "configuration.md").read_text()
+    assert main(["--root", str(tmp_path), "--check"]) == 0
 
 
 def test_every_setting_is_described() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from edgeproxy.config import (
     Settings,
     StorageSettings,
     UpstreamSettings,
+    load_settings,
 )
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
 from edgeproxy.doctor import (
@@ -36,7 +39,9 @@ from edgeproxy.doctor import (
     exit_code,
     trigger_words_in,
 )
+from edgeproxy.keys import generate_master_key
 from edgeproxy.storage import open_storage
+from edgeproxy.tokens import TokenStore
 
 
 def levels(findings: list[Finding], check: str) -> list[str]:
@@ -96,12 +101,25 @@ def test_names_warn_on_trigger_words_and_vendor_domain() -> None:
 def test_names_neutral_target_is_ok_and_bad_target_is_an_error() -> None:
     ok = check_names(Settings(dns=DnsSettings(cname_target="edge.neutral-proxy.net.")))
     assert levels(ok, "dns.cname_target") == ["ok"]
+    lookalike = check_names(Settings(dns=DnsSettings(cname_target="edge.myexample.net")))
+    assert levels(lookalike, "dns.cname_target") == ["ok"]  # not example.net
+    lab = check_names(Settings(dns=DnsSettings(cname_target="edge.lab.test")))
+    assert levels(lab, "dns.cname_target") == ["warning"]
     bad = check_names(Settings(dns=DnsSettings(cname_target="edge_1..net")))
     assert levels(bad, "dns.cname_target") == ["error"]
     empty = check_names(Settings(dns=DnsSettings(cname_target="")))
     assert levels(empty, "dns.cname_target") == ["error"]
     ips_only = check_names(Settings(dns=DnsSettings(cname_target="", edge_ips=("192.0.2.1",))))
     assert levels(ips_only, "dns.cname_target") == ["warning"]
+
+
+def test_the_runbook_example_config_has_neutral_names(tmp_path: Path) -> None:
+    """The configuration operators copy from docs/runbook.md passes the name checks."""
+    runbook = (Path(__file__).resolve().parent.parent / "docs" / "runbook.md").read_text()
+    (example,) = re.findall(r"<<'TOML'\n(.*?)\nTOML\n", runbook, re.S)
+    (tmp_path / "example.toml").write_text(example)
+    findings = check_names(load_settings(tmp_path / "example.toml", env={}))
+    assert {f.level for f in findings} == {"ok"}, findings
 
 
 def test_listeners_bind_errors_are_classified() -> None:
@@ -123,6 +141,14 @@ def test_listeners_bind_errors_are_classified() -> None:
     assert levels(far, "listen.admin") == ["error", "warning"]  # cannot bind, and not loopback
 
 
+def test_listeners_admin_on_a_unix_socket(tmp_path: Path) -> None:
+    ok = check_listeners(Settings(listen=ListenSettings(admin=f"unix:{tmp_path / 'admin.sock'}")), lambda h, p: None)
+    assert levels(ok, "listen.admin") == ["ok"]  # no bind attempt, no loopback warning
+    missing = check_listeners(Settings(listen=ListenSettings(admin=f"unix:{tmp_path / 'no' / 'admin.sock'}")),
+                              lambda h, p: None)
+    assert levels(missing, "listen.admin") == ["error"]
+
+
 def test_listeners_real_socket_in_use_and_duplicates() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -136,17 +162,28 @@ def test_listeners_real_socket_in_use_and_duplicates() -> None:
     assert "same address as listen.https" in messages(findings, "listen.admin")
 
 
-def test_token_file(tmp_path: Path) -> None:
+def test_token_files(tmp_path: Path) -> None:
     path = tmp_path / "etc" / "token"
-    settings = Settings(admin=AdminSettings(token_file=str(path)))
-    assert levels(check_token_file(settings), "admin.token_file") == ["warning"]  # created on first start
+    named = tmp_path / "etc" / "tokens.json"
+    settings = Settings(admin=AdminSettings(token_file=str(path), tokens_file=str(named)))
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.token_file") == ["warning"]  # created on first start
+    assert levels(findings, "admin.tokens_file") == ["warning"]  # no named tokens yet
     path.parent.mkdir()
     path.write_text("short\n")
     path.chmod(0o644)
-    assert levels(check_token_file(settings), "admin.token_file") == ["error", "warning"]
+    named.write_text("[1, 2]")
+    named.chmod(0o600)
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.token_file") == ["error", "warning"]  # too short, readable by others
     path.write_text("x" * 40 + "\n")
     path.chmod(0o600)
-    assert levels(check_token_file(settings), "admin.token_file") == ["ok"]
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.tokens_file") == ["error"] and "JSON object" in messages(findings, "admin.tokens_file")
+    named.write_text("{}")
+    TokenStore(settings.admin).create("ops", dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc))
+    findings = check_token_file(settings)
+    assert levels(findings, "admin.token_file") == ["ok"] and levels(findings, "admin.tokens_file") == ["ok"]
 
 
 def test_storage_is_read_and_never_created(tmp_path: Path) -> None:
@@ -158,6 +195,12 @@ def test_storage_is_read_and_never_created(tmp_path: Path) -> None:
     open_storage(settings.storage.url).close()
     findings = check_storage(settings)
     assert levels(findings, "storage.url") == ["ok"] and "0 domain(s)" in messages(findings, "storage.url")
+    wrong_key = tmp_path / "master.key"
+    generate_master_key(str(wrong_key))
+    sealed = Settings(storage=StorageSettings(url=settings.storage.url, key_encryption_key_file=str(wrong_key)))
+    assert levels(check_storage(sealed), "storage.url") == ["ok"]  # nothing sealed yet: any key opens it
+    missing_key = Settings(storage=StorageSettings(url=settings.storage.url, key_encryption_key_file=str(tmp_path / "nope")))
+    assert levels(check_storage(missing_key), "storage.url") == ["error"]
     db.write_bytes(b"this is not a database" * 100)
     assert levels(check_storage(settings), "storage.url") == ["error"]
     pg = check_storage(Settings(storage=StorageSettings(url="postgresql://edge@127.0.0.1:1/edge")))
@@ -231,12 +274,14 @@ def _write_config(tmp_path: Path, **routes: Any) -> Path:
     token = tmp_path / "token"
     token.write_text("y" * 40)
     token.chmod(0o600)
+    (tmp_path / "tokens.json").write_text("{}")
+    (tmp_path / "tokens.json").chmod(0o600)
     config = tmp_path / "edgeproxy.toml"
     route_lines = "".join(f'{k} = "{v}"\n' for k, v in routes.items())
     config.write_text(
         '[listen]\nhttp = "127.0.0.1:0"\nhttps = "127.0.0.1:0"\nadmin = "127.0.0.1:0"\n'
         f'[storage]\nurl = "sqlite://{tmp_path / "edge.db"}"\n'
-        f'[admin]\ntoken_file = "{token}"\n'
+        f'[admin]\ntoken_file = "{token}"\ntokens_file = "{tmp_path / "tokens.json"}"\n'
         '[upstream]\nscript = "https://cdn.vendorx.test/latest.js"\nrelay = "https://queue.vendorx.test"\n'
         '[dns]\ncname_target = "edge.neutral-proxy.net"\n'
         f"[routes]\n{route_lines}"

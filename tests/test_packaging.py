@@ -87,6 +87,7 @@ def test_dockerfile_promises() -> None:
     assert volume == ["/var/lib/edgeproxy"]
     assert settings.storage.url == "sqlite:///var/lib/edgeproxy/edgeproxy.db"
     assert settings.admin.token_file.startswith("/var/lib/edgeproxy/")
+    assert settings.admin.tokens_file.startswith("/var/lib/edgeproxy/")
     # High ports (no capability needed), exposed; the admin API stays on loopback.
     ports = {int(settings.listen.http.rsplit(":", 1)[1]), int(settings.listen.https.rsplit(":", 1)[1])}
     assert ports == {int(p) for p in by["EXPOSE"][0].split()} and min(ports) >= 1024
@@ -192,6 +193,7 @@ def test_service_hardening() -> None:
     # Everything serve writes is under the one writable path (ProtectSystem=strict).
     assert settings.storage.url == "sqlite:///var/lib/edgeproxy/edgeproxy.db"
     assert settings.admin.token_file.startswith("/var/lib/edgeproxy/")
+    assert settings.admin.tokens_file.startswith("/var/lib/edgeproxy/")
     renew_env = dict(v.split("=", 1) for v in unit_values("edgeproxy-renew.service", "Environment"))
     assert renew_env == env, "serve and renew must see the same store"
 

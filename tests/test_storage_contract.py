@@ -278,6 +278,27 @@ def test_remove_deletes_certificate_key_and_challenges(store: Storage) -> None:
     assert store.get_challenge("tok-b.example") is not None
 
 
+def test_bulk_certificate_scan_matches_point_reads(store: Storage) -> None:
+    # scan_certificates is not in the protocol, but every backend has it (the
+    # certstore's start-up path, issue 8).
+    for name in ("a.example", "b.example", "c.example"):
+        store.add_domain(name, "active", NOW)
+    store.save_certificate(cert("a.example", 1, pad=500))
+    store.save_certificate(cert("b.example", 2))
+    many = [f"filler{i}.example" for i in range(600)]
+    for names in (["a.example", "b.example", "c.example", "nope.example"], many + ["a.example", "b.example"]):
+        seen: dict[str, tuple[bytes, bytes, datetime, str]] = {}
+        registered = getattr(store, "scan_certificates")(
+            names, lambda h, k, c, na, s: seen.__setitem__(h, (k, c, na, s)))
+        assert registered == {n for n in names if store.get_domain(n) is not None}
+        assert set(seen) == {"a.example", "b.example"}
+        for host, (key, chain, not_after, serial) in seen.items():
+            record = store.get_certificate(host)
+            assert record is not None and (key, chain, not_after, serial) == (
+                record.key_pem, record.chain_pem, record.not_after, record.serial)
+    assert getattr(store, "scan_certificates")([], lambda *a: None) == set()
+
+
 # -- challenges ------------------------------------------------------------------------
 
 

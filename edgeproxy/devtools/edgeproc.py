@@ -122,16 +122,34 @@ class EdgeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = config.state_dir / "edge.log"
 
-    def start(self, timeout: float = 20.0) -> "EdgeProcess":
-        path = self.config.write()
-        env = {**os.environ, **self.env}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeproxy", "--config", str(path), "serve", "--workers", str(self.workers)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-        self.wait_ready(timeout)
-        return self
+    def start(self, timeout: float = 20.0, attempts: int = 3) -> "EdgeProcess":
+        """Start and wait until the admin API answers.
+
+        ``free_port`` only says a port *was* free: another process may take it
+        before the edge binds. Then the HTTPS and admin ports are picked again
+        (up to ``attempts`` times); the HTTP port cannot be, because the ACME
+        server under test was told to validate on it.
+        """
+        for attempt in range(attempts):
+            path = self.config.write()
+            env = {**os.environ, **self.env}
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "edgeproxy", "--config", str(path), "serve", "--workers", str(self.workers)],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                )
+            try:
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError:
+                taken = self.log_text()[log_start:]
+                retry = attempt + 1 < attempts and "Address already in use" in taken and "(listen.http)" not in taken
+                if not retry:
+                    raise
+                self.config.https_port = free_port()
+                self.config.admin_port = free_port()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @property
     def admin_url(self) -> str:

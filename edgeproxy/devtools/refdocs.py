@@ -29,8 +29,8 @@ from .. import config
 from ..admin import create_admin_app
 from ..config import AdminSettings, Settings
 from ..registry import Registry
-from ..tokens import TokenStore
 from ..storage import open_storage
+from ..tokens import TokenStore
 
 __all__ = [
     "EXTRA_DOCS",
@@ -67,8 +67,17 @@ EXTRA_DOCS: dict[str, str] = {
                          "Use a neutral name on a domain of your own, never under the vendor's domain."),
     "dns.edge_ips": "A/AAAA alternatives offered to customers who cannot CNAME (zone apex).",
     "domains.extra_suffixes": 'Suffixes admitted beyond the public suffix list, e.g. ["test"] for tests.',
-    "admin.token_file": "Bearer token for the admin API; created (0600, random) on first start if missing.",
+    "domains.deny": 'Names refused with everything below them, e.g. ["bank.example"].',
+    "domains.max_domains": "Most domains this edge serves; registrations beyond it get 403 (0 = no limit).",
+    "domains.registrations_per_hour": "Registrations accepted per hour; beyond it 429 with Retry-After (0 = no limit).",
+    "admin.token_file": ("Bootstrap bearer token for the admin API; created (0600, random) on first start if "
+                         "missing. May be deleted once named tokens exist."),
+    "admin.tokens_file": "Named tokens (`edgeproxy tokens create NAME`), stored as SHA-256 hashes only.",
     "proxy.max_body": "API request bodies larger than this many bytes get 413.",
+    "proxy.rate_per_ip": ("API requests per second per visitor IP, answered 429 locally beyond it (never "
+                          "forwarded, never spooled); per worker process; 0 = off."),
+    "proxy.rate_per_domain": ("API requests per second per custom domain, answered 429 locally beyond it; "
+                              "per worker process; 0 = off."),
 }
 
 

@@ -70,7 +70,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -631,6 +631,33 @@ class PostgresStorage:
             (hostname,),
         )
         return None if row is None else _certificate(row)
+
+    def scan_certificates(self, hostnames: Sequence[str],
+                          visit: Callable[[str, bytes, bytes, datetime, str], None]) -> set[str]:
+        """Which of ``hostnames`` are registered; and, in the same snapshot,
+        ``visit(hostname, key_pem, chain_pem, not_after, serial)`` for each of them
+        that has a certificate, one row at a time.
+
+        Not part of the ``Storage`` protocol (the certstore uses it when present,
+        issue 8): one array parameter instead of a query per name, and a
+        server-side cursor, so 100,000 certificates are never in memory at once."""
+        names = sorted(set(hostnames))
+        if not names:
+            return set()
+        with self._tx("read certificates in bulk", snapshot=True) as conn:
+            registered = {
+                row[0] for row in conn.execute("SELECT hostname FROM domains WHERE hostname = ANY(%s)", (names,))
+            }
+            with conn.cursor(name="edgeproxy_scan_certificates") as cursor:
+                cursor.itersize = 256
+                cursor.execute(
+                    "SELECT hostname, key_pem, chain_pem, not_after, serial FROM certificates "
+                    "WHERE hostname = ANY(%s)", (names,),
+                )
+                for hostname, key_pem, chain_pem, not_after, serial in cursor:
+                    if hostname in registered:
+                        visit(hostname, bytes(key_pem), bytes(chain_pem), _utc(not_after), serial)
+        return registered
 
     # -- HTTP-01 challenges ------------------------------------------------------------
 

@@ -54,7 +54,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -241,6 +241,8 @@ def _ts_opt(value: datetime | None) -> str | None:
 
 
 def _dt(text: str) -> datetime:
+    if text.endswith("Z"):  # what _ts writes; fromisoformat makes it UTC-aware itself (3.11+)
+        return datetime.fromisoformat(text)
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
@@ -621,6 +623,37 @@ class SqliteStorage:
             (hostname,),
         )
         return None if row is None else _certificate(row)
+
+    def scan_certificates(self, hostnames: Sequence[str],
+                          visit: Callable[[str, bytes, bytes, datetime, str], None]) -> set[str]:
+        """Which of ``hostnames`` are registered; and, in the same snapshot,
+        ``visit(hostname, key_pem, chain_pem, not_after, serial)`` for each of them
+        that has a certificate, one row at a time.
+
+        Not part of the ``Storage`` protocol: the certstore uses it when present
+        to load 100,000 names at start-up in one scan instead of two point
+        queries per name, without ever holding every row (or a full
+        ``CertificateRecord`` per name) in memory at once (issue 8).
+        """
+        wanted = set(hostnames)
+        registered: set[str] = set()
+        if not wanted:
+            return registered
+        with self._read("read certificates in bulk") as conn:
+            columns = "hostname, key_pem, chain_pem, not_after, serial"
+            if len(wanted) > 500:  # most of the table: one scan beats many lookups
+                registered = {row[0] for row in conn.execute("SELECT hostname FROM domains") if row[0] in wanted}
+                cursor = conn.execute(f"SELECT {columns} FROM certificates")
+            else:
+                names = sorted(wanted)
+                marks = ", ".join("?" * len(names))
+                registered = {row[0] for row in conn.execute(
+                    f"SELECT hostname FROM domains WHERE hostname IN ({marks})", names)}
+                cursor = conn.execute(f"SELECT {columns} FROM certificates WHERE hostname IN ({marks})", names)
+            for hostname, key_pem, chain_pem, not_after, serial in cursor:
+                if hostname in registered:
+                    visit(hostname, bytes(key_pem), bytes(chain_pem), _dt(not_after), serial)
+        return registered
 
     # -- HTTP-01 challenges ---------------------------------------------------------------
 

@@ -1,0 +1,243 @@
+"""CertStore at scale (issue 8): lazy contexts in a bounded LRU, bulk loading, and
+that the right certificate is served for the right SNI, and a removed name is not."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from edgeproxy.certstore import CertStore, record_from_pem
+from edgeproxy.keys import SealedStorage, generate_master_key, load_keyring
+from edgeproxy.config import StorageSettings
+from edgeproxy.storage.base import Storage
+from edgeproxy.storage.sqlite import SqliteStorage
+
+NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+
+def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test intermediate")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(NOW - dt.timedelta(days=1))
+            .not_valid_after(NOW + dt.timedelta(days=90))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+CA_KEY, CA_CERT = _ca()
+
+
+def _pair(host: str, serial: int = 2, days: int = 90) -> tuple[bytes, bytes]:
+    """(key_pem, chain_pem): a leaf for ``host`` plus the shared intermediate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(CA_CERT.subject).public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(CA_KEY, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    chain = leaf.public_bytes(serialization.Encoding.PEM) + CA_CERT.public_bytes(serialization.Encoding.PEM)
+    return key_pem, chain
+
+
+def _register(storage: Storage, host: str, serial: int = 2, days: int = 90) -> None:
+    if storage.get_domain(host) is None:
+        storage.add_domain(host, "active", NOW)
+    key_pem, chain = _pair(host, serial, days)
+    storage.save_certificate(record_from_pem(host, key_pem, chain, NOW))
+
+
+def _served(store: CertStore, name: str) -> tuple[x509.Certificate, list[bytes]] | None:
+    """Run a real TLS handshake in memory with SNI = ``name``; the leaf the server chose."""
+    server_ctx = store.server_context()
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=name)
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            continue
+    der = client.getpeercert(binary_form=True)
+    assert der is not None
+    chain = client.get_unverified_chain() if hasattr(client, "get_unverified_chain") else []
+    return x509.load_der_x509_certificate(der), list(chain or [])
+
+
+def _cn(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> SqliteStorage:
+    return SqliteStorage(str(tmp_path / "db" / "edge.db"))
+
+
+def test_nothing_is_built_at_refresh_and_each_sni_gets_its_own_certificate(storage: SqliteStorage) -> None:
+    hosts = [f"shop{i}.example.test" for i in range(12)]
+    for host in hosts:
+        _register(storage, host)
+    store = CertStore(storage, cache_size=4)
+    assert store.refresh_blocking(NOW) == len(hosts)
+    assert store.built == 0 and not store.contexts  # lazy: no context before a handshake
+    assert all(store.hosts[h] for h in hosts)
+    for host in reversed(hosts):
+        served = _served(store, host)
+        assert served is not None
+        assert _cn(served[0]) == host
+    assert store.built == len(hosts)
+    assert len(store.contexts) == 4  # bounded
+    assert list(store.contexts) == list(reversed(hosts))[-4:]  # the most recently used survive
+
+
+def test_lru_keeps_hot_names_and_rebuilds_evicted_ones_correctly(storage: SqliteStorage) -> None:
+    for host in ("a.example.test", "b.example.test", "c.example.test"):
+        _register(storage, host)
+    store = CertStore(storage, cache_size=2)
+    store.refresh_blocking(NOW)
+    a = store.context_for("a.example.test")
+    store.context_for("b.example.test")
+    assert store.context_for("a.example.test") is a  # a hit: same object, now most recent
+    store.context_for("c.example.test")  # evicts b, the least recently used
+    assert set(store.contexts) == {"a.example.test", "c.example.test"}
+    built = store.built
+    served = _served(store, "b.example.test")
+    assert served is not None and _cn(served[0]) == "b.example.test"
+    assert store.built == built + 1
+
+
+def test_unknown_removed_and_expired_names_get_the_fallback(storage: SqliteStorage) -> None:
+    _register(storage, "keep.example.test")
+    _register(storage, "gone.example.test")
+    _register(storage, "old.example.test", days=0)  # not_after == NOW: no longer valid
+    store = CertStore(storage, cache_size=8)
+    store.refresh_blocking(NOW)
+    assert store.hosts["old.example.test"] is False  # expired: registered, not servable
+    served = _served(store, "gone.example.test")
+    assert served is not None and _cn(served[0]) == "gone.example.test"
+    assert "gone.example.test" in store.contexts
+    storage.remove_domain("gone.example.test")
+    store.refresh_blocking(NOW)
+    assert "gone.example.test" not in store.hosts
+    assert "gone.example.test" not in store.contexts  # the built context went with it
+    for name in ("gone.example.test", "old.example.test", "never.example.test"):
+        served = _served(store, name)
+        assert served is not None and _cn(served[0]) == "edgeproxy-fallback.invalid"
+    served = _served(store, "keep.example.test")
+    assert served is not None and _cn(served[0]) == "keep.example.test"
+
+
+def test_renewal_replaces_a_cached_context(storage: SqliteStorage) -> None:
+    _register(storage, "r.example.test", serial=10)
+    store = CertStore(storage, cache_size=8)
+    store.refresh_blocking(NOW)
+    first = _served(store, "r.example.test")
+    assert first is not None and first[0].serial_number == 10
+    _register(storage, "r.example.test", serial=11)
+    store.refresh_blocking(NOW)
+    second = _served(store, "r.example.test")
+    assert second is not None and second[0].serial_number == 11
+
+
+def test_the_chain_is_served_whole_and_intermediates_are_shared(storage: SqliteStorage) -> None:
+    _register(storage, "x.example.test")
+    _register(storage, "y.example.test")
+    store = CertStore(storage, cache_size=8)
+    store.refresh_blocking(NOW)
+    assert store._codec._tails == [CA_CERT.public_bytes(serialization.Encoding.PEM)]  # one shared copy
+    chain, key = store._codec.unpack(store._material["x.example.test"])
+    assert chain.count(b"BEGIN CERTIFICATE") == 2 and key.startswith(b"-----BEGIN PRIVATE KEY-----")
+    served = _served(store, "x.example.test")
+    assert served is not None
+    if served[1]:  # Python >= 3.13 exposes the chain the peer sent
+        assert len(served[1]) == 2
+
+
+def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: Path) -> None:
+    kek = tmp_path / "master.key"
+    generate_master_key(str(kek))
+    inner = SqliteStorage(str(tmp_path / "db" / "edge.db"))
+    sealed = SealedStorage(inner, load_keyring(StorageSettings(key_encryption_key_file=str(kek))))
+    hosts = [f"s{i}.example.test" for i in range(3)]
+    for host in hosts:
+        _register(sealed, host)  # type: ignore[arg-type]
+    inner.add_domain("pending.example.test", "issuing", NOW)
+    for names in (hosts + ["pending.example.test", "nope.example.test"],
+                  [f"filler{i}.example.test" for i in range(600)] + hosts):  # point and scan paths
+        seen: dict[str, tuple[bytes, bytes, dt.datetime, str]] = {}
+        registered = sealed.scan_certificates(
+            names, lambda h, k, c, na, s: seen.__setitem__(h, (k, c, na, s)))
+        assert registered == {h for h in names if inner.get_domain(h) is not None}
+        assert set(seen) == set(hosts)
+        for host in hosts:
+            record = sealed.get_certificate(host)
+            assert record is not None
+            # keys opened, not sealed blobs
+            assert seen[host] == (record.key_pem, record.chain_pem, record.not_after, record.serial)
+            assert seen[host][0].startswith(b"-----BEGIN")
+    store = CertStore(sealed, cache_size=8)  # type: ignore[arg-type]
+    store.refresh_blocking(NOW)
+    served = _served(store, "s1.example.test")
+    assert served is not None and _cn(served[0]) == "s1.example.test"
+
+
+def test_material_round_trips_through_the_packed_form() -> None:
+    from edgeproxy.certstore import _Codec
+    codec = _Codec()
+    key_pem, chain = _pair("p.example.test")
+    got_chain, got_key = codec.unpack(codec.pack(key_pem, chain))
+    assert got_chain == chain and got_key == key_pem
+    odd_key = b"-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\nAAAA\n-----END EC PRIVATE KEY-----\n"
+    assert codec.unpack(codec.pack(odd_key, chain))[1] == odd_key  # not plain PEM: kept verbatim
+    with pytest.raises(ValueError):
+        codec.pack(key_pem, b"not a chain")
+
+
+def test_async_refresh_loads_without_building(storage: SqliteStorage) -> None:
+    for i in range(50):
+        _register(storage, f"n{i}.example.test")
+    store = CertStore(storage, cache_size=8)
+    assert asyncio.run(store.refresh(NOW)) == 50
+    assert store.built == 0
+    assert store.context_for("n7.example.test") is not None
+    assert store.context_for("unknown.example.test") is None
+
+
+def test_cache_size_must_be_positive(storage: SqliteStorage) -> None:
+    with pytest.raises(ValueError):
+        CertStore(storage, cache_size=0)
+
+
+def test_save_serves_the_new_certificate_in_this_process_at_once(storage: SqliteStorage) -> None:
+    storage.add_domain("fresh.example.test", "issuing", NOW)
+    store = CertStore(storage, cache_size=8)
+    store.refresh_blocking(NOW)
+    assert store.hosts["fresh.example.test"] is False
+    key_pem, chain = _pair("fresh.example.test", serial=77)
+    store.save("fresh.example.test", key_pem, chain, NOW)
+    assert store.hosts["fresh.example.test"] is True  # no refresh needed in the issuing process
+    served = _served(store, "fresh.example.test")
+    assert served is not None and served[0].serial_number == 77
