@@ -221,6 +221,12 @@ _FAILED_COLUMNS = (
 
 _MAX_UTC = datetime.max.replace(tzinfo=timezone.utc)
 
+# TCP keepalives on every connection: a peer that vanished without a RST (a
+# partition, a dead load balancer) is detected in about a minute instead of the
+# kernel's ~15-minute retransmission timeout. Matters most for the LISTEN
+# connection, which otherwise only ever waits.
+_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
 
 def _failed_filters(since: datetime | None, until: datetime | None, domain: str | None, status: int | None,
                     delivered: bool | None) -> tuple[list[str], list[Any]]:
@@ -384,7 +390,7 @@ class PostgresStorage:
             max_size=max_size,
             timeout=timeout,
             reconnect_timeout=max(timeout, 2.0),
-            kwargs={"autocommit": True, "connect_timeout": connect_timeout},
+            kwargs={"autocommit": True, "connect_timeout": connect_timeout, **_KEEPALIVES},
             configure=self._configure,
             check=ConnectionPool.check_connection,
             open=False,
@@ -826,7 +832,7 @@ class PostgresStorage:
         with self._lock:
             conn = self._listener
             if conn is None or conn.closed:
-                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._pool_args[3])
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._pool_args[3], **_KEEPALIVES)
                 conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant identifier, no user input
                 self._listener = conn
             return conn
