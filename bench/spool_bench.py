@@ -87,6 +87,9 @@ def edge_main(port: int, relay_url: str, state: str) -> None:
         "EDGEPROXY_UPSTREAM_RELAY": relay_url, "EDGEPROXY_UPSTREAM_SCRIPT": relay_url + "/latest.js",
         "EDGEPROXY_STORAGE_URL": f"sqlite://{state}/edge.db",
         "EDGEPROXY_UPSTREAM_CONNECT_TIMEOUT": "0.5", "EDGEPROXY_UPSTREAM_TIMEOUT": "1.0",
+        # One load generator on 127.0.0.1 is one visitor: the per-visitor and
+        # per-domain API limits would answer 429 and measure nothing.
+        "EDGEPROXY_PROXY_RATE_PER_IP": "0", "EDGEPROXY_PROXY_RATE_PER_DOMAIN": "0",
     })
 
     async def no_challenge(_token: str) -> None:
