@@ -82,8 +82,9 @@ class Stack:
         )
 
     def start_pebble(self, http_port: int, **options: Any) -> None:
-        # authz_reuse=0: every order is a fresh validation (and so a countable order).
-        self.pebble = self._pebble_factory(http_port, authz_reuse=0, **options)
+        # authz_reuse=0: every order is a fresh validation (and so a countable order);
+        # nonce_reject=0: a badNonce retry would log a second new-order POST.
+        self.pebble = self._pebble_factory(http_port, nonce_reject=0, authz_reuse=0, **options)
 
     def start(self, config: EdgeConfig) -> EdgeProcess:
         config.acme_directory = self.pebble.directory_url
