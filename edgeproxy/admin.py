@@ -109,6 +109,30 @@ class ReplayRequest(BaseModel):
     dry_run: bool = False
 
 
+class _AdminAPI(FastAPI):
+    """FastAPI whose OpenAPI document tells the truth about malformed requests.
+
+    FastAPI documents a 422 ``HTTPValidationError`` on every route with
+    parameters, but this API answers malformed requests with 400 in its one
+    error shape (``_bad_request``); 422 is reserved for "hostname cannot be served".
+    """
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if "HTTPValidationError" in str(responses.get("422", "")):
+                        del responses["422"]
+                        responses.setdefault("400", {"description": "Malformed request", "content": error_ref})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
 def create_admin_app(
     registry: Registry,
     tokens: TokenStore,
@@ -123,7 +147,7 @@ def create_admin_app(
     ``last_check`` gives a domain's last probe result; ``metrics`` renders ``/metrics``
     as (body, content type); ``spool_status``/``replay`` back ``GET /v1/spool`` and
     ``POST /v1/replay``."""
-    app = FastAPI(
+    app = _AdminAPI(
         title="edgeproxy admin API",
         version="1",
         description="Register customer domains; the edge obtains and renews their certificates.",

@@ -6,8 +6,11 @@ import dataclasses
 import datetime as dt
 from pathlib import Path
 
+import asyncio
+from typing import Any
+
+import httpx
 import pytest
-from starlette.testclient import TestClient
 
 from edgeproxy.admin import create_admin_app
 from edgeproxy.config import AdminSettings, DomainsSettings, Settings
@@ -72,21 +75,27 @@ def test_hourly_registration_rate_with_retry_after(tmp_path: Path) -> None:
         registry.add("R3.example.test.")
 
 
+def _post(app: Any, hostname: str, headers: dict[str, str]) -> httpx.Response:
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin") as client:
+            return await client.post("/v1/domains", json={"hostname": hostname}, headers=headers)
+
+    return asyncio.run(go())
+
+
 def test_admin_maps_limits_to_403_and_429(tmp_path: Path) -> None:
     registry, _ = make(tmp_path, max_domains=1, registrations_per_hour=0)
     (tmp_path / "t").write_text("admin-token-0123456789")
     app = create_admin_app(registry, TokenStore(AdminSettings(str(tmp_path / "t"), str(tmp_path / "t.json"))))
     auth = {"Authorization": "Bearer admin-token-0123456789"}
-    with TestClient(app) as client:
-        assert client.post("/v1/domains", json={"hostname": "a.example.test"}, headers=auth).status_code == 201
-        capped = client.post("/v1/domains", json={"hostname": "b.example.test"}, headers=auth)
-        assert capped.status_code == 403 and capped.json()["error"]["code"] == "domain_limit"
+    assert _post(app, "a.example.test", auth).status_code == 201
+    capped = _post(app, "b.example.test", auth)
+    assert capped.status_code == 403 and capped.json()["error"]["code"] == "domain_limit"
     registry2, _ = make(tmp_path / "two", max_domains=0, registrations_per_hour=1)
     app2 = create_admin_app(registry2, TokenStore(AdminSettings(str(tmp_path / "t"), str(tmp_path / "t.json"))))
-    with TestClient(app2) as client:
-        assert client.post("/v1/domains", json={"hostname": "a.example.test"}, headers=auth).status_code == 201
-        limited = client.post("/v1/domains", json={"hostname": "b.example.test"}, headers=auth)
-        assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 3000
+    assert _post(app2, "a.example.test", auth).status_code == 201
+    limited = _post(app2, "b.example.test", auth)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 3000
 
 
 def test_view_names_the_dns_record_and_snippet(tmp_path: Path) -> None:
