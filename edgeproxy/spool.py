@@ -66,6 +66,7 @@ __all__ = [
     "classify",
     "failed_record",
     "log_alert",
+    "is_probe",
     "parse_time",
     "prune_failed_log",
     "prune_loop",
@@ -620,6 +621,12 @@ class SpoolingForwarder:
         verdict = classify(result)
         if verdict == DELIVERED:
             return result
+        if is_probe(request):
+            # An acceptance probe measures the live relay path: spooling it would
+            # answer 202 and hide the very outage the probe exists to page about,
+            # and replaying or logging synthetic events helps nobody.
+            self.stats["probe_not_spooled"] += 1
+            return result
         if verdict == REFUSED:
             self.stats["refused"] += 1
             await self.log_failed(request, result.status, "relay")
@@ -650,6 +657,14 @@ class SpoolingForwarder:
             log.error("cannot log failed request %s for %s: %s", request.idempotency_key, request.host, exc)
             return False
         return True
+
+
+def is_probe(request: ForwardRequest) -> bool:
+    """An acceptance probe's event (``monitor.PROBE_HEADER``), as forwarded to the relay."""
+    return any(name == _PROBE_HEADER for name, _ in request.headers)
+
+
+_PROBE_HEADER = b"x-edgeproxy-probe"
 
 
 # ---------------------------------------------------------------------------------------

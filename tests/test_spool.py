@@ -8,6 +8,7 @@ are real. End-to-end behaviour against a real edge is in ``test_spool_e2e.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -238,6 +239,28 @@ def test_forwarder_policy_spools_retryable_logs_refused(tmp_path: Path) -> None:
     assert (logged.idempotency_key, logged.status, logged.origin) == ("key-a.example.com-2", 401, "relay")
     assert logged.client == "203.0.113.0"
     assert dict(logged.headers)[b"x-forwarded-for"] == b"203.0.113.0, 10.1.2.0"
+    spool.close()
+    store.close()
+
+
+def test_probe_events_are_never_spooled_nor_logged(tmp_path: Path) -> None:
+    """A probe must see the live relay: a spooled 202 would hide the outage it pages about."""
+    spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
+    store = open_storage(f"sqlite://{tmp_path}/edge.db")
+    relay = FakeRelay()
+    fwd = SpoolingForwarder(relay, spool, store)
+    probe = dataclasses.replace(request(0), headers=request(0).headers + ((b"x-edgeproxy-probe", b"1"),))
+
+    async def main() -> list[int]:
+        relay.fail_next = 1
+        down = (await fwd.deliver(probe)).status
+        relay.default = 401
+        refused = (await fwd.deliver(probe)).status
+        relay.default = 202
+        return [down, refused, (await fwd.deliver(probe)).status]
+
+    assert asyncio.run(main()) == [502, 401, 202]
+    assert spool.head(10) == [] and store.find_failed_requests() == []
     spool.close()
     store.close()
 
