@@ -49,7 +49,8 @@ def _load_or_make_ca() -> tuple[bytes, bytes, bytes]:
     CACHE.mkdir(exist_ok=True)
     paths = [CACHE / n for n in ("inter.key", "inter.pem", "leaf.key")]
     if all(p.exists() for p in paths):
-        return tuple(p.read_bytes() for p in paths)  # type: ignore[return-value]
+        inter_key_pem, inter_pem, leaf_key_pem = (p.read_bytes() for p in paths)
+        return inter_key_pem, inter_pem, leaf_key_pem
     root_key = ec.generate_private_key(ec.SECP256R1())
     root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeproxy bench root")])
     inter_key = ec.generate_private_key(ec.SECP256R1())
@@ -71,8 +72,11 @@ def _leaves(args: tuple[int, int]) -> list[tuple[str, bytes, str]]:
     start, stop = args
     inter_key_pem, inter_pem, leaf_key_pem = _load_or_make_ca()
     inter_key = serialization.load_pem_private_key(inter_key_pem, None)
+    leaf_key = serialization.load_pem_private_key(leaf_key_pem, None)
+    # Both were written by _load_or_make_ca as P-256 keys.
+    assert isinstance(inter_key, ec.EllipticCurvePrivateKey) and isinstance(leaf_key, ec.EllipticCurvePrivateKey)
     inter = x509.load_pem_x509_certificate(inter_pem)
-    leaf_pub = serialization.load_pem_private_key(leaf_key_pem, None).public_key()
+    leaf_pub = leaf_key.public_key()
     filler = os.urandom(400)
     out = []
     for i in range(start, stop):
@@ -80,11 +84,11 @@ def _leaves(args: tuple[int, int]) -> list[tuple[str, bytes, str]]:
         serial = x509.random_serial_number()
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                .issuer_name(inter.subject).public_key(leaf_pub).serial_number(serial)  # type: ignore[arg-type]
+                .issuer_name(inter.subject).public_key(leaf_pub).serial_number(serial)
                 .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=90))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
                 .add_extension(x509.UnrecognizedExtension(FILLER_OID, b"\x04\x82\x01\x90" + filler), critical=False)
-                .sign(inter_key, hashes.SHA256()))  # type: ignore[arg-type]
+                .sign(inter_key, hashes.SHA256()))
         out.append((name, cert.public_bytes(serialization.Encoding.PEM), format(serial, "x")))
     return out
 

@@ -28,6 +28,7 @@ import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -37,7 +38,17 @@ def _host(i: int) -> str:
     return f"s{i:06d}.bench.test"
 
 
-def _worker(port: int, names: int, seconds: float, threads: int, seed: int, out: "multiprocessing.Queue[object]",
+@dataclass
+class Tally:
+    """What one load process measured (sent back through a multiprocessing queue)."""
+
+    lat: list[float] = field(default_factory=list)
+    errors: int = 0
+    wrong: int = 0
+    checked: int = 0
+
+
+def _worker(port: int, names: int, seconds: float, threads: int, seed: int, out: "multiprocessing.Queue[Tally]",
             zipf: bool = False) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -51,7 +62,7 @@ def _worker(port: int, names: int, seconds: float, threads: int, seed: int, out:
             cum.append(acc)
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
-    results: dict[str, list[float] | int] = {"lat": [], "errors": 0, "wrong": 0, "checked": 0}
+    results = Tally()
 
     def run(tid: int) -> None:
         rng = random.Random(seed * 1000 + tid)
@@ -76,10 +87,10 @@ def _worker(port: int, names: int, seconds: float, threads: int, seed: int, out:
             except OSError:
                 errors += 1
         with lock:
-            results["lat"].extend(lat)  # type: ignore[union-attr]
-            results["errors"] += errors  # type: ignore[operator]
-            results["wrong"] += wrong  # type: ignore[operator]
-            results["checked"] += checked  # type: ignore[operator]
+            results.lat.extend(lat)
+            results.errors += errors
+            results.wrong += wrong
+            results.checked += checked
 
     pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for t in pool:
@@ -94,7 +105,7 @@ def main() -> None:
     procs = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     threads = int(sys.argv[5]) if len(sys.argv) > 5 else 8
     zipf = len(sys.argv) > 6 and sys.argv[6] == "zipf"
-    queue: multiprocessing.Queue[object] = multiprocessing.Queue()
+    queue: multiprocessing.Queue[Tally] = multiprocessing.Queue()
     workers = [multiprocessing.Process(target=_worker, args=(port, names, seconds, threads, s, queue, zipf))
                for s in range(procs)]
     start = time.monotonic()
@@ -104,16 +115,16 @@ def main() -> None:
     for w in workers:
         w.join()
     elapsed = time.monotonic() - start
-    lat = sorted(x for p in parts for x in p["lat"])  # type: ignore[index]
+    lat = sorted(x for p in parts for x in p.lat)
     count = len(lat)
     print(json.dumps({
         "handshakes": count,
         "rate": count / seconds,
         "p50_ms": lat[count // 2] * 1000 if count else None,
         "p99_ms": lat[min(count - 1, int(count * 0.99))] * 1000 if count else None,
-        "errors": sum(p["errors"] for p in parts),  # type: ignore[index]
-        "wrong_cert": sum(p["wrong"] for p in parts),  # type: ignore[index]
-        "checked": sum(p["checked"] for p in parts),  # type: ignore[index]
+        "errors": sum(p.errors for p in parts),
+        "wrong_cert": sum(p.wrong for p in parts),
+        "checked": sum(p.checked for p in parts),
         "elapsed": elapsed,
     }))
 

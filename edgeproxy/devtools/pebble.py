@@ -35,7 +35,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -234,6 +234,32 @@ class _ManagedServer(abc.ABC):
         if self._proc is None:
             raise HarnessError(f"{self._name} is not running (call start() or use it as a context manager)")
 
+    @abc.abstractmethod
+    def _wait_ready(self, proc: _Process) -> None:
+        """Return once ``proc`` answers; raise ``HarnessError`` if it does not."""
+
+    def _launch(self, spawn: Callable[[], _Process]) -> Self:
+        """Run ``spawn()`` (which picks fresh ports each call) until the process answers.
+
+        A port another process took between choosing and binding it is retried
+        up to ``_PORT_ATTEMPTS`` times; any other failure stops everything."""
+        try:
+            for attempt in range(_PORT_ATTEMPTS):
+                proc = spawn()
+                self._proc = proc
+                try:
+                    self._wait_ready(proc)
+                    return self
+                except HarnessError:
+                    retry = proc.port_in_use() and attempt + 1 < _PORT_ATTEMPTS
+                    proc.stop()
+                    if not retry:
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
+        except BaseException:
+            self.stop()
+            raise
+
 
 class ChallTestSrv(_ManagedServer):
     """``pebble-challtestsrv`` as a mock DNS server (its challenge responders are disabled).
@@ -276,35 +302,24 @@ class ChallTestSrv(_ManagedServer):
         if self._proc is not None:
             return self
         binary = _require(CHALLTESTSRV_BINARY)
-        self._workdir = _Workdir(self._workdir_arg, "challtestsrv-")
+        workdir = self._workdir = _Workdir(self._workdir_arg, "challtestsrv-")
         self._http = httpx.Client(timeout=5.0, trust_env=False)
-        try:
-            for attempt in range(_PORT_ATTEMPTS):
-                self._dns_port, self._management_port = _free_dns_port(), _free_tcp_port()
-                argv = [
-                    binary,
-                    "-http01", "",
-                    "-https01", "",
-                    "-tlsalpn01", "",
-                    "-dns01", f"127.0.0.1:{self._dns_port}",
-                    "-management", f"127.0.0.1:{self._management_port}",
-                    "-defaultIPv4", self.default_ipv4,
-                    "-defaultIPv6", self.default_ipv6,
-                ]
-                proc = _Process("pebble-challtestsrv", argv, self._workdir.path / "challtestsrv.log", env={})
-                self._proc = proc
-                try:
-                    self._wait_ready(proc)
-                    return self
-                except HarnessError:
-                    retry = proc.port_in_use() and attempt + 1 < _PORT_ATTEMPTS
-                    proc.stop()
-                    if not retry:
-                        raise
-            raise AssertionError("unreachable")  # pragma: no cover
-        except BaseException:
-            self.stop()
-            raise
+
+        def spawn() -> _Process:
+            self._dns_port, self._management_port = _free_dns_port(), _free_tcp_port()
+            argv = [
+                binary,
+                "-http01", "",
+                "-https01", "",
+                "-tlsalpn01", "",
+                "-dns01", f"127.0.0.1:{self._dns_port}",
+                "-management", f"127.0.0.1:{self._management_port}",
+                "-defaultIPv4", self.default_ipv4,
+                "-defaultIPv6", self.default_ipv6,
+            ]
+            return _Process("pebble-challtestsrv", argv, workdir.path / "challtestsrv.log", env={})
+
+        return self._launch(spawn)
 
     def _wait_ready(self, proc: _Process) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -620,36 +635,27 @@ class Pebble(_ManagedServer):
         if self._proc is not None:
             return self
         binary = _require(PEBBLE_BINARY)
-        self._workdir = _Workdir(self._workdir_arg, "pebble-")
+        workdir = self._workdir = _Workdir(self._workdir_arg, "pebble-")
         try:
-            ca_path, cert_path, key_path = _write_https_identity(self._workdir.path)
-            self._ca_bundle = ca_path
-            self._http = httpx.Client(
-                verify=ssl.create_default_context(cafile=str(ca_path)), timeout=5.0, trust_env=False
-            )
-            for attempt in range(_PORT_ATTEMPTS):
-                self._listen_port, self._management_port = _free_tcp_port(), _free_tcp_port()
-                config_path = self._workdir.path / "pebble-config.json"
-                config_path.write_text(json.dumps(self._config(cert_path, key_path), indent=2))
-                argv = [binary, "-config", str(config_path)]
-                if self.dns_server:
-                    argv += ["-dnsserver", self.dns_server]
-                if self.strict:
-                    argv += ["-strict"]
-                proc = _Process("pebble", argv, self._workdir.path / "pebble.log", self.environment())
-                self._proc = proc
-                try:
-                    self._wait_ready(proc)
-                    return self
-                except HarnessError:
-                    retry = proc.port_in_use() and attempt + 1 < _PORT_ATTEMPTS
-                    proc.stop()
-                    if not retry:
-                        raise
-            raise AssertionError("unreachable")  # pragma: no cover
+            ca_path, cert_path, key_path = _write_https_identity(workdir.path)
         except BaseException:
             self.stop()
             raise
+        self._ca_bundle = ca_path
+        self._http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_path)), timeout=5.0, trust_env=False)
+
+        def spawn() -> _Process:
+            self._listen_port, self._management_port = _free_tcp_port(), _free_tcp_port()
+            config_path = workdir.path / "pebble-config.json"
+            config_path.write_text(json.dumps(self._config(cert_path, key_path), indent=2))
+            argv = [binary, "-config", str(config_path)]
+            if self.dns_server:
+                argv += ["-dnsserver", self.dns_server]
+            if self.strict:
+                argv += ["-strict"]
+            return _Process("pebble", argv, workdir.path / "pebble.log", self.environment())
+
+        return self._launch(spawn)
 
     def _wait_ready(self, proc: _Process) -> None:
         """Poll the directory and the root until both answer over verified HTTPS."""
