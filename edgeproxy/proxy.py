@@ -352,7 +352,7 @@ def etag_matches(values: Iterable[bytes], etag: bytes) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# The forward seam: a later issue wraps ``EdgeProxy.forward`` with a durable spool.
+# The forward seam: ``spool.SpoolingForwarder`` wraps ``EdgeProxy.forward`` (installed as ``deliver``).
 # ---------------------------------------------------------------------------------------
 
 
@@ -566,7 +566,7 @@ class EdgeProxy:
 
     Concurrency: one instance per worker process, used from its event loop only.
     ``resolve`` must not block; ``challenge`` may do I/O (it is awaited, and only
-    for registered hosts). ``stats`` counts outcomes (metrics come later).
+    for registered hosts). ``stats`` counts outcomes (``metrics.StatsCounter`` exports them).
     """
 
     def __init__(
