@@ -1095,6 +1095,25 @@ def test_postgres_notification_wakes_a_waiting_node(pg_url: str) -> None:
         writer.close()
 
 
+def test_postgres_notifications_stay_within_their_schema(pg_base_url: str, pg_url: str) -> None:
+    """NOTIFY is database-wide: a deployment (or test run) in another schema of
+    the same database must not wake ours, and ours still wakes."""
+    from edgeproxy.storage.postgres import PostgresStorage
+
+    with temp_schema(pg_base_url) as other_url:
+        waiter, ours, theirs = PostgresStorage(pg_url), PostgresStorage(pg_url), PostgresStorage(other_url)
+        try:
+            assert waiter.wait_for_change(0.1) is False  # listening from here on
+            theirs.add_domain("b.example", "pending_dns", NOW)
+            assert waiter.wait_for_change(0.5) is False
+            ours.add_domain("a.example", "pending_dns", NOW)
+            assert waiter.wait_for_change(5) is True
+        finally:
+            waiter.close()
+            ours.close()
+            theirs.close()
+
+
 def test_postgres_survives_a_server_outage(private_pg: Any) -> None:
     """The same instance raises StorageUnavailable promptly while the server is
     down and works again once it is back, without being reopened."""

@@ -38,7 +38,7 @@ Choices (and why):
   Domain writes are rare, so serializing them on one row costs nothing that
   matters. ``changes_since`` reads in one REPEATABLE READ snapshot and has the
   same semantics as SQLite's, including the full listing for a reader that fell
-  behind a prune. Each change also sends ``NOTIFY edgeproxy_changes`` (delivered
+  behind a prune. Each change also sends ``NOTIFY`` on ``edgeproxy_changes:<hash of the schema>`` (delivered
   at commit); :meth:`PostgresStorage.wait_for_change` lets a poller wake at once
   instead of at its next tick. Polling stays the backstop.
 - Locks: leases in a table (``locks``), taken or extended with one
@@ -79,6 +79,7 @@ from typing import Any
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
+import psycopg.sql
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from edgeproxy.errors import DomainExists, DomainNotFound, StorageError, StorageUnavailable
@@ -98,6 +99,11 @@ __all__ = ["PostgresStorage", "SCHEMA_VERSION", "MIGRATIONS", "NOTIFY_CHANNEL"]
 log = logging.getLogger("edgeproxy.storage.postgres")
 
 NOTIFY_CHANNEL = "edgeproxy_changes"
+# The channel is per schema: NOTIFY is database-wide, and two deployments (or
+# test runs) sharing one database in different schemas must not wake each other.
+# hashtext keeps it under PostgreSQL's 63-byte limit whatever the schema's name;
+# a collision costs one extra poll, nothing more.
+_CHANNEL_SQL = f"'{NOTIFY_CHANNEL}:' || hashtext(current_schema())"
 
 # Ordered migrations: (version, statements). A database at version N gets every
 # migration above N, in one transaction. Never edit a released migration: add one.
@@ -746,7 +752,7 @@ class PostgresStorage:
         seq = int(row[0])
         conn.execute("INSERT INTO changes (seq, hostname) VALUES (%s, %s)", (seq, hostname))
         # Delivered at COMMIT, and only if it commits; the payload is informative.
-        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(seq)))
+        conn.execute(f"SELECT pg_notify({_CHANNEL_SQL}, %s)", (str(seq),))
         if self.PRUNE_EVERY > 0 and seq % self.PRUNE_EVERY == 0:
             self._prune(conn, self._keep_changes)
 
@@ -833,7 +839,9 @@ class PostgresStorage:
             conn = self._listener
             if conn is None or conn.closed:
                 conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._pool_args[3], **_KEEPALIVES)
-                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant identifier, no user input
+                row = conn.execute(f"SELECT {_CHANNEL_SQL}").fetchone()
+                assert row is not None  # a SELECT of an expression returns one row
+                conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(row[0])))
                 self._listener = conn
             return conn
 
