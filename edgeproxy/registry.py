@@ -78,15 +78,17 @@ class Registry:
                 raise InvalidHostname(f"{hostname!r} is on this edge's deny list ({entry}); it cannot be registered",
                                       code="denied")
         limits = self.settings.domains
-        if not (limits.max_domains or limits.registrations_per_hour):
-            return
-        domains = self.storage.list_domains()
-        if limits.max_domains and len(domains) >= limits.max_domains:
+        # Issue 8: a count and the last hour's creation times from indexed queries,
+        # never every record (list_domains costs 0.75 s at 100,000 domains).
+        if limits.max_domains and self.storage.count_domains() >= limits.max_domains:
             raise LimitReached(f"this edge serves its maximum of {limits.max_domains} domains; "
                                "remove unused ones or raise domains.max_domains", code="domain_limit")
+        if not limits.registrations_per_hour:
+            return
         hour_ago = now - dt.timedelta(hours=1)
-        recent = sorted(d.created_at for d in domains if d.created_at > hour_ago)
-        if limits.registrations_per_hour and len(recent) >= limits.registrations_per_hour:
+        # The storage window includes its start; ours never did (strictly within the hour).
+        recent = [t for t in self.storage.domain_created_times_since(hour_ago) if t > hour_ago]
+        if len(recent) >= limits.registrations_per_hour:
             # The oldest registration in the window leaves it first.
             wait = (recent[-limits.registrations_per_hour] + dt.timedelta(hours=1) - now).total_seconds()
             raise LimitReached(f"more than {limits.registrations_per_hour} registrations in the last hour; "

@@ -64,6 +64,8 @@ _EMERGENCY_CAP = dt.timedelta(hours=1)
 _MOVED_RECHECK = dt.timedelta(days=1)
 _ARI_POLL = dt.timedelta(hours=12)  # RFC 9773 section 4.3: clients poll; we do at least twice a day
 _LEDGER_KEEP = dt.timedelta(days=8)  # longest budget window (7 days) plus slack
+# What the 5-second poll between full passes picks up: names without a certificate yet.
+_NEW_WORK_STATUSES = ("issuing", "pending_dns", "failing")
 
 # Ledger kinds (Storage.record_event); each is one of Let's Encrypt's limits.
 ORDER, CERT_DOMAIN, CERT_NAMES, FAILED_VALIDATION = "order", "cert_domain", "cert_names", "failed_validation"
@@ -124,7 +126,8 @@ def renewal_time(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime
 
 def is_due(record: DomainRecord, now: dt.datetime) -> bool:
     """The domain needs work now: an order, a DNS re-check (``pending_dns``), or,
-    for ``moved``, a DNS re-check that never orders unless DNS points back."""
+    for ``moved``, a DNS re-check that never orders unless DNS points back.
+    ``Storage.due_domains`` is the same predicate in SQL: keep the two in step."""
     return record.next_attempt_at is not None and record.next_attempt_at <= now
 
 
@@ -272,7 +275,10 @@ class RenewalService:
                    lock_ttl=settings.storage.lock_ttl, policy=RenewPolicy.from_settings(settings), dns=dns)
 
     def due(self, now: dt.datetime) -> list[DomainRecord]:
-        return [d for d in self.storage.list_domains() if is_due(d, now)]
+        """The domains ``is_due`` at ``now``, ordered by hostname (as they always were:
+        the order of a pass and of ``renew --dry-run``). Issue 8: an indexed query,
+        not a filter over ``list_domains`` (0.75 s of CPU at 100,000 domains)."""
+        return sorted(self.storage.due_domains(now), key=lambda d: d.hostname)
 
     # -- state changes (with history) ---------------------------------------------------
     def _set(
@@ -546,9 +552,7 @@ class RenewalService:
     def _new_work(self) -> list[str]:
         """Due names without a certificate yet (registrations, DNS re-checks, retries):
         picked up within ``poll`` seconds, between full passes."""
-        now = self.clock()
-        return [d.hostname for d in self.storage.list_domains()
-                if is_due(d, now) and d.status in ("issuing", "pending_dns", "failing")]
+        return sorted(d.hostname for d in self.storage.due_domains(self.clock(), statuses=_NEW_WORK_STATUSES))
 
     async def run_forever(
         self, stop: asyncio.Event, wake: asyncio.Event, interval: float = 600.0, jitter: float = 300.0,

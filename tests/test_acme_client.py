@@ -11,7 +11,7 @@ import asyncio
 import datetime as dt
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -196,6 +196,17 @@ class FakeStorage:
         raise NotImplementedError
 
     def list_domains(self) -> list[DomainRecord]:
+        raise NotImplementedError
+
+    def due_domains(
+        self, now: dt.datetime, statuses: Sequence[str] | None = None, limit: int | None = None
+    ) -> list[DomainRecord]:
+        raise NotImplementedError
+
+    def count_domains(self) -> int:
+        raise NotImplementedError
+
+    def domain_created_times_since(self, since: dt.datetime) -> list[dt.datetime]:
         raise NotImplementedError
 
     def update_domain(

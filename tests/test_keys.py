@@ -16,7 +16,7 @@ from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess, verified_client
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
 from edgeproxy.errors import ConfigError
 from edgeproxy.keys import SealedKeyError, SealedStorage, generate_master_key, load_keyring
-from edgeproxy.storage.base import CertificateRecord
+from edgeproxy.storage.base import CertificateRecord, Storage
 from edgeproxy.storage.sqlite import SqliteStorage
 
 NOW = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
@@ -65,6 +65,24 @@ def test_sealed_storage_keeps_no_pem_in_the_database(tmp_path: Path) -> None:
     inner.close()
     for path in tmp_path.glob("db.sqlite*"):
         assert b"PRIVATE KEY" not in path.read_bytes()
+
+
+def test_sealed_storage_forwards_the_whole_protocol(tmp_path: Path) -> None:
+    """Every Storage method reaches the backend through the wrapper, issue 8's
+    indexed domain queries included."""
+    inner = SqliteStorage(str(tmp_path / "db.sqlite"))
+    store = SealedStorage(inner, load_keyring(_ring(tmp_path)[0]))
+    try:
+        for name in dir(Storage):
+            if not name.startswith("_"):
+                assert callable(getattr(store, name)), name
+        store.add_domain("a.example.test", "issuing", NOW)
+        store.update_domain("a.example.test", NOW, status="issuing", next_attempt_at=NOW)
+        assert [d.hostname for d in store.due_domains(NOW, statuses=["issuing"])] == ["a.example.test"]
+        assert store.count_domains() == 1
+        assert store.domain_created_times_since(NOW - dt.timedelta(hours=1)) == [NOW]
+    finally:
+        inner.close()
 
 
 def _digest(paths: list[Path]) -> dict[str, str]:

@@ -75,6 +75,32 @@ def test_hourly_registration_rate_with_retry_after(tmp_path: Path) -> None:
         registry.add("R3.example.test.")
 
 
+def test_limits_never_list_every_domain_and_the_hour_excludes_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8: the cap and the rate come from a count and the last hour's creation
+    times, not list_domains; a registration exactly one hour old has left the window."""
+    registry, clock = make(tmp_path, max_domains=3, registrations_per_hour=2)
+
+    def refuse() -> None:
+        raise AssertionError("_check_limits must not read every domain")
+
+    monkeypatch.setattr(registry.storage, "list_domains", refuse)
+    registry.add("a.example.test")
+    clock.now += dt.timedelta(minutes=30)
+    registry.add("b.example.test")
+    clock.now += dt.timedelta(minutes=30) - dt.timedelta(microseconds=1)
+    with pytest.raises(LimitReached) as info:
+        registry.add("c.example.test")
+    assert info.value.code == "registration_rate" and info.value.retry_after == 1.0
+    clock.now += dt.timedelta(microseconds=1)  # a.example.test is exactly one hour old
+    registry.add("c.example.test")
+    clock.now += dt.timedelta(hours=2)
+    with pytest.raises(LimitReached) as capped:
+        registry.add("d.example.test")
+    assert capped.value.code == "domain_limit"
+
+
 def _post(app: Any, hostname: str, headers: dict[str, str]) -> httpx.Response:
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin") as client:

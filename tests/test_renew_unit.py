@@ -104,3 +104,49 @@ def test_evaluate_pointing() -> None:
     missing = check([], [])
     assert missing.code == "dns_missing"
     assert "a.shop.test. CNAME edge.example.net. (or A 192.0.2.10)" in missing.message
+
+
+# -- issue 8: the due queries, against a real (SQLite) store -----------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from edgeproxy.certstore import CertStore  # noqa: E402
+from edgeproxy.renew import RenewalService  # noqa: E402
+from edgeproxy.storage.sqlite import SqliteStorage  # noqa: E402
+
+
+class _NoIssuer:
+    def issue(self, hostname: str, replaces: str | None = None) -> Any:
+        raise AssertionError("due()/_new_work() never order")
+
+    def renewal_info(self, hostname: str, chain_pem: bytes) -> Any:
+        raise AssertionError("due()/_new_work() never ask the CA")
+
+
+def test_due_and_new_work_match_the_old_filter_without_listing_every_domain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = SqliteStorage(str(tmp_path / "due.db"))
+    try:
+        plan = [("z.example.test", "issuing", T0 - dt.timedelta(days=1)), ("m.example.test", "pending_dns", T0),
+                ("a.example.test", "active", T0 - dt.timedelta(hours=1)), ("f.example.test", "failing", T0),
+                ("r.example.test", "renewing", T0 + dt.timedelta(seconds=1)), ("n.example.test", "active", None),
+                ("v.example.test", "moved", T0 - dt.timedelta(days=2))]
+        for name, status, next_at in plan:
+            storage.add_domain(name, "issuing", T0 - dt.timedelta(days=3))
+            storage.update_domain(name, T0 - dt.timedelta(days=3), status=status, next_attempt_at=next_at)
+        # The old implementations, as the oracle (issue 8 replaced them with indexed queries).
+        old_due = [d for d in storage.list_domains() if is_due(d, T0)]
+        old_new_work = [d.hostname for d in old_due if d.status in ("issuing", "pending_dns", "failing")]
+        service = RenewalService(storage, CertStore(storage), _NoIssuer(), clock=lambda: T0)
+
+        def refuse() -> None:
+            raise AssertionError("the renewal loop must not read every domain")
+
+        monkeypatch.setattr(storage, "list_domains", refuse)
+        assert service.due(T0) == old_due  # same records, same (hostname) order
+        assert [d.hostname for d in old_due] == ["a.example.test", "f.example.test", "m.example.test",
+                                                  "v.example.test", "z.example.test"]
+        assert service._new_work() == old_new_work == ["f.example.test", "m.example.test", "z.example.test"]
+    finally:
+        storage.close()

@@ -235,6 +235,77 @@ def test_list_order_is_byte_order_whatever_the_locale(store: Storage) -> None:
     assert store.changes_since(0)[1] == sorted(names)
 
 
+# -- issue 8: due domains, count, recent registrations -------------------------------
+
+
+def _due_fixture(store: Storage) -> None:
+    """Six domains around NOW: due ones at, before and a microsecond after NOW, one never."""
+    plan = [
+        ("at-now.example", "issuing", NOW),
+        ("early.example", "active", NOW - timedelta(days=2)),
+        ("late.example", "pending_dns", NOW + timedelta(microseconds=1)),
+        ("never.example", "active", None),
+        ("b-tie.example", "failing", NOW - timedelta(hours=1)),
+        ("a-tie.example", "moved", NOW - timedelta(hours=1)),
+    ]
+    for name, status, next_at in plan:
+        store.add_domain(name, "issuing", NOW - timedelta(days=3))
+        store.update_domain(name, NOW - timedelta(days=3), status=status, next_attempt_at=next_at)
+
+
+def test_due_domains_boundary_order_and_never(store: Storage) -> None:
+    assert store.due_domains(NOW) == []
+    _due_fixture(store)
+    due = store.due_domains(NOW)
+    # Most overdue first, ties by hostname; == now is due; None and later are not.
+    assert [d.hostname for d in due] == ["early.example", "a-tie.example", "b-tie.example", "at-now.example"]
+    assert due == [store.get_domain(d.hostname) for d in due]  # whole records
+    assert [d.hostname for d in store.due_domains(NOW + timedelta(microseconds=1))][-1] == "late.example"
+    assert store.due_domains(NOW - timedelta(days=3)) == []
+    assert "never.example" not in {d.hostname for d in store.due_domains(datetime.max.replace(tzinfo=timezone.utc))}
+    # The same instant in another zone gives the same answer.
+    assert store.due_domains(NOW.astimezone(UTC_PLUS_2)) == due
+
+
+def test_due_domains_status_filter_and_limit(store: Storage) -> None:
+    _due_fixture(store)
+    new_work = store.due_domains(NOW, statuses=("issuing", "pending_dns", "failing"))
+    assert [d.hostname for d in new_work] == ["b-tie.example", "at-now.example"]
+    assert [d.hostname for d in store.due_domains(NOW, statuses=["moved"])] == ["a-tie.example"]
+    assert store.due_domains(NOW, statuses=()) == []
+    assert store.due_domains(NOW, statuses=["renewing"]) == []
+    assert [d.hostname for d in store.due_domains(NOW, limit=2)] == ["early.example", "a-tie.example"]
+    assert [d.hostname for d in store.due_domains(NOW, statuses=["failing", "issuing"], limit=1)] == ["b-tie.example"]
+    assert store.due_domains(NOW, limit=0) == []
+    assert len(store.due_domains(NOW, limit=100)) == 4
+    # A domain that becomes active without a next attempt leaves the due set.
+    store.update_domain("early.example", NOW, status="active")
+    assert "early.example" not in {d.hostname for d in store.due_domains(NOW)}
+
+
+def test_count_domains_and_creation_times_window(store: Storage) -> None:
+    assert store.count_domains() == 0
+    assert store.domain_created_times_since(NOW - timedelta(days=365)) == []
+    offsets = [timedelta(hours=-2), timedelta(minutes=-59), timedelta(hours=-1), timedelta(0),
+               timedelta(minutes=-30, microseconds=-1)]
+    for n, offset in enumerate(offsets):
+        store.add_domain(f"d{n}.example", "issuing", NOW + offset)
+    store.update_domain("d0.example", NOW, status="active")  # updated_at does not count
+    assert store.count_domains() == len(offsets)
+    hour_ago = NOW - timedelta(hours=1)
+    # At or after ``since`` (the boundary included), oldest first, as UTC.
+    assert store.domain_created_times_since(hour_ago) == [
+        hour_ago, NOW - timedelta(minutes=59), NOW - timedelta(minutes=30, microseconds=1), NOW]
+    assert store.domain_created_times_since(hour_ago + timedelta(microseconds=1)) == [
+        NOW - timedelta(minutes=59), NOW - timedelta(minutes=30, microseconds=1), NOW]
+    assert all(t.utcoffset() == timedelta(0) for t in store.domain_created_times_since(hour_ago))
+    assert store.domain_created_times_since(NOW.astimezone(UTC_PLUS_2)) == [NOW]
+    assert store.domain_created_times_since(NOW + timedelta(microseconds=1)) == []
+    store.remove_domain("d3.example")
+    assert store.count_domains() == len(offsets) - 1
+    assert NOW not in store.domain_created_times_since(hour_ago)
+
+
 # -- certificates ----------------------------------------------------------------------
 
 
@@ -813,6 +884,38 @@ def test_sqlite_storage_satisfies_the_protocol(sq: SqliteStorage) -> None:
 
 
 
+def test_sqlite_adds_the_due_indexes_to_an_existing_file_and_uses_them(db_path: str) -> None:
+    """Issue 8: a file written before the indexes existed gets them on open (no
+    schema_version bump: older edgeproxy versions still open it), and the due and
+    recent-registration queries are index range scans, not table scans."""
+    SqliteStorage(db_path).close()
+    raw = sqlite3.connect(db_path)
+    raw.execute("DROP INDEX domains_next_attempt")
+    raw.execute("DROP INDEX domains_created")
+    raw.execute("INSERT INTO domains (hostname, status, created_at, updated_at, next_attempt_at) "
+                "VALUES ('old.example', 'issuing', '2025-01-01T00:00:00.000000Z', "
+                "'2025-01-01T00:00:00.000000Z', '2025-01-01T00:00:00.000000Z')")
+    raw.commit()
+    raw.close()
+    s = SqliteStorage(db_path)
+    try:
+        assert [d.hostname for d in s.due_domains(NOW)] == ["old.example"]
+        conn = sqlite3.connect(db_path)
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"domains_next_attempt", "domains_created"} <= indexes
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        due_plan = " ".join(r[3] for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM domains WHERE next_attempt_at <= ? AND status IN (?, ?) "
+            "ORDER BY next_attempt_at, hostname LIMIT 10", ("x", "issuing", "failing")))
+        assert "INDEX domains_next_attempt (next_attempt_at<?)" in due_plan and "TEMP B-TREE" not in due_plan
+        created_plan = " ".join(r[3] for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT created_at FROM domains WHERE created_at >= ? ORDER BY created_at", ("x",)))
+        assert "domains_created" in created_plan
+        conn.close()
+    finally:
+        s.close()
+
+
 # == BEGIN issue 4: budget ledger and status history (every backend) ==========================
 
 
@@ -1201,6 +1304,35 @@ def test_postgres_upgrades_a_version_1_database_in_place(pg_url: str) -> None:
         assert s.get_domain("old.example") is not None
         s.add_status_event(StatusEvent("old.example", NOW, "active"))
         assert [e.status for e in s.status_history("old.example")] == ["active"]
+    finally:
+        s.close()
+
+
+def test_postgres_migration_3_adds_the_due_indexes_to_a_version_2_database(pg_url: str) -> None:
+    """Issue 8: a store at schema 2 gets the due/created indexes on open, data kept."""
+    from edgeproxy.storage.postgres import MIGRATIONS, SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= 3
+    with _raw(pg_url) as conn:
+        with conn.transaction():
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for version in (1, 2):
+                for statement in dict(MIGRATIONS)[version]:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (2)")
+            conn.execute("INSERT INTO domains (hostname, status, created_at, updated_at, next_attempt_at) "
+                         "VALUES (%s, %s, %s, %s, %s)", ("old.example", "issuing", NOW, NOW, NOW))
+    with pytest.raises(StorageError, match="schema version 2, this edgeproxy needs"):
+        open_storage(pg_url, auto_migrate=False)
+    s = open_storage(pg_url)
+    try:
+        assert getattr(s, "last_migration") == (2, SCHEMA_VERSION)
+        assert [d.hostname for d in s.due_domains(NOW)] == ["old.example"]
+        assert s.domain_created_times_since(NOW) == [NOW]
+        with _raw(pg_url) as conn:
+            names = {r[0] for r in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'domains'")}
+        assert {"domains_next_attempt", "domains_created"} <= names
     finally:
         s.close()
 

@@ -16,6 +16,7 @@ Contract common to every method:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -153,6 +154,25 @@ class Storage(Protocol):
 
     def list_domains(self) -> list[DomainRecord]:
         """All domains, ordered by hostname."""
+        ...
+
+    # Issue 8: the renewal loop and the registration limits ask these every few
+    # seconds; ``list_domains`` would build every record (100,000 at scale) to
+    # keep a handful. Both are answered from an index, whatever the store's size.
+    def due_domains(
+        self, now: datetime, statuses: Sequence[str] | None = None, limit: int | None = None
+    ) -> list[DomainRecord]:
+        """Domains with ``next_attempt_at <= now`` (None is never due), with a status
+        in ``statuses`` when given (an empty sequence matches nothing), the most
+        overdue first (ties by hostname), at most ``limit`` of them when given."""
+        ...
+
+    def count_domains(self) -> int:
+        """How many domains are registered."""
+        ...
+
+    def domain_created_times_since(self, since: datetime) -> list[datetime]:
+        """``created_at`` of the domains registered at or after ``since``, oldest first."""
         ...
 
     def update_domain(

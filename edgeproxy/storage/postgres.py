@@ -211,6 +211,16 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX failed_requests_logged ON failed_requests (logged_at)",
         ),
     ),
+    (
+        3,
+        (
+            # Issue 8: the renewal loop's due query (every few seconds) and the
+            # registration limits, without reading every domain. hostname in the
+            # first one lets ORDER BY next_attempt_at, hostname LIMIT n walk the index.
+            "CREATE INDEX domains_next_attempt ON domains (next_attempt_at, hostname)",
+            "CREATE INDEX domains_created ON domains (created_at)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -555,6 +565,40 @@ class PostgresStorage:
         with self._conn("list domains") as conn:
             rows = conn.execute(f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY hostname").fetchall()
         return [_domain(row) for row in rows]
+
+    def due_domains(
+        self, now: datetime, statuses: Sequence[str] | None = None, limit: int | None = None
+    ) -> list[DomainRecord]:
+        """Domains with ``next_attempt_at <= now`` (NULL is never due), with a status
+        in ``statuses`` when given, the most overdue first (ties by hostname, byte
+        order), at most ``limit``. A range scan of ``domains_next_attempt``."""
+        sql = f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE next_attempt_at <= %s"
+        params: list[Any] = [_ts(now)]
+        if statuses is not None:
+            if not statuses:
+                return []
+            sql += " AND status = ANY(%s)"  # one array parameter
+            params.append(list(statuses))
+        sql += " ORDER BY next_attempt_at, hostname"
+        if limit is not None:
+            sql += " LIMIT %s"
+            params.append(max(0, limit))
+        with self._conn("list due domains") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [_domain(row) for row in rows]
+
+    def count_domains(self) -> int:
+        """How many domains are registered."""
+        row = self._one("count domains", "SELECT COUNT(*) FROM domains", ())
+        return int(row[0])
+
+    def domain_created_times_since(self, since: datetime) -> list[datetime]:
+        """``created_at`` of the domains registered at or after ``since``, oldest first."""
+        with self._conn("list recent registrations") as conn:
+            rows = conn.execute(
+                "SELECT created_at FROM domains WHERE created_at >= %s ORDER BY created_at", (_ts(since),)
+            ).fetchall()
+        return [_utc(row[0]) for row in rows]
 
     def update_domain(
         self,

@@ -179,6 +179,17 @@ _FAILED_LOG_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS failed_requests_received ON failed_requests(received_at)",
     "CREATE INDEX IF NOT EXISTS failed_requests_logged ON failed_requests(logged_at)",
 )
+# Issue 8: indexes for the renewal loop's due query and the registration limits.
+# Additive like the tables above (CREATE INDEX IF NOT EXISTS on every open), so an
+# existing file gets them on its first open by this version, and an older
+# edgeproxy can still open the file (it never sees a schema_version it rejects).
+# hostname in the first one lets ``ORDER BY next_attempt_at, hostname LIMIT n``
+# walk the index without sorting.
+_SCHEMA_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS domains_next_attempt ON domains(next_attempt_at, hostname)",
+    "CREATE INDEX IF NOT EXISTS domains_created ON domains(created_at)",
+)
+
 _FAILED_COLUMNS = (
     "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
     "received_at, logged_at, delivered_at"
@@ -406,7 +417,7 @@ class SqliteStorage:
         with self._write("create the schema") as tx:
             for statement in _SCHEMA_V1 + _FAILED_LOG_SCHEMA:
                 tx.execute(statement)
-            for statement in _SCHEMA_RENEW:
+            for statement in _SCHEMA_RENEW + _SCHEMA_INDEXES:
                 tx.execute(statement)
             version = tx.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             if version is None:
@@ -536,6 +547,48 @@ class SqliteStorage:
         except sqlite3.Error as exc:
             raise _map_error(exc, "list domains", self.path) from exc
         return [_domain(row) for row in rows]
+
+    def due_domains(
+        self, now: datetime, statuses: Sequence[str] | None = None, limit: int | None = None
+    ) -> list[DomainRecord]:
+        """Domains with ``next_attempt_at <= now`` (None is never due), with a status
+        in ``statuses`` when given, the most overdue first (ties by hostname), at most
+        ``limit``. A range scan of ``domains_next_attempt``: the fixed-width UTC text
+        of ``_ts`` sorts like time, and NULLs sort before every text, outside the range."""
+        sql = f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE next_attempt_at <= ?"
+        params: list[Any] = [_ts(now)]
+        if statuses is not None:
+            if not statuses:
+                return []
+            # Placeholders only: the statuses themselves are parameters.
+            sql += f" AND status IN ({', '.join('?' for _ in statuses)})"
+            params.extend(statuses)
+        sql += " ORDER BY next_attempt_at, hostname"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, limit))
+        conn = self._conn()
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, "list due domains", self.path) from exc
+        return [_domain(row) for row in rows]
+
+    def count_domains(self) -> int:
+        """How many domains are registered."""
+        row = self._query_one("count domains", "SELECT COUNT(*) FROM domains", ())
+        return int(row[0])
+
+    def domain_created_times_since(self, since: datetime) -> list[datetime]:
+        """``created_at`` of the domains registered at or after ``since``, oldest first."""
+        conn = self._conn()
+        try:
+            rows = conn.execute(
+                "SELECT created_at FROM domains WHERE created_at >= ? ORDER BY created_at", (_ts(since),)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, "list recent registrations", self.path) from exc
+        return [_dt(row[0]) for row in rows]
 
     def update_domain(
         self,
