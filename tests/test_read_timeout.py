@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
@@ -21,7 +23,8 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-async def _serve(read_timeout: float) -> tuple[asyncio.AbstractServer, int]:
+async def _serve(read_timeout: float | None, live: set[asyncio.Task[Any]] | None = None
+                 ) -> tuple[asyncio.AbstractServer, int]:
     config = Config()
     config.read_timeout = read_timeout
     config.keep_alive_timeout = 30
@@ -29,6 +32,10 @@ async def _serve(read_timeout: float) -> tuple[asyncio.AbstractServer, int]:
     loop = asyncio.get_running_loop()
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if live is not None and task is not None:
+            live.add(task)
+            task.add_done_callback(live.discard)
         await _TCPServer(ASGIWrapper(_app), loop, config, context, {}, reader, writer)  # type: ignore[arg-type]
 
     server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
@@ -67,3 +74,29 @@ def test_a_slow_but_live_client_and_keep_alive_requests_are_served() -> None:
 
     answers = asyncio.run(main())
     assert len(answers) == 2 and all(a.startswith(b"HTTP/1.1 200") for a in answers)
+
+
+@pytest.mark.parametrize("read_timeout", [60.0, None])
+@pytest.mark.parametrize("sends", [b"", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"])
+def test_a_connection_the_peer_closes_while_idle_ends_at_once(read_timeout: float | None, sends: bytes) -> None:
+    """hypercorn kept such a connection (task, buffers, TLS state) until
+    keep_alive_timeout (30 s here): before its first request, or after a
+    keep-alive answer. It must end as soon as the peer has gone."""
+
+    async def main() -> float:
+        live: set[asyncio.Task[Any]] = set()
+        server, port = await _serve(read_timeout, live)
+        async with server:
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                if sends:
+                    writer.write(sends)
+                    await asyncio.wait_for(reader.readuntil(b"ok"), timeout=5)
+                writer.close()
+            start = asyncio.get_running_loop().time()
+            while live or asyncio.get_running_loop().time() - start < 0.05:
+                await asyncio.sleep(0.01)
+                assert asyncio.get_running_loop().time() - start < 5, f"{len(live)} connections linger"
+            return asyncio.get_running_loop().time() - start
+
+    assert asyncio.run(main()) < 5
