@@ -13,15 +13,17 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .errors import EdgeproxyError
-from .registry import Registry, domain_view, utcnow
 from .keys import generate_master_key, open_store, rotate
 from .storage import migrate_storage, open_storage
 from .storage.copy import copy_store
 from .tokens import TokenStore
+
+if TYPE_CHECKING:  # registry pulls in dnspython and tldextract; `serve` does not need them first
+    from .registry import Registry
 
 __all__ = ["main"]
 
@@ -45,6 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _with_registry(args: argparse.Namespace) -> tuple[Registry, Settings]:
+    from .registry import Registry
     settings = _settings(args)
     return Registry(open_store(settings), settings), settings
 
@@ -96,6 +99,7 @@ def _cmd_domains_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_renew(args: argparse.Namespace) -> int:
+    from .registry import Registry, domain_view
     from .acme_client import AcmeIssuer
     from .certstore import CertStore
     from .renew import RenewalService
@@ -180,6 +184,7 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokens_create(args: argparse.Namespace) -> int:
+    from .registry import utcnow
     token = TokenStore(_settings(args).admin).create(args.name, utcnow())
     print(token)
     print(f"token {args.name!r} created; it is shown once and stored only as a hash", file=sys.stderr)

@@ -24,6 +24,8 @@ except the optional access log.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextvars
 import datetime as dt
 import logging
@@ -44,9 +46,11 @@ from prometheus_client.registry import Collector
 
 from .config import RoutesSettings
 from .errors import IssuanceError
-from .renew import IssuedPair, Issuer
 from .routes import site_routes
 from .storage.base import AriState
+
+if TYPE_CHECKING:  # renew pulls in dnspython and tldextract: not needed to count
+    from .renew import IssuedPair, Issuer
 
 __all__ = [
     "CONTENT_TYPE",

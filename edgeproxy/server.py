@@ -27,7 +27,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h2.events
 import hypercorn.protocol
@@ -39,8 +39,6 @@ from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CollectorRegistry
 
-from .acme_client import AcmeIssuer
-from .admin import create_admin_app
 from .certstore import CertStore
 from .config import Settings, parse_hostport
 from .logs import setup_logging
@@ -48,14 +46,14 @@ from .metrics import (
     CONTENT_TYPE, CountingIssuer, Metrics, StateCollector, StatsCounter, enable_multiprocess, instrument, make_run_dir,
     multiprocess_dir, render, sample_total, scrape_registry,
 )
-from .monitor import AlertDispatcher, MonitorService, Prober, SpoolStats, build_sinks
 from .proxy import EdgeProxy, Site
-from .registry import Registry
-from .renew import Issuer, RenewalService
 from .keys import open_store
 from .spool import Replayer, ReplayFilters, Spool, SpoolingForwarder, prune_loop, replay_failed, spool_path
 from .storage.base import Storage
-from .tokens import TokenStore
+
+if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
+    from .monitor import MonitorService, SpoolStats
+    from .renew import Issuer
 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
 
@@ -310,10 +308,15 @@ class EdgeNode:
         return on_connection
 
     async def run(self) -> None:
-        """Serve until ``stop`` is set, then drain connections and close."""
+        """Serve until ``stop`` is set, then drain connections and close.
+
+        Start-up order (issue 8: time to the first served request with 100,000
+        certificates): the certificate map and the script first (together), then
+        the public listeners, and only then the primary's admin API and loops,
+        whose imports (FastAPI, acme) alone take a few hundred milliseconds.
+        """
         self._loop = asyncio.get_running_loop()
-        await self.certstore.refresh()
-        await self.proxy.startup()
+        await asyncio.gather(self.certstore.refresh(), self.proxy.startup())
         access = self.settings.log.access_log
         routes = self.settings.routes
         listeners = [
@@ -322,49 +325,67 @@ class EdgeNode:
             _Listener("https", self.sockets["https"],
                       instrument(self.proxy.https_app, "https", self.metrics, routes, log_access=access), tls=True),
         ]
-        background = [asyncio.create_task(self.certstore.run(self.settings.proxy.cert_refresh_interval, self.stop))]
-        if self.primary:
-            registry = Registry(self.storage, self.settings)
-            tokens = TokenStore(self.settings.admin, create_bootstrap=True)
-            monitor = self._monitor()
-            admin = create_admin_app(registry, tokens, on_registered=lambda _h: self._wake_soon(),
-                                     last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
-                                     spool_status=self._spool_status, replay=self._replay)
-            listeners.append(_Listener("admin", self.sockets["admin"], admin))
-            background.append(asyncio.create_task(monitor.run_forever(self.stop)))
-            issuer = self.issuer or AcmeIssuer(
-                storage=self.storage,
-                directory_url=self.settings.acme.directory,
-                email=self.settings.acme.email,
-                ca_bundle=self.settings.acme.ca_bundle,
-                profile=self.settings.acme.profile,
-                timeout=self.settings.acme.timeout,
-            )
-            renewer = RenewalService.from_settings(
-                self.storage, self.certstore, CountingIssuer(issuer, self.metrics), self.settings)
-            r = self.settings.renew
-            background.append(asyncio.create_task(
-                renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
-            replayer = Replayer(self.spool, self.proxy.forward, self.settings.spool, storage=self.storage,
-                                ip_retention=self.settings.privacy.ip_retention)
-            background.append(asyncio.create_task(replayer.run(self.stop)))
-            background.append(asyncio.create_task(
-                prune_loop(self.storage, self.settings.failed_log.retention_days, self.stop)))
-        for listener in listeners:
-            ssl_context = self.certstore.server_context() if listener.tls else None
-            listener.server = await asyncio.start_server(
-                self._callback(listener), sock=listener.sock, ssl=ssl_context,
-                ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
-                backlog=1024,
-            )
-            name = listener.sock.getsockname()
-            where = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
-            log.info("pid %d serving %s on %s", os.getpid(), listener.name, where)
         self._listeners = listeners
+        for listener in listeners:
+            await self._listen(listener)
+        self.certstore.trim_memory()  # after the bulk load: hand its scratch memory back
+        background = [asyncio.create_task(self.certstore.run(self.settings.proxy.cert_refresh_interval, self.stop))]
         try:
+            if self.primary:
+                admin = self._start_primary(background)
+                listeners.append(admin)
+                await self._listen(admin)
             await self.stop.wait()
         finally:
             await self._shutdown(background)
+
+    async def _listen(self, listener: _Listener) -> None:
+        ssl_context = self.certstore.server_context() if listener.tls else None
+        listener.server = await asyncio.start_server(
+            self._callback(listener), sock=listener.sock, ssl=ssl_context,
+            ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
+            backlog=1024,
+        )
+        name = listener.sock.getsockname()
+        where = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
+        log.info("pid %d serving %s on %s", os.getpid(), listener.name, where)
+
+    def _start_primary(self, background: list[asyncio.Task[None]]) -> _Listener:
+        """The primary's share: admin API, probes, issuance and renewal, replay,
+        pruning. Imported here, after the public listeners are up: nothing on the
+        public path needs FastAPI or the ACME client."""
+        from .acme_client import AcmeIssuer
+        from .admin import create_admin_app
+        from .registry import Registry
+        from .renew import RenewalService
+        from .tokens import TokenStore
+
+        registry = Registry(self.storage, self.settings)
+        tokens = TokenStore(self.settings.admin, create_bootstrap=True)
+        monitor = self._monitor()
+        admin = create_admin_app(registry, tokens, on_registered=lambda _h: self._wake_soon(),
+                                 last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
+                                 spool_status=self._spool_status, replay=self._replay)
+        background.append(asyncio.create_task(monitor.run_forever(self.stop)))
+        issuer = self.issuer or AcmeIssuer(
+            storage=self.storage,
+            directory_url=self.settings.acme.directory,
+            email=self.settings.acme.email,
+            ca_bundle=self.settings.acme.ca_bundle,
+            profile=self.settings.acme.profile,
+            timeout=self.settings.acme.timeout,
+        )
+        renewer = RenewalService.from_settings(
+            self.storage, self.certstore, CountingIssuer(issuer, self.metrics), self.settings)
+        r = self.settings.renew
+        background.append(asyncio.create_task(
+            renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
+        replayer = Replayer(self.spool, self.proxy.forward, self.settings.spool, storage=self.storage,
+                            ip_retention=self.settings.privacy.ip_retention)
+        background.append(asyncio.create_task(replayer.run(self.stop)))
+        background.append(asyncio.create_task(
+            prune_loop(self.storage, self.settings.failed_log.retention_days, self.stop)))
+        return _Listener("admin", self.sockets["admin"], admin)
 
     # -- monitoring (issue 5) ----------------------------------------------------------
     def _relay_4xx_total(self) -> float:
@@ -375,6 +396,8 @@ class EdgeNode:
         return self.spool_stats() if self.spool_stats is not None else None
 
     def _monitor(self) -> MonitorService:
+        from .monitor import AlertDispatcher, MonitorService, Prober, build_sinks
+
         alerts = self.settings.alerts
         dispatcher = AlertDispatcher(build_sinks(self.settings), retries=alerts.retries,
                                      retry_delay=alerts.retry_delay, timeout=alerts.timeout,
@@ -390,7 +413,7 @@ class EdgeNode:
     def _metrics_renderer(self, monitor: MonitorService) -> Callable[[], tuple[bytes, str]]:
         state = StateCollector(
             domain_statuses=lambda: [d.status for d in self.storage.list_domains()],
-            cert_expiries=lambda: [c.not_after for c in list(self.certstore.certs.values())],
+            cert_expiries=self.certstore.expiries,
             spool_stats=self._spool,
             failing_probes=lambda: sum(1 for r in list(monitor.results.values()) if not r.ok),
             warn_days=self.settings.monitor.cert_warn_days,
