@@ -27,7 +27,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -58,6 +58,7 @@ __all__ = [
     "build_sinks",
     "conditions",
     "increase_over",
+    "probe_hosts",
     "probe_port",
     "build_test_alert",
     "PROBE_HEADER",
@@ -145,6 +146,36 @@ def probe_port(settings: Settings) -> int:
 
 def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
+
+
+async def probe_hosts(
+    probe: Callable[[str], Awaitable[ProbeResult]],
+    hostnames: Sequence[str],
+    *,
+    concurrency: int,
+) -> list[ProbeResult]:
+    """``probe`` every host with ``concurrency`` workers; results in the order of ``hostnames``.
+
+    Issue 8: one task per host behind a semaphore was 100,000 tasks (100+ MB, a CPU burst
+    at start-up) at 100,000 domains. Here the workers take hosts from one shared iterator,
+    so what is in flight is O(concurrency); only the small results grow with the list.
+    If a probe raises, the other workers are cancelled and the error propagates.
+    """
+    results: list[ProbeResult | None] = [None] * len(hostnames)
+    # Shared by every worker: next() runs between awaits, so each host goes to one worker.
+    pending = iter(enumerate(hostnames))
+
+    async def worker() -> None:
+        for index, host in pending:
+            results[index] = await probe(host)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(max(1, concurrency), len(hostnames)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()  # a no-op for the finished ones; stops the rest if one failed
+    return [r for r in results if r is not None]  # every slot is filled once gather returns
 
 
 class Prober:
@@ -707,13 +738,8 @@ class MonitorService:
         return None if result is None else result.to_json()
 
     async def probe_all(self, hostnames: Sequence[str]) -> list[ProbeResult]:
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def one(host: str) -> ProbeResult:
-            async with gate:
-                return await self.prober.probe(host)
-
-        return list(await asyncio.gather(*(one(h) for h in hostnames)))
+        """One probe per host, ``concurrency`` at a time; results in the order of ``hostnames``."""
+        return await probe_hosts(self.prober.probe, hostnames, concurrency=self.concurrency)
 
     async def run_round(self) -> list[Alert]:
         """One round: probe, derive conditions, send what changed. Returns the alerts sent."""

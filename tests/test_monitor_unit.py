@@ -196,3 +196,55 @@ def test_metrics_run_dir_sweeps_directories_of_dead_runs(tmp_path: Path) -> None
     fresh = Path(make_run_dir(str(tmp_path)))
     assert fresh.is_dir() and fresh.name.startswith(f"edgeproxy-metrics-{os.getpid()}-")
     assert not stale.exists() and live.exists() and other.exists()
+
+
+# -- probe rounds at scale (issue 8) ---------------------------------------------------
+
+
+class FakeProber:
+    """Stands in for ``Prober``: records how many probes and tasks are alive at once."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.peak_tasks = 0
+        self.starts: list[float] = []
+
+    async def probe(self, host: str) -> ProbeResult:
+        self.starts.append(asyncio.get_running_loop().time())
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self.peak_tasks = max(self.peak_tasks, len(asyncio.all_tasks()))
+        try:
+            # Unequal durations: results finish out of order.
+            await asyncio.sleep(self.delay * (sum(map(ord, host)) % 3))
+        finally:
+            self.in_flight -= 1
+        return ProbeResult(host, not host.startswith("bad"), (Step("tls", True, host),), T0, 0.0, 30.0)
+
+
+def monitor_service(prober: FakeProber, *, interval: float = 0.0, concurrency: int = 8) -> MonitorService:
+    base = Settings()
+    settings = dataclasses.replace(base, monitor=dataclasses.replace(base.monitor, interval=interval))
+    return MonitorService(settings, None, prober, AlertDispatcher([]), concurrency=concurrency)  # type: ignore[arg-type]
+
+
+def test_probe_round_keeps_concurrency_tasks_not_one_per_domain() -> None:
+    prober = FakeProber()
+    hosts = [f"h{i}.example.test" for i in range(2000)]
+    results = asyncio.run(monitor_service(prober, concurrency=8).probe_all(hosts))
+    assert len(results) == 2000
+    assert prober.peak_in_flight <= 8
+    # 8 workers and the task running the round (one task per host was 2,001).
+    assert prober.peak_tasks <= 8 + 1
+
+
+def test_probe_round_results_in_host_order() -> None:
+    prober = FakeProber(delay=0.001)
+    hosts = [f"{'bad' if i % 7 == 0 else 'ok'}{i}.example.test" for i in range(50)]
+    results = asyncio.run(monitor_service(prober, concurrency=4).probe_all(hosts))
+    assert [r.hostname for r in results] == hosts
+    assert [r.ok for r in results] == [not h.startswith("bad") for h in hosts]
+    assert all(r.steps == (Step("tls", True, r.hostname),) for r in results)
+    assert asyncio.run(monitor_service(prober).probe_all([])) == []
