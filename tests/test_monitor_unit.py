@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from edgeproxy.config import Settings, load_settings
 from edgeproxy.errors import ConfigError
 from edgeproxy.monitor import (
+    MIN_PROBE_RATE,
     Alert,
     AlertDispatcher,
     AlertState,
@@ -24,6 +26,7 @@ from edgeproxy.monitor import (
     conditions,
     increase_over,
     probe_port,
+    probe_rate,
 )
 from edgeproxy.storage import open_storage
 from edgeproxy.storage.base import DomainRecord
@@ -224,9 +227,10 @@ class FakeProber:
         return ProbeResult(host, not host.startswith("bad"), (Step("tls", True, host),), T0, 0.0, 30.0)
 
 
-def monitor_service(prober: FakeProber, *, interval: float = 0.0, concurrency: int = 8) -> MonitorService:
+def monitor_service(prober: FakeProber, *, interval: float = 0.0, spread: float = 0.5,
+                    concurrency: int = 8) -> MonitorService:
     base = Settings()
-    settings = dataclasses.replace(base, monitor=dataclasses.replace(base.monitor, interval=interval))
+    settings = dataclasses.replace(base, monitor=dataclasses.replace(base.monitor, interval=interval, spread=spread))
     return MonitorService(settings, None, prober, AlertDispatcher([]), concurrency=concurrency)  # type: ignore[arg-type]
 
 
@@ -248,3 +252,43 @@ def test_probe_round_results_in_host_order() -> None:
     assert [r.ok for r in results] == [not h.startswith("bad") for h in hosts]
     assert all(r.steps == (Step("tls", True, r.hostname),) for r in results)
     assert asyncio.run(monitor_service(prober).probe_all([])) == []
+
+
+def test_probe_rate_spreads_large_rounds_and_keeps_small_ones_quick() -> None:
+    assert probe_rate(100_000, 300.0, 0.5) == pytest.approx(100_000 / 150)  # a round's starts span 150 s
+    assert probe_rate(10, 300.0, 0.5) == MIN_PROBE_RATE  # not one start per 15 s
+    assert probe_rate(10, 0.0, 0.5) is None and probe_rate(10, 300.0, 0.0) is None  # no loop / no pacing
+    assert probe_rate(0, 300.0, 0.5) is None
+
+
+def test_probe_round_is_spread_over_interval_times_spread() -> None:
+    prober = FakeProber()
+    service = monitor_service(prober, interval=1.0, spread=0.5)
+
+    async def timed() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await service.probe_all([f"h{i}.example.test" for i in range(200)])
+        return began, loop.time()
+
+    began, ended = asyncio.run(timed())
+    assert 0.45 <= ended - began < 1.5  # about interval * spread (slack for a loaded machine)
+    offsets = [t - began for t in prober.starts]
+    assert sum(1 for t in offsets if t < 0.05) <= 40  # not a burst: ~10% of starts in the first 10%
+    assert sum(1 for t in offsets if t >= 0.25) >= 80  # about half start in the second half
+    assert prober.peak_in_flight <= 8
+
+
+def test_small_probe_round_is_not_slowed_by_pacing() -> None:
+    prober = FakeProber()
+    service = monitor_service(prober, interval=300.0, spread=0.5)
+    began = time.monotonic()
+    asyncio.run(service.probe_all([f"h{i}.example.test" for i in range(10)]))
+    assert time.monotonic() - began < 0.5  # 10 starts at MIN_PROBE_RATE: 0.18 s
+
+
+def test_monitor_spread_setting() -> None:
+    assert Settings().monitor.spread == 0.5
+    assert load_settings(None, env={"EDGEPROXY_MONITOR_SPREAD": "0.25"}).monitor.spread == 0.25
+    with pytest.raises(ConfigError, match="monitor.spread"):
+        load_settings(None, env={"EDGEPROXY_MONITOR_SPREAD": "2"})
