@@ -161,7 +161,7 @@ class ProxySettings:
 # -- monitoring (issue 5): probes, alerts, logs ------------------------------------------
 @dataclass(frozen=True)
 class MonitorSettings:
-    interval: float = 300.0  # seconds between probe rounds inside `serve`; 0 = no loop
+    interval: float = 300.0  # seconds from the start of one probe round inside `serve` to the next; 0 = no loop
     spread: float = 0.5  # share of interval a round's probe starts are spread over (issue 8; >= 50/s); 0 = no pacing
     ca_bundle: str = ""  # CA file the probes trust instead of the system roots (Pebble in tests)
     port: int = 0  # HTTPS port the probes connect to; 0 = the port of listen.https

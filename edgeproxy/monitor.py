@@ -819,13 +819,18 @@ class MonitorService:
         if interval <= 0:
             return
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 await self.run_round()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must outlive a bad round (storage down, a bug)
                 log.exception("monitor round failed")
+            # `interval` runs from one round's start to the next: a paced round fills
+            # `spread` of it (issue 8) instead of adding to it. A round that overran starts
+            # the next one at once, still paced and `concurrency` at a time.
+            pause = max(0.0, interval - (time.monotonic() - started))
             try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=pause)
             except TimeoutError:
                 pass

@@ -292,3 +292,26 @@ def test_monitor_spread_setting() -> None:
     assert load_settings(None, env={"EDGEPROXY_MONITOR_SPREAD": "0.25"}).monitor.spread == 0.25
     with pytest.raises(ConfigError, match="monitor.spread"):
         load_settings(None, env={"EDGEPROXY_MONITOR_SPREAD": "2"})
+
+
+def test_rounds_start_one_interval_apart_however_long_they_take() -> None:
+    """A paced round lasts interval * spread: the next one starts one interval after it began."""
+    service = monitor_service(FakeProber(), interval=0.3)
+    starts: list[float] = []
+
+    async def run() -> None:
+        stop = asyncio.Event()
+
+        async def round_() -> list[Alert]:
+            starts.append(time.monotonic())
+            if len(starts) == 3:
+                stop.set()
+            await asyncio.sleep(0.15)
+            return []
+
+        service.run_round = round_  # type: ignore[method-assign]
+        await asyncio.wait_for(service.run_forever(stop), timeout=5)
+
+    asyncio.run(run())
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) == 2 and all(0.29 <= gap < 0.42 for gap in gaps), gaps  # was 0.45: round + interval
