@@ -214,7 +214,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(findings, strict=args.strict)
 def _cmd_check(args: argparse.Namespace) -> int:
     from .domains import normalize_hostname
-    from .monitor import PROBED_STATUSES, Prober
+    from .monitor import PROBED_STATUSES, Prober, probe_hosts
 
     settings = _settings(args)
     if args.domain:
@@ -225,19 +225,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
             hosts = [d.hostname for d in storage.list_domains() if d.status in PROBED_STATUSES]
         finally:
             storage.close()
-    # The same Prober the serve loop uses; the command itself sends no alerts.
+    # The same Prober and workers as the serve loop, unpaced (an operator waits for the
+    # answer); 8 workers, not one task per domain (issue 8). The command sends no alerts.
     prober = Prober.from_settings(settings, connect=args.connect, port=args.port)
-
-    async def run() -> list[Any]:
-        gate = asyncio.Semaphore(8)
-
-        async def one(host: str) -> Any:
-            async with gate:
-                return await prober.probe(host)
-
-        return list(await asyncio.gather(*(one(h) for h in hosts)))
-
-    results = asyncio.run(run()) if hosts else []
+    results = asyncio.run(probe_hosts(prober.probe, hosts, concurrency=8)) if hosts else []
     if args.json:
         _print_json({"ok": all(r.ok for r in results), "results": [r.to_json() for r in results]})
     else:

@@ -161,7 +161,8 @@ class ProxySettings:
 # -- monitoring (issue 5): probes, alerts, logs ------------------------------------------
 @dataclass(frozen=True)
 class MonitorSettings:
-    interval: float = 300.0  # seconds between probe rounds inside `serve`; 0 = no loop
+    interval: float = 300.0  # seconds from the start of one probe round inside `serve` to the next; 0 = no loop
+    spread: float = 0.5  # share of interval a round's probe starts are spread over (issue 8; >= 50/s); 0 = no pacing
     ca_bundle: str = ""  # CA file the probes trust instead of the system roots (Pebble in tests)
     port: int = 0  # HTTPS port the probes connect to; 0 = the port of listen.https
     connect: str = ""  # IP the probes connect to instead of resolving each name (e.g. this node)
@@ -381,6 +382,8 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError(f"log.format must be 'json' or 'text', got {settings.log.format!r}")
     if settings.monitor.interval < 0 or settings.monitor.timeout <= 0:
         raise ConfigError("monitor.interval must be >= 0 and monitor.timeout > 0")
+    if not 0 <= settings.monitor.spread <= 1:
+        raise ConfigError(f"monitor.spread must be between 0 and 1, got {settings.monitor.spread!r}")
     return settings
 
 

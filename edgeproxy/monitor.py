@@ -27,7 +27,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -58,8 +58,11 @@ __all__ = [
     "build_sinks",
     "conditions",
     "increase_over",
+    "probe_hosts",
+    "probe_rate",
     "probe_port",
     "build_test_alert",
+    "MIN_PROBE_RATE",
     "PROBE_HEADER",
     "PROBED_STATUSES",
 ]
@@ -145,6 +148,63 @@ def probe_port(settings: Settings) -> int:
 
 def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
+
+
+MIN_PROBE_RATE = 50.0
+"""Probes started per second at the least when a round is paced: 10 domains all start within
+0.2 s; from ``50 * interval * spread`` domains up (7,500 by default) the spread rules."""
+
+
+def probe_rate(count: int, interval: float, spread: float) -> float | None:
+    """Probe starts per second so that ``count`` starts span ``interval * spread`` seconds,
+    never fewer than ``MIN_PROBE_RATE``; None (no pacing) without a window or without hosts.
+
+    A round then starts its probes over ``min(interval * spread, count / MIN_PROBE_RATE)``
+    seconds instead of all at once at our own listener (issue 8).
+    """
+    window = interval * spread
+    if count <= 0 or window <= 0:
+        return None
+    return max(count / window, MIN_PROBE_RATE)
+
+
+async def probe_hosts(
+    probe: Callable[[str], Awaitable[ProbeResult]],
+    hostnames: Sequence[str],
+    *,
+    concurrency: int,
+    rate: float | None = None,
+) -> list[ProbeResult]:
+    """``probe`` every host with ``concurrency`` workers; results in the order of ``hostnames``.
+
+    Issue 8: one task per host behind a semaphore was 100,000 tasks (100+ MB, a CPU burst
+    at start-up) at 100,000 domains. Here the workers take hosts from one shared iterator,
+    so what is in flight is O(concurrency); only the small results grow with the list.
+    With ``rate``, the i-th probe starts no earlier than ``i / rate`` seconds after the
+    first: a fixed schedule, so slow probes delay the round only when the workers are the
+    limit. If a probe raises, the other workers are cancelled and the error propagates.
+    """
+    results: list[ProbeResult | None] = [None] * len(hostnames)
+    # Shared by every worker: next() runs between awaits, so each host goes to one worker.
+    pending = iter(enumerate(hostnames))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def worker() -> None:
+        for index, host in pending:
+            if rate is not None:
+                delay = start + index / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            results[index] = await probe(host)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(max(1, concurrency), len(hostnames)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()  # a no-op for the finished ones; stops the rest if one failed
+    return [r for r in results if r is not None]  # every slot is filled once gather returns
 
 
 class Prober:
@@ -707,13 +767,11 @@ class MonitorService:
         return None if result is None else result.to_json()
 
     async def probe_all(self, hostnames: Sequence[str]) -> list[ProbeResult]:
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def one(host: str) -> ProbeResult:
-            async with gate:
-                return await self.prober.probe(host)
-
-        return list(await asyncio.gather(*(one(h) for h in hostnames)))
+        """One probe per host, ``concurrency`` at a time, their starts spread over
+        ``monitor.spread`` of the interval (``probe_rate``); results in the order of ``hostnames``."""
+        mon = self.settings.monitor
+        rate = probe_rate(len(hostnames), mon.interval, mon.spread)
+        return await probe_hosts(self.prober.probe, hostnames, concurrency=self.concurrency, rate=rate)
 
     async def run_round(self) -> list[Alert]:
         """One round: probe, derive conditions, send what changed. Returns the alerts sent."""
@@ -761,13 +819,18 @@ class MonitorService:
         if interval <= 0:
             return
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 await self.run_round()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must outlive a bad round (storage down, a bug)
                 log.exception("monitor round failed")
+            # `interval` runs from one round's start to the next: a paced round fills
+            # `spread` of it (issue 8) instead of adding to it. A round that overran starts
+            # the next one at once, still paced and `concurrency` at a time.
+            pause = max(0.0, interval - (time.monotonic() - started))
             try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=pause)
             except TimeoutError:
                 pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from edgeproxy.config import Settings, load_settings
 from edgeproxy.errors import ConfigError
 from edgeproxy.monitor import (
+    MIN_PROBE_RATE,
     Alert,
     AlertDispatcher,
     AlertState,
@@ -24,6 +26,7 @@ from edgeproxy.monitor import (
     conditions,
     increase_over,
     probe_port,
+    probe_rate,
 )
 from edgeproxy.storage import open_storage
 from edgeproxy.storage.base import DomainRecord
@@ -196,3 +199,119 @@ def test_metrics_run_dir_sweeps_directories_of_dead_runs(tmp_path: Path) -> None
     fresh = Path(make_run_dir(str(tmp_path)))
     assert fresh.is_dir() and fresh.name.startswith(f"edgeproxy-metrics-{os.getpid()}-")
     assert not stale.exists() and live.exists() and other.exists()
+
+
+# -- probe rounds at scale (issue 8) ---------------------------------------------------
+
+
+class FakeProber:
+    """Stands in for ``Prober``: records how many probes and tasks are alive at once."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.peak_tasks = 0
+        self.starts: list[float] = []
+
+    async def probe(self, host: str) -> ProbeResult:
+        self.starts.append(asyncio.get_running_loop().time())
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self.peak_tasks = max(self.peak_tasks, len(asyncio.all_tasks()))
+        try:
+            # Unequal durations: results finish out of order.
+            await asyncio.sleep(self.delay * (sum(map(ord, host)) % 3))
+        finally:
+            self.in_flight -= 1
+        return ProbeResult(host, not host.startswith("bad"), (Step("tls", True, host),), T0, 0.0, 30.0)
+
+
+def monitor_service(prober: FakeProber, *, interval: float = 0.0, spread: float = 0.5,
+                    concurrency: int = 8) -> MonitorService:
+    base = Settings()
+    settings = dataclasses.replace(base, monitor=dataclasses.replace(base.monitor, interval=interval, spread=spread))
+    return MonitorService(settings, None, prober, AlertDispatcher([]), concurrency=concurrency)  # type: ignore[arg-type]
+
+
+def test_probe_round_keeps_concurrency_tasks_not_one_per_domain() -> None:
+    prober = FakeProber()
+    hosts = [f"h{i}.example.test" for i in range(2000)]
+    results = asyncio.run(monitor_service(prober, concurrency=8).probe_all(hosts))
+    assert len(results) == 2000
+    assert prober.peak_in_flight <= 8
+    # 8 workers and the task running the round (one task per host was 2,001).
+    assert prober.peak_tasks <= 8 + 1
+
+
+def test_probe_round_results_in_host_order() -> None:
+    prober = FakeProber(delay=0.001)
+    hosts = [f"{'bad' if i % 7 == 0 else 'ok'}{i}.example.test" for i in range(50)]
+    results = asyncio.run(monitor_service(prober, concurrency=4).probe_all(hosts))
+    assert [r.hostname for r in results] == hosts
+    assert [r.ok for r in results] == [not h.startswith("bad") for h in hosts]
+    assert all(r.steps == (Step("tls", True, r.hostname),) for r in results)
+    assert asyncio.run(monitor_service(prober).probe_all([])) == []
+
+
+def test_probe_rate_spreads_large_rounds_and_keeps_small_ones_quick() -> None:
+    assert probe_rate(100_000, 300.0, 0.5) == pytest.approx(100_000 / 150)  # a round's starts span 150 s
+    assert probe_rate(10, 300.0, 0.5) == MIN_PROBE_RATE  # not one start per 15 s
+    assert probe_rate(10, 0.0, 0.5) is None and probe_rate(10, 300.0, 0.0) is None  # no loop / no pacing
+    assert probe_rate(0, 300.0, 0.5) is None
+
+
+def test_probe_round_is_spread_over_interval_times_spread() -> None:
+    prober = FakeProber()
+    service = monitor_service(prober, interval=1.0, spread=0.5)
+
+    async def timed() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await service.probe_all([f"h{i}.example.test" for i in range(200)])
+        return began, loop.time()
+
+    began, ended = asyncio.run(timed())
+    assert 0.45 <= ended - began < 1.5  # about interval * spread (slack for a loaded machine)
+    offsets = [t - began for t in prober.starts]
+    assert sum(1 for t in offsets if t < 0.05) <= 40  # not a burst: ~10% of starts in the first 10%
+    assert sum(1 for t in offsets if t >= 0.25) >= 80  # about half start in the second half
+    assert prober.peak_in_flight <= 8
+
+
+def test_small_probe_round_is_not_slowed_by_pacing() -> None:
+    prober = FakeProber()
+    service = monitor_service(prober, interval=300.0, spread=0.5)
+    began = time.monotonic()
+    asyncio.run(service.probe_all([f"h{i}.example.test" for i in range(10)]))
+    assert time.monotonic() - began < 0.5  # 10 starts at MIN_PROBE_RATE: 0.18 s
+
+
+def test_monitor_spread_setting() -> None:
+    assert Settings().monitor.spread == 0.5
+    assert load_settings(None, env={"EDGEPROXY_MONITOR_SPREAD": "0.25"}).monitor.spread == 0.25
+    with pytest.raises(ConfigError, match="monitor.spread"):
+        load_settings(None, env={"EDGEPROXY_MONITOR_SPREAD": "2"})
+
+
+def test_rounds_start_one_interval_apart_however_long_they_take() -> None:
+    """A paced round lasts interval * spread: the next one starts one interval after it began."""
+    service = monitor_service(FakeProber(), interval=0.3)
+    starts: list[float] = []
+
+    async def run() -> None:
+        stop = asyncio.Event()
+
+        async def round_() -> list[Alert]:
+            starts.append(time.monotonic())
+            if len(starts) == 3:
+                stop.set()
+            await asyncio.sleep(0.15)
+            return []
+
+        service.run_round = round_  # type: ignore[method-assign]
+        await asyncio.wait_for(service.run_forever(stop), timeout=5)
+
+    asyncio.run(run())
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) == 2 and all(0.29 <= gap < 0.42 for gap in gaps), gaps  # was 0.45: round + interval
