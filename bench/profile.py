@@ -44,7 +44,7 @@ def main() -> None:
                 load = threading.Thread(target=lambda: result.update(
                     run.wrk(config.https_port, path, seconds + 1, body=body, warmup=0)))
                 load.start()
-                subprocess.run(["py-spy", "record", "-p", str(edge.proc.pid), "-d", str(seconds), "-r", "200",
+                subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(edge.proc.pid), "-d", str(seconds), "-r", "200",
                                 "--nonblocking", "-f", "raw", "-o", f"{out}.txt"], check=True,
                                capture_output=True)
                 load.join()

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -241,3 +242,37 @@ def test_save_serves_the_new_certificate_in_this_process_at_once(storage: Sqlite
     assert store.hosts["fresh.example.test"] is True  # no refresh needed in the issuing process
     served = _served(store, "fresh.example.test")
     assert served is not None and served[0].serial_number == 77
+
+
+def test_expire_stops_serving_at_not_after_and_only_scans_once_one_is_due(storage: SqliteStorage) -> None:
+    _register(storage, "short.example.test", days=2)
+    _register(storage, "long.example.test", days=30)
+    store = CertStore(storage, cache_size=8)
+    store.refresh_blocking(NOW)
+    assert sorted(store.expiries()) == [NOW + dt.timedelta(days=2), NOW + dt.timedelta(days=30)]
+    assert _served(store, "short.example.test") is not None
+    # Before the earliest not_after nothing is scanned: a map that would fail to
+    # iterate proves it (the shortcut is what keeps 100,000 names cheap each second).
+    real, store.expires = store.expires, _Unscannable(store.expires)
+    assert store.expire(NOW + dt.timedelta(days=1)) == []
+    store.expires = real
+    assert store.expire(NOW + dt.timedelta(days=2)) == ["short.example.test"]
+    assert store.hosts["short.example.test"] is False and "short.example.test" not in store.contexts
+    served = _served(store, "short.example.test")
+    assert served is not None and _cn(served[0]) == "edgeproxy-fallback.invalid"
+    # A renewal published after the scan lowers the next expiry again.
+    _register(storage, "short.example.test", serial=3, days=3)
+    store.refresh_blocking(NOW)
+    assert store.expire(NOW + dt.timedelta(days=2, hours=12)) == []
+    assert store.hosts["short.example.test"] is True
+    assert store.expire(NOW + dt.timedelta(days=3)) == ["short.example.test"]
+    assert store.hosts["long.example.test"] is True
+    store.trim_memory()  # glibc: returns free heap to the system; never fails elsewhere
+
+
+class _Unscannable(dict[str, float]):
+    def items(self) -> Any:
+        raise AssertionError("expire() scanned the map before any certificate was due")
+
+    def values(self) -> Any:
+        raise AssertionError("expire() scanned the map before any certificate was due")
