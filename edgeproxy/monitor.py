@@ -785,7 +785,11 @@ class MonitorService:
         known = {d.hostname for d in domains}
         for host in [h for h in self.failing_since if h not in known]:
             del self.failing_since[host]
-        results = await self.probe_all([d.hostname for d in domains if d.status in PROBED_STATUSES])
+        hosts = [d.hostname for d in domains if d.status in PROBED_STATUSES]
+        # A paced round lasts minutes; 100,000 records (~60 MB) need not live that
+        # long (issue 8). The conditions below read the domains again, as they are then.
+        del domains, known
+        results = await self.probe_all(hosts)
         fresh = {r.hostname: r for r in results}
         self.consecutive_failures = {
             r.hostname: 0 if r.ok else self.consecutive_failures.get(r.hostname, 0) + 1 for r in results}
@@ -807,6 +811,7 @@ class MonitorService:
             while len(self._relay_samples) > 2 and self._relay_samples[1][0] <= mono - window:
                 self._relay_samples.pop(0)
             relay_4xx = increase_over(self._relay_samples, mono, window)
+        domains = await asyncio.to_thread(self.storage.list_domains)
         round_conditions = conditions(results=results, domains=domains, failing_since=self.failing_since,
                                       now=self.clock(), settings=self.settings, spool=spool, relay_4xx=relay_4xx,
                                       consecutive_failures=self.consecutive_failures)

@@ -17,6 +17,7 @@ recorded by ``CertStore.sni_callback`` lands in ``scope["extensions"]["tls"]``.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import multiprocessing
 import os
@@ -237,6 +238,12 @@ class _Listener:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+def _load_primary_modules() -> None:
+    """Import what only the primary uses (``EdgeNode._start_primary``)."""
+    for module in ("acme_client", "admin", "monitor", "registry", "renew", "tokens"):
+        importlib.import_module(f"{__package__}.{module}")
+
+
 class EdgeNode:
     """Everything one process serves. ``primary`` adds the admin API and the issuance loop."""
 
@@ -332,6 +339,9 @@ class EdgeNode:
         background = [asyncio.create_task(self.certstore.run(self.settings.proxy.cert_refresh_interval, self.stop))]
         try:
             if self.primary:
+                # The imports take a few hundred ms of CPU; in a thread, the loop
+                # keeps answering the public listeners that are already open.
+                await asyncio.to_thread(_load_primary_modules)
                 admin = self._start_primary(background)
                 listeners.append(admin)
                 await self._listen(admin)
