@@ -111,11 +111,14 @@ class _TCPServer(TCPServer):
     """
 
     async def _read_data(self) -> None:
-        timeout = self.config.read_timeout
-        if timeout is None:
+        if self.config.read_timeout is None:
             await super()._read_data()
-            await self.idle_task.stop()
-            return
+        else:
+            await self._read_with_watchdog(self.config.read_timeout)
+        # The peer has gone: end the connection now, not when the idle timer fires.
+        await self.idle_task.stop()
+
+    async def _read_with_watchdog(self, timeout: float) -> None:
         loop = self.loop
         reader = self.reader
         last_data = loop.time()
@@ -141,7 +144,6 @@ class _TCPServer(TCPServer):
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-        await self.idle_task.stop()
         await self.protocol.handle(Closed())
 
 
