@@ -169,7 +169,7 @@ def main() -> None:
                 "maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "rss_mib_after_pass_gc": round(rss_after_pass, 1),
                 "rss_mib_after_malloc_trim": round(rss_after_trim, 1),
-                "tls_contexts_held": len(certstore.contexts),
+                "tls_contexts_held": len(certstore.cache),
             }
             if result.failed:
                 report["first_failure"] = str(next(iter(result.failed.values())))

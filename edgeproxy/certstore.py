@@ -1,4 +1,4 @@
-"""Certificates: persistence through storage, the in-memory SNI map, the SSLContext factory.
+"""Certificates: persistence through storage, the in-memory SNI map, serving by SNI.
 
 Owns: turning an issued key + chain into a stored ``CertificateRecord``; the one
 factory for server ``ssl.SSLContext`` objects (TLS >= 1.2, ALPN h2 + http/1.1);
@@ -11,18 +11,17 @@ runs on the event loop and does its blocking work (storage reads, PEM parsing)
 in a thread; it publishes results by assigning dict entries, which the TLS
 handshake callback reads. The callback never does I/O (house rule 4).
 
-Scale (issue 8): contexts are built lazily. A built ``SSLContext`` costs about
-50 KB of RSS and 1.5 ms of CPU, so building one per name eagerly took minutes and
-gigabytes at 100,000 names. A refresh now keeps only the material of each
-servable name in memory (key + leaf as DER in one ``bytes``, ~1 KB; identical
-intermediate chains are shared; see ``_Codec``),
-and the handshake callback turns it into a context on first use, into a bounded
-LRU (``proxy.tls_context_cache``). A hit is a dict lookup; a miss is a
-pure-CPU build from memory (~1.5 ms, no I/O, no lock), the same order as the
-handshake's own signature work. We chose that over pausing the handshake
-(Python's ``ssl`` cannot suspend an SNI callback) and over serving the fallback
-certificate on a miss (the first visitor of a cold name would fail); see
-bench/README.md for the measurements.
+Scale (issue 8): nothing is built per name ahead of time. A refresh keeps only
+the material of each servable name in memory (key + leaf as DER in one
+``bytes``, ~1 KB; identical intermediate chains are shared; see ``_Codec``), and
+the handshake callback makes it ready on first use, into a bounded LRU
+(``proxy.tls_context_cache``). A hit is a dict lookup. A miss is pure CPU from
+memory, no I/O and no lock: on the native path (``tlsnative``) a parse of the
+leaf and key, ~0.12 ms and ~7 KB, installed on the connection itself; otherwise
+an ``SSLContext`` built with ``load_cert_chain``, ~0.7 ms and ~17 KB. We chose
+that over pausing the handshake (Python's ``ssl`` cannot suspend an SNI
+callback) and over serving the fallback certificate on a miss (the first
+visitor of a cold name would fail); see bench/README.md for the measurements.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ctypes
 import ctypes.util
 import datetime as dt
@@ -41,12 +41,14 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from typing import Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from . import tlsnative
 from .errors import StorageError, StorageUnavailable
 from .storage.base import CertificateRecord, Storage
 
@@ -223,9 +225,23 @@ class _Codec:
         key_pem = key_bytes if label_id == _RAW else _pem(self._labels[label_id], key_bytes)
         return _pem(b"CERTIFICATE", leaf_der) + self._tails[tail_id], key_pem
 
+    def parts(self, blob: bytes) -> tuple[int, bytes, bool, bytes]:
+        """(tail id, key, whether the key is PEM, leaf DER): what the native path parses."""
+        tail_id, label_id = int.from_bytes(blob[0:2], "big"), int.from_bytes(blob[2:4], "big")
+        key_len = int.from_bytes(blob[4:8], "big")
+        return tail_id, blob[8:8 + key_len], label_id == _RAW, blob[8 + key_len:]
+
+    def tail(self, tail_id: int) -> bytes:
+        """The intermediates (PEM) that ``tail_id`` stands for."""
+        return self._tails[tail_id]
+
 
 # (hostname, registered, packed material or None, not_after as POSIX seconds)
 _Loaded = tuple[str, bool, bytes | None, float]
+
+
+# What the cache holds per name: a parsed leaf + key (native path) or a built context.
+Prepared = Union[tlsnative.Certificate, ssl.SSLContext]
 
 
 class CertStore:
@@ -233,72 +249,99 @@ class CertStore:
 
     ``hosts`` maps every registered hostname to True when it has a certificate that
     is valid now (the proxy serves it) and False otherwise (registered, not yet
-    servable: HTTP-01 answers only). ``contexts`` is the LRU of built
-    ``SSLContext`` objects (at most ``cache_size``), filled on first use of a name
-    by the SNI callback from the in-memory material of that name. ``expires``
-    holds each served certificate's not_after (POSIX seconds: a float, not a
-    datetime, at 100,000 names).
+    servable: HTTP-01 answers only). ``cache`` is the LRU (at most ``cache_size``)
+    of certificates made ready to serve, filled on first use of a name by the SNI
+    callback from the in-memory material of that name: on the native path
+    (``tlsnative``, the default where it passes its self-test) a parsed leaf + key
+    installed on each connection, otherwise one built ``SSLContext`` per name.
+    ``expires`` holds each served certificate's not_after (POSIX seconds: a float,
+    not a datetime, at 100,000 names).
     """
 
-    def __init__(self, storage: Storage, cache_size: int = 1024) -> None:
+    def __init__(self, storage: Storage, cache_size: int = 1024, native: bool = True) -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
         self.storage = storage
         self.cache_size = cache_size
         self.hosts: dict[str, bool] = {}
-        self.contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self.cache: OrderedDict[str, Prepared] = OrderedDict()
         self.expires: dict[str, float] = {}
         self._next_expiry = float("inf")  # the earliest value in expires, or later
         self._expiry_lock = threading.Lock()  # _apply also runs in save()'s thread
         self._material: dict[str, bytes] = {}  # packed by self._codec
         self._codec = _Codec()
-        self.built = 0  # contexts built since start (cache misses that found material)
+        self.native = tlsnative.load() if native else None
+        self._chains: dict[int, tlsnative.Chain] = {}  # native: parsed intermediates per codec tail id
+        self.built = 0  # certificates made ready since start (cache misses that found material)
         self._seq = 0
         chain, key = make_fallback_pair(_utcnow())
         self.fallback_context = build_context(chain, key)
         self.fallback_context.sni_callback = self.sni_callback
 
-    # -- the handshake path: a dict lookup; on a miss, a build from memory --------------
+    # -- the handshake path: a dict lookup; on a miss, a parse or build from memory ------
     def sni_callback(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        """Swap in the per-host context chosen by SNI (RFC 6066 section 3).
+        """Serve the certificate chosen by SNI (RFC 6066 section 3).
 
         The name is recorded on the SSLObject so that ``server.py`` can put it in
         the ASGI scope and the proxy can refuse a Host that differs from the SNI.
-        Python hands us the A-label; DNS names compare case-insensitively.
+        Python hands us the A-label; DNS names compare case-insensitively. A name
+        we cannot serve keeps the listener's fallback certificate.
         """
         name = server_name.lower() if server_name else None
         ssl_object.edgeproxy_sni = name  # type: ignore[attr-defined]
-        if name is not None:
-            ctx = self.context_for(name)
-            if ctx is not None:
-                ssl_object.context = ctx
+        if name is None:
+            return
+        prepared = self.certificate_for(name)
+        if prepared is None:
+            return
+        if isinstance(prepared, ssl.SSLContext):
+            ssl_object.context = prepared
+            return
+        assert self.native is not None  # only the native path caches Certificates
+        try:
+            self.native.install(ssl_object, prepared)
+        except tlsnative.NativeError as exc:  # the handshake then fails: it has no certificate
+            log.error("cannot serve the certificate of %s: %s", name, exc)
 
-    def context_for(self, name: str) -> ssl.SSLContext | None:
-        """The context serving ``name`` (built now if it is not cached), or None.
+    def certificate_for(self, name: str) -> Prepared | None:
+        """What serves ``name`` (made ready now if it is not cached), or None.
 
         No I/O and no await: safe inside the handshake callback. Runs on the
         worker's event loop; the only other writer of the maps from a thread is
-        ``save()``, whose single-dict-operation updates are atomic under the GIL.
+        ``save()``, whose single-dict-operation updates are atomic under the GIL
+        (it may drop an entry between two steps here, hence the KeyErrors).
         """
-        contexts = self.contexts
-        ctx = contexts.get(name)
-        if ctx is not None:
-            contexts.move_to_end(name)
-            return ctx
+        cache = self.cache
+        prepared = cache.get(name)
+        if prepared is not None:
+            with contextlib.suppress(KeyError):
+                cache.move_to_end(name)
+            return prepared
         material = self._material.get(name)
         if material is None:
             return None
         try:
-            chain_pem, key_pem = self._codec.unpack(material)
-            ctx = build_context(chain_pem, key_pem)
-        except (ssl.SSLError, OSError, ValueError, IndexError) as exc:  # checked at refresh; a failure here must not kill the handshake
-            log.error("cannot build the TLS context of %s: %s", name, exc)
+            prepared = self._prepare(material)
+        except (ssl.SSLError, OSError, ValueError, IndexError, tlsnative.NativeError) as exc:
+            # checked at save(); a failure here must not kill the handshake
+            log.error("cannot load the certificate of %s: %s", name, exc)
             return None
         self.built += 1
-        contexts[name] = ctx
-        if len(contexts) > self.cache_size:
-            contexts.popitem(last=False)
-        return ctx
+        cache[name] = prepared
+        if len(cache) > self.cache_size:
+            with contextlib.suppress(KeyError):
+                cache.popitem(last=False)
+        return prepared
+
+    def _prepare(self, material: bytes) -> Prepared:
+        if self.native is None:
+            chain_pem, key_pem = self._codec.unpack(material)
+            return build_context(chain_pem, key_pem)
+        tail_id, key, key_is_pem, leaf_der = self._codec.parts(material)
+        chain = self._chains.get(tail_id)
+        if chain is None:
+            chain = self._chains[tail_id] = self.native.chain(self._codec.tail(tail_id))
+        return self.native.certificate(leaf_der, key, key_is_pem, chain)
 
     def server_context(self) -> ssl.SSLContext:
         """The context a TLS listener starts with: fallback cert + our SNI callback."""
@@ -366,11 +409,11 @@ class CertStore:
                 for hostname in names]
 
     def _apply(self, loaded: Sequence[_Loaded]) -> None:
-        contexts, hosts, materials, expires = self.contexts, self.hosts, self._material, self.expires
+        cache, hosts, materials, expires = self.cache, self.hosts, self._material, self.expires
         for hostname, registered, material, not_after in loaded:
-            # Any change invalidates the built context: the next handshake rebuilds
-            # from the new material (renewal), or finds none (removal, expiry).
-            contexts.pop(hostname, None)
+            # Any change invalidates the cached certificate: the next handshake
+            # loads the new material (renewal), or finds none (removal, expiry).
+            cache.pop(hostname, None)
             if not registered:
                 hosts.pop(hostname, None)
                 materials.pop(hostname, None)

@@ -150,9 +150,15 @@ class ProxySettings:
     rate_per_ip: float = 20.0
     rate_per_domain: float = 2000.0  # API requests per second per custom domain; 0 = off
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
-    # TLS contexts kept built per worker (LRU; issue 8). A built context costs
-    # ~50 KB of RSS and ~1.5 ms of CPU, so 100,000 names are never all built at once.
+    # Certificates kept ready to serve per worker (LRU; issue 8): a parsed leaf +
+    # key (~7 KB, ~0.12 ms to parse) on the native path, else a built SSLContext
+    # (~17 KB, ~0.7 ms). 100,000 names are never all kept at once.
     tls_context_cache: int = 1024
+    # Serve each name's certificate per connection through the libssl of Python's
+    # ssl module (edgeproxy/tlsnative.py; 6x cheaper than building an SSLContext).
+    # It turns itself off, with a warning, where its start-up self-test fails;
+    # false builds one SSLContext per name with load_cert_chain.
+    tls_native: bool = True
     # The event loop of `serve`: "uvloop" (libuv; faster TLS and socket I/O) when
     # installed, else "asyncio". Measured in bench/README.md (issue 8).
     event_loop: str = "uvloop"

@@ -262,7 +262,7 @@ class EdgeNode:
         self.sockets = sockets
         self.primary = primary
         self.storage = storage or open_store(settings)
-        self.certstore = CertStore(self.storage, settings.proxy.tls_context_cache)
+        self.certstore = CertStore(self.storage, settings.proxy.tls_context_cache, native=settings.proxy.tls_native)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge)

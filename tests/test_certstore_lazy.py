@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import ssl
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -97,53 +98,68 @@ def storage(tmp_path: Path) -> SqliteStorage:
     return SqliteStorage(str(tmp_path / "db" / "edge.db"))
 
 
-def test_nothing_is_built_at_refresh_and_each_sni_gets_its_own_certificate(storage: SqliteStorage) -> None:
+@pytest.fixture(params=[True, False], ids=["native", "contexts"])
+def make_store(request: pytest.FixtureRequest) -> Callable[..., CertStore]:
+    """Every test runs on both ways of serving a name: the native per-connection
+    path (which must load on this machine: it is what production uses here) and
+    one built SSLContext per name."""
+    def make(storage: Any, cache_size: int) -> CertStore:
+        store = CertStore(storage, cache_size=cache_size, native=request.param)
+        assert (store.native is not None) is request.param
+        return store
+    return make
+
+
+def test_nothing_is_built_at_refresh_and_each_sni_gets_its_own_certificate(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     hosts = [f"shop{i}.example.test" for i in range(12)]
     for host in hosts:
         _register(storage, host)
-    store = CertStore(storage, cache_size=4)
+    store = make_store(storage, cache_size=4)
     assert store.refresh_blocking(NOW) == len(hosts)
-    assert store.built == 0 and not store.contexts  # lazy: no context before a handshake
+    assert store.built == 0 and not store.cache  # lazy: no context before a handshake
     assert all(store.hosts[h] for h in hosts)
     for host in reversed(hosts):
         served = _served(store, host)
         assert served is not None
         assert _cn(served[0]) == host
     assert store.built == len(hosts)
-    assert len(store.contexts) == 4  # bounded
-    assert list(store.contexts) == list(reversed(hosts))[-4:]  # the most recently used survive
+    assert len(store.cache) == 4  # bounded
+    assert list(store.cache) == list(reversed(hosts))[-4:]  # the most recently used survive
 
 
-def test_lru_keeps_hot_names_and_rebuilds_evicted_ones_correctly(storage: SqliteStorage) -> None:
+def test_lru_keeps_hot_names_and_rebuilds_evicted_ones_correctly(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     for host in ("a.example.test", "b.example.test", "c.example.test"):
         _register(storage, host)
-    store = CertStore(storage, cache_size=2)
+    store = make_store(storage, cache_size=2)
     store.refresh_blocking(NOW)
-    a = store.context_for("a.example.test")
-    store.context_for("b.example.test")
-    assert store.context_for("a.example.test") is a  # a hit: same object, now most recent
-    store.context_for("c.example.test")  # evicts b, the least recently used
-    assert set(store.contexts) == {"a.example.test", "c.example.test"}
+    a = store.certificate_for("a.example.test")
+    store.certificate_for("b.example.test")
+    assert store.certificate_for("a.example.test") is a  # a hit: same object, now most recent
+    store.certificate_for("c.example.test")  # evicts b, the least recently used
+    assert set(store.cache) == {"a.example.test", "c.example.test"}
     built = store.built
     served = _served(store, "b.example.test")
     assert served is not None and _cn(served[0]) == "b.example.test"
     assert store.built == built + 1
 
 
-def test_unknown_removed_and_expired_names_get_the_fallback(storage: SqliteStorage) -> None:
+def test_unknown_removed_and_expired_names_get_the_fallback(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     _register(storage, "keep.example.test")
     _register(storage, "gone.example.test")
     _register(storage, "old.example.test", days=0)  # not_after == NOW: no longer valid
-    store = CertStore(storage, cache_size=8)
+    store = make_store(storage, cache_size=8)
     store.refresh_blocking(NOW)
     assert store.hosts["old.example.test"] is False  # expired: registered, not servable
     served = _served(store, "gone.example.test")
     assert served is not None and _cn(served[0]) == "gone.example.test"
-    assert "gone.example.test" in store.contexts
+    assert "gone.example.test" in store.cache
     storage.remove_domain("gone.example.test")
     store.refresh_blocking(NOW)
     assert "gone.example.test" not in store.hosts
-    assert "gone.example.test" not in store.contexts  # the built context went with it
+    assert "gone.example.test" not in store.cache  # the built context went with it
     for name in ("gone.example.test", "old.example.test", "never.example.test"):
         served = _served(store, name)
         assert served is not None and _cn(served[0]) == "edgeproxy-fallback.invalid"
@@ -151,9 +167,10 @@ def test_unknown_removed_and_expired_names_get_the_fallback(storage: SqliteStora
     assert served is not None and _cn(served[0]) == "keep.example.test"
 
 
-def test_renewal_replaces_a_cached_context(storage: SqliteStorage) -> None:
+def test_renewal_replaces_a_cached_context(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     _register(storage, "r.example.test", serial=10)
-    store = CertStore(storage, cache_size=8)
+    store = make_store(storage, cache_size=8)
     store.refresh_blocking(NOW)
     first = _served(store, "r.example.test")
     assert first is not None and first[0].serial_number == 10
@@ -163,10 +180,11 @@ def test_renewal_replaces_a_cached_context(storage: SqliteStorage) -> None:
     assert second is not None and second[0].serial_number == 11
 
 
-def test_the_chain_is_served_whole_and_intermediates_are_shared(storage: SqliteStorage) -> None:
+def test_the_chain_is_served_whole_and_intermediates_are_shared(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     _register(storage, "x.example.test")
     _register(storage, "y.example.test")
-    store = CertStore(storage, cache_size=8)
+    store = make_store(storage, cache_size=8)
     store.refresh_blocking(NOW)
     assert store._codec._tails == [CA_CERT.public_bytes(serialization.Encoding.PEM)]  # one shared copy
     chain, key = store._codec.unpack(store._material["x.example.test"])
@@ -177,7 +195,8 @@ def test_the_chain_is_served_whole_and_intermediates_are_shared(storage: SqliteS
         assert len(served[1]) == 2
 
 
-def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: Path) -> None:
+def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: Path,
+        make_store: Callable[..., CertStore]) -> None:
     kek = tmp_path / "master.key"
     generate_master_key(str(kek))
     inner = SqliteStorage(str(tmp_path / "db" / "edge.db"))
@@ -199,7 +218,7 @@ def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: P
             # keys opened, not sealed blobs
             assert seen[host] == (record.key_pem, record.chain_pem, record.not_after, record.serial)
             assert seen[host][0].startswith(b"-----BEGIN")
-    store = CertStore(sealed, cache_size=8)  # type: ignore[arg-type]
+    store = make_store(sealed, cache_size=8)
     store.refresh_blocking(NOW)
     served = _served(store, "s1.example.test")
     assert served is not None and _cn(served[0]) == "s1.example.test"
@@ -217,14 +236,15 @@ def test_material_round_trips_through_the_packed_form() -> None:
         codec.pack(key_pem, b"not a chain")
 
 
-def test_async_refresh_loads_without_building(storage: SqliteStorage) -> None:
+def test_async_refresh_loads_without_building(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     for i in range(50):
         _register(storage, f"n{i}.example.test")
-    store = CertStore(storage, cache_size=8)
+    store = make_store(storage, cache_size=8)
     assert asyncio.run(store.refresh(NOW)) == 50
     assert store.built == 0
-    assert store.context_for("n7.example.test") is not None
-    assert store.context_for("unknown.example.test") is None
+    assert store.certificate_for("n7.example.test") is not None
+    assert store.certificate_for("unknown.example.test") is None
 
 
 def test_cache_size_must_be_positive(storage: SqliteStorage) -> None:
@@ -232,9 +252,10 @@ def test_cache_size_must_be_positive(storage: SqliteStorage) -> None:
         CertStore(storage, cache_size=0)
 
 
-def test_save_serves_the_new_certificate_in_this_process_at_once(storage: SqliteStorage) -> None:
+def test_save_serves_the_new_certificate_in_this_process_at_once(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     storage.add_domain("fresh.example.test", "issuing", NOW)
-    store = CertStore(storage, cache_size=8)
+    store = make_store(storage, cache_size=8)
     store.refresh_blocking(NOW)
     assert store.hosts["fresh.example.test"] is False
     key_pem, chain = _pair("fresh.example.test", serial=77)
@@ -244,10 +265,11 @@ def test_save_serves_the_new_certificate_in_this_process_at_once(storage: Sqlite
     assert served is not None and served[0].serial_number == 77
 
 
-def test_expire_stops_serving_at_not_after_and_only_scans_once_one_is_due(storage: SqliteStorage) -> None:
+def test_expire_stops_serving_at_not_after_and_only_scans_once_one_is_due(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
     _register(storage, "short.example.test", days=2)
     _register(storage, "long.example.test", days=30)
-    store = CertStore(storage, cache_size=8)
+    store = make_store(storage, cache_size=8)
     store.refresh_blocking(NOW)
     assert sorted(store.expiries()) == [NOW + dt.timedelta(days=2), NOW + dt.timedelta(days=30)]
     assert _served(store, "short.example.test") is not None
@@ -257,7 +279,7 @@ def test_expire_stops_serving_at_not_after_and_only_scans_once_one_is_due(storag
     assert store.expire(NOW + dt.timedelta(days=1)) == []
     store.expires = real
     assert store.expire(NOW + dt.timedelta(days=2)) == ["short.example.test"]
-    assert store.hosts["short.example.test"] is False and "short.example.test" not in store.contexts
+    assert store.hosts["short.example.test"] is False and "short.example.test" not in store.cache
     served = _served(store, "short.example.test")
     assert served is not None and _cn(served[0]) == "edgeproxy-fallback.invalid"
     # A renewal published after the scan lowers the next expiry again.
