@@ -1,7 +1,8 @@
-"""Profile the edge under load with py-spy: ``python bench/profile.py get|post [seconds]``.
+"""Profile the edge under load with py-spy: ``python bench/profile.py get|post|handshakes [seconds]``.
 
-Starts a 1-name edge, the fast relay and the script origin, runs wrk against
-it and records the edge process with ``py-spy record`` (flame graph SVG and a
+Starts a 1-name edge (100,000 names for ``handshakes``), the fast relay and the
+script origin, runs wrk (``handshakes.py``, a random name per connection)
+against it and records the edge process with ``py-spy record`` (flame graph SVG and a
 ``--format raw`` collapsed-stack file under ``bench/.cache/``). Prints the top
 frames by own time. Used before each optimisation (see bench/README.md).
 """
@@ -33,7 +34,8 @@ def main() -> None:
         relay_port = free_port()
         with run.process([run.PY, str(run.HERE / "relay.py"), str(relay_port)], work / "relay.log"):
             run.wait_port(relay_port)
-            fixtures.install_db(1, work / "edge")
+            names = 100_000 if mode == "handshakes" else 1
+            fixtures.install_db(names, work / "edge")
             config = run.edge_config(work / "edge", origin, relay_port)
             with EdgeProcess(config) as edge:
                 run.first_https_200(config.https_port, run.HOST0, time.monotonic() + 20)
@@ -41,14 +43,21 @@ def main() -> None:
                 body = b'{"type":"pageview"}' if mode == "post" else None
                 path = "/api/v1/m/collect" if mode == "post" else "/js/app.js"
                 result: dict[str, object] = {}
-                load = threading.Thread(target=lambda: result.update(
-                    run.wrk(config.https_port, path, seconds + 1, body=body, warmup=0)))
+                if mode == "handshakes":
+                    load = threading.Thread(target=lambda: result.update(
+                        run.handshakes(config.https_port, names, seconds + 1)))
+                else:
+                    load = threading.Thread(target=lambda: result.update(
+                        run.wrk(config.https_port, path, seconds + 1, body=body, warmup=0)))
                 load.start()
-                subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(edge.proc.pid), "-d", str(seconds), "-r", "200",
-                                "--nonblocking", "-f", "raw", "-o", f"{out}.txt"], check=True,
-                               capture_output=True)
+                spy = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(edge.proc.pid), "-d", str(seconds), "-r", "200",
+                                      "--nonblocking", "-f", "raw", "-o", f"{out}.txt"],
+                                     check=False, capture_output=True, text=True)
+                if spy.returncode != 0:
+                    sys.exit(f"py-spy failed: {spy.stderr[-2000:]}")
                 load.join()
-                print(f"wrk: {result.get('rps'):.0f} req/s under profiling")
+                rate = result.get("rate", result.get("rps"))
+                print(f"load: {rate:.0f}/s under profiling")
     own: collections.Counter[str] = collections.Counter()
     total = 0
     for line in Path(f"{out}.txt").read_text().splitlines():
