@@ -179,7 +179,9 @@ class SealedStorage:
 
         def opened(h: str, key_pem: bytes, chain_pem: bytes, leaf_der: bytes | None, not_after: dt.datetime,
                    serial: str) -> None:
-            visit(h, self._ring.open(key_pem, f"cert:{h}"), chain_pem, leaf_der, not_after, serial)
+            if key_pem.startswith(_PREFIX):  # what open() checks first; the owner string only when sealed (issue 8)
+                key_pem = self._ring.open(key_pem, f"cert:{h}")
+            visit(h, key_pem, chain_pem, leaf_der, not_after, serial)
 
         return set(inner_scan(hostnames, opened))
 
