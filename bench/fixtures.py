@@ -11,7 +11,8 @@ loads every key separately anyway (one row, one PEM copy, one context each).
 Rows are written with plain SQL in one transaction into a schema created by
 ``SqliteStorage`` itself (the Storage API commits and fsyncs per call, which
 would take minutes for 100,000 names); a change-feed row per name is written
-too, exactly as ``add_domain``/``save_certificate`` would.
+too, exactly as ``add_domain``/``save_certificate`` would, and so is ``leaf_der``
+(the leaf as DER, issue 8) that ``save_certificate`` stores next to the chain.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from edgeproxy.storage.sqlite import SqliteStorage
 CACHE = Path(__file__).resolve().parent / ".cache"
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 FILLER_OID = ObjectIdentifier("1.3.6.1.4.1.55555.1.1")  # private arc: OpenSSL ignores it
+# In the cached stores' file names: bump it whenever the rows written below change,
+# so that a store cached by an older version is not reused (2: leaf_der, issue 8).
+ROWS_VERSION = 2
 
 
 def host(i: int) -> str:
@@ -67,8 +71,8 @@ def _load_or_make_ca() -> tuple[bytes, bytes, bytes]:
     return out
 
 
-def _leaves(args: tuple[int, int]) -> list[tuple[str, bytes, str]]:
-    """(hostname, leaf PEM, serial hex) for hosts start..stop-1 (runs in a worker process)."""
+def _leaves(args: tuple[int, int]) -> list[tuple[str, bytes, bytes, str]]:
+    """(hostname, leaf PEM, leaf DER, serial hex) for hosts start..stop-1 (runs in a worker process)."""
     start, stop = args
     inter_key_pem, inter_pem, leaf_key_pem = _load_or_make_ca()
     inter_key = serialization.load_pem_private_key(inter_key_pem, None)
@@ -89,7 +93,8 @@ def _leaves(args: tuple[int, int]) -> list[tuple[str, bytes, str]]:
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
                 .add_extension(x509.UnrecognizedExtension(FILLER_OID, b"\x04\x82\x01\x90" + filler), critical=False)
                 .sign(inter_key, hashes.SHA256()))
-        out.append((name, cert.public_bytes(serialization.Encoding.PEM), format(serial, "x")))
+        out.append((name, cert.public_bytes(serialization.Encoding.PEM), cert.public_bytes(serialization.Encoding.DER),
+                    format(serial, "x")))
     return out
 
 
@@ -101,10 +106,10 @@ def _ts(value: dt.datetime) -> str:
 def cached_db(n: int) -> Path:
     """A SQLite store with ``n`` active domains s000000..; built once, then reused."""
     CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"store-{n}.db"
+    path = CACHE / f"store-v{ROWS_VERSION}-{n}.db"
     if path.exists():
         return path
-    tmp = CACHE / f"store-{n}.tmp.db"
+    tmp = CACHE / f"store-v{ROWS_VERSION}-{n}.tmp.db"
     for suffix in ("", "-wal", "-shm"):
         Path(str(tmp) + suffix).unlink(missing_ok=True)
     SqliteStorage(str(tmp)).close()  # the real schema, created by the real backend
@@ -119,13 +124,13 @@ def cached_db(n: int) -> Path:
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for batch in pool.map(_leaves, chunks):
             conn.executemany("INSERT INTO domains (hostname, status, created_at, updated_at) VALUES (?, 'active', ?, ?)",
-                             [(name, now, now) for name, _, _ in batch])
+                             [(name, now, now) for name, _, _, _ in batch])
             conn.executemany(
                 "INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(name, leaf_key_pem, leaf + inter_pem, not_before, not_after, serial, issuer, now)
-                 for name, leaf, serial in batch])
-            conn.executemany("INSERT INTO changes (hostname) VALUES (?)", [(name,) for name, _, _ in batch])
+                "created_at, leaf_der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(name, leaf_key_pem, leaf + inter_pem, not_before, not_after, serial, issuer, now, der)
+                 for name, leaf, der, serial in batch])
+            conn.executemany("INSERT INTO changes (hostname) VALUES (?)", [(name,) for name, _, _, _ in batch])
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()

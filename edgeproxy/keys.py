@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .config import Settings, StorageSettings
 from .errors import ConfigError, EdgeproxyError
 from .storage import open_storage
-from .storage.base import AccountRecord, CertificateRecord, Storage
+from .storage.base import AccountRecord, CertificateRecord, CertificateVisitor, Storage
 
 __all__ = [
     "SealedKeyError",
@@ -164,8 +164,7 @@ class SealedStorage:
             return None
         return replace(cert, key_pem=self._ring.open(cert.key_pem, f"cert:{hostname}"))
 
-    def scan_certificates(self, hostnames: Sequence[str],
-                          visit: Callable[[str, bytes, bytes, dt.datetime, str], None]) -> set[str]:
+    def scan_certificates(self, hostnames: Sequence[str], visit: CertificateVisitor) -> set[str]:
         """The backend's bulk scan (when it has one) with every key opened; without
         one, the per-name reads. Defined here so ``__getattr__`` can never hand
         sealed keys to the certstore."""
@@ -175,11 +174,14 @@ class SealedStorage:
             for h in registered:
                 cert = self.get_certificate(h)
                 if cert is not None:
-                    visit(h, cert.key_pem, cert.chain_pem, cert.not_after, cert.serial)
+                    visit(h, cert.key_pem, cert.chain_pem, None, cert.not_after, cert.serial)
             return registered
 
-        def opened(h: str, key_pem: bytes, chain_pem: bytes, not_after: dt.datetime, serial: str) -> None:
-            visit(h, self._ring.open(key_pem, f"cert:{h}"), chain_pem, not_after, serial)
+        def opened(h: str, key_pem: bytes, chain_pem: bytes, leaf_der: bytes | None, not_after: dt.datetime,
+                   serial: str) -> None:
+            if key_pem.startswith(_PREFIX):  # what open() checks first; the owner string only when sealed (issue 8)
+                key_pem = self._ring.open(key_pem, f"cert:{h}")
+            visit(h, key_pem, chain_pem, leaf_der, not_after, serial)
 
         return set(inner_scan(hostnames, opened))
 

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from edgeproxy.certstore import CertStore, record_from_pem
 from edgeproxy.keys import SealedStorage, generate_master_key, load_keyring
 from edgeproxy.config import StorageSettings
-from edgeproxy.storage.base import Storage
+from edgeproxy.storage.base import Storage, leaf_der_of
 from edgeproxy.storage.sqlite import SqliteStorage
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
@@ -208,8 +208,13 @@ def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: P
     for names in (hosts + ["pending.example.test", "nope.example.test"],
                   [f"filler{i}.example.test" for i in range(600)] + hosts):  # point and scan paths
         seen: dict[str, tuple[bytes, bytes, dt.datetime, str]] = {}
-        registered = sealed.scan_certificates(
-            names, lambda h, k, c, na, s: seen.__setitem__(h, (k, c, na, s)))
+        ders: dict[str, bytes | None] = {}
+
+        def visit(h: str, k: bytes, c: bytes, der: bytes | None, na: dt.datetime, s: str) -> None:
+            seen[h] = (k, c, na, s)
+            ders[h] = der
+
+        registered = sealed.scan_certificates(names, visit)
         assert registered == {h for h in names if inner.get_domain(h) is not None}
         assert set(seen) == set(hosts)
         for host in hosts:
@@ -218,6 +223,8 @@ def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: P
             # keys opened, not sealed blobs
             assert seen[host] == (record.key_pem, record.chain_pem, record.not_after, record.serial)
             assert seen[host][0].startswith(b"-----BEGIN")
+            leaf = x509.load_pem_x509_certificate(record.chain_pem)
+            assert ders[host] == leaf.public_bytes(serialization.Encoding.DER)  # passed through unsealed
     store = make_store(sealed, cache_size=8)
     store.refresh_blocking(NOW)
     served = _served(store, "s1.example.test")
@@ -230,10 +237,61 @@ def test_material_round_trips_through_the_packed_form() -> None:
     key_pem, chain = _pair("p.example.test")
     got_chain, got_key = codec.unpack(codec.pack(key_pem, chain))
     assert got_chain == chain and got_key == key_pem
+    der = x509.load_pem_x509_certificate(chain).public_bytes(serialization.Encoding.DER)
+    assert codec.pack(key_pem, chain, der) == codec.pack(key_pem, chain)  # stored DER or decoded PEM: same material
+    # Intermediates written with other line endings or trailing blank lines are one shared copy.
+    codec.pack(key_pem, chain.replace(b"-----\n-----BEGIN", b"-----\n\n-----BEGIN") + b"\n\n")
+    assert codec._tails == [CA_CERT.public_bytes(serialization.Encoding.PEM)]
     odd_key = b"-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\nAAAA\n-----END EC PRIVATE KEY-----\n"
     assert codec.unpack(codec.pack(odd_key, chain))[1] == odd_key  # not plain PEM: kept verbatim
     with pytest.raises(ValueError):
         codec.pack(key_pem, b"not a chain")
+
+
+def test_refresh_uses_the_stored_leaf_der_and_decodes_only_rows_without_it(
+        storage: SqliteStorage, make_store: Callable[..., CertStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 8: rows saved with leaf_der are loaded without decoding the PEM leaf;
+    rows from before it (leaf_der NULL) still load, by decoding, and serve the
+    right certificate."""
+    import edgeproxy.certstore as certstore
+
+    for i in range(6):
+        _register(storage, f"n{i}.example.test", serial=10 + i)
+    raw = storage._conn()
+    raw.execute("UPDATE certificates SET leaf_der = NULL WHERE hostname IN ('n1.example.test', 'n4.example.test')")
+    decoded: list[bytes] = []
+
+    def counting(chain_pem: bytes) -> bytes | None:
+        decoded.append(chain_pem)
+        return leaf_der_of(chain_pem)
+
+    monkeypatch.setattr(certstore, "leaf_der_of", counting)
+    store = make_store(storage, cache_size=8)
+    assert store.refresh_blocking(NOW) == 6
+    assert sorted(x509.load_pem_x509_certificate(c).serial_number for c in decoded) == [11, 14]
+    for i in range(6):
+        served = _served(store, f"n{i}.example.test")
+        assert served is not None and _cn(served[0]) == f"n{i}.example.test" and served[0].serial_number == 10 + i
+
+
+def test_a_chain_renewed_by_an_older_edgeproxy_is_served_whole(storage: SqliteStorage,
+        make_store: Callable[..., CertStore]) -> None:
+    """An edgeproxy from before issue 8 writing to the same file renews a
+    certificate without leaf_der: the new key must never be paired with the old
+    leaf (the handshake would fail, or serve the old certificate)."""
+    _register(storage, "r.example.test", serial=5)
+    key_pem, chain = _pair("r.example.test", serial=6)
+    storage._conn().execute(  # the pre-issue-8 upsert, verbatim
+        "INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
+        "chain_pem = excluded.chain_pem, not_before = excluded.not_before, not_after = excluded.not_after, "
+        "serial = excluded.serial, issuer = excluded.issuer, created_at = excluded.created_at",
+        ("r.example.test", key_pem, chain, "2026-10-31T00:00:00.000000Z", "2027-01-30T00:00:00.000000Z", "6",
+         "CN=x", "2026-11-01T00:00:00.000000Z"))
+    store = make_store(storage, cache_size=8)
+    store.refresh_blocking(NOW)
+    served = _served(store, "r.example.test")
+    assert served is not None and served[0].serial_number == 6
 
 
 def test_async_refresh_loads_without_building(storage: SqliteStorage,

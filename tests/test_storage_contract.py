@@ -358,16 +358,94 @@ def test_bulk_certificate_scan_matches_point_reads(store: Storage) -> None:
     store.save_certificate(cert("b.example", 2))
     many = [f"filler{i}.example" for i in range(600)]
     for names in (["a.example", "b.example", "c.example", "nope.example"], many + ["a.example", "b.example"]):
-        seen: dict[str, tuple[bytes, bytes, datetime, str]] = {}
+        seen: dict[str, tuple[bytes, bytes, bytes | None, datetime, str]] = {}
         registered = getattr(store, "scan_certificates")(
-            names, lambda h, k, c, na, s: seen.__setitem__(h, (k, c, na, s)))
+            names, lambda h, k, c, der, na, s: seen.__setitem__(h, (k, c, der, na, s)))
         assert registered == {n for n in names if store.get_domain(n) is not None}
         assert set(seen) == {"a.example", "b.example"}
-        for host, (key, chain, not_after, serial) in seen.items():
+        for host, (key, chain, der, not_after, serial) in seen.items():
             record = store.get_certificate(host)
             assert record is not None and (key, chain, not_after, serial) == (
                 record.key_pem, record.chain_pem, record.not_after, record.serial)
+            assert der is None  # these chains are not PEM: nothing to store as DER
     assert getattr(store, "scan_certificates")([], lambda *a: None) == set()
+
+
+def _pem_chain(hostname: str, serial: int) -> tuple[bytes, bytes]:
+    """(chain PEM of a self-signed leaf + a second certificate, the leaf's DER)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    certs = []
+    for name in (hostname, "intermediate.test"):
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        certs.append(x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                     .public_key(key.public_key()).serial_number(serial)
+                     .not_valid_before(NOW).not_valid_after(NOW + timedelta(days=90))
+                     .sign(key, hashes.SHA256()))
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    return pem, certs[0].public_bytes(serialization.Encoding.DER)
+
+
+def _scan_leaf_der(store: Storage, hostname: str) -> bytes | None:
+    seen: dict[str, bytes | None] = {}
+    getattr(store, "scan_certificates")([hostname], lambda h, k, c, der, na, s: seen.__setitem__(h, der))
+    return seen[hostname]
+
+
+def _raw_write(url: str, statement: str, params: tuple[Any, ...]) -> None:
+    """Run one write on the store's database behind the backend's back ("?" placeholders)."""
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(sqlite_path_from_url(url))
+        try:
+            conn.execute(statement, params)
+            conn.commit()
+        finally:
+            conn.close()
+    else:
+        with _raw(url) as pg:
+            pg.execute(statement.replace("?", "%s"), params)
+
+
+def test_save_stores_the_leaf_as_der_for_the_bulk_scan(store: Storage) -> None:
+    # Issue 8: start-up reads the leaf as DER instead of decoding 100,000 PEM leaves.
+    store.add_domain("a.example", "active", NOW)
+    chain, der = _pem_chain("a.example", 1)
+    store.save_certificate(replace(cert("a.example"), chain_pem=chain))
+    assert _scan_leaf_der(store, "a.example") == der
+    renewed, renewed_der = _pem_chain("a.example", 2)
+    store.save_certificate(replace(cert("a.example", 2), chain_pem=renewed))
+    assert _scan_leaf_der(store, "a.example") == renewed_der != der
+    record = store.get_certificate("a.example")
+    assert record is not None and record.chain_pem == renewed  # the record itself is unchanged
+
+
+def test_a_chain_upserted_without_the_der_clears_the_stale_der(url: str, store: Storage) -> None:
+    """An older edgeproxy (before issue 8) still writes to the same store (a
+    downgrade, a node not yet upgraded): its upsert changes the chain and leaves
+    leaf_der alone. The old DER must not survive next to the new chain."""
+    store.add_domain("a.example", "active", NOW)
+    chain, der = _pem_chain("a.example", 1)
+    store.save_certificate(replace(cert("a.example"), chain_pem=chain))
+    renewed, _ = _pem_chain("a.example", 2)
+    # The upsert of the release before issue 8, verbatim.
+    _raw_write(url, "INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, "
+               "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+               "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
+               "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
+               "not_after = excluded.not_after, serial = excluded.serial, "
+               "issuer = excluded.issuer, created_at = excluded.created_at",
+               ("a.example", b"KEY-00000002-", renewed, "2025-03-01T12:00:02.000000Z",
+                "2025-05-30T12:00:02.000000Z", "2", "CN=x", "2025-03-01T12:00:02.000000Z"))
+    assert _scan_leaf_der(store, "a.example") is None  # the reader decodes the new chain instead
+    # A write that does not change the chain keeps the DER (nothing is stale).
+    store.save_certificate(replace(cert("a.example"), chain_pem=chain))
+    _raw_write(url, "UPDATE certificates SET serial = ? WHERE hostname = ?", ("1", "a.example"))
+    _raw_write(url, "UPDATE certificates SET chain_pem = chain_pem WHERE hostname = ?", ("a.example",))
+    assert _scan_leaf_der(store, "a.example") == der
 
 
 # -- challenges ------------------------------------------------------------------------
@@ -700,6 +778,36 @@ def test_sqlite_pragmas_and_schema_version(sq: SqliteStorage, db_path: str) -> N
     # Opening again is idempotent: still exactly one version row.
     SqliteStorage(db_path).close()
     assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+
+
+def test_sqlite_adds_leaf_der_to_an_older_file_whose_rows_read_none(db_path: str) -> None:
+    """Issue 8: a file written before leaf_der existed gets the column (and the
+    trigger) on open; its rows read leaf_der None, new saves fill it."""
+    SqliteStorage(db_path).close()
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    raw.execute("DROP TRIGGER certificates_leaf_der_stale")
+    raw.execute("ALTER TABLE certificates DROP COLUMN leaf_der")  # now the file of the release before
+    raw.execute("INSERT INTO domains (hostname, status, created_at, updated_at) VALUES "
+                "('old.example', 'active', '2025-03-01T12:00:00.000000Z', '2025-03-01T12:00:00.000000Z')")
+    chain, der = _pem_chain("old.example", 1)
+    raw.execute("INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, "
+                "created_at) VALUES ('old.example', X'00', ?, '2025-03-01T12:00:00.000000Z', "
+                "'2025-05-30T12:00:00.000000Z', '1', 'CN=x', '2025-03-01T12:00:00.000000Z')", (chain,))
+    raw.close()
+    s = SqliteStorage(db_path)
+    try:
+        conn = s._conn()
+        assert "leaf_der" in {row[1] for row in conn.execute("PRAGMA table_info(certificates)")}
+        assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'").fetchone() == (1,)
+        assert _scan_leaf_der(s, "old.example") is None
+        record = s.get_certificate("old.example")
+        assert record is not None and record.chain_pem == chain
+        s.save_certificate(record)
+        assert _scan_leaf_der(s, "old.example") == der
+        SqliteStorage(db_path).close()  # opening again adds nothing twice
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    finally:
+        s.close()
 
 
 def test_sqlite_remove_leaves_no_key_bytes_in_the_files(sq: SqliteStorage, db_path: str) -> None:
@@ -1333,6 +1441,39 @@ def test_postgres_migration_3_adds_the_due_indexes_to_a_version_2_database(pg_ur
             names = {r[0] for r in conn.execute(
                 "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'domains'")}
         assert {"domains_next_attempt", "domains_created"} <= names
+    finally:
+        s.close()
+
+
+def test_postgres_migration_4_adds_leaf_der_to_a_version_3_database(pg_url: str) -> None:
+    """Issue 8: a store at schema 3 gets leaf_der (and its trigger) on open; old
+    rows read None (the certstore decodes their PEM), new saves fill it."""
+    from edgeproxy.storage.postgres import MIGRATIONS, SCHEMA_VERSION
+
+    assert SCHEMA_VERSION >= 4
+    chain, der = _pem_chain("old.example", 1)
+    with _raw(pg_url) as conn:
+        with conn.transaction():
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for version in (1, 2, 3):
+                for statement in dict(MIGRATIONS)[version]:
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (3)")
+            conn.execute("INSERT INTO domains (hostname, status, created_at, updated_at) VALUES (%s, %s, %s, %s)",
+                         ("old.example", "active", NOW, NOW))
+            conn.execute("INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, "
+                         "issuer, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                         ("old.example", b"KEY", chain, NOW, NOW + timedelta(days=90), "1", "CN=x", NOW))
+    with pytest.raises(StorageError, match="schema version 3, this edgeproxy needs"):
+        open_storage(pg_url, auto_migrate=False)
+    s = open_storage(pg_url)
+    try:
+        assert getattr(s, "last_migration") == (3, SCHEMA_VERSION)
+        assert _scan_leaf_der(s, "old.example") is None
+        record = s.get_certificate("old.example")
+        assert record is not None and record.chain_pem == chain
+        s.save_certificate(record)
+        assert _scan_leaf_der(s, "old.example") == der
     finally:
         s.close()
 

@@ -70,7 +70,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -88,10 +88,12 @@ from edgeproxy.storage.base import (
     AccountRecord,
     AriState,
     CertificateRecord,
+    CertificateVisitor,
     ChallengeRecord,
     DomainRecord,
     FailedRequestRecord,
     StatusEvent,
+    leaf_der_of,
 )
 
 __all__ = ["PostgresStorage", "SCHEMA_VERSION", "MIGRATIONS", "NOTIFY_CHANNEL"]
@@ -219,6 +221,27 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # first one lets ORDER BY next_attempt_at, hostname LIMIT n walk the index.
             "CREATE INDEX domains_next_attempt ON domains (next_attempt_at, hostname)",
             "CREATE INDEX domains_created ON domains (created_at)",
+        ),
+    ),
+    (
+        4,
+        (
+            # Issue 8: the leaf as DER next to the chain, written by save_certificate,
+            # so loading 100,000 certificates at start-up decodes no PEM. NULL in
+            # rows saved before (read by decoding the PEM). A node that still runs
+            # older code (it opened the store before this migration) upserts the
+            # chain without it: the trigger then clears the DER, so a renewed
+            # chain is never served with the old leaf.
+            "ALTER TABLE certificates ADD COLUMN leaf_der BYTEA",
+            """CREATE FUNCTION certificates_leaf_der_stale() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                NEW.leaf_der := NULL;
+                RETURN NEW;
+            END $$""",
+            """CREATE TRIGGER certificates_leaf_der_stale BEFORE UPDATE OF chain_pem ON certificates
+            FOR EACH ROW WHEN (NEW.leaf_der IS NOT NULL AND NEW.leaf_der IS NOT DISTINCT FROM OLD.leaf_der
+                               AND NEW.chain_pem IS DISTINCT FROM OLD.chain_pem)
+            EXECUTE FUNCTION certificates_leaf_der_stale()""",
         ),
     ),
 )
@@ -661,6 +684,7 @@ class PostgresStorage:
             cert.serial,
             cert.issuer,
             _ts(cert.created_at),
+            leaf_der_of(cert.chain_pem),
         )
         with self._tx(f"save the certificate of {cert.hostname}") as conn:
             # FOR KEY SHARE: a concurrent remove_domain waits for this commit (and
@@ -670,11 +694,13 @@ class PostgresStorage:
             ).fetchone() is None:
                 raise DomainNotFound(f"{cert.hostname} is not registered (removed meanwhile?)")
             conn.execute(
-                f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO certificates ({_CERT_COLUMNS}, leaf_der) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
                 "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
                 "not_after = excluded.not_after, serial = excluded.serial, "
-                "issuer = excluded.issuer, created_at = excluded.created_at",
+                "issuer = excluded.issuer, created_at = excluded.created_at, "
+                "leaf_der = excluded.leaf_der",
                 params,
             )
             self._append_change(conn, cert.hostname)
@@ -688,11 +714,11 @@ class PostgresStorage:
         )
         return None if row is None else _certificate(row)
 
-    def scan_certificates(self, hostnames: Sequence[str],
-                          visit: Callable[[str, bytes, bytes, datetime, str], None]) -> set[str]:
+    def scan_certificates(self, hostnames: Sequence[str], visit: CertificateVisitor) -> set[str]:
         """Which of ``hostnames`` are registered; and, in the same snapshot,
-        ``visit(hostname, key_pem, chain_pem, not_after, serial)`` for each of them
-        that has a certificate, one row at a time.
+        ``visit(hostname, key_pem, chain_pem, leaf_der, not_after, serial)`` for each
+        of them that has a certificate, one row at a time (``leaf_der`` is None for
+        rows saved without it: see ``CertificateVisitor``).
 
         Not part of the ``Storage`` protocol (the certstore uses it when present,
         issue 8): one array parameter instead of a query per name, and a
@@ -707,12 +733,13 @@ class PostgresStorage:
             with conn.cursor(name="edgeproxy_scan_certificates") as cursor:
                 cursor.itersize = 256
                 cursor.execute(
-                    "SELECT hostname, key_pem, chain_pem, not_after, serial FROM certificates "
+                    "SELECT hostname, key_pem, chain_pem, leaf_der, not_after, serial FROM certificates "
                     "WHERE hostname = ANY(%s)", (names,),
                 )
-                for hostname, key_pem, chain_pem, not_after, serial in cursor:
+                for hostname, key_pem, chain_pem, leaf_der, not_after, serial in cursor:
                     if hostname in registered:
-                        visit(hostname, bytes(key_pem), bytes(chain_pem), _utc(not_after), serial)
+                        visit(hostname, bytes(key_pem), bytes(chain_pem), None if leaf_der is None else bytes(leaf_der),
+                              _utc(not_after), serial)
         return registered
 
     # -- HTTP-01 challenges ------------------------------------------------------------
