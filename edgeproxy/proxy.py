@@ -551,8 +551,8 @@ class _RelayClient:
             cookie_jar=aiohttp.DummyCookieJar(),  # one user's relay cookie never reaches the next (rule 5)
             trust_env=False,  # no proxy or netrc from the environment
             timeout=timeout,
-            # httpx sends no Content-Type of its own; User-Agent is added below, as httpx does.
-            skip_auto_headers=("Content-Type", "User-Agent"),
+            # httpx sends no Content-Type of its own (aiohttp would add application/octet-stream).
+            skip_auto_headers=("Content-Type",),
         )
         return self._session
 

@@ -80,7 +80,9 @@ def forward(proxy: EdgeProxy, *targets: str, headers: tuple[tuple[bytes, bytes],
     """``proxy.forward`` each target in turn on one event loop, then close the proxy."""
     async def main() -> list[ForwardResult]:
         try:
-            return [await proxy.forward(ForwardRequest(t, headers, body, SHOP)) for t in targets]
+            results = [await proxy.forward(ForwardRequest(t, headers, body, SHOP)) for t in targets]
+            assert_direct(proxy)
+            return results
         finally:
             await proxy.aclose()
 
@@ -88,8 +90,8 @@ def forward(proxy: EdgeProxy, *targets: str, headers: tuple[tuple[bytes, bytes],
 
 
 def assert_direct(proxy: EdgeProxy) -> None:
-    """The call went through aiohttp directly: the httpx client was never even built."""
-    assert proxy._relay is not None
+    """The calls went through aiohttp directly: the httpx client was never even built."""
+    assert proxy._relay is not None and proxy._relay._session is not None
     assert proxy._client is None
 
 
@@ -104,7 +106,6 @@ def test_status_allowlisted_headers_and_body_pass_through(relay: RecordingRelay)
                      ("Access-Control-Allow-Origin", "*"), ("X-Relay-Secret", "s")]
     proxy = make_proxy(f"{relay.url}/ingest")
     [result] = forward(proxy, "/collect?v=2")
-    assert_direct(proxy)
     assert (result.status, result.body, result.error) == (201, b'{"queued":3}', None)
     assert result.headers == ((b"content-type", b"application/vnd.relay+json"), (b"cache-control", b"no-store"),
                               (b"retry-after", b"7"))
@@ -248,6 +249,7 @@ def test_a_too_large_answer_does_not_poison_the_pool(relay: RecordingRelay) -> N
             first = await proxy.forward(ForwardRequest("/big", HEADERS, b"{}", SHOP))
             relay.body = None
             second = await proxy.forward(ForwardRequest("/small", HEADERS, b"{}", SHOP))
+            assert_direct(proxy)
             return [first, second]
         finally:
             await proxy.aclose()
@@ -280,12 +282,12 @@ def test_a_gzip_answer_reaches_the_browser_decoded_and_unlabelled(relay: Recordi
                              (b"content-type", b"application/json")]}
         try:
             await proxy.https_app(scope, receive, send)
+            assert_direct(proxy)
         finally:
             await proxy.aclose()
         return sent[0]["status"], sent[0]["headers"], b"".join(m.get("body", b"") for m in sent[1:])
 
     status, headers, body = asyncio.run(main())
-    assert_direct(proxy)
     assert status == 202
     assert body == b'{"ok":"gzip"}' * 50
     assert (b"content-length", str(len(body)).encode()) in headers
