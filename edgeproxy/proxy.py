@@ -16,9 +16,10 @@ before any routing; no code path after a refusal touches the httpx client.
 
 The proxy sees two functions (``resolve``: an in-memory dict lookup; and
 ``challenge``: the HTTP-01 token lookup) and one httpx transport, nothing
-else. It holds no per-user state (house rule 5): the shared client refuses
-every cookie, ignores the environment, follows no redirects and has explicit
-timeouts.
+else. It holds no per-user state (house rule 5): the shared clients (httpx;
+and, with ``upstream.client = "aiohttp"`` and no injected transport, one
+aiohttp session for the relay POST, issue 8) refuse every cookie, ignore the
+environment, follow no redirects and have explicit timeouts.
 
 Must not import: ``acme``/``josepy`` or the storage backends.
 """
