@@ -456,7 +456,7 @@ def _no_cookie_jar() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=_NeverCookies())
 
 
-def _relay_ssl_context() -> ssl.SSLContext:
+def _upstream_ssl_context() -> ssl.SSLContext:
     """What upstream TLS is verified against: httpx's default (certifi's CAs, host
     name checked), never ``SSL_CERT_FILE`` & co. from the environment (house rule 5).
     Both aiohttp paths use it (tests patch it to trust a throwaway CA)."""
@@ -478,7 +478,7 @@ def _aiohttp_transport(pool: int) -> httpx.AsyncBaseTransport:
     import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
-    verify = _relay_ssl_context()
+    verify = _upstream_ssl_context()
 
     def session() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=pool, keepalive_timeout=30.0, ssl=verify)
@@ -523,13 +523,14 @@ class _RelayClient:
     load (bench/README.md). The policy of the httpx client it stands in for (house
     rule 5): no cookie jar (``DummyCookieJar``: nothing stored, nothing sent),
     ``trust_env=False``, no redirects (a 3xx comes back as is), TLS verified
-    against :func:`_relay_ssl_context`, the same timeouts (socket connect =
+    against :func:`_upstream_ssl_context`, the same timeouts (socket connect =
     ``upstream.connect_timeout``; pool wait + connect, and each read =
     ``upstream.timeout``; no total), a keep-alive pool of ``upstream.pool_size``.
     The relay sees what httpx sent: the call's headers, ``Accept: */*``, the
     ``Accept-Encoding`` of what the client decodes, ``Connection: keep-alive``,
     httpx's User-Agent when the call has none, no Content-Type of the client's own;
-    the target normalized alike (yarl's requoting of httpx's quoting is yarl's).
+    the same request target (yarl requotes it, as it did under httpx: for what the
+    API route admits, httpx's quoting changes nothing yarl would not).
 
     Concurrency: one instance per EdgeProxy, used from its event loop only; the
     session is created on first use, inside the running loop, as aiohttp requires.
@@ -544,7 +545,7 @@ class _RelayClient:
     def _open(self) -> aiohttp.ClientSession:
         import aiohttp
 
-        connector = aiohttp.TCPConnector(limit=self._pool, keepalive_timeout=30.0, ssl=_relay_ssl_context())
+        connector = aiohttp.TCPConnector(limit=self._pool, keepalive_timeout=30.0, ssl=_upstream_ssl_context())
         timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_connect=self._connect_timeout,
                                         sock_read=self._timeout)
         self._session = aiohttp.ClientSession(

@@ -54,7 +54,7 @@ def relay(request: pytest.FixtureRequest, identity: tuple[Path, Path, Path],
     """A real relay; over HTTPS the edge trusts the throwaway CA (and only it)."""
     if request.param == "https":
         ca = str(identity[0])
-        monkeypatch.setattr(proxy_module, "_relay_ssl_context", lambda: ssl.create_default_context(cafile=ca))
+        monkeypatch.setattr(proxy_module, "_upstream_ssl_context", lambda: ssl.create_default_context(cafile=ca))
         server = RecordingRelay(tls=server_context(identity))
     else:
         server = RecordingRelay()
