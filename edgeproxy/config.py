@@ -98,10 +98,11 @@ class UpstreamSettings:
     script_ttl: float = 300.0  # seconds the in-memory script copy is fresh
     connect_timeout: float = 2.0
     timeout: float = 5.0
-    # The relay client's connection pool: "aiohttp" (httpx API on an aiohttp
-    # connector) or "httpx" (httpx's own httpcore pool). Measured side by side in
-    # bench/README.md (issue 8): httpcore's pool scans every pooled connection,
-    # with a readability syscall each, on every request.
+    # The relay client: "aiohttp" (the relay POST straight on an aiohttp session;
+    # script fetches through httpx on an aiohttp connector) or "httpx" (httpx's own
+    # httpcore pool for both). Measured side by side in bench/README.md (issue 8):
+    # httpcore's pool scans every pooled connection, with a readability syscall
+    # each, on every request; httpx's layer over aiohttp cost a third of the forward.
     client: str = "aiohttp"
     pool_size: int = 64  # keep-alive connections to the relay per worker
 

@@ -16,9 +16,10 @@ before any routing; no code path after a refusal touches the httpx client.
 
 The proxy sees two functions (``resolve``: an in-memory dict lookup; and
 ``challenge``: the HTTP-01 token lookup) and one httpx transport, nothing
-else. It holds no per-user state (house rule 5): the shared client refuses
-every cookie, ignores the environment, follows no redirects and has explicit
-timeouts.
+else. It holds no per-user state (house rule 5): the shared clients (httpx;
+and, with ``upstream.client = "aiohttp"`` and no injected transport, one
+aiohttp session for the relay POST, issue 8) refuse every cookie, ignore the
+environment, follow no redirects and have explicit timeouts.
 
 Must not import: ``acme``/``josepy`` or the storage backends.
 """
@@ -33,15 +34,19 @@ import http.cookiejar
 import ipaddress
 import logging
 import re
+import ssl
 import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, unquote_to_bytes
 
 import httpx
+
+if TYPE_CHECKING:  # imported on first use (start-up time, issue 8)
+    import aiohttp
 
 from .config import Settings, UpstreamSettings
 from .errors import ConfigError
@@ -451,9 +456,17 @@ def _no_cookie_jar() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=_NeverCookies())
 
 
+def _upstream_ssl_context() -> ssl.SSLContext:
+    """What upstream TLS is verified against: httpx's default (certifi's CAs, host
+    name checked), never ``SSL_CERT_FILE`` & co. from the environment (house rule 5).
+    Both aiohttp paths use it (tests patch it to trust a throwaway CA)."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
 def _aiohttp_transport(pool: int) -> httpx.AsyncBaseTransport:
     """httpx's API on an aiohttp connection pool (issue 8: ~7x the forwarded
-    req/s of httpcore's pool on 2 cores; numbers in bench/README.md).
+    req/s of httpcore's pool on 2 cores; numbers in bench/README.md). Used for
+    the script origin; the relay POST goes through :class:`_RelayClient`.
 
     The same guarantees as the default transport (house rule 5): the session
     keeps no cookies (``DummyCookieJar``) and ignores the environment
@@ -465,13 +478,142 @@ def _aiohttp_transport(pool: int) -> httpx.AsyncBaseTransport:
     import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
-    verify = httpx.create_ssl_context(trust_env=False)
+    verify = _upstream_ssl_context()
 
     def session() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=pool, keepalive_timeout=30.0, ssl=verify)
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
 
     return AiohttpTransport(client=session, trust_env=False)
+
+
+# The User-Agent httpx sends when the call carries none (a browser always sends one):
+# the relay's view of a call does not depend on upstream.client (issue 8).
+_DEFAULT_USER_AGENT: Final = f"python-httpx/{httpx.__version__}"
+# What aiohttp decodes itself: a body whose FIRST Content-Encoding field is exactly one
+# of these (aiohttp.http_parser; br/zstd fail the read when their library is missing).
+_AIOHTTP_DECODES: Final = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
+def _codings_left(values: Sequence[str], raw: Headers) -> tuple[tuple[bytes, bytes], ...] | None:
+    """The Content-Encoding the browser must be given with a relay body aiohttp has read.
+
+    ``values``: the response's Content-Encoding field values as aiohttp parsed them;
+    ``raw``: its raw header list. ``()`` when the body is now plain (no coding, only
+    ``identity``, or the single coding aiohttp removed), so the field is dropped with
+    the body decoded, as httpx does. The relay's own fields when aiohttp left the
+    body untouched (a coding it does not know, or several listed in one field): a
+    coded body never loses its label (RFC 9110 section 8.4). None when aiohttp
+    removed one coding of several: no label fits the bytes left, the caller fails.
+    """
+    codings = [c for c in (t.strip().lower() for v in values for t in v.split(",")) if c and c != "identity"]
+    if not codings:
+        return ()
+    first = values[0]
+    if first.isascii() and first.lower() in _AIOHTTP_DECODES:  # the test aiohttp's parser makes
+        return () if len(codings) == 1 else None
+    return tuple((b"content-encoding", v) for n, v in raw if n.lower() == b"content-encoding")
+
+
+class _RelayClient:
+    """The relay POST straight on one shared ``aiohttp.ClientSession`` (issue 8).
+
+    Why: with ``upstream.client = "aiohttp"`` the call went httpx -> httpx-aiohttp ->
+    aiohttp, and py-spy put the httpx layer at ~9 % of the edge's CPU under a POST
+    load (bench/README.md). The policy of the httpx client it stands in for (house
+    rule 5): no cookie jar (``DummyCookieJar``: nothing stored, nothing sent),
+    ``trust_env=False``, no redirects (a 3xx comes back as is), TLS verified
+    against :func:`_upstream_ssl_context`, the same timeouts (socket connect =
+    ``upstream.connect_timeout``; pool wait + connect, and each read =
+    ``upstream.timeout``; no total), a keep-alive pool of ``upstream.pool_size``.
+    The relay sees what httpx sent: the call's headers, ``Accept: */*``, the
+    ``Accept-Encoding`` of what the client decodes, ``Connection: keep-alive``,
+    httpx's User-Agent when the call has none, no Content-Type of the client's own;
+    the same request target (yarl requotes it, as it did under httpx: for what the
+    API route admits, httpx's quoting changes nothing yarl would not).
+
+    Concurrency: one instance per EdgeProxy, used from its event loop only; the
+    session is created on first use, inside the running loop, as aiohttp requires.
+    """
+
+    def __init__(self, upstream: UpstreamSettings) -> None:
+        self._pool = upstream.pool_size
+        self._timeout = upstream.timeout
+        self._connect_timeout = upstream.connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=self._pool, keepalive_timeout=30.0, ssl=_upstream_ssl_context())
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_connect=self._connect_timeout,
+                                        sock_read=self._timeout)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one user's relay cookie never reaches the next (rule 5)
+            trust_env=False,  # no proxy or netrc from the environment
+            timeout=timeout,
+            # httpx sends no Content-Type of its own (aiohttp would add application/octet-stream).
+            skip_auto_headers=("Content-Type",),
+        )
+        return self._session
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    @staticmethod
+    def _wire_headers(headers: Headers) -> list[tuple[str, str]]:
+        # aiohttp writes header values as UTF-8: a UTF-8 value goes out as it came in;
+        # any other byte string as httpx sent it (Latin-1 decoded, then UTF-8).
+        out = [("Connection", "keep-alive")]
+        agent = False
+        for name, value in headers:
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                text = value.decode("latin-1")
+            lname = name.decode("latin-1").lower()
+            agent = agent or lname == "user-agent"
+            out.append((lname, text))
+        if not agent:
+            out.append(("User-Agent", _DEFAULT_USER_AGENT))
+        return out
+
+    async def post(self, url: str, headers: Headers, body: bytes) -> ForwardResult | str:
+        """The relay's answer (any status), or why there is none: ``timeout``,
+        ``connect``, ``invalid_url``, ``too_large`` (more than 1 MiB, decoded),
+        ``content_encoding`` or aiohttp's exception name. Never raises for relay trouble."""
+        import aiohttp  # loaded by _open: a sys.modules lookup
+
+        session = self._session if self._session is not None else self._open()
+        try:
+            async with session.request("POST", url, data=body, headers=self._wire_headers(headers),
+                                       allow_redirects=False) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_any():  # decoded, as it arrives
+                    size += len(chunk)
+                    if size > _RELAY_MAX_BYTES:
+                        response.close()  # unread bytes: the connection is not pooled again
+                        return "too_large"
+                    chunks.append(chunk)
+                out = relay_response_headers(response.raw_headers)
+                if size and "Content-Encoding" in response.headers:
+                    left = _codings_left(response.headers.getall("Content-Encoding"), response.raw_headers)
+                    if left is None:
+                        return "content_encoding"
+                    out += left
+                return ForwardResult(response.status, out, b"".join(chunks))
+        except TimeoutError:  # aiohttp's ServerTimeoutError (connect, read) is one
+            return "timeout"
+        except aiohttp.ClientConnectorError:  # refused, DNS, TLS handshake or verification
+            return "connect"
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError):
+            return "invalid_url"
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -601,6 +743,9 @@ class EdgeProxy:
         self._rewriter = _Rewriter(upstream)
         self._cache_control = f"public, max-age={max(0, int(self._ttl))}".encode()
         self._client: httpx.AsyncClient | None = None
+        # Issue 8: the relay POST skips httpx when nothing was injected and aiohttp is
+        # the configured pool; the httpx client still fetches the script.
+        self._relay = _RelayClient(upstream) if transport is None and upstream.client == "aiohttp" else None
         self._origin: _Origin | None = None
         self._next_fetch_at = float("-inf")
         self._fetch_task: asyncio.Task[bool] | None = None
@@ -640,15 +785,19 @@ class EdgeProxy:
             self._start_fetch()
 
     async def aclose(self) -> None:
-        """Stop a fetch in flight and close the client (idempotent)."""
+        """Stop a fetch in flight and close the clients (idempotent; a later call opens them again)."""
         task, self._fetch_task = self._fetch_task, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        try:
+            if client is not None:
+                await client.aclose()
+        finally:
+            if self._relay is not None:
+                await self._relay.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         # Both apps may receive lifespan events for the same instance: the client
@@ -1074,7 +1223,19 @@ class EdgeProxy:
 
     async def _forward(self, request: ForwardRequest) -> ForwardResult:
         url = self._relay_base + request.target
-        error: str
+        if self._relay is not None:
+            outcome = await self._relay.post(url, request.headers, request.body)
+        else:
+            outcome = await self._post_httpx(url, request)
+        if isinstance(outcome, ForwardResult):
+            self.stats["api_forwarded"] += 1
+            return outcome
+        self.stats["api_relay_error"] += 1
+        log.warning("relay %s failed for host %s: %s", self._relay_base, request.host, outcome)
+        return ForwardResult(502, _RELAY_FAILED_HEADERS, _RELAY_FAILED_BODY, error=outcome)
+
+    async def _post_httpx(self, url: str, request: ForwardRequest) -> ForwardResult | str:
+        """The relay call through the shared httpx client: its answer, or an error code."""
         try:
             async with self._http().stream("POST", url, content=request.body,
                                            headers=list(request.headers)) as response:
@@ -1086,18 +1247,14 @@ class EdgeProxy:
                         break
                     chunks.append(chunk)
                 if size <= _RELAY_MAX_BYTES:
-                    self.stats["api_forwarded"] += 1
                     return ForwardResult(response.status_code, relay_response_headers(response.headers.raw),
                                          b"".join(chunks))
-                error = "too_large"
+                return "too_large"
         except httpx.TimeoutException:
-            error = "timeout"
+            return "timeout"
         except httpx.ConnectError:
-            error = "connect"
+            return "connect"
         except httpx.HTTPError as exc:
-            error = type(exc).__name__
+            return type(exc).__name__
         except httpx.InvalidURL:
-            error = "invalid_url"
-        self.stats["api_relay_error"] += 1
-        log.warning("relay %s failed for host %s: %s", self._relay_base, request.host, error)
-        return ForwardResult(502, _RELAY_FAILED_HEADERS, _RELAY_FAILED_BODY, error=error)
+            return "invalid_url"

@@ -8,9 +8,12 @@ Must not import: anything of ours.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,8 +50,13 @@ class _Backlogged(ThreadingHTTPServer):
 class _Server:
     """A ThreadingHTTPServer on a free loopback port, run in a daemon thread."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(self, handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None) -> None:
         self._httpd = _Backlogged(("127.0.0.1", 0), handler)
+        if tls is not None:
+            # The handshake happens on the handler thread's first read, not in the accept loop.
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True,
+                                                 do_handshake_on_connect=False)
+        self._scheme = "http" if tls is None else "https"
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True)
@@ -59,7 +67,7 @@ class _Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> "_Server":
         self._thread.start()
@@ -123,15 +131,29 @@ class RecordingRelay(_Server):
     ``on_request`` (optional) is called with each recorded request, e.g. to print it.
     ``down = True`` makes it read each request and close the connection without an
     answer (what a crashed relay behind a load balancer looks like); nothing is recorded.
+    ``tls`` (a server context) makes it speak HTTPS.
+
+    What the answer looks like can be changed between requests: ``body`` replaces the
+    JSON body, ``headers`` are added to it (``Content-Type`` among them replaces the
+    default), ``content_encoding`` ("gzip" or "gzip, gzip") compresses the body that
+    many times and labels it, ``delay`` waits before answering, and ``stall_after``
+    bytes into the body the relay pauses ``stall`` seconds before sending the rest.
     """
 
-    def __init__(self, status: int = 202, on_request: Callable[[RecordedRequest], None] | None = None) -> None:
+    def __init__(self, status: int = 202, on_request: Callable[[RecordedRequest], None] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.status = status
         self.down = False
         self.on_request = on_request
+        self.body: bytes | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.content_encoding = ""
+        self.delay = 0.0
+        self.stall_after: int | None = None
+        self.stall = 0.0
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
-        super().__init__(_RelayHandler)
+        super().__init__(_RelayHandler, tls)
 
     def record(self, request: RecordedRequest) -> None:
         with self._lock:
@@ -155,7 +177,28 @@ class _RelayHandler(_QuietHandler):
             return
         pairs = [(k.lower(), v) for k, v in self.headers.items()]
         relay.record(RecordedRequest(self.command, self.path, dict(pairs), pairs, body))
-        self._reply(relay.status, json.dumps({"ok": relay.status < 400}).encode(), "application/json")
+        if relay.delay:
+            time.sleep(relay.delay)
+        answer = relay.body if relay.body is not None else json.dumps({"ok": relay.status < 400}).encode()
+        extra = list(relay.headers)
+        if relay.content_encoding:
+            for coding in relay.content_encoding.split(","):
+                assert coding.strip() == "gzip", "the test relay only speaks gzip"
+                answer = gzip.compress(answer)
+            extra.append(("Content-Encoding", relay.content_encoding))
+        self.send_response(relay.status)
+        if not any(name.lower() == "content-type" for name, _ in extra):
+            self.send_header("Content-Type", "application/json")
+        for name, value in extra:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        if relay.stall_after is not None:
+            self.wfile.write(answer[:relay.stall_after])
+            self.wfile.flush()
+            time.sleep(relay.stall)
+            answer = answer[relay.stall_after:]
+        self.wfile.write(answer)
 
     do_POST = _handle
     do_GET = _handle
