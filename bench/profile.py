@@ -40,6 +40,7 @@ def main() -> None:
             with EdgeProcess(config) as edge:
                 run.first_https_200(config.https_port, run.HOST0, time.monotonic() + 20)
                 assert edge.proc is not None
+                run.settle(edge.proc.pid)  # the monitor's first round is start-up work, not load
                 body = b'{"type":"pageview"}' if mode == "post" else None
                 path = "/api/v1/m/collect" if mode == "post" else "/js/app.js"
                 result: dict[str, object] = {}
