@@ -348,8 +348,12 @@ def _self_test(native: NativeTLS) -> None:
         raise NativeError("the self-test handshake did not serve the installed certificate")
 
 
-def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_name: str) -> bytes | None:
-    """Run a TLS handshake in memory (no sockets); the DER of the leaf the client received."""
+def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_name: str,
+              server_bytes: list[bytes] | None = None) -> bytes | None:
+    """Run a TLS handshake in memory (no sockets); the DER of the leaf the client received.
+
+    ``server_bytes`` collects what the server sent (under TLS 1.2 its Certificate
+    message is in the clear: tests look for the intermediate there)."""
     s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
     client = client_ctx.wrap_bio(c_in, c_out, server_hostname=server_name)
@@ -360,7 +364,10 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_nam
             except ssl.SSLWantReadError:
                 pass
         s_in.write(c_out.read())
-        c_in.write(s_out.read())
+        sent = s_out.read()
+        if server_bytes is not None:
+            server_bytes.append(sent)
+        c_in.write(sent)
         try:
             client.do_handshake()
             break

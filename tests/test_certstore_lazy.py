@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgeproxy.certstore import CertStore, record_from_pem
+from edgeproxy.tlsnative import handshake
 from edgeproxy.keys import SealedStorage, generate_master_key, load_keyring
 from edgeproxy.config import StorageSettings
 from edgeproxy.storage.base import Storage, leaf_der_of
@@ -61,32 +62,14 @@ def _register(storage: Storage, host: str, serial: int = 2, days: int = 90) -> N
     storage.save_certificate(record_from_pem(host, key_pem, chain, NOW))
 
 
-def _served(store: CertStore, name: str) -> tuple[x509.Certificate, list[bytes]] | None:
+def _served(store: CertStore, name: str) -> x509.Certificate:
     """Run a real TLS handshake in memory with SNI = ``name``; the leaf the server chose."""
-    server_ctx = store.server_context()
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_ctx.check_hostname = False
     client_ctx.verify_mode = ssl.CERT_NONE
-    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=name)
-    for _ in range(10):
-        for side in (client, server):
-            try:
-                side.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-        try:
-            client.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            continue
-    der = client.getpeercert(binary_form=True)
+    der = handshake(store.server_context(), client_ctx, name)
     assert der is not None
-    chain = client.get_unverified_chain() if hasattr(client, "get_unverified_chain") else []
-    return x509.load_der_x509_certificate(der), list(chain or [])
+    return x509.load_der_x509_certificate(der)
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -122,7 +105,7 @@ def test_nothing_is_built_at_refresh_and_each_sni_gets_its_own_certificate(stora
     for host in reversed(hosts):
         served = _served(store, host)
         assert served is not None
-        assert _cn(served[0]) == host
+        assert _cn(served) == host
     assert store.built == len(hosts)
     assert len(store.cache) == 4  # bounded
     assert list(store.cache) == list(reversed(hosts))[-4:]  # the most recently used survive
@@ -141,7 +124,7 @@ def test_lru_keeps_hot_names_and_rebuilds_evicted_ones_correctly(storage: Sqlite
     assert set(store.cache) == {"a.example.test", "c.example.test"}
     built = store.built
     served = _served(store, "b.example.test")
-    assert served is not None and _cn(served[0]) == "b.example.test"
+    assert _cn(served) == "b.example.test"
     assert store.built == built + 1
 
 
@@ -154,7 +137,7 @@ def test_unknown_removed_and_expired_names_get_the_fallback(storage: SqliteStora
     store.refresh_blocking(NOW)
     assert store.hosts["old.example.test"] is False  # expired: registered, not servable
     served = _served(store, "gone.example.test")
-    assert served is not None and _cn(served[0]) == "gone.example.test"
+    assert _cn(served) == "gone.example.test"
     assert "gone.example.test" in store.cache
     storage.remove_domain("gone.example.test")
     store.refresh_blocking(NOW)
@@ -162,9 +145,9 @@ def test_unknown_removed_and_expired_names_get_the_fallback(storage: SqliteStora
     assert "gone.example.test" not in store.cache  # the built context went with it
     for name in ("gone.example.test", "old.example.test", "never.example.test"):
         served = _served(store, name)
-        assert served is not None and _cn(served[0]) == "edgeproxy-fallback.invalid"
+        assert _cn(served) == "edgeproxy-fallback.invalid"
     served = _served(store, "keep.example.test")
-    assert served is not None and _cn(served[0]) == "keep.example.test"
+    assert _cn(served) == "keep.example.test"
 
 
 def test_renewal_replaces_a_cached_context(storage: SqliteStorage,
@@ -173,11 +156,11 @@ def test_renewal_replaces_a_cached_context(storage: SqliteStorage,
     store = make_store(storage, cache_size=8)
     store.refresh_blocking(NOW)
     first = _served(store, "r.example.test")
-    assert first is not None and first[0].serial_number == 10
+    assert first.serial_number == 10
     _register(storage, "r.example.test", serial=11)
     store.refresh_blocking(NOW)
     second = _served(store, "r.example.test")
-    assert second is not None and second[0].serial_number == 11
+    assert second.serial_number == 11
 
 
 def test_the_chain_is_served_whole_and_intermediates_are_shared(storage: SqliteStorage,
@@ -189,10 +172,14 @@ def test_the_chain_is_served_whole_and_intermediates_are_shared(storage: SqliteS
     assert store._codec._tails == [CA_CERT.public_bytes(serialization.Encoding.PEM)]  # one shared copy
     chain, key = store._codec.unpack(store._material["x.example.test"])
     assert chain.count(b"BEGIN CERTIFICATE") == 2 and key.startswith(b"-----BEGIN PRIVATE KEY-----")
-    served = _served(store, "x.example.test")
-    assert served is not None
-    if served[1]:  # Python >= 3.13 exposes the chain the peer sent
-        assert len(served[1]) == 2
+    # TLS 1.2 sends the Certificate message in the clear: the intermediate must be in it.
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    sent: list[bytes] = []
+    leaf = handshake(store.server_context(), client, "x.example.test", sent)
+    assert leaf is not None and _cn(x509.load_der_x509_certificate(leaf)) == "x.example.test"
+    assert CA_CERT.public_bytes(serialization.Encoding.DER) in b"".join(sent)
 
 
 def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: Path,
@@ -228,7 +215,7 @@ def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: P
     store = make_store(sealed, cache_size=8)
     store.refresh_blocking(NOW)
     served = _served(store, "s1.example.test")
-    assert served is not None and _cn(served[0]) == "s1.example.test"
+    assert _cn(served) == "s1.example.test"
 
 
 def test_material_round_trips_through_the_packed_form() -> None:
@@ -271,7 +258,7 @@ def test_refresh_uses_the_stored_leaf_der_and_decodes_only_rows_without_it(
     assert sorted(x509.load_pem_x509_certificate(c).serial_number for c in decoded) == [11, 14]
     for i in range(6):
         served = _served(store, f"n{i}.example.test")
-        assert served is not None and _cn(served[0]) == f"n{i}.example.test" and served[0].serial_number == 10 + i
+        assert _cn(served) == f"n{i}.example.test" and served.serial_number == 10 + i
 
 
 def test_a_chain_renewed_by_an_older_edgeproxy_is_served_whole(storage: SqliteStorage,
@@ -291,7 +278,7 @@ def test_a_chain_renewed_by_an_older_edgeproxy_is_served_whole(storage: SqliteSt
     store = make_store(storage, cache_size=8)
     store.refresh_blocking(NOW)
     served = _served(store, "r.example.test")
-    assert served is not None and served[0].serial_number == 6
+    assert served.serial_number == 6
 
 
 def test_async_refresh_loads_without_building(storage: SqliteStorage,
@@ -320,7 +307,7 @@ def test_save_serves_the_new_certificate_in_this_process_at_once(storage: Sqlite
     store.save("fresh.example.test", key_pem, chain, NOW)
     assert store.hosts["fresh.example.test"] is True  # no refresh needed in the issuing process
     served = _served(store, "fresh.example.test")
-    assert served is not None and served[0].serial_number == 77
+    assert served.serial_number == 77
 
 
 def test_expire_stops_serving_at_not_after_and_only_scans_once_one_is_due(storage: SqliteStorage,
@@ -339,7 +326,7 @@ def test_expire_stops_serving_at_not_after_and_only_scans_once_one_is_due(storag
     assert store.expire(NOW + dt.timedelta(days=2)) == ["short.example.test"]
     assert store.hosts["short.example.test"] is False and "short.example.test" not in store.cache
     served = _served(store, "short.example.test")
-    assert served is not None and _cn(served[0]) == "edgeproxy-fallback.invalid"
+    assert _cn(served) == "edgeproxy-fallback.invalid"
     # A renewal published after the scan lowers the next expiry again.
     _register(storage, "short.example.test", serial=3, days=3)
     store.refresh_blocking(NOW)
