@@ -66,8 +66,8 @@ def main() -> None:
         frames = stack.split(";")
         total += int(count)
         own[frames[-1]] += int(count)
-    for frame, count in own.most_common(25):
-        print(f"{100 * count / total:5.1f}%  {frame}")
+    for frame, samples in own.most_common(25):
+        print(f"{100 * samples / total:5.1f}%  {frame}")
 
 
 if __name__ == "__main__":
