@@ -206,6 +206,12 @@ class FakeStorage:
     def count_domains(self) -> int:
         raise NotImplementedError
 
+    def domain_statuses(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def count_domains_by_status(self) -> dict[str, int]:
+        raise NotImplementedError
+
     def domain_created_times_since(self, since: dt.datetime) -> list[dt.datetime]:
         raise NotImplementedError
 

@@ -150,6 +150,28 @@ def test_list_domains_is_ordered_by_hostname(store: Storage) -> None:
     ]
 
 
+def test_domain_statuses_and_counts_follow_the_records(store: Storage) -> None:
+    """Issue 8: the monitor and /metrics read two columns, not whole records; the
+    answers must be what ``list_domains`` says, in its order."""
+    assert store.domain_statuses() == []
+    assert store.count_domains_by_status() == {}
+    for name in ["m.example", "a.example", "z.example", "b.example", "xn--bcher-kva.example", "a-b.example"]:
+        store.add_domain(name, "pending_dns", NOW)
+    store.update_domain("m.example", NOW, status="failing", error_code="dns", error_message="no CNAME")
+    store.update_domain("z.example", NOW, status="active")
+    store.update_domain("b.example", NOW, status="active")
+    store.remove_domain("a.example")
+    assert store.domain_statuses() == [(d.hostname, d.status) for d in store.list_domains()] == [
+        ("a-b.example", "pending_dns"),
+        ("b.example", "active"),
+        ("m.example", "failing"),
+        ("xn--bcher-kva.example", "pending_dns"),
+        ("z.example", "active"),
+    ]
+    assert store.count_domains_by_status() == {"active": 2, "failing": 1, "pending_dns": 2}
+    assert sum(store.count_domains_by_status().values()) == store.count_domains()
+
+
 def test_update_domain_replaces_mutable_fields(store: Storage) -> None:
     store.add_domain("a.example", "pending_dns", NOW)
     later = NOW + timedelta(minutes=5)

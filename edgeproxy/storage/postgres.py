@@ -615,6 +615,18 @@ class PostgresStorage:
         row = self._one("count domains", "SELECT COUNT(*) FROM domains", ())
         return int(row[0])
 
+    def domain_statuses(self) -> list[tuple[str, str]]:
+        """``(hostname, status)`` of every domain, ordered by hostname (byte order, like SQLite)."""
+        with self._conn("list domain statuses") as conn:
+            rows = conn.execute("SELECT hostname, status FROM domains ORDER BY hostname").fetchall()
+        return [(str(row[0]), str(row[1])) for row in rows]
+
+    def count_domains_by_status(self) -> dict[str, int]:
+        """status -> how many domains have it; statuses no domain has are absent."""
+        with self._conn("count domains by status") as conn:
+            rows = conn.execute("SELECT status, COUNT(*) FROM domains GROUP BY status").fetchall()
+        return {str(row[0]): int(row[1]) for row in rows}
+
     def domain_created_times_since(self, since: datetime) -> list[datetime]:
         """``created_at`` of the domains registered at or after ``since``, oldest first."""
         with self._conn("list recent registrations") as conn:

@@ -599,6 +599,24 @@ class SqliteStorage:
         row = self._query_one("count domains", "SELECT COUNT(*) FROM domains", ())
         return int(row[0])
 
+    def domain_statuses(self) -> list[tuple[str, str]]:
+        """``(hostname, status)`` of every domain, ordered by hostname."""
+        conn = self._conn()
+        try:
+            rows = conn.execute("SELECT hostname, status FROM domains ORDER BY hostname").fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, "list domain statuses", self.path) from exc
+        return [(str(row[0]), str(row[1])) for row in rows]
+
+    def count_domains_by_status(self) -> dict[str, int]:
+        """status -> how many domains have it; statuses no domain has are absent."""
+        conn = self._conn()
+        try:
+            rows = conn.execute("SELECT status, COUNT(*) FROM domains GROUP BY status").fetchall()
+        except sqlite3.Error as exc:
+            raise _map_error(exc, "count domains by status", self.path) from exc
+        return {str(row[0]): int(row[1]) for row in rows}
+
     def domain_created_times_since(self, since: datetime) -> list[datetime]:
         """``created_at`` of the domains registered at or after ``since``, oldest first."""
         conn = self._conn()
