@@ -27,7 +27,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -71,6 +71,7 @@ log = logging.getLogger("edgeproxy.monitor")
 
 PROBE_HEADER = "X-Edgeproxy-Probe"  # the relay may discard events carrying it
 PROBED_STATUSES = ("active", "renewing")  # domains that serve a certificate and are checked by the loop
+_GET_EACH_MAX = 1000  # more failing domains than this: one list_domains() scan, not a get_domain() each
 
 SpoolStats = Callable[[], tuple[int, float] | None]
 """(depth, age in seconds of the oldest entry) of the durable spool; None while there is no spool."""
@@ -426,33 +427,52 @@ def conditions(
     settings: Settings,
     spool: tuple[int, float] | None = None,
     relay_4xx: float | None = None,
+    firing: Container[str] | None = None,
 ) -> list[Condition]:
     """Every condition the monitor tracks, firing or not, for one round.
 
     A probe alert fires after ``monitor.fail_after`` consecutive failures
     (``consecutive_failures``, counting this round; 1 when not given).
+
+    With ``firing`` (the keys ``AlertState`` holds as firing), a per-domain
+    condition (probe, certificate, stuck) that is not firing and whose key is not
+    in it is left out before its summary and details are built:
+    ``AlertState.evaluate`` would do nothing with it (it can only resolve a firing
+    alert), so the alerts are the same, and a round at 100,000 domains builds a
+    handful of conditions, not ~300,000 (issue 8).
     """
     mon = settings.monitor
     out: list[Condition] = []
+
+    def wanted(key: str, is_firing: bool) -> bool:
+        return is_firing or firing is None or key in firing
+
     for result in results:
         host = result.hostname
         failures = (consecutive_failures or {}).get(host, 0 if result.ok else 1)
-        out.append(Condition(
-            f"probe:{host}", "probe_failing", not result.ok and failures >= mon.fail_after, "critical",
-            f"{host}: probe failing: {result.failure}" if not result.ok else f"{host}: probe ok",
-            {"hostname": host, "check": result.to_json()},
-        ))
-        if result.days_left is not None:
+        key, is_firing = f"probe:{host}", not result.ok and failures >= mon.fail_after
+        if wanted(key, is_firing):
             out.append(Condition(
-                f"cert:{host}", "cert_expiring", result.days_left < mon.cert_warn_days, "warning",
-                f"{host}: certificate expires in {result.days_left:.1f} days",
-                {"hostname": host, "days_left": round(result.days_left, 2)},
+                key, "probe_failing", is_firing, "critical",
+                f"{host}: probe failing: {result.failure}" if not result.ok else f"{host}: probe ok",
+                {"hostname": host, "check": result.to_json()},
             ))
+        if result.days_left is not None:
+            key, is_firing = f"cert:{host}", result.days_left < mon.cert_warn_days
+            if wanted(key, is_firing):
+                out.append(Condition(
+                    key, "cert_expiring", is_firing, "warning",
+                    f"{host}: certificate expires in {result.days_left:.1f} days",
+                    {"hostname": host, "days_left": round(result.days_left, 2)},
+                ))
     for domain in domains:
         since = failing_since.get(domain.hostname)
         stuck = domain.status == "failing" and since is not None and (now - since).total_seconds() >= mon.stuck_after
+        key = f"stuck:{domain.hostname}"
+        if not wanted(key, stuck):
+            continue
         out.append(Condition(
-            f"stuck:{domain.hostname}", "domain_stuck", stuck, "warning",
+            key, "domain_stuck", stuck, "warning",
             f"{domain.hostname}: stuck in failing since {_iso(since) if since else '-'}: "
             f"{domain.error_code or ''} {domain.error_message or ''}".rstrip(),
             {"hostname": domain.hostname, "status": domain.status, "error_code": domain.error_code,
@@ -777,20 +797,22 @@ class MonitorService:
 
     async def run_round(self) -> list[Alert]:
         """One round: probe, derive conditions, send what changed. Returns the alerts sent."""
-        domains = await asyncio.to_thread(self.storage.list_domains)
+        # (hostname, status) pairs, not whole records: 100,000 DomainRecords were ~60 MB
+        # built and freed twice a round, and the freed memory stayed fragmented
+        # around the hostnames kept for the probes (issue 8).
+        statuses = await asyncio.to_thread(self.storage.domain_statuses)
         now = self.clock()
-        for domain in domains:
-            if domain.status == "failing":
-                self.failing_since.setdefault(domain.hostname, now)
-            else:
-                self.failing_since.pop(domain.hostname, None)
-        known = {d.hostname for d in domains}
-        for host in [h for h in self.failing_since if h not in known]:
+        failing_now: set[str] = set()
+        for host, status in statuses:
+            if status == "failing":
+                failing_now.add(host)
+                self.failing_since.setdefault(host, now)
+        # No longer failing, or removed: the stuck clock stops.
+        for host in [h for h in self.failing_since if h not in failing_now]:
             del self.failing_since[host]
-        hosts = [d.hostname for d in domains if d.status in PROBED_STATUSES]
-        # A paced round lasts minutes; 100,000 records (~60 MB) need not live that
-        # long (issue 8). The conditions below read the domains again, as they are then.
-        del domains, known
+        hosts = [host for host, status in statuses if status in PROBED_STATUSES]
+        # A paced round lasts minutes: the conditions below read the statuses again, as they are then.
+        del statuses
         results = await self.probe_all(hosts)
         fresh = {r.hostname: r for r in results}
         self.consecutive_failures = {
@@ -813,13 +835,30 @@ class MonitorService:
             while len(self._relay_samples) > 2 and self._relay_samples[1][0] <= mono - window:
                 self._relay_samples.pop(0)
             relay_4xx = increase_over(self._relay_samples, mono, window)
-        domains = await asyncio.to_thread(self.storage.list_domains)
+        domains = await asyncio.to_thread(self._alert_domains)
+        # Only what may fire or resolve is built (conditions' ``firing``): the same alerts.
         round_conditions = conditions(results=results, domains=domains, failing_since=self.failing_since,
                                       now=self.clock(), settings=self.settings, spool=spool, relay_4xx=relay_4xx,
-                                      consecutive_failures=self.consecutive_failures)
+                                      consecutive_failures=self.consecutive_failures, firing=self.state.firing)
         alerts = self.state.evaluate(round_conditions, self.clock())
         await self.dispatcher.dispatch(alerts)
         return alerts
+
+    def _alert_domains(self) -> list[DomainRecord]:
+        """The records a ``domain_stuck`` condition can fire or resolve for: domains
+        now failing, and those whose stuck alert is firing. A record for every domain
+        could only add conditions that are not firing and not firing before, which
+        ``AlertState.evaluate`` ignores. Blocking: runs in a thread."""
+        firing = self.state.firing
+        wanted = [host for host, status in self.storage.domain_statuses()
+                  if status == "failing" or f"stuck:{host}" in firing]
+        if len(wanted) > _GET_EACH_MAX:
+            # Thousands failing at once (a DNS outage): one scan beats that many
+            # round trips to PostgreSQL.
+            chosen = set(wanted)
+            return [d for d in self.storage.list_domains() if d.hostname in chosen]
+        # None: removed since the statuses were read, like a domain list_domains no longer returns.
+        return [d for d in map(self.storage.get_domain, wanted) if d is not None]
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         interval = self.settings.monitor.interval

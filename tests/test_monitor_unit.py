@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from edgeproxy.monitor import (
     AlertDispatcher,
     AlertState,
     MonitorService,
+    PROBED_STATUSES,
     Prober,
     Condition,
     ProbeResult,
@@ -28,7 +30,7 @@ from edgeproxy.monitor import (
     probe_port,
     probe_rate,
 )
-from edgeproxy.storage import open_storage
+from edgeproxy.storage import Storage, open_storage
 from edgeproxy.storage.base import DomainRecord
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
@@ -315,3 +317,198 @@ def test_rounds_start_one_interval_apart_however_long_they_take() -> None:
     asyncio.run(run())
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert len(gaps) == 2 and all(0.29 <= gap < 0.42 for gap in gaps), gaps  # was 0.45: round + interval
+
+
+# -- alerts from fewer objects (issue 8) -------------------------------------------------
+
+
+class ScriptedProber:
+    """Answers each host as ``plan`` says: (probe ok, days left or None for a failed handshake)."""
+
+    def __init__(self) -> None:
+        self.plan: dict[str, tuple[bool, float | None]] = {}
+        self.now = T0
+
+    async def probe(self, host: str) -> ProbeResult:
+        ok, days_left = self.plan.get(host, (True, 60.0))
+        steps = (Step("tls", days_left is not None, "ok" if days_left is not None else "handshake failed"),
+                 Step("event", ok, "202" if ok else "relay answered 401 (expected 2xx)"))
+        return ProbeResult(host, ok, steps, self.now, 0.1, days_left, "127.0.0.1")
+
+
+class OldRound:
+    """The round as it was before issue 8's memory work: every record at the start and at the
+    end, every condition built. ``reduced`` passes only the records run_round now fetches;
+    ``filtered`` passes ``firing`` to conditions. All four must send the same alerts."""
+
+    def __init__(self, settings: Settings, storage: Storage, prober: ScriptedProber, *,
+                 reduced: bool, filtered: bool) -> None:
+        self.settings, self.storage, self.prober = settings, storage, prober
+        self.reduced, self.filtered = reduced, filtered
+        self.state = AlertState(settings.alerts.resend_interval)
+        self.failing_since: dict[str, dt.datetime] = {}
+        self.consecutive_failures: dict[str, int] = {}
+
+    def run(self, now: dt.datetime, spool: tuple[int, float]) -> list[Alert]:
+        domains = self.storage.list_domains()
+        for d in domains:
+            if d.status == "failing":
+                self.failing_since.setdefault(d.hostname, now)
+            else:
+                self.failing_since.pop(d.hostname, None)
+        known = {d.hostname for d in domains}
+        for host in [h for h in self.failing_since if h not in known]:
+            del self.failing_since[host]
+        hosts = [d.hostname for d in domains if d.status in PROBED_STATUSES]
+
+        async def probe_all() -> list[ProbeResult]:
+            return list(await asyncio.gather(*(self.prober.probe(h) for h in hosts)))
+
+        results = asyncio.run(probe_all())
+        self.consecutive_failures = {
+            r.hostname: 0 if r.ok else self.consecutive_failures.get(r.hostname, 0) + 1 for r in results}
+        domains = self.storage.list_domains()
+        if self.reduced:
+            domains = [d for d in domains if d.status == "failing" or f"stuck:{d.hostname}" in self.state.firing]
+        conds = conditions(results=results, domains=domains, failing_since=self.failing_since, now=now,
+                           settings=self.settings, spool=spool, consecutive_failures=self.consecutive_failures,
+                           firing=self.state.firing if self.filtered else None)
+        return self.state.evaluate(conds, now)
+
+
+@pytest.mark.parametrize("get_each_max", [1000, 0], ids=["get_domain", "one_scan"])
+def test_alerts_are_the_same_from_statuses_and_firing_filter_as_from_every_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, get_each_max: int) -> None:
+    """Issue 8: run_round reads (hostname, status) pairs, fetches records only for failing
+    or stuck-firing domains (one get_domain each, or one scan when there are many), and
+    builds only conditions that fire or may resolve. Over rounds of domains failing,
+    sticking, recovering, being removed and re-added, probes failing and recovering and
+    certificates expiring, every alert (summary, details, resent flag) is what the old
+    every-record round sent."""
+    monkeypatch.setattr("edgeproxy.monitor._GET_EACH_MAX", get_each_max)
+    base = Settings()
+    settings = dataclasses.replace(
+        base,
+        monitor=dataclasses.replace(base.monitor, interval=0.0, stuck_after=120.0, fail_after=2,
+                                    cert_warn_days=14.0, spool_max_depth=100),
+        alerts=dataclasses.replace(base.alerts, resend_interval=150.0),
+    )
+    storage = open_storage(f"sqlite://{tmp_path}/edge.db")
+    prober = ScriptedProber()
+    now = [T0]
+    spool = [(0, 0.0)]
+    service = MonitorService(settings, storage, prober, AlertDispatcher([]),  # type: ignore[arg-type]
+                             spool_stats=lambda: spool[0], clock=lambda: now[0])
+    old = [OldRound(settings, storage, prober, reduced=r, filtered=f) for r in (False, True) for f in (False, True)]
+
+    def status(host: str, value: str, *, error: str | None = None) -> None:
+        if storage.get_domain(host) is None:
+            storage.add_domain(host, value, now[0])
+        storage.update_domain(host, now[0], status=value, error_code=error, error_message=error and f"{error} text")
+
+    # round -> (store changes, probe plan, spool)
+    rounds: list[tuple[list[tuple[str, str | None]], dict[str, tuple[bool, float | None]], tuple[int, float]]] = [
+        ([(f"q{i}.example.test", "active") for i in range(10)]
+         + [("a.example.test", "active"), ("b.example.test", "active"), ("e.example.test", "active"),
+            ("g.example.test", "renewing"), ("k.example.test", "active"), ("c.example.test", "failing"),
+            ("d.example.test", "failing"), ("f.example.test", "pending_dns")],
+         {"e.example.test": (False, 60.0)}, (0, 0.0)),
+        ([], {"e.example.test": (False, 60.0), "a.example.test": (False, 60.0), "b.example.test": (True, 10.0)},
+         (0, 0.0)),
+        ([("e.example.test", None), ("f.example.test", "issuing")],
+         {"a.example.test": (False, 60.0), "b.example.test": (True, 10.0)}, (0, 0.0)),
+        ([("d.example.test", None)], {"a.example.test": (False, 60.0)}, (0, 0.0)),
+        ([("f.example.test", "failing")], {"a.example.test": (False, 60.0), "k.example.test": (False, None)},
+         (0, 0.0)),
+        ([("d.example.test", "failing")], {"a.example.test": (False, 60.0), "k.example.test": (False, None)},
+         (0, 0.0)),
+        ([("c.example.test", "active"), ("f.example.test", "active")], {"k.example.test": (False, None)},
+         (0, 0.0)),
+        ([("f.example.test", "failing"), ("k.example.test", None)], {"g.example.test": (True, 5.0)}, (0, 0.0)),
+        ([], {"g.example.test": (True, 5.0), "c.example.test": (False, 60.0)}, (500, 3.0)),
+        ([("d.example.test", "active")],
+         {"g.example.test": (True, 5.0), "c.example.test": (False, 60.0), "d.example.test": (False, None)},
+         (500, 3.0)),
+        ([("f.example.test", "active")], {}, (0, 0.0)),
+        ([], {}, (0, 0.0)),
+    ]
+    sent: list[list[list[Alert]]] = [[] for _ in range(len(old) + 1)]
+    for n, (changes, plan, spool_now) in enumerate(rounds):
+        now[0] = prober.now = at(60 * n)
+        for host, value in changes:
+            if value is None:
+                storage.remove_domain(host)
+            else:
+                status(host, value, error="dns_cname" if value == "failing" else None)
+        prober.plan, spool[0] = plan, spool_now
+        sent[0].append(asyncio.run(service.run_round()))
+        for i, pipeline in enumerate(old, 1):
+            sent[i].append(pipeline.run(now[0], spool_now))
+    storage.close()
+
+    for i in range(1, len(sent)):
+        assert sent[0] == sent[i], (old[i - 1].reduced, old[i - 1].filtered)
+    # Not vacuous: every kind of transition happened.
+    seen = [(n, a.key.split(".")[0], a.action, a.resent, "no longer checked" in a.summary)
+            for n, alerts in enumerate(sent[0]) for a in alerts]
+    assert (1, "probe:e", "trigger", False, False) in seen
+    assert (2, "probe:e", "resolve", False, True) in seen  # removed while firing
+    assert (2, "probe:a", "trigger", False, False) in seen and (5, "probe:a", "trigger", True, False) in seen
+    assert (6, "probe:a", "resolve", False, False) in seen
+    assert (1, "cert:b", "trigger", False, False) in seen and (3, "cert:b", "resolve", False, False) in seen
+    assert (2, "stuck:c", "trigger", False, False) in seen and (5, "stuck:c", "trigger", True, False) in seen
+    assert (6, "stuck:c", "resolve", False, False) in seen  # recovered
+    assert (3, "stuck:d", "resolve", False, True) in seen  # removed while stuck
+    assert (7, "stuck:d", "trigger", False, False) in seen and (9, "stuck:d", "resolve", False, False) in seen
+    assert [(n, action) for n, key, action, _, _ in seen if key == "stuck:f"] == [(9, "trigger"), (10, "resolve")]
+    assert (7, "probe:k", "resolve", False, True) in seen
+    assert (9, "probe:c", "trigger", False, False) in seen and (10, "spool:depth", "resolve", False, False) in seen
+    assert sent[0][-1] == []
+
+
+def test_round_fetches_records_only_for_failing_or_stuck_domains(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 8: no list_domains() in a round; get_domain() for the failing domains only;
+    and the conditions built are the firing ones and those that may resolve."""
+    base = Settings()
+    settings = dataclasses.replace(base, monitor=dataclasses.replace(base.monitor, interval=0.0, stuck_after=0.0))
+    storage = open_storage(f"sqlite://{tmp_path}/edge.db")
+    for i in range(200):
+        storage.add_domain(f"q{i:03d}.example.test", "active", T0)
+    storage.add_domain("stuck.example.test", "failing", T0)
+    fetched: list[str] = []
+    get_domain = storage.get_domain
+
+    def refuse() -> None:
+        raise AssertionError("list_domains() in a monitor round")
+
+    def counting_get(host: str) -> DomainRecord | None:
+        fetched.append(host)
+        return get_domain(host)
+
+    monkeypatch.setattr(storage, "list_domains", refuse)
+    monkeypatch.setattr(storage, "get_domain", counting_get)
+    prober = ScriptedProber()
+    service = MonitorService(settings, storage, prober, AlertDispatcher([]),  # type: ignore[arg-type]
+                             clock=lambda: T0)
+    built: list[int] = []
+    real_conditions = conditions
+
+    def counting_conditions(**kwargs: Any) -> list[Condition]:
+        out = real_conditions(**kwargs)
+        built.append(len(out))
+        return out
+
+    monkeypatch.setattr("edgeproxy.monitor.conditions", counting_conditions)
+    assert [(a.key, a.action) for a in asyncio.run(service.run_round())] == [("stuck:stuck.example.test", "trigger")]
+    assert fetched == ["stuck.example.test"] and built == [1]
+    storage.update_domain("stuck.example.test", T0, status="active")
+    assert [(a.key, a.action) for a in asyncio.run(service.run_round())] == [("stuck:stuck.example.test", "resolve")]
+    assert fetched == ["stuck.example.test"] * 2 and built == [1, 1]  # the firing key, to resolve it
+    assert asyncio.run(service.run_round()) == []
+    assert fetched == ["stuck.example.test"] * 2 and built == [1, 1, 0]
+    assert len(service.results) == 201  # every served domain was still probed
+    # Without ``firing`` every condition is built, as before.
+    assert len(conditions(results=service.results.values(), domains=[], failing_since={}, now=T0,
+                          settings=settings)) == 2 * 201
+    storage.close()
