@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter as _Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -262,14 +262,14 @@ class StateCollector(Collector):
     def __init__(
         self,
         *,
-        domain_statuses: Callable[[], Iterable[str]],
+        domain_counts: Callable[[], Mapping[str, int]],
         cert_expiries: Callable[[], Iterable[dt.datetime]],
         spool_stats: Callable[[], tuple[int, float] | None] | None = None,
         failing_probes: Callable[[], int] | None = None,
         warn_days: float = 14.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
     ) -> None:
-        self.domain_statuses = domain_statuses
+        self.domain_counts = domain_counts  # status -> domains; a GROUP BY, not every record (issue 8)
         self.cert_expiries = cert_expiries
         self.spool_stats = spool_stats
         self.failing_probes = failing_probes
@@ -279,7 +279,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
         domains = GaugeMetricFamily("edgeproxy_domains", "Registered domains by status", labels=["status"])
-        counts = _Counter(self.domain_statuses())
+        counts = self.domain_counts()
         for status in sorted(counts):
             domains.add_metric([status], counts[status])
         yield domains

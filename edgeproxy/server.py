@@ -424,7 +424,7 @@ class EdgeNode:
 
     def _metrics_renderer(self, monitor: MonitorService) -> Callable[[], tuple[bytes, str]]:
         state = StateCollector(
-            domain_statuses=lambda: [d.status for d in self.storage.list_domains()],
+            domain_counts=self.storage.count_domains_by_status,
             cert_expiries=self.certstore.expiries,
             spool_stats=self._spool,
             failing_probes=lambda: sum(1 for r in list(monitor.results.values()) if not r.ok),

@@ -512,3 +512,27 @@ def test_round_fetches_records_only_for_failing_or_stuck_domains(tmp_path: Path,
     assert len(conditions(results=service.results.values(), domains=[], failing_since={}, now=T0,
                           settings=settings)) == 2 * 201
     storage.close()
+
+
+def test_metrics_count_domains_by_status_without_reading_records(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 8: /metrics counted ``[d.status for d in list_domains()]`` at every scrape
+    (0.75 s of CPU at 100,000 domains); now one GROUP BY."""
+    from edgeproxy.metrics import StateCollector, render, scrape_registry
+
+    storage = open_storage(f"sqlite://{tmp_path}/edge.db")
+    for i in range(5):
+        storage.add_domain(f"a{i}.example.test", "active", T0)
+    storage.add_domain("f.example.test", "failing", T0)
+    storage.add_domain("p.example.test", "pending_dns", T0)
+
+    def refuse() -> None:
+        raise AssertionError("list_domains() at a scrape")
+
+    monkeypatch.setattr(storage, "list_domains", refuse)
+    state = StateCollector(domain_counts=storage.count_domains_by_status, cert_expiries=lambda: [])
+    text = render(scrape_registry(state)).decode()
+    lines = sorted(line for line in text.splitlines() if line.startswith("edgeproxy_domains{"))
+    assert lines == ['edgeproxy_domains{status="active"} 5.0', 'edgeproxy_domains{status="failing"} 1.0',
+                     'edgeproxy_domains{status="pending_dns"} 1.0']
+    storage.close()
