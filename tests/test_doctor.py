@@ -35,6 +35,7 @@ from edgeproxy.doctor import (
     check_names,
     check_storage,
     check_token_file,
+    check_tls,
     check_upstream,
     exit_code,
     trigger_words_in,
@@ -317,3 +318,14 @@ def test_command_exit_codes(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('[routes]\nscript_path = "no-slash"\n')
     bad = _doctor(tmp_path / "bad.toml", "--offline")
     assert bad.returncode == 1 and "routes.script_path must be an absolute path" in bad.stderr
+
+
+def test_tls_native_path_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeproxy import tlsnative
+    from edgeproxy.config import ProxySettings
+    findings = check_tls(Settings())
+    assert levels(findings, "proxy.tls_native") == ["ok"] and "self-test passed" in messages(findings, "proxy.tls_native")
+    assert "off" in messages(check_tls(Settings(proxy=ProxySettings(tls_native=False))), "proxy.tls_native")
+    monkeypatch.setattr(tlsnative, "load", lambda: None)  # e.g. another CPython layout or OpenSSL
+    findings = check_tls(Settings())
+    assert levels(findings, "proxy.tls_native") == ["warning"] and "SSLContext per name" in messages(findings, "proxy.tls_native")
