@@ -41,7 +41,6 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -93,7 +92,8 @@ def record_from_pem(hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.dat
 
 
 def build_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """The one server-context factory: every listener and every host goes through it.
+    """The one server-context factory: every listener's context, and each host's on the
+    context path (the native path sets a host's certificate on the connection instead).
 
     ``ssl.SSLContext.load_cert_chain`` only reads files. On Linux we hand it an
     anonymous in-memory file (memfd) so that a private key never touches a disk
@@ -255,7 +255,7 @@ _Loaded = tuple[str, bool, bytes | None, float]
 
 
 # What the cache holds per name: a parsed leaf + key (native path) or a built context.
-Prepared = Union[tlsnative.Certificate, ssl.SSLContext]
+Prepared = tlsnative.Certificate | ssl.SSLContext
 
 
 class CertStore:
