@@ -418,7 +418,6 @@ def scenario_cd(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, sec
                 z = handshakes(config.https_port, n, seconds, zipf=True)
                 t.add("c3. same, names drawn by Zipf (p ~ 1/rank), for perspective", "(not a target)", z, ref,
                       key="rate", note=f"wrong cert {z['wrong_cert']}/{z['checked']}, errors {z['errors']}; ref = c2's")
-                assert edge.proc is not None  # started above
                 t.add(f"d. RSS after c2+c3 (certificate cache full), {n:,} certs (MB)", "<= 300 MB",
                       {"mb": rss_kb(edge.proc.pid) / 1024}, None, key="mb")
         finally:

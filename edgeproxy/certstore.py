@@ -231,19 +231,22 @@ class _Codec:
         return (tail_id.to_bytes(2, "big") + label_id.to_bytes(2, "big") + len(key_bytes).to_bytes(4, "big")
                 + key_bytes + leaf_der)
 
+    @staticmethod
+    def _fields(blob: bytes) -> tuple[int, int, bytes, bytes]:
+        """(tail id, key label id, key bytes, leaf DER) of a packed blob."""
+        key_len = int.from_bytes(blob[4:8], "big")
+        return int.from_bytes(blob[0:2], "big"), int.from_bytes(blob[2:4], "big"), blob[8:8 + key_len], blob[8 + key_len:]
+
     def unpack(self, blob: bytes) -> tuple[bytes, bytes]:
         """(chain_pem, key_pem) back from ``pack``."""
-        tail_id, label_id = int.from_bytes(blob[0:2], "big"), int.from_bytes(blob[2:4], "big")
-        key_len = int.from_bytes(blob[4:8], "big")
-        key_bytes, leaf_der = blob[8:8 + key_len], blob[8 + key_len:]
+        tail_id, label_id, key_bytes, leaf_der = self._fields(blob)
         key_pem = key_bytes if label_id == _RAW else _pem(self._labels[label_id], key_bytes)
         return _pem(b"CERTIFICATE", leaf_der) + self._tails[tail_id], key_pem
 
     def parts(self, blob: bytes) -> tuple[int, bytes, bool, bytes]:
         """(tail id, key, whether the key is PEM, leaf DER): what the native path parses."""
-        tail_id, label_id = int.from_bytes(blob[0:2], "big"), int.from_bytes(blob[2:4], "big")
-        key_len = int.from_bytes(blob[4:8], "big")
-        return tail_id, blob[8:8 + key_len], label_id == _RAW, blob[8 + key_len:]
+        tail_id, label_id, key_bytes, leaf_der = self._fields(blob)
+        return tail_id, key_bytes, label_id == _RAW, leaf_der
 
     def tail(self, tail_id: int) -> bytes:
         """The intermediates (PEM) that ``tail_id`` stands for."""
