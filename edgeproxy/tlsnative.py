@@ -6,10 +6,17 @@ building an ``SSLContext``, and ``load_cert_chain`` parses PEM files through
 OpenSSL 3.0's decoder framework: ~0.65 ms per build on the bench machine
 (SSL_CTX_new 0.09 ms, leaf 0.10, intermediate 0.10, private key 0.31). This
 module parses the leaf and the key from the DER bytes the CertStore already
-holds with OpenSSL's direct ``d2i_*`` functions (~0.19 ms for both), parses each
-distinct intermediate chain once, and installs the three on the connection's
-own ``SSL`` object from the SNI callback (``SSL_use_certificate``, as servers
-that pick certificates per connection do). No ``SSLContext`` is built per host.
+holds with OpenSSL's direct ``d2i_*`` functions, parses each distinct
+intermediate chain once, and installs the three on the connection's own ``SSL``
+object from the SNI callback (``SSL_use_certificate``, as servers that pick
+certificates per connection do). No ``SSLContext`` is built per host.
+
+For EC keys (what our ACME client issues) a miss costs ~0.03 ms: the key is
+parsed with the EC_KEY functions, the leaf without decoding its own public key
+(``_keyless_context``; the private key's public half, checked against the
+leaf's, takes its place), and the key carries a copy of OpenSSL's EC method so
+that signing does not first copy it into a provider. Other keys, and leaves
+that do not match their key, take the general path (~0.12 ms).
 
 How: ctypes calls into the very libssl that CPython's ``_ssl`` module is linked
 against (symbols are looked up through ``_ssl``'s own handle, so a second OpenSSL
@@ -51,6 +58,16 @@ _HEAD = 2 * _PTR
 _CONTEXT_CTX = _HEAD
 _SOCKET_SSL = _HEAD + _PTR
 _SOCKET_CONTEXT = _HEAD + 2 * _PTR
+
+
+def _encoded(i2d: Callable[..., int], obj: int | None) -> bytes | None:
+    """What an OpenSSL ``i2d_*`` function writes for ``obj`` (None if it cannot)."""
+    size = i2d(obj, None) if obj else -1
+    if size <= 0:
+        return None
+    out = ctypes.create_string_buffer(size)
+    i2d(obj, ctypes.byref(ctypes.c_char_p(ctypes.addressof(out))))
+    return out.raw
 
 
 class NativeError(Exception):
@@ -130,7 +147,12 @@ class NativeTLS:
                                                ctypes.POINTER(_P), _P]),
             "X509_ALGOR_get0": (None, [ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(_P), _P]),
             "OBJ_obj2nid": (ctypes.c_int, [_P]),
-            "EC_KEY_new_by_curve_name": (_P, [ctypes.c_int]),
+            "EC_KEY_new": (_P, []),
+            "EC_KEY_set_group": (ctypes.c_int, [_P, _P]),
+            "EC_GROUP_new_by_curve_name": (_P, [ctypes.c_int]),
+            "EC_KEY_OpenSSL": (_P, []),
+            "EC_KEY_METHOD_new": (_P, [_P]),
+            "EC_KEY_set_method": (ctypes.c_int, [_P, _P]),
             "d2i_ECPrivateKey": (_P, [ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]),
             "EC_KEY_free": (None, [_P]),
             "EVP_PKEY_new": (_P, []),
@@ -140,9 +162,49 @@ class NativeTLS:
             for name, (restype, argtypes) in ec_signatures.items():
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, argtypes
-            self.ec_keys = True
+            # A copy of OpenSSL's own EC_KEY_METHOD, on every EC key we parse:
+            # OpenSSL 3.0 then signs with the key as it is (the same ECDSA code)
+            # instead of first copying it into the provider (~17 us at the first
+            # handshake of every key, so at every cache miss). The copy lives as
+            # long as the process.
+            self._ec_method = int(lib.EC_KEY_METHOD_new(lib.EC_KEY_OpenSSL()) or 0)
+            self.ec_keys = bool(self._ec_method)
         except AttributeError:
             self.ec_keys = False
+        self._groups: dict[int, int] = {}  # curve NID -> EC_GROUP, built once (8 us), copied into each key (1 us)
+        self._keyless = self._keyless_context() if self.ec_keys else None
+
+    def _keyless_context(self) -> int | None:
+        """A library context holding only OpenSSL's "null" provider, or None.
+
+        ``d2i_X509`` decodes the leaf's public key as it parses, and in OpenSSL
+        3.0 that means setting up a decoder context each time: ~85 us of the
+        ~95 a leaf costs (openssl/openssl#15199; cached only since 3.2). A
+        leaf created in this context fails that decode at once and is parsed
+        without its key, as OpenSSL parses any key type it does not know;
+        ``_leaf_from_key`` then sets the key from the private key we hold.
+        """
+        signatures: dict[str, tuple[Any, list[Any]]] = {
+            "OSSL_LIB_CTX_new": (_P, []),
+            "OSSL_PROVIDER_load": (_P, [_P, ctypes.c_char_p]),
+            "X509_new_ex": (_P, [_P, ctypes.c_char_p]),
+            "X509_set_pubkey": (ctypes.c_int, [_P, _P]),
+            "i2d_X509": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_char_p)]),
+            "X509_get_X509_PUBKEY": (_P, [_P]),
+            "i2d_X509_PUBKEY": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_char_p)]),
+        }
+        try:
+            for name, (restype, argtypes) in signatures.items():
+                fn = getattr(self.lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+        except AttributeError:  # before OpenSSL 3.0: no library contexts, and no decoder cost either
+            return None
+        context = self.lib.OSSL_LIB_CTX_new()
+        # Loading "null" also stops OpenSSL from loading the default provider
+        # into this context on first use. The context lives as long as the process.
+        if not context or not self.lib.OSSL_PROVIDER_load(context, b"null"):
+            return None
+        return int(context)
 
     def _error(self, what: str) -> NativeError:
         """``what`` and OpenSSL's reason. Every public method sets an error-queue
@@ -181,6 +243,10 @@ class NativeTLS:
         """Parse a leaf (DER) and its private key (DER, or PEM when ``key_is_pem``)."""
         self.lib.ERR_set_mark()
         try:
+            if self._keyless is not None and not key_is_pem:
+                fast = self._leaf_from_key(leaf_der, key)
+                if fast is not None:
+                    return Certificate(fast[0], fast[1], chain, self.lib)
             p = ctypes.c_char_p(leaf_der)
             x509 = self.lib.d2i_X509(None, ctypes.byref(p), len(leaf_der))
             if not x509:
@@ -193,6 +259,33 @@ class NativeTLS:
         finally:
             self.lib.ERR_pop_to_mark()
         return Certificate(x509, pkey, chain, self.lib)
+
+    def _leaf_from_key(self, leaf_der: bytes, key: bytes) -> tuple[int, int] | None:
+        """(X509, EVP_PKEY) for an EC key without decoding the leaf's own key, or None.
+
+        The leaf is parsed in the keyless context and the private key becomes
+        its public key, kept only if the SubjectPublicKeyInfo it encodes to is
+        byte for byte the one the leaf was issued with (so the key matches the
+        certificate). The leaf keeps the encoding it was parsed from, so
+        clients get exactly what the CA signed; the last check makes sure of
+        that too. Anything else (another key type, a key that does not match)
+        returns None and takes the general path, which explains the failure.
+        """
+        lib = self.lib
+        pkey = self._ec_private_key(key) if self.ec_keys else None
+        if not pkey:
+            return None
+        x509 = _P(lib.X509_new_ex(self._keyless, None))
+        p = ctypes.c_char_p(leaf_der)
+        if x509 and lib.d2i_X509(ctypes.byref(x509), ctypes.byref(p), len(leaf_der)):
+            issued = _encoded(lib.i2d_X509_PUBKEY, lib.X509_get_X509_PUBKEY(x509))
+            if issued is not None and lib.X509_set_pubkey(x509, pkey) == 1 \
+                    and _encoded(lib.i2d_X509_PUBKEY, lib.X509_get_X509_PUBKEY(x509)) == issued \
+                    and _encoded(lib.i2d_X509, x509.value) == leaf_der:  # X509_set_pubkey took its own reference
+                return int(x509.value or 0), pkey
+        lib.X509_free(x509)  # NULL (a no-op) when d2i_X509 failed: it frees the object itself then
+        lib.EVP_PKEY_free(pkey)
+        return None
 
     def _private_key(self, key: bytes, key_is_pem: bool, public: int) -> int:
         if key_is_pem:
@@ -221,8 +314,11 @@ class NativeTLS:
         p = ctypes.c_char_p(der)
         info = lib.d2i_PKCS8_PRIV_KEY_INFO(None, ctypes.byref(p), len(der))
         if not info:  # not PKCS#8: SEC1 ("EC PRIVATE KEY"), which names its curve itself
+            eckey = self._ec_key(None)
             p = ctypes.c_char_p(der)
-            eckey = _P(lib.d2i_ECPrivateKey(None, ctypes.byref(p), len(der)))
+            if eckey and not lib.d2i_ECPrivateKey(ctypes.byref(eckey), ctypes.byref(p), len(der)):
+                lib.EC_KEY_free(eckey)  # a key passed in is ours to free on failure
+                return None
         else:
             try:
                 algorithm, inner, inner_len, params = _P(), _P(), ctypes.c_int(), _P()
@@ -233,8 +329,8 @@ class NativeTLS:
                 lib.X509_ALGOR_get0(None, ctypes.byref(param_type), ctypes.byref(curve), params)
                 if param_type.value != _V_ASN1_OBJECT:
                     return None  # explicit curve parameters: leave them to d2i_PrivateKey
-                eckey = _P(lib.EC_KEY_new_by_curve_name(lib.OBJ_obj2nid(curve)))
-                q = ctypes.c_char_p(ctypes.string_at(inner.value or 0, inner_len.value))
+                eckey = self._ec_key(lib.OBJ_obj2nid(curve))
+                q = ctypes.c_char_p(inner.value)  # points into info, which lives until the finally
                 if eckey and not lib.d2i_ECPrivateKey(ctypes.byref(eckey), ctypes.byref(q), inner_len.value):
                     lib.EC_KEY_free(eckey)
                     return None
@@ -248,6 +344,24 @@ class NativeTLS:
             lib.EVP_PKEY_free(pkey)
             return None
         return int(pkey)
+
+    def _ec_key(self, curve: int | None) -> ctypes.c_void_p:
+        """An empty EC_KEY with our method, on the named curve (else d2i sets it from the DER)."""
+        lib = self.lib
+        eckey = _P(lib.EC_KEY_new())
+        if not eckey:
+            return eckey
+        if lib.EC_KEY_set_method(eckey, self._ec_method) != 1:
+            lib.EC_KEY_free(eckey)
+            return _P()
+        if curve is not None:
+            group = self._groups.get(curve)
+            if group is None:
+                group = self._groups[curve] = int(lib.EC_GROUP_new_by_curve_name(curve) or 0)
+            if not group or lib.EC_KEY_set_group(eckey, group) != 1:  # copies the group
+                lib.EC_KEY_free(eckey)
+                return _P()
+        return eckey
 
     # -- the handshake path ----------------------------------------------------------
     @staticmethod

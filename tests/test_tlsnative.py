@@ -83,8 +83,12 @@ KEYS = {
 }
 
 
+@pytest.mark.parametrize("keyless", [True, False], ids=["keyless-leaf", "general-path"])
 @pytest.mark.parametrize("kind", list(KEYS))
-def test_each_key_encoding_is_served_with_a_chain_that_verifies(native: tlsnative.NativeTLS, kind: str) -> None:
+def test_each_key_encoding_is_served_with_a_chain_that_verifies(native: tlsnative.NativeTLS, kind: str,
+                                                                keyless: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not keyless:  # as on an OpenSSL without library contexts: every leaf decodes its own key
+        monkeypatch.setattr(native, "_keyless", None)
     make_key, fmt = KEYS[kind]
     key = make_key()
     leaf = _leaf(f"{kind}.example.test", key)
@@ -93,6 +97,46 @@ def test_each_key_encoding_is_served_with_a_chain_that_verifies(native: tlsnativ
     # create_default_context checks the name and the chain up to ROOT: the leaf
     # alone (no intermediate) or the fallback would fail the handshake.
     assert _serve(native, cert, f"{kind}.example.test") == _der(leaf)
+
+
+@pytest.mark.parametrize("kind", [k for k in KEYS if k.startswith("ec-")])
+def test_ec_leaves_are_parsed_without_decoding_their_key_and_sign_under_tls_1_2_and_1_3(
+        native: tlsnative.NativeTLS, kind: str) -> None:
+    """The fast path: the leaf's public key is the private key we parsed (no decoder
+    set-up), the bytes served are the issued ones, and our copy of OpenSSL's EC
+    method signs the handshake in both TLS versions (a verifying client checks it)."""
+    make_key, fmt = KEYS[kind]
+    key = make_key()
+    leaf = _leaf(f"fast-{kind}.example.test", key)
+    key_der = key.private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption())
+    assert native._keyless is not None
+    fast = native._leaf_from_key(_der(leaf), key_der)
+    assert fast is not None
+    x509_ptr, pkey = fast
+    assert native.lib.X509_get0_pubkey(x509_ptr) == pkey  # set from the private key, not decoded
+    tlsnative.Certificate(x509_ptr, pkey, native.chain(b""), native.lib)  # frees both
+    cert = native.certificate(_der(leaf), key_der, False, native.chain(INTER_PEM))
+    assert native.lib.X509_get0_pubkey(cert.x509) == cert.pkey
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        client = ssl.create_default_context(cadata=ROOT.public_bytes(serialization.Encoding.PEM).decode())
+        client.minimum_version = client.maximum_version = version
+        if version is ssl.TLSVersion.TLSv1_2:
+            client.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")  # the server must sign with the host key
+        assert _serve(native, cert, f"fast-{kind}.example.test", client) == _der(leaf)
+
+
+def test_the_keyless_parse_refuses_a_key_that_does_not_match(native: tlsnative.NativeTLS) -> None:
+    """Another key on the same curve, and a key on another curve:
+    never taken as the leaf's key (the general path then reports the mismatch)."""
+    leaf = _der(_leaf("other-key.example.test", ec.generate_private_key(ec.SECP256R1())))
+    for other in (ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1())):
+        key_der = other.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        native.lib.ERR_set_mark()
+        try:
+            assert native._leaf_from_key(leaf, key_der) is None
+        finally:
+            native.lib.ERR_pop_to_mark()
 
 
 def test_a_key_kept_as_pem_is_parsed_as_pem(native: tlsnative.NativeTLS) -> None:
