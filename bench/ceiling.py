@@ -3,21 +3,27 @@
 Owns: nothing but answering as fast as hypercorn can. GET returns the exact
 bytes and headers the edge served for the script (captured by the benchmark
 from the edge itself); POST reads the body and returns what the bench relay
-returns. One worker, the same certificate chain and ALPN as the edge.
+returns. One worker (``workers`` > 1: that many processes forked after binding,
+accepting on the same sockets, as the edge's workers do), the same certificate
+chain and ALPN as the edge.
 
 Usage: ``python bench/ceiling.py CONFIG.json`` with keys ``port``, ``certfile``,
-``keyfile``, ``script_body`` (hex), ``script_headers`` ([[name, value], ...]).
+``keyfile``, ``script_body`` (hex), ``script_headers`` ([[name, value], ...]),
+optional ``workers``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any, cast
 
 from hypercorn.asyncio import serve
+from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config
+from hypercorn.utils import wrap_app
 
 RELAY_BODY = b'{"ok":true}'
 
@@ -66,7 +72,16 @@ def main() -> None:
     config.loglevel = "WARNING"
     headers = [(k.encode(), v.encode()) for k, v in spec["script_headers"]]
     # hypercorn types its apps with its own scope TypedDicts; ours is plain ASGI (as in server.py).
-    asyncio.run(serve(cast(Any, make_app(bytes.fromhex(spec["script_body"]), headers)), config))
+    app = cast(Any, make_app(bytes.fromhex(spec["script_body"]), headers))
+    workers = int(spec.get("workers", 1))
+    if workers == 1:
+        asyncio.run(serve(app, config))
+        return
+    sockets = config.create_sockets()
+    for _ in range(workers - 1):
+        if os.fork() == 0:  # the benchmark stops the whole process group
+            break
+    asyncio.run(worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config, sockets=sockets))
 
 
 if __name__ == "__main__":

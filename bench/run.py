@@ -308,7 +308,8 @@ class Table:
 
 
 def scenario_ab(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, seconds: float,
-                workers: int, only: set[str], repeats: int, label: str = "", candidates: bool = True) -> dict[str, Any]:
+                workers: int, only: set[str], repeats: int, label: str = "", candidates: bool = True,
+                ceiling_workers: int = 1) -> dict[str, Any]:
     """Scenarios a and b (and the 1-name handshake rate, which needs the same processes)."""
     found: dict[str, Any] = {}
     state = work / f"edge-1-w{workers}"
@@ -328,6 +329,7 @@ def scenario_ab(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, sec
         ceiling_port = free_port()
         spec = work / "ceiling" / "spec.json"
         spec.write_text(json.dumps({"port": ceiling_port, "certfile": str(chain), "keyfile": str(key),
+                                    "workers": ceiling_workers,
                                     "script_body": body.hex(),
                                     "script_headers": [[k.decode(), v.decode()] for k, v in keep]}))
         with process([PY, str(HERE / "ceiling.py"), str(spec)], work / "ceiling.log"):
@@ -467,7 +469,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--also-workers", type=int, default=2,
-                        help="repeat a and b with this many edge workers (0: skip); the ceiling keeps 1")
+                        help="repeat a and b with this many edge workers (0: skip), against the 1-worker ceiling "
+                             "and against a ceiling with as many workers")
     parser.add_argument("--repeats", type=int, default=2, help="alternating ceiling/edge runs per scenario")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -485,8 +488,13 @@ def main() -> None:
             wait_port(relay_port)
             found = scenario_ab(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
             if args.also_workers:
-                scenario_ab(t, work, origin, relay_port, args.seconds, args.also_workers, only & {"a", "b"},
-                            args.repeats, label=f", edge with {args.also_workers} workers", candidates=False)
+                # Several edge workers are fair game (issue 8) against the ceiling as
+                # defined (1 worker); the same against a ceiling with as many workers
+                # shows what the extra process buys each side on these 2 cores.
+                for ceiling_workers in (1, args.also_workers):
+                    scenario_ab(t, work, origin, relay_port, args.seconds, args.also_workers, only & {"a", "b"},
+                                args.repeats, candidates=False, ceiling_workers=ceiling_workers,
+                                label=f", edge {args.also_workers} workers, ceiling {ceiling_workers}")
             if only & {"c", "d"}:
                 scenario_cd(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
             if "e" in only:
