@@ -272,7 +272,7 @@ class NativeTLS:
         returns None and takes the general path, which explains the failure.
         """
         lib = self.lib
-        pkey = self._ec_private_key(key) if self.ec_keys else None
+        pkey = self._ec_private_key(key)  # a keyless context exists only with the EC functions
         if not pkey:
             return None
         x509 = _P(lib.X509_new_ex(self._keyless, None))
