@@ -1,7 +1,7 @@
 """Benchmark of the zero-data-loss path (issue 3), loopback only, bounded loops.
 
 Processes: a minimal keep-alive HTTP relay (asyncio), two edges (``EdgeProxy`` +
-``SpoolingForwarder`` + ``Spool``, served by hypercorn over plain HTTP; the SNI
+``SpoolingRelay`` + ``Spool``, served by hypercorn over plain HTTP; the SNI
 gate is satisfied by a wrapper so TLS cost is left out of every number), and the
 load generator (this process, httpx async, keep-alive). Edge A forwards to the
 relay; edge B's relay port is closed, so everything it accepts goes to its spool.
@@ -78,7 +78,8 @@ def edge_main(port: int, relay_url: str, state: str) -> None:
 
     from edgeproxy.config import load_settings
     from edgeproxy.proxy import EdgeProxy, Site
-    from edgeproxy.spool import Spool, SpoolingForwarder, spool_path
+    from edgeproxy.relay import HttpRelay
+    from edgeproxy.spool import Spool, SpoolingRelay, spool_path
     from edgeproxy.storage import open_storage
 
     # The proxy logs every failed relay call: a per-request line would measure the terminal.
@@ -95,10 +96,11 @@ def edge_main(port: int, relay_url: str, state: str) -> None:
     async def no_challenge(_token: str) -> None:
         return None
 
-    proxy = EdgeProxy(settings, resolve=lambda h: Site(h, True), challenge=no_challenge)
     spool = Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
     storage = open_storage(settings.storage.url)
-    proxy.deliver = SpoolingForwarder(proxy.forward, spool, storage).deliver
+    relay = HttpRelay(settings.upstream.relay, settings.upstream)
+    proxy = EdgeProxy(settings, resolve=lambda h: Site(h, True), challenge=no_challenge, relay=relay,
+                      events=SpoolingRelay(relay, spool, storage))
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -244,7 +246,7 @@ async def bench(total: int, paced_seconds: float) -> int:
             async def no_challenge(_token: str) -> None:
                 return None
             proxy = EdgeProxy(settings, resolve=lambda _h: None, challenge=no_challenge)
-            replayer = Replayer(spool, proxy.forward, settings.spool)
+            replayer = Replayer(spool, proxy.relay, settings.spool)
             t0 = time.perf_counter()
             for _ in range(depth // 100 + 10):  # bounded: each pass takes up to 1000 entries
                 if (await replayer.drain_once()).sent == 0:

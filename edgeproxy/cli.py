@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -256,20 +257,17 @@ def _cmd_alert_test(args: argparse.Namespace) -> int:
         print(f"{'FAIL' if errors else 'ok  '}  {name}" + (f"  {errors[-1]}" if errors else ""))
     return EXIT_FAILED if any(failures.values()) else EXIT_OK
 # -- BEGIN issue 3: replay and spool ------------------------------------------------------
-def _relay_forwarder(settings: Settings) -> Any:
-    """An EdgeProxy used only for its forward path (same client policy as serve)."""
-    from .proxy import EdgeProxy
+def _relay(settings: Settings) -> Any:
+    """The plain relay client (the same client policy as ``serve``'s)."""
+    from .relay import HttpRelay
 
-    async def no_challenge(_token: str) -> None:
-        return None
-
-    return EdgeProxy(settings, resolve=lambda _h: None, challenge=no_challenge)
+    return HttpRelay(settings.upstream.relay, settings.upstream)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from .spool import ReplayFilters, replay_failed
+    from .spool import ReplayFilters, move_refusals, replay_failed, spool_path
 
     settings = _settings(args)
     storage = open_store(settings)
@@ -288,13 +286,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{bar} {record.domain} {record.idempotency_key} {outcome}\n")
         sys.stderr.flush()
 
-    proxy = _relay_forwarder(settings)
+    relay = _relay(settings)
+    # What the edge refused itself waits in this node's spool file until the replayer
+    # moves it to the failed-request log; move it now so that it can be selected.
+    spool = _open_spool(settings) if os.path.exists(spool_path(settings)) else None
 
     async def run() -> Any:
         try:
-            return await replay_failed(storage, proxy.forward, filters, dry_run=args.dry_run, progress=progress)
+            if spool is not None and not args.dry_run:
+                await move_refusals(spool, storage, settings.privacy.ip_retention, lambda: datetime.now(timezone.utc))
+            return await replay_failed(storage, relay, filters, dry_run=args.dry_run, progress=progress)
         finally:
-            await proxy.aclose()
+            await relay.aclose()
+            if spool is not None:
+                spool.close()
 
     summary = asyncio.run(run())
     storage.close()
@@ -352,8 +357,8 @@ def _cmd_spool_drain(args: argparse.Namespace) -> int:
     settings = _settings(args)
     spool = _open_spool(settings)
     storage = open_store(settings)
-    proxy = _relay_forwarder(settings)
-    replayer = Replayer(spool, proxy.forward, settings.spool, storage=storage,
+    relay = _relay(settings)
+    replayer = Replayer(spool, relay, settings.spool, storage=storage,
                         ip_retention=settings.privacy.ip_retention)
 
     async def run() -> int:
@@ -363,7 +368,7 @@ def _cmd_spool_drain(args: argparse.Namespace) -> int:
                 if result.sent == 0 or result.retried:
                     break
         finally:
-            await proxy.aclose()
+            await relay.aclose()
         import time
         return int(spool.stats(time.time()).depth)
 

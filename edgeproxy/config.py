@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Final, get_type_hints
 
 from .errors import ConfigError
 
@@ -35,6 +36,8 @@ __all__ = [
     "MonitorSettings",
     "ProxySettings",
     "RenewSettings",
+    "ROUTE_KINDS",
+    "RouteSettings",
     "RoutesSettings",
     "Settings",
     "SpoolSettings",
@@ -107,14 +110,47 @@ class UpstreamSettings:
     pool_size: int = 64  # keep-alive connections to the relay per worker
 
 
+ROUTE_KINDS: Final = ("script", "event", "passthrough", "asset")
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """One ``[[routes.route]]`` entry: a path on every custom domain and what answers it."""
+
+    name: str = ""  # unique; names the route in {<name>_path} placeholders, metrics and randomize
+    kind: str = ""  # script | event | passthrough | asset
+    path: str = ""  # script: the exact path; other kinds: a prefix (the path itself and below it)
+    # URL: script = the script's URL (default upstream.script); event and passthrough = the
+    # base the path below the prefix is appended to (default upstream.relay); asset = the
+    # origin base (required).
+    upstream: str = ""
+    # script: literal replacements in the body, placeholders {host} and {<name>_path}
+    # (default upstream.rewrite for the first script route).
+    rewrite: Mapping[str, str] = field(default_factory=dict)
+    # event and passthrough: literal replacements in the path below the prefix and the
+    # query before forwarding (the inverse of script rewrites that renamed them).
+    request_rewrite: Mapping[str, str] = field(default_factory=dict)
+    max_bytes: int = 1024 * 1024  # asset: largest file served from the origin
+    # Beacon URLs below the route's path (e.g. "/p.gif?t=pv&u=1") that `doctor` and the
+    # filter-list test check against the blocklists, besides the bare path.
+    samples: tuple[str, ...] = ()
+
+    def __hash__(self) -> int:  # the table keys functools caches (routes.route_table)
+        return hash((self.name, self.kind, self.path, self.upstream, tuple(sorted(self.rewrite.items())),
+                     tuple(sorted(self.request_rewrite.items())), self.max_bytes, self.samples))
+
+
 @dataclass(frozen=True)
 class RoutesSettings:
     script_path: str = "/js/app.js"
     api_path: str = "/api/v1/m"
-    # Each domain gets its own script and API paths, derived from randomize_secret
-    # (routes.py); script_path and api_path are then not served at all.
+    # Each domain gets its own paths for every route, derived from randomize_secret
+    # (routes.py); the configured paths are then not served at all.
     randomize: bool = False
     randomize_secret: str = ""  # at least 16 characters; the same on every node; never change it
+    # The route table ([[routes.route]]). Empty: two routes, "script" (script_path,
+    # kind script) and "api" (api_path, kind event); script_path/api_path are then unused.
+    route: tuple[RouteSettings, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +180,9 @@ class AdminSettings:
 @dataclass(frozen=True)
 class ProxySettings:
     max_body: int = 64 * 1024  # bytes; larger API bodies get 413
+    # Bytes of path + query an event/passthrough/asset call may carry; longer gets 414. Image
+    # beacons carry their data in the query; 8 KiB is what common servers take by default.
+    max_target: int = 8 * 1024
     trusted_hops: tuple[str, ...] = ()  # peers whose X-Forwarded-For we believe (IPs/CIDRs)
     cert_refresh_interval: float = 1.0  # seconds between change-feed polls in each worker
     # API requests per second per visitor IP and per custom domain, answered 429
@@ -244,6 +283,9 @@ class SpoolSettings:
 @dataclass(frozen=True)
 class FailedLogSettings:
     retention_days: float = 90.0  # days a refused request is kept for `edgeproxy replay`, then pruned
+    # Requests an event route refuses itself (400, 413, 414, 429, 503) kept per domain, clock
+    # hour and worker; more are counted (refusal_dropped), not kept: a flood cannot fill the disk.
+    refusals_per_domain_hour: int = 10000
 
 
 @dataclass(frozen=True)
@@ -313,6 +355,14 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return tuple(value)
+        if annotation.startswith("tuple[") and annotation[len("tuple["):].split(",")[0] in _TABLES:
+            # An array of tables ([[section.key]] in TOML; JSON list of objects in the environment).
+            cls = _TABLES[annotation[len("tuple["):].split(",")[0]]
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise TypeError
+            return tuple(_build_section(cls, f"{where}[{i}]", v, {}, prefix=None) for i, v in enumerate(value))
         if annotation.startswith("Mapping[str, str]"):
             if isinstance(value, str):
                 value = json.loads(value)
@@ -326,19 +376,63 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported setting type {annotation}")  # pragma: no cover
 
 
-def _build_section(cls: type[Any], name: str, values: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+def _build_section(cls: type[Any], name: str, values: Mapping[str, Any], env: Mapping[str, str],
+                   prefix: str | None = "EDGEPROXY") -> Any:
+    """``cls`` from one TOML table; ``prefix`` None: no environment overrides (a table
+    inside an array is overridden as a whole, by its array's variable)."""
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = set(values) - set(hints)
     if unknown:
         raise ConfigError(f"[{name}]: unknown key(s) {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {}
     for key, annotation in hints.items():
-        env_name = f"EDGEPROXY_{name.upper()}_{key.upper()}"
-        if env_name in env:
+        env_name = f"{prefix}_{name.upper()}_{key.upper()}"
+        if prefix is not None and env_name in env:
             kwargs[key] = _coerce(env[env_name], str(annotation), env_name)
         elif key in values:
             kwargs[key] = _coerce(values[key], str(annotation), f"[{name}] {key}")
     return cls(**kwargs)
+
+
+_TABLES: Final[dict[str, type[Any]]] = {"RouteSettings": RouteSettings}
+_ROUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
+
+
+def _validate_routes(routes: RoutesSettings) -> None:
+    names: set[str] = set()
+    paths: set[str] = set()
+    for i, route in enumerate(routes.route):
+        where = f"routes.route[{i}]"
+        if not _ROUTE_NAME.match(route.name):
+            raise ConfigError(f"{where}: name must be 1-32 of a-z, 0-9, _ starting with a letter, got {route.name!r}")
+        if route.name in names:
+            raise ConfigError(f"{where}: the name {route.name!r} is used twice")
+        names.add(route.name)
+        where = f"routes.route {route.name!r}"
+        if route.kind not in ROUTE_KINDS:
+            raise ConfigError(f"{where}: kind must be one of {', '.join(ROUTE_KINDS)}, got {route.kind!r}")
+        path = route.path.rstrip("/") if route.kind != "script" else route.path
+        if not route.path.startswith("/") or "?" in route.path or "#" in route.path or not path:
+            raise ConfigError(f"{where}: path must be an absolute path without query, got {route.path!r}")
+        if path in paths:
+            raise ConfigError(f"{where}: another route has the path {route.path!r}")
+        paths.add(path)
+        if route.kind == "asset" and not route.upstream:
+            raise ConfigError(f"{where}: an asset route needs upstream (the origin's base URL)")
+        if route.upstream and not route.upstream.startswith(("https://", "http://")):
+            raise ConfigError(f"{where}: upstream must be an http(s) URL, got {route.upstream!r}")
+        if route.max_bytes <= 0:
+            raise ConfigError(f"{where}: max_bytes must be positive")
+        if route.request_rewrite and route.kind not in ("event", "passthrough"):
+            raise ConfigError(f"{where}: request_rewrite applies to event and passthrough routes only")
+        if route.rewrite and route.kind != "script":
+            raise ConfigError(f"{where}: rewrite applies to script routes only")
+        for sample in route.samples:
+            if not sample.startswith(("/", "?")):
+                raise ConfigError(f"{where}: samples are URLs below the route's path (start with / or ?), "
+                                  f"got {sample!r}")
+    if routes.route and not any(r.kind == "script" for r in routes.route):
+        raise ConfigError("routes.route: the table needs at least one script route (the snippet loads it)")
 
 
 def _validate(settings: Settings) -> Settings:
@@ -356,6 +450,7 @@ def _validate(settings: Settings) -> Settings:
             raise ConfigError(f"routes.{what} must be an absolute path without query, got {path!r}")
     if settings.routes.script_path.rstrip("/") == settings.routes.api_path.rstrip("/"):
         raise ConfigError("routes.script_path and routes.api_path must differ")
+    _validate_routes(settings.routes)
     unknown_ip_headers = set(settings.upstream.client_ip_headers) - {"x-forwarded-for", "forwarded", "x-real-ip"}
     if unknown_ip_headers:
         raise ConfigError(f"upstream.client_ip_headers: unknown {sorted(unknown_ip_headers)}; "
@@ -364,8 +459,8 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError("storage.lock_ttl must be positive (seconds)")
     if settings.routes.randomize and len(settings.routes.randomize_secret) < 16:
         raise ConfigError("routes.randomize needs routes.randomize_secret of at least 16 characters")
-    if settings.proxy.max_body <= 0:
-        raise ConfigError("proxy.max_body must be positive")
+    if settings.proxy.max_body <= 0 or settings.proxy.max_target <= 0:
+        raise ConfigError("proxy.max_body and proxy.max_target must be positive")
     if settings.privacy.ip_retention not in ("full", "truncated", "none"):
         raise ConfigError("privacy.ip_retention must be full, truncated or none")
     if settings.spool.max_bytes <= 0 or settings.spool.replay_rate <= 0 or settings.spool.replay_window < 1:

@@ -82,6 +82,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _RELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The proxy's stats keys that mean "refused: unknown or mismatched host" (never forwarded).
 _REFUSALS = {"http_unknown_host": "http", "https_misdirected": "https"}
+_EVENT_REFUSED = "event_refused_"  # + reason: proxy.EdgeProxy counts each refused event call
 
 
 _RUN_DIR_PREFIX = "edgeproxy-metrics-"
@@ -145,6 +146,9 @@ class Metrics:
         self.events = Counter(
             "edgeproxy_proxy_events", "Proxy outcomes (script served, cache, origin errors, ...)",
             ["event"], registry=registry)
+        self.event_refusals = Counter(
+            "edgeproxy_event_refusals", "Calls an event route refused itself, by reason (all are kept but "
+            "what failed_log.refusals_per_domain_hour drops)", ["reason"], registry=registry)
         self.acme_orders = Counter(
             "edgeproxy_acme_orders", "ACME orders by result (issued, or the failure code)",
             ["result"], registry=registry)
@@ -177,6 +181,8 @@ class StatsCounter(_Counter[str]):
             listener = _REFUSALS.get(key)
             if listener is not None:
                 self._metrics.refused.labels(listener).inc(delta)
+            elif key.startswith(_EVENT_REFUSED):
+                self._metrics.event_refusals.labels(key[len(_EVENT_REFUSED):]).inc(delta)
 
 
 class CountingIssuer:

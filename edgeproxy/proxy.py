@@ -1,4 +1,4 @@
-"""The public ASGI app: host gate, ACME challenge answers, the vendor script, the API forward.
+"""The public ASGI apps: host gate, ACME challenge answers, then the route table.
 
 Owns: everything a browser or the CA sees on the public listeners.
 
@@ -6,58 +6,56 @@ Owns: everything a browser or the CA sees on the public listeners.
   hosts, a 308 to HTTPS for registered hosts with a live certificate, 404 for
   everything else.
 - ``https_app`` (port 443): the Host must equal the SNI and name an active site,
-  else 421 Misdirected Request (RFC 9110 section 15.5.20). Then the rewritten
-  vendor script at ``routes.script_path`` and the forward of
-  ``routes.api_path`` (and below) to ``upstream.relay``.
+  else 421 Misdirected Request (RFC 9110 section 15.5.20). Then the route table
+  (``routes.py``): ``script`` routes serve the vendor script rewritten for the
+  host (``scripts.py``), ``event`` routes send calls (GET beacons with their
+  query, POSTs) to the ``events`` relay, ``passthrough`` routes read live from
+  their upstream, ``asset`` routes serve cached static files. No match: 404.
 
 The invariant this module exists for (the outage that started the product):
 an unknown or mismatched Host/SNI never reaches an upstream. The gate runs
-before any routing; no code path after a refusal touches the httpx client.
+before any routing; no code path after a refusal touches a client.
 
-The proxy sees two functions (``resolve``: an in-memory dict lookup; and
-``challenge``: the HTTP-01 token lookup) and one httpx transport, nothing
-else. It holds no per-user state (house rule 5): the shared clients (httpx;
-and, with ``upstream.client = "aiohttp"`` and no injected transport, one
-aiohttp session for the relay POST, issue 8) refuse every cookie, ignore the
-environment, follow no redirects and have explicit timeouts.
+Nothing refused silently: every call an ``event`` route refuses itself (400,
+404, 413, 414, 429) is counted by reason and handed to ``record_refusal``.
 
-Must not import: ``acme``/``josepy`` or the storage backends.
+The proxy sees ``resolve`` (an in-memory dict lookup), ``challenge`` (the
+HTTP-01 token lookup), the route table and relays, nothing else. It holds no
+per-user state (house rule 5): see ``relay.py`` for the client policy.
+
+Must not import: ``acme``/``josepy``, the storage backends, ``spool``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gzip
-import hashlib
-import http.cookiejar
 import ipaddress
 import logging
 import re
-import ssl
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import quote, unquote_to_bytes
 
 import httpx
 
-if TYPE_CHECKING:  # imported on first use (start-up time, issue 8)
-    import aiohttp
-
-from .config import Settings, UpstreamSettings
+from .config import Settings
 from .errors import ConfigError
-from .routes import SiteRoutes, site_routes
 from .ratelimit import TokenBuckets
+from .relay import (ForwardRequest, ForwardResult, HttpRelay, Observe, Relay, connection_tokens,
+                    new_http_client, relay_response_headers)
+from .routes import Route, RouteTable, configured_routes, route_table
+from .scripts import AssetCache, Rewriter, ScriptSource, accepts_gzip, etag_matches
 
 __all__ = [
     "ChallengeLookup",
     "EdgeProxy",
     "ForwardRequest",
     "ForwardResult",
+    "RecordRefusal",
     "Resolve",
     "Site",
     "TrustedHops",
@@ -249,18 +247,6 @@ _REQUEST_DROP: Final = _HOP_BY_HOP | frozenset({
     b"content-length", b"expect", b"accept-encoding",
     b"forwarded", b"x-real-ip", b"x-client-ip",
 })
-# What the browser gets back from the relay: an allowlist. The relay answers for a
-# different site; its cookies, HSTS or CORS policy must not land on the customer's domain.
-_RESPONSE_KEEP: Final = frozenset({b"content-type", b"cache-control", b"retry-after"})
-
-
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
-
 
 def forward_headers(headers: Headers, *, peer: str | None, trusted: TrustedHops, host: str,
                     client_ip: frozenset[str] = frozenset({"x-forwarded-for"})) -> list[tuple[bytes, bytes]]:
@@ -273,7 +259,7 @@ def forward_headers(headers: Headers, *, peer: str | None, trusted: TrustedHops,
     address as ``X-Forwarded-For`` (see :func:`forwarded_for`), ``Forwarded``
     (RFC 7239) and/or ``X-Real-IP``: some vendors need it, others must never see it.
     """
-    named = _connection_tokens(headers)
+    named = connection_tokens(headers)
     inbound_xff: list[bytes] = []
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
@@ -297,103 +283,6 @@ def forward_headers(headers: Headers, *, peer: str | None, trusted: TrustedHops,
     out.append((b"x-forwarded-host", host.encode("ascii")))
     out.append((b"x-forwarded-proto", b"https"))
     return out
-
-
-def relay_response_headers(headers: Headers) -> tuple[tuple[bytes, bytes], ...]:
-    """The relay's response headers the browser may see (allowlist; never Set-Cookie or hop-by-hop)."""
-    named = _connection_tokens(headers)
-    return tuple(
-        (lname, value)
-        for lname, value in ((n.lower(), v) for n, v in headers)
-        if lname in _RESPONSE_KEEP and lname not in named
-    )
-
-
-_QVALUE_RE: Final = re.compile(rb"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)\Z")
-
-
-def accepts_gzip(values: Iterable[bytes]) -> bool:
-    """True when ``Accept-Encoding`` (all its field lines) admits gzip (RFC 9110 section 12.5.3).
-
-    ``gzip``/``x-gzip`` with q > 0, or ``*`` with q > 0 when gzip is not listed.
-    ``q=0`` means "not acceptable"; a malformed qvalue counts as 0. No field: identity.
-    """
-    gzip_q: float | None = None
-    star_q: float | None = None
-    for value in values:
-        for item in value.split(b","):
-            coding, _, params = item.partition(b";")
-            coding = coding.strip().lower()
-            if not coding:
-                continue
-            q = 1.0
-            for param in params.split(b";") if params else ():
-                key, _, raw = param.partition(b"=")
-                if key.strip().lower() == b"q":
-                    raw = raw.strip()
-                    q = float(raw) if _QVALUE_RE.match(raw) else 0.0
-            if coding in (b"gzip", b"x-gzip"):
-                gzip_q = q if gzip_q is None else max(gzip_q, q)
-            elif coding == b"*":
-                star_q = q if star_q is None else max(star_q, q)
-    if gzip_q is not None:
-        return gzip_q > 0
-    return star_q is not None and star_q > 0
-
-
-def etag_matches(values: Iterable[bytes], etag: bytes) -> bool:
-    """``If-None-Match`` against our strong ETag, weak comparison (RFC 9110 section 13.1.2)."""
-    want = etag[2:] if etag.startswith(b"W/") else etag
-    for value in values:
-        for item in value.split(b","):
-            tag = item.strip()
-            if tag == b"*":
-                return True
-            if tag.startswith(b"W/"):
-                tag = tag[2:]
-            if tag == want:
-                return True
-    return False
-
-
-# ---------------------------------------------------------------------------------------
-# The forward seam: ``spool.SpoolingForwarder`` wraps ``EdgeProxy.forward`` (installed as ``deliver``).
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ForwardRequest:
-    """One API call, ready for the relay (headers already filtered and X-Forwarded-* set).
-
-    ``target`` is appended to ``upstream.relay``: the path below ``routes.api_path``
-    (raw, percent-encoded, empty or starting with "/") plus ``?query`` if any.
-    """
-
-    target: str
-    headers: tuple[tuple[bytes, bytes], ...]
-    body: bytes
-    host: str  # the custom domain it came in on
-    # Issue 3: generated at ingress, sent as ``Idempotency-Key`` (already in ``headers``)
-    # and reused by every replay so the relay can drop duplicates.
-    idempotency_key: str = ""
-    client: str | None = None  # the peer address, for the failed-request log
-    received_at: float = 0.0  # time.time() at ingress
-
-
-@dataclass(frozen=True)
-class ForwardResult:
-    """What the relay answered, or a 502 the edge made itself.
-
-    ``error`` is None when the relay answered (any status); otherwise a short code
-    (``timeout``, ``connect``, ``protocol``, ``too_large``, ...) saying why the
-    call did not complete: the request may not have been delivered and is safe
-    for a spool to retry.
-    """
-
-    status: int
-    headers: tuple[tuple[bytes, bytes], ...]
-    body: bytes
-    error: str | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,9 +310,22 @@ _TOO_MANY: Final = _canned(429, b"too many requests\n", [(b"retry-after", b"1")]
 _SCRIPT_UNAVAILABLE: Final = _canned(502, b"script unavailable\n", [(b"cache-control", b"no-store")])
 _STORAGE_UNAVAILABLE: Final = _canned(503, b"try again later\n", [(b"retry-after", b"5")])
 _SCRIPT_METHODS: Final = _canned(405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
-_API_METHODS: Final = _canned(405, b"method not allowed\n", [(b"allow", b"POST, OPTIONS")])
-_RELAY_FAILED_BODY: Final = b"relay unavailable\n"
-_RELAY_FAILED_HEADERS: Final = ((b"content-type", b"text/plain; charset=utf-8"),)
+_EVENT_METHODS: Final = _canned(405, b"method not allowed\n", [(b"allow", b"GET, HEAD, POST, OPTIONS")])
+_PASSTHROUGH_METHODS: Final = _EVENT_METHODS
+_URI_TOO_LONG: Final = _canned(414, b"request target too long\n")
+_NO_CONTENT: Final = _Canned(204, [(b"content-length", b"0"), (b"cache-control", b"no-store")], b"")
+_ORIGIN_FAILED: Final = _canned(502, b"origin unavailable\n", [(b"cache-control", b"no-store")])
+
+
+def _error_json(status: int, code: str, message: str) -> _Canned:
+    """The error shape of the edge's JSON answers (the spool's 503 has it too)."""
+    body = ('{"error":{"code":"%s","message":"%s"}}\n' % (code, message)).encode()
+    return _Canned(status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store")], body)
+
+
+_UPSTREAM_FAILED: Final = _error_json(502, "upstream_unavailable", "the upstream did not answer; retry later")
+_UPSTREAM_TIMEOUT: Final = _error_json(504, "upstream_timeout", "the upstream did not answer in time; retry later")
 
 _CHALLENGE_PREFIX: Final = "/.well-known/acme-challenge/"
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,256}\Z")  # base64url alphabet (RFC 8555 section 8.3)
@@ -432,249 +334,17 @@ _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,256}\Z")  # base64url alphabet (
 _PATH_RE: Final = re.compile(rb"[!-\"$-\x3e@-~]*\Z")  # no "#", no "?"
 _QUERY_RE: Final = re.compile(rb"[!-\"$-~]*\Z")  # no "#"
 
-_SCRIPT_TYPE: Final = b"application/javascript; charset=utf-8"
-_SCRIPT_CACHE_SIZE: Final = 2048  # per-host rewritten variants kept per worker (LRU)
-_SCRIPT_MAX_BYTES: Final = 8 * 1024 * 1024  # an origin answer bigger than this is a failure
-_RELAY_MAX_BYTES: Final = 1024 * 1024
 _DRAIN_BYTES: Final = 256 * 1024  # extra bytes of a refused streamed body read before the 413
 _DRAIN_SECONDS: Final = 1.0
-_RETRY_NO_COPY: Final = 1.0  # seconds: with nothing to serve, retry the origin soon
-_RETRY_WITH_COPY: Final = 10.0  # seconds: with a last good copy, do not hammer a failing origin
-
-
-class _NeverCookies(http.cookiejar.DefaultCookiePolicy):
-    """A cookie policy that accepts nothing: the shared client serves every user (house rule 5)."""
-
-    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
-        return False
-
-    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
-        return False
-
-
-def _no_cookie_jar() -> http.cookiejar.CookieJar:
-    return http.cookiejar.CookieJar(policy=_NeverCookies())
-
-
-def _upstream_ssl_context() -> ssl.SSLContext:
-    """What upstream TLS is verified against: httpx's default (certifi's CAs, host
-    name checked), never ``SSL_CERT_FILE`` & co. from the environment (house rule 5).
-    Both aiohttp paths use it (tests patch it to trust a throwaway CA)."""
-    return httpx.create_ssl_context(trust_env=False)
-
-
-def _aiohttp_transport(pool: int) -> httpx.AsyncBaseTransport:
-    """httpx's API on an aiohttp connection pool (issue 8: ~7x the forwarded
-    req/s of httpcore's pool on 2 cores; numbers in bench/README.md). Used for
-    the script origin; the relay POST goes through :class:`_RelayClient`.
-
-    The same guarantees as the default transport (house rule 5): the session
-    keeps no cookies (``DummyCookieJar``) and ignores the environment
-    (``trust_env=False``); the transport itself never follows redirects and
-    never decompresses (httpx does, as before); httpx's timeouts are passed
-    per request (connect, read, pool). The session is created on first use,
-    inside the running loop, as aiohttp requires.
-    """
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport
-
-    verify = _upstream_ssl_context()
-
-    def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=pool, keepalive_timeout=30.0, ssl=verify)
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
-
-    return AiohttpTransport(client=session, trust_env=False)
-
-
-# The User-Agent httpx sends when the call carries none (a browser always sends one):
-# the relay's view of a call does not depend on upstream.client (issue 8).
-_DEFAULT_USER_AGENT: Final = f"python-httpx/{httpx.__version__}"
-# What aiohttp decodes itself: a body whose FIRST Content-Encoding field is exactly one
-# of these (aiohttp.http_parser; br/zstd fail the read when their library is missing).
-_AIOHTTP_DECODES: Final = frozenset({"gzip", "deflate", "br", "zstd"})
-
-
-def _codings_left(values: Sequence[str], raw: Headers) -> tuple[tuple[bytes, bytes], ...] | None:
-    """The Content-Encoding the browser must be given with a relay body aiohttp has read.
-
-    ``values``: the response's Content-Encoding field values as aiohttp parsed them;
-    ``raw``: its raw header list. ``()`` when the body is now plain (no coding, only
-    ``identity``, or the single coding aiohttp removed), so the field is dropped with
-    the body decoded, as httpx does. The relay's own fields when aiohttp left the
-    body untouched (a coding it does not know, or several listed in one field): a
-    coded body never loses its label (RFC 9110 section 8.4). None when aiohttp
-    removed one coding of several: no label fits the bytes left, the caller fails.
-    """
-    codings = [c for c in (t.strip().lower() for v in values for t in v.split(",")) if c and c != "identity"]
-    if not codings:
-        return ()
-    first = values[0]
-    if first.isascii() and first.lower() in _AIOHTTP_DECODES:  # the test aiohttp's parser makes
-        return () if len(codings) == 1 else None
-    return tuple((b"content-encoding", v) for n, v in raw if n.lower() == b"content-encoding")
-
-
-class _RelayClient:
-    """The relay POST straight on one shared ``aiohttp.ClientSession`` (issue 8).
-
-    Why: with ``upstream.client = "aiohttp"`` the call went httpx -> httpx-aiohttp ->
-    aiohttp, and py-spy put the httpx layer at ~9 % of the edge's CPU under a POST
-    load (bench/README.md). The policy of the httpx client it stands in for (house
-    rule 5): no cookie jar (``DummyCookieJar``: nothing stored, nothing sent),
-    ``trust_env=False``, no redirects (a 3xx comes back as is), TLS verified
-    against :func:`_upstream_ssl_context`, the same timeouts (socket connect =
-    ``upstream.connect_timeout``; pool wait + connect, and each read =
-    ``upstream.timeout``; no total), a keep-alive pool of ``upstream.pool_size``.
-    The relay sees what httpx sent: the call's headers, ``Accept: */*``, the
-    ``Accept-Encoding`` of what the client decodes, ``Connection: keep-alive``,
-    httpx's User-Agent when the call has none, no Content-Type of the client's own;
-    the same request target (yarl requotes it, as it did under httpx: for what the
-    API route admits, httpx's quoting changes nothing yarl would not).
-
-    Concurrency: one instance per EdgeProxy, used from its event loop only; the
-    session is created on first use, inside the running loop, as aiohttp requires.
-    """
-
-    def __init__(self, upstream: UpstreamSettings) -> None:
-        self._pool = upstream.pool_size
-        self._timeout = upstream.timeout
-        self._connect_timeout = upstream.connect_timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(limit=self._pool, keepalive_timeout=30.0, ssl=_upstream_ssl_context())
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_connect=self._connect_timeout,
-                                        sock_read=self._timeout)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # one user's relay cookie never reaches the next (rule 5)
-            trust_env=False,  # no proxy or netrc from the environment
-            timeout=timeout,
-            # httpx sends no Content-Type of its own (aiohttp would add application/octet-stream).
-            skip_auto_headers=("Content-Type",),
-        )
-        return self._session
-
-    async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-    @staticmethod
-    def _wire_headers(headers: Headers) -> list[tuple[str, str]]:
-        # aiohttp writes header values as UTF-8: a UTF-8 value goes out as it came in;
-        # any other byte string as httpx sent it (Latin-1 decoded, then UTF-8).
-        out = [("Connection", "keep-alive")]
-        agent = False
-        for name, value in headers:
-            try:
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:
-                text = value.decode("latin-1")
-            lname = name.decode("latin-1").lower()
-            agent = agent or lname == "user-agent"
-            out.append((lname, text))
-        if not agent:
-            out.append(("User-Agent", _DEFAULT_USER_AGENT))
-        return out
-
-    async def post(self, url: str, headers: Headers, body: bytes) -> ForwardResult | str:
-        """The relay's answer (any status), or why there is none: ``timeout``,
-        ``connect``, ``invalid_url``, ``too_large`` (more than 1 MiB, decoded),
-        ``content_encoding`` or aiohttp's exception name. Never raises for relay trouble."""
-        import aiohttp  # loaded by _open: a sys.modules lookup
-
-        session = self._session if self._session is not None else self._open()
-        try:
-            async with session.request("POST", url, data=body, headers=self._wire_headers(headers),
-                                       allow_redirects=False) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_any():  # decoded, as it arrives
-                    size += len(chunk)
-                    if size > _RELAY_MAX_BYTES:
-                        response.close()  # unread bytes: the connection is not pooled again
-                        return "too_large"
-                    chunks.append(chunk)
-                out = relay_response_headers(response.raw_headers)
-                if size and "Content-Encoding" in response.headers:
-                    left = _codings_left(response.headers.getall("Content-Encoding"), response.raw_headers)
-                    if left is None:
-                        return "content_encoding"
-                    out += left
-                return ForwardResult(response.status, out, b"".join(chunks))
-        except TimeoutError:  # aiohttp's ServerTimeoutError (connect, read) is one
-            return "timeout"
-        except aiohttp.ClientConnectorError:  # refused, DNS, TLS handshake or verification
-            return "connect"
-        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError):
-            return "invalid_url"
-        except aiohttp.ClientError as exc:
-            return type(exc).__name__
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """The one in-memory copy of the vendor script, as the origin served it."""
-
-    body: bytes
-    etag: str | None  # the origin's validator, for conditional refreshes
-
-
-@dataclass(frozen=True)
-class _Variant:
-    """The script rewritten for one host, with everything a response needs precomputed."""
-
-    origin: _Origin
-    body: bytes
-    body_gz: bytes
-    etag: bytes
-    etag_gz: bytes
-    headers: list[tuple[bytes, bytes]]
-    headers_gz: list[tuple[bytes, bytes]]
-    not_modified: list[tuple[bytes, bytes]]
-    not_modified_gz: list[tuple[bytes, bytes]]
-
-
-class _Rewriter:
-    """Literal replacements in one pass (a replacement never rewrites another's output).
-
-    Rules from ``upstream.rewrite`` plus, always and winning over a rule with the same
-    key, the relay origin -> ``https://{host}{api_path}``. ``{host}``, ``{api_path}``
-    and ``{script_path}`` are resolved per variant (the paths may differ per host:
-    ``routes.randomize``), once per host and script version.
-    """
-
-    def __init__(self, upstream: UpstreamSettings) -> None:
-        rules = dict(upstream.rewrite)
-        relay_origin = upstream.relay.rstrip("/")
-        if relay_origin:
-            rules[relay_origin] = "https://{host}{api_path}"
-        self._rules: dict[bytes, bytes] = {key.encode(): value.encode() for key, value in rules.items() if key}
-        keys = sorted(self._rules, key=len, reverse=True)  # longest match first
-        self._pattern = re.compile(b"|".join(re.escape(k) for k in keys)) if keys else None
-
-    def apply(self, body: bytes, host: str, paths: SiteRoutes) -> bytes:
-        if self._pattern is None:
-            return body
-        host_b = host.encode("ascii")  # the gate admitted LDH characters only: nothing to escape
-        values = {
-            key: value.replace(b"{host}", host_b).replace(b"{api_path}", paths.api_path.encode("ascii"))
-            .replace(b"{script_path}", paths.script_path.encode("ascii"))
-            for key, value in self._rules.items()
-        }
-        return self._pattern.sub(lambda m: values[m.group(0)], body)
 
 
 class _ClientGone(Exception):
     """The client disconnected while we were reading its body."""
 
 
-async def _reply(send: Send, canned: _Canned) -> None:
-    await send({"type": "http.response.start", "status": canned.status, "headers": canned.headers})
+async def _reply(send: Send, canned: _Canned, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    headers = canned.headers + list(extra) if extra else canned.headers
+    await send({"type": "http.response.start", "status": canned.status, "headers": headers})
     await send({"type": "http.response.body", "body": canned.body})
 
 
@@ -703,12 +373,58 @@ def _dot_segments(raw: bytes) -> bool:
     return any(segment in (b".", b"..") for segment in decoded.split(b"/"))
 
 
+def _rewrite_target(target: bytes, rules: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """A route's ``request_rewrite``: literal replacements, longest search string first,
+    in one pass (a replacement is never rewritten again)."""
+    if not rules:
+        return target
+    pattern = re.compile(b"|".join(re.escape(k) for k, _ in rules))
+    table = dict(rules)
+    return pattern.sub(lambda m: table[m.group(0)], target)
+
+
+RecordRefusal = Callable[[ForwardRequest, int, str], None]
+"""``record(request, status, reason)``: keep a request the edge refused on an ``event``
+route (``spool.RefusalLog.record``). ``request.body`` is empty where the body was not
+kept (413, 414). Must not block: called on the event loop."""
+
+
+def _ignore_refusal(request: ForwardRequest, status: int, reason: str) -> None:
+    return None
+
+
+class _Refused(Exception):
+    """A request an ``event`` route refuses: the answer, the stats key and whether
+    the body was read (and so is kept with the record)."""
+
+    def __init__(self, canned: _Canned, reason: str) -> None:
+        super().__init__(reason)
+        self.canned = canned
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A validated call on an ``event`` or ``passthrough`` route, before its body is read."""
+
+    target: bytes  # below the route's prefix, with ?query, request rewrites applied
+
+
 class EdgeProxy:
-    """The two public ASGI apps (port 80 and port 443) around one shared httpx client.
+    """The two public ASGI apps (port 80 and port 443).
+
+    Collaborators come in at construction (the composition root is ``server.py``):
+    ``resolve`` (an in-memory lookup; must not block), ``challenge`` (may do I/O;
+    awaited only for the port-80 challenge path), ``events`` (the :class:`Relay`
+    that ``event`` routes send to: the spool around the relay client in ``serve``;
+    a plain :class:`HttpRelay` to ``upstream.relay`` when not given),
+    ``record_refusal`` (where refused event calls are kept). ``passthrough`` routes
+    always use ``relay``, the plain client (built from ``upstream`` when not given):
+    a live read is never spooled. ``transport`` replaces
+    the network for the clients the proxy builds itself (tests).
 
     Concurrency: one instance per worker process, used from its event loop only.
-    ``resolve`` must not block; ``challenge`` may do I/O (it is awaited, and only
-    for registered hosts). ``stats`` counts outcomes (``metrics.StatsCounter`` exports them).
+    ``stats`` counts outcomes (``metrics.StatsCounter`` exports them).
     """
 
     def __init__(
@@ -717,88 +433,104 @@ class EdgeProxy:
         *,
         resolve: Resolve,
         challenge: ChallengeLookup,
+        relay: HttpRelay | None = None,
+        events: Relay | None = None,
+        record_refusal: RecordRefusal | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stats: Counter[str] | None = None,
+        observe_relay: Observe | None = None,
     ) -> None:
         self.settings = settings
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = stats if stats is not None else Counter()
         self._resolve = resolve
         self._challenge = challenge
         self._transport = transport
         self._clock = clock
         self._trusted = parse_trusted_hops(settings.proxy.trusted_hops)
         self._max_body = settings.proxy.max_body
+        self._max_target = settings.proxy.max_target
         self._client_ip = frozenset(settings.upstream.client_ip_headers)
         proxy = settings.proxy
         self._per_ip = TokenBuckets(proxy.rate_per_ip, proxy.rate_per_ip * proxy.rate_burst)
         self._per_domain = TokenBuckets(proxy.rate_per_domain, proxy.rate_per_domain * proxy.rate_burst)
         upstream, routes = settings.upstream, settings.routes
-        self._script_url = upstream.script
-        self._relay_base = upstream.relay.rstrip("/")
-        self._ttl = upstream.script_ttl
-        self._timeout = httpx.Timeout(upstream.timeout, connect=upstream.connect_timeout)
         self._routes = routes
-        # One pair for every host unless routes.randomize: then routes.site_routes per host (cached).
-        self._fixed_paths = None if routes.randomize else site_routes("", routes)
-        self._rewriter = _Rewriter(upstream)
-        self._cache_control = f"public, max-age={max(0, int(self._ttl))}".encode()
+        # One table for every host unless routes.randomize: then routes.route_table per host (cached).
+        self._fixed_table = None if routes.randomize else route_table("", routes)
         self._client: httpx.AsyncClient | None = None
-        # Issue 8: the relay POST skips httpx when nothing was injected and aiohttp is
-        # the configured pool; the httpx client still fetches the script.
-        self._relay = _RelayClient(upstream) if transport is None and upstream.client == "aiohttp" else None
-        self._origin: _Origin | None = None
-        self._next_fetch_at = float("-inf")
-        self._fetch_task: asyncio.Task[bool] | None = None
-        self._variants: OrderedDict[str, _Variant] = OrderedDict()
+        # The plain relay: passthrough routes, and event routes when no spool is given.
+        self.relay = relay or HttpRelay(upstream.relay, upstream, transport=transport, stats=self.stats,
+                                        observe=observe_relay)
+        self._events: Relay = events if events is not None else self.relay
+        self._record_refusal = record_refusal or _ignore_refusal
+        relay_origin = upstream.relay.rstrip("/")
+        self._scripts: dict[str, ScriptSource] = {}
+        self._assets: dict[str, AssetCache] = {}
+        self._request_rewrites: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
+        self._upstreams: dict[str, str] = {}  # route name -> absolute base for non-default upstreams
+        first_script = True
+        for entry in configured_routes(routes):
+            if entry.kind == "script":
+                rules = dict(entry.rewrite or (upstream.rewrite if first_script else {}))
+                if relay_origin:
+                    # The script must talk back to the custom domain, never to the vendor.
+                    rules[relay_origin] = "https://{host}{api_path}"
+                self._scripts[entry.name] = ScriptSource(
+                    entry.upstream or upstream.script, Rewriter(rules), ttl=upstream.script_ttl,
+                    http=self._http, clock=clock, stats=self.stats)
+                first_script = False
+            elif entry.kind == "asset":
+                self._assets[entry.name] = AssetCache(entry.upstream, max_bytes=entry.max_bytes,
+                                                      http=self._http, stats=self.stats)
+            else:
+                rules_b = tuple(sorted(((k.encode(), v.encode()) for k, v in entry.request_rewrite.items() if k),
+                                       key=lambda kv: -len(kv[0])))
+                self._request_rewrites[entry.name] = rules_b
+                base = entry.upstream.rstrip("/")
+                if entry.kind == "passthrough" or (base and base != relay_origin):
+                    self._upstreams[entry.name] = base or relay_origin
         self._lifespans = 0
-        # (status, seconds, error) after each relay call: metrics only, no I/O (issue 5).
-        self.observe_relay: Callable[[int, float, str | None], None] | None = None
-        # What an accepted API call goes through: the plain relay forward, or (issue 3)
-        # ``spool.SpoolingForwarder.deliver`` installed by ``server.py``.
-        self.deliver: Callable[[ForwardRequest], Awaitable[ForwardResult]] = self.forward
 
     # -- lifecycle ---------------------------------------------------------------------
     def _http(self) -> httpx.AsyncClient:
+        """The shared client for script and asset fetches."""
         if self._client is None:
-            pool = self.settings.upstream.pool_size
-            transport = self._transport
-            if transport is None and self.settings.upstream.client == "aiohttp":
-                transport = _aiohttp_transport(pool)
-            self._client = httpx.AsyncClient(
-                transport=transport,
-                trust_env=False,  # no proxy/cert settings from the environment (house rule 5)
-                follow_redirects=False,
-                timeout=self._timeout,
-                limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=30.0),
-                cookies=_no_cookie_jar(),  # a shared client must never carry one user's cookie to another
-            )
+            self._client = new_http_client(self.settings.upstream, self._transport)
         return self._client
 
     async def startup(self) -> None:
-        """Create the shared client and start fetching the script in the background.
+        """Create the shared client and start fetching every script in the background.
 
-        Idempotent. Never fails because the origin is down: the first script request
+        Idempotent. Never fails because an origin is down: the first script request
         joins the fetch in flight, or retries it.
         """
         self._http()
-        if self._origin is None:
-            self._start_fetch()
+        for source in self._scripts.values():
+            if not source.fetched:
+                source.start_fetch()
+
+    async def refresh_script(self) -> bool:
+        """Fetch every script now (or join the fetches in flight); True if every origin gave a good copy."""
+        results = await asyncio.gather(*(asyncio.shield(s.start_fetch()) for s in self._scripts.values()))
+        return all(results)
 
     async def aclose(self) -> None:
-        """Stop a fetch in flight and close the clients (idempotent; a later call opens them again)."""
-        task, self._fetch_task = self._fetch_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop fetches in flight and close the clients (idempotent; a later call opens them again)."""
+        for source in self._scripts.values():
+            await source.cancel()
         client, self._client = self._client, None
         try:
             if client is not None:
                 await client.aclose()
         finally:
-            if self._relay is not None:
-                await self._relay.aclose()
+            await self.relay.aclose()
+            if self._events is not self.relay:
+                await self._events.aclose()
 
+    async def forward(self, request: ForwardRequest) -> ForwardResult:
+        """Send ``request`` through the plain relay (no spool): replay and tests."""
+        return await self.relay.send(request)
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         # Both apps may receive lifespan events for the same instance: the client
         # lives until the last of them shuts down.
@@ -901,7 +633,7 @@ class EdgeProxy:
 
     # -- port 443 ----------------------------------------------------------------------
     async def https_app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Port 443: 421 unless Host == SNI names an active site; then script or API."""
+        """Port 443: 421 unless Host == SNI names an active site; then the route table."""
         if scope["type"] != "http":
             await self._other_scope(scope, receive, send)
             return
@@ -914,146 +646,38 @@ class EdgeProxy:
             await _reply(send, _MISDIRECTED)
             return
         assert host is not None
-        path: str = scope["path"]
-        method: str = scope["method"]
-        paths = self._fixed_paths or site_routes(host, self._routes)
-        if path == paths.script_path:
-            if method == "GET" or method == "HEAD":
-                await self._serve_script(send, headers, host, head=method == "HEAD")
-            else:
-                await _reply(send, _SCRIPT_METHODS)
+        table = self._fixed_table or route_table(host, self._routes)
+        route = table.match(scope["path"])
+        if route is None:
+            self.stats["https_not_found"] += 1
+            await _reply(send, _NOT_FOUND)
             return
-        if path == paths.api_path or path.startswith(paths.api_prefix):
-            await self._api(scope, receive, send, host, method, paths.api_path.encode("ascii"))
-            return
-        self.stats["https_not_found"] += 1
-        await _reply(send, _NOT_FOUND)
-
-    # -- the script --------------------------------------------------------------------
-    def _start_fetch(self) -> asyncio.Task[bool]:
-        """The fetch in flight, or a new one: single-flight across all requests."""
-        task = self._fetch_task
-        if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._fetch_origin())
-            self._fetch_task = task
-        return task
-
-    async def refresh_script(self) -> bool:
-        """Fetch the script now, or join the fetch in flight; True if the origin gave a good copy."""
-        return await asyncio.shield(self._start_fetch())
-
-    async def _fetch_origin(self) -> bool:
-        """One origin fetch. Never raises: on failure the last good copy stays in service."""
-        previous = self._origin
-        request_headers: dict[str, str] = {}
-        if previous is not None and previous.etag:
-            request_headers["if-none-match"] = previous.etag
-        reason: str
-        try:
-            async with self._http().stream("GET", self._script_url, headers=request_headers) as response:
-                if response.status_code == 304 and previous is not None:
-                    self._next_fetch_at = self._clock() + self._ttl
-                    self.stats["script_origin_not_modified"] += 1
-                    return True
-                if response.status_code != 200:
-                    reason = f"status {response.status_code}"
-                else:
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > _SCRIPT_MAX_BYTES:
-                            break
-                        chunks.append(chunk)
-                    if size > _SCRIPT_MAX_BYTES:
-                        reason = f"larger than {_SCRIPT_MAX_BYTES} bytes"
-                    else:
-                        body = b"".join(chunks)
-                        if previous is None or previous.body != body:
-                            self._origin = _Origin(body, response.headers.get("etag"))
-                            self._variants.clear()  # every variant was built from the old copy
-                        self._next_fetch_at = self._clock() + self._ttl
-                        self.stats["script_origin_fetched"] += 1
-                        return True
-        except httpx.HTTPError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must not leave the script unserved forever
-            log.exception("script fetch crashed")
-            reason = f"{type(exc).__name__}: {exc}"
-        self.stats["script_origin_error"] += 1
-        retry = _RETRY_WITH_COPY if self._origin is not None else _RETRY_NO_COPY
-        self._next_fetch_at = self._clock() + min(self._ttl, retry)
-        if self._origin is not None:
-            log.warning("script origin %s failed (%s); serving the last good copy", self._script_url, reason)
+        kind = route.kind
+        if kind == "script":
+            await self._script(scope, send, host, route, table)
+        elif kind == "event":
+            await self._event(scope, receive, send, host, route)
+        elif kind == "passthrough":
+            await self._passthrough(scope, receive, send, host, route)
         else:
-            log.error("script origin %s failed (%s); no copy to serve yet", self._script_url, reason)
-        return False
+            await self._asset(scope, send, route)
 
-    async def _current_script(self) -> _Origin | None:
-        origin = self._origin
-        if origin is not None:
-            # Stale-while-revalidate: a stale copy is served at once while one
-            # background fetch refreshes it, so no request waits on the origin
-            # once a copy exists.
-            if self._clock() >= self._next_fetch_at:
-                self._start_fetch()
-            return origin
-        task = self._fetch_task
-        if (task is None or task.done()) and self._clock() < self._next_fetch_at:
-            return None  # the origin failed moments ago and there is nothing to serve
-        # First copy: every concurrent request waits for the same fetch. shield():
-        # one client going away must not cancel the fetch the others wait for.
-        await asyncio.shield(self._start_fetch())
-        return self._origin
-
-    def _variant(self, host: str, origin: _Origin) -> _Variant:
-        variant = self._variants.get(host)
-        if variant is not None and variant.origin is origin:
-            self._variants.move_to_end(host)
-            return variant
-        body = self._rewriter.apply(origin.body, host, self._fixed_paths or site_routes(host, self._routes))
-        body_gz = gzip.compress(body, compresslevel=9, mtime=0)
-        digest = hashlib.sha256(body).hexdigest()[:32]
-        # Strong validators differ per content coding (RFC 9110 section 8.8.3).
-        etag = f'"{digest}"'.encode()
-        etag_gz = f'"{digest}-gz"'.encode()
-        common = [
-            (b"content-type", _SCRIPT_TYPE),
-            (b"cache-control", self._cache_control),
-            (b"vary", b"accept-encoding"),
-            (b"x-content-type-options", b"nosniff"),
-        ]
-        variant = _Variant(
-            origin=origin,
-            body=body,
-            body_gz=body_gz,
-            etag=etag,
-            etag_gz=etag_gz,
-            headers=common + [(b"etag", etag), (b"content-length", str(len(body)).encode())],
-            headers_gz=common + [(b"etag", etag_gz), (b"content-encoding", b"gzip"),
-                                 (b"content-length", str(len(body_gz)).encode())],
-            # RFC 9110 section 15.4.5: a 304 carries the fields a 200 would have had, minus content.
-            not_modified=common[1:] + [(b"etag", etag)],
-            not_modified_gz=common[1:] + [(b"etag", etag_gz)],
-        )
-        self._variants[host] = variant
-        self._variants.move_to_end(host)
-        while len(self._variants) > _SCRIPT_CACHE_SIZE:
-            self._variants.popitem(last=False)
-        return variant
-
-    async def _serve_script(self, send: Send, headers: Headers, host: str, *, head: bool) -> None:
-        origin = await self._current_script()
+    # -- script routes -------------------------------------------------------------------
+    async def _script(self, scope: Scope, send: Send, host: str, route: Route, table: RouteTable) -> None:
+        method: str = scope["method"]
+        if method != "GET" and method != "HEAD":
+            await _reply(send, _SCRIPT_METHODS)
+            return
+        source = self._scripts[route.name]
+        origin = await source.current()
         if origin is None:
             self.stats["script_unavailable"] += 1
             await _reply(send, _SCRIPT_UNAVAILABLE)
             return
-        variant = self._variant(host, origin)
+        variant = source.variant(host, origin, table)
         accept: list[bytes] = []
         inm: list[bytes] = []
-        for name, value in headers:
+        for name, value in scope["headers"]:
             lname = name.lower()
             if lname == b"accept-encoding":
                 accept.append(value)
@@ -1070,68 +694,161 @@ class EdgeProxy:
         await send({"type": "http.response.start", "status": 200,
                     "headers": variant.headers_gz if gz else variant.headers})
         await send({"type": "http.response.body",
-                    "body": b"" if head else (variant.body_gz if gz else variant.body)})
+                    "body": b"" if method == "HEAD" else (variant.body_gz if gz else variant.body)})
 
-    # -- the API -----------------------------------------------------------------------
-    async def _api(self, scope: Scope, receive: Receive, send: Send, host: str, method: str, api_raw: bytes) -> None:
-        headers: Headers = scope["headers"]
-        if method == "OPTIONS":
-            await self._preflight(send, headers)
+    # -- asset routes --------------------------------------------------------------------
+    async def _asset(self, scope: Scope, send: Send, route: Route) -> None:
+        method: str = scope["method"]
+        if method != "GET" and method != "HEAD":
+            await _reply(send, _SCRIPT_METHODS)
             return
-        if method != "POST":
-            await _reply(send, _API_METHODS)
+        try:
+            target = self._target(scope, route)
+        except _Refused as refused:
+            await _reply(send, refused.canned)
             return
-        if not self._within_rate(scope, headers, host):
-            self.stats["api_rate_limited"] += 1
-            await _reply(send, _TOO_MANY)
+        found = await self._assets[route.name].get(target.decode("ascii"))
+        if isinstance(found, int):
+            await _reply(send, _NOT_FOUND if found == 404 else _ORIGIN_FAILED)
             return
+        inm = _header_values(scope["headers"], b"if-none-match")
+        if inm and etag_matches(inm, found.etag):
+            self.stats["asset_not_modified"] += 1
+            await send({"type": "http.response.start", "status": 304, "headers": found.not_modified})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.stats["asset_served"] += 1
+        await send({"type": "http.response.start", "status": 200, "headers": found.headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else found.body})
+
+    # -- event and passthrough routes ---------------------------------------------------
+    def _target(self, scope: Scope, route: Route) -> bytes:
+        """The request target below ``route``'s prefix (raw path + ``?query``), checked:
+        the decoded path matched the route; the raw one is what goes upstream, so it
+        must match too and must not climb out of the upstream's base path."""
         raw = _raw_path(scope)
-        rest = raw[len(api_raw):]
+        prefix = route.path.encode("ascii")
+        rest = raw[len(prefix):]
         query: bytes = scope.get("query_string", b"")
-        # The decoded path matched the route; the raw one is what we forward, so it must
-        # match too, and must not climb out of the relay's base path.
-        if not raw.startswith(api_raw) or (rest and not rest.startswith(b"/")) or _dot_segments(rest):
-            self.stats["https_not_found"] += 1
-            await _reply(send, _NOT_FOUND)
-            return
+        if not raw.startswith(prefix) or (rest and not rest.startswith(b"/")) or _dot_segments(rest):
+            raise _Refused(_NOT_FOUND, "bad_path")
+        if len(raw) + len(query) > self._max_target:
+            raise _Refused(_URI_TOO_LONG, "target_too_long")
         if not _PATH_RE.match(rest) or not _QUERY_RE.match(query):
-            await _reply(send, _BAD_REQUEST)
-            return
+            raise _Refused(_BAD_REQUEST, "malformed_target")
+        return rest + b"?" + query if query else rest
+
+    def _declared_length(self, headers: Headers) -> None:
         lengths = _header_values(headers, b"content-length")
         if lengths:
             if len(lengths) != 1 or not lengths[0].strip().isdigit():
-                await _reply(send, _BAD_REQUEST)
-                return
+                raise _Refused(_BAD_REQUEST, "bad_content_length")
             if int(lengths[0]) > self._max_body:  # refuse before reading a byte
-                self.stats["api_too_large"] += 1
-                await _reply(send, _TOO_LARGE)
-                return
-        try:
-            body = await self._read_body(receive)
-        except _ClientGone:
-            return
-        if body is None:
-            self.stats["api_too_large"] += 1
-            await _reply(send, _TOO_LARGE)
-            return
-        target = (rest + b"?" + query if query else rest).decode("ascii")
-        # Issue 3: one key per accepted call; a client-sent key is not trusted (it could
-        # make the relay drop someone else's event as a duplicate).
+                raise _Refused(_TOO_LARGE, "body_too_large")
+
+    def _request(self, scope: Scope, host: str, route: Route, target: bytes, body: bytes) -> ForwardRequest:
+        """The call as the upstream receives it (header policy, a new Idempotency-Key)."""
+        target = _rewrite_target(target, self._request_rewrites.get(route.name, ()))
+        text = target.decode("ascii")
+        base = self._upstreams.get(route.name)
+        if base is not None:
+            text = base + text  # an absolute target: HttpRelay sends it there (and the spool keeps it)
+        # One key per accepted call; a client-sent key is not trusted (it could make the
+        # relay drop someone else's event as a duplicate).
         key = uuid.uuid4().hex
-        out_headers = [h for h in forward_headers(headers, peer=_client_addr(scope), trusted=self._trusted, host=host,
-                                                  client_ip=self._client_ip)
-                       if h[0] != b"idempotency-key"]
-        out_headers.append((b"idempotency-key", key.encode("ascii")))
-        request = ForwardRequest(
-            target=target,
-            headers=tuple(out_headers),
-            body=body,
-            host=host,
-            idempotency_key=key,
-            client=_client_addr(scope),
-            received_at=time.time(),
-        )
-        result = await self.deliver(request)
+        peer = _client_addr(scope)
+        out = [h for h in forward_headers(scope["headers"], peer=peer, trusted=self._trusted, host=host,
+                                          client_ip=self._client_ip)
+               if h[0] != b"idempotency-key"]
+        out.append((b"idempotency-key", key.encode("ascii")))
+        return ForwardRequest(target=text, headers=tuple(out), body=body, host=host, idempotency_key=key,
+                              client=peer, received_at=time.time(), method=scope["method"])
+
+    def _refused_event(self, scope: Scope, host: str, route: Route, target: bytes | None,
+                       body: bytes, status: int, reason: str) -> None:
+        """Count, log and keep one refused event call (nothing refused silently)."""
+        self.stats[f"event_refused_{reason}"] += 1
+        if target is None:  # no usable target: keep the raw line as it came
+            raw = _raw_path(scope)
+            query = scope.get("query_string", b"")
+            target = (raw + b"?" + query if query else raw)[len(route.path):]
+        request = self._request(scope, host, route, target.decode("ascii", "replace").encode("ascii", "replace"), body)
+        self._record_refusal(request, status, reason)
+
+    async def _event(self, scope: Scope, receive: Receive, send: Send, host: str, route: Route) -> None:
+        headers: Headers = scope["headers"]
+        method: str = scope["method"]
+        if method == "OPTIONS":
+            await self._preflight(send, headers)
+            return
+        if method == "HEAD":  # a link checker or prefetch: nothing to forward
+            await _reply(send, _NO_CONTENT, self._cors(headers))
+            return
+        if method != "GET" and method != "POST":
+            await _reply(send, _EVENT_METHODS)
+            return
+        target: bytes | None = None
+        body = b""
+        try:
+            target = self._target(scope, route)
+            self._declared_length(headers)
+            try:
+                read = await self._read_body(receive)
+            except _ClientGone:
+                return
+            if read is None:
+                raise _Refused(_TOO_LARGE, "body_too_large")
+            body = read
+            if not self._within_rate(scope, headers, host):
+                raise _Refused(_TOO_MANY, "rate_limited")
+        except _Refused as refused:
+            if refused.reason == "rate_limited":
+                self.stats["api_rate_limited"] += 1
+            elif refused.reason == "body_too_large":
+                self.stats["api_too_large"] += 1
+            keep = refused.canned.status in (400, 429)  # 413/414/404: the body is not kept
+            self._refused_event(scope, host, route, target, body if keep else b"", refused.canned.status,
+                                refused.reason)
+            await _reply(send, refused.canned, self._cors(headers))
+            return
+        result = await self._events.send(self._request(scope, host, route, target, body))
+        await self._answer(send, headers, result)
+
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send, host: str, route: Route) -> None:
+        headers: Headers = scope["headers"]
+        method: str = scope["method"]
+        if method == "OPTIONS":
+            await self._preflight(send, headers)
+            return
+        if method not in ("GET", "HEAD", "POST"):
+            await _reply(send, _PASSTHROUGH_METHODS)
+            return
+        try:
+            target = self._target(scope, route)
+            self._declared_length(headers)
+            try:
+                body = await self._read_body(receive)
+            except _ClientGone:
+                return
+            if body is None:
+                raise _Refused(_TOO_LARGE, "body_too_large")
+            if not self._within_rate(scope, headers, host):
+                raise _Refused(_TOO_MANY, "rate_limited")
+        except _Refused as refused:
+            self.stats[f"passthrough_refused_{refused.reason}"] += 1
+            await _reply(send, refused.canned, self._cors(headers))
+            return
+        result = await self.relay.send(self._request(scope, host, route, target, body))
+        if result.error is not None:
+            # The upstream gave no answer: a read the browser needs now is not spooled.
+            self.stats["passthrough_failed"] += 1
+            canned = _UPSTREAM_TIMEOUT if result.error == "timeout" else _UPSTREAM_FAILED
+            await _reply(send, canned, self._cors(headers))
+            return
+        self.stats["passthrough_answered"] += 1
+        await self._answer(send, headers, result)
+
+    async def _answer(self, send: Send, headers: Headers, result: ForwardResult) -> None:
         out = list(result.headers)
         out.append((b"content-length", str(len(result.body)).encode()))
         out.extend(self._cors(headers))
@@ -1196,65 +913,13 @@ class EdgeProxy:
     async def _preflight(self, send: Send, headers: Headers) -> None:
         self.stats["api_preflight"] += 1
         out = [
-            (b"access-control-allow-methods", b"POST"),
+            (b"access-control-allow-methods", b"GET, POST"),
             (b"access-control-allow-headers", b"Content-Type"),
             (b"access-control-max-age", b"86400"),
-            (b"allow", b"POST, OPTIONS"),
+            (b"allow", b"GET, HEAD, POST, OPTIONS"),
             (b"content-length", b"0"),
         ]
         out.extend(self._cors(headers))
         await send({"type": "http.response.start", "status": 204, "headers": out})
         await send({"type": "http.response.body", "body": b""})
 
-    async def forward(self, request: ForwardRequest) -> ForwardResult:
-        """Send one API call to ``upstream.relay`` + ``request.target`` (POST).
-
-        The seam a durable spool wraps. Never raises for relay trouble: a relay that
-        cannot be reached, times out, breaks the protocol or answers with more than
-        1 MiB gives a 502 with ``error`` set; any answer the relay did give comes
-        back as is (status, allowlisted headers, body). Safe to call concurrently
-        (the client pool is shared); not idempotent (each call reaches the relay).
-        """
-        started = time.perf_counter()
-        result = await self._forward(request)
-        if self.observe_relay is not None:
-            self.observe_relay(result.status, time.perf_counter() - started, result.error)
-        return result
-
-    async def _forward(self, request: ForwardRequest) -> ForwardResult:
-        url = self._relay_base + request.target
-        if self._relay is not None:
-            outcome = await self._relay.post(url, request.headers, request.body)
-        else:
-            outcome = await self._post_httpx(url, request)
-        if isinstance(outcome, ForwardResult):
-            self.stats["api_forwarded"] += 1
-            return outcome
-        self.stats["api_relay_error"] += 1
-        log.warning("relay %s failed for host %s: %s", self._relay_base, request.host, outcome)
-        return ForwardResult(502, _RELAY_FAILED_HEADERS, _RELAY_FAILED_BODY, error=outcome)
-
-    async def _post_httpx(self, url: str, request: ForwardRequest) -> ForwardResult | str:
-        """The relay call through the shared httpx client: its answer, or an error code."""
-        try:
-            async with self._http().stream("POST", url, content=request.body,
-                                           headers=list(request.headers)) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > _RELAY_MAX_BYTES:
-                        break
-                    chunks.append(chunk)
-                if size <= _RELAY_MAX_BYTES:
-                    return ForwardResult(response.status_code, relay_response_headers(response.headers.raw),
-                                         b"".join(chunks))
-                return "too_large"
-        except httpx.TimeoutException:
-            return "timeout"
-        except httpx.ConnectError:
-            return "connect"
-        except httpx.HTTPError as exc:
-            return type(exc).__name__
-        except httpx.InvalidURL:
-            return "invalid_url"

@@ -27,6 +27,7 @@ import signal
 import socket
 import ssl
 import time
+from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -50,7 +51,9 @@ from .metrics import (
 )
 from .proxy import EdgeProxy, Site
 from .keys import open_store
-from .spool import Replayer, ReplayFilters, Spool, SpoolingForwarder, prune_loop, replay_failed, spool_path
+from .relay import HttpRelay
+from .spool import (RefusalLog, Replayer, ReplayFilters, Spool, SpoolingRelay, move_refusals, prune_loop,
+                    replay_failed, spool_path)
 from .storage.base import Storage
 
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
@@ -266,16 +269,20 @@ class EdgeNode:
         self.certstore = CertStore(self.storage, settings.proxy.tls_context_cache, native=settings.proxy.tls_native)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
-        self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge)
-        # Metrics (issue 5): multiprocess files under `serve`, a local registry otherwise.
+        # Metrics: multiprocess files under `serve`, a local registry otherwise.
         self.metrics_registry = None if multiprocess_dir() else CollectorRegistry()
         self.metrics = Metrics(self.metrics_registry)
-        self.proxy.stats = StatsCounter(self.metrics)
-        self.proxy.observe_relay = self.metrics.observe_relay
-        # Issue 3: every worker spools into the same node-local file; the primary drains it.
+        stats = StatsCounter(self.metrics)
+        # The data path, built once, one way: proxy -> spool -> relay client. Every worker
+        # spools into the same node-local file; the primary drains it.
         self.spool = Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
-        self.proxy.deliver = SpoolingForwarder(self.proxy.forward, self.spool, self.storage,
-                                               ip_retention=settings.privacy.ip_retention).deliver
+        self.relay = HttpRelay(settings.upstream.relay, settings.upstream, stats=stats,
+                               observe=self.metrics.observe_relay)
+        refusals = RefusalLog(self.spool, settings.failed_log.refusals_per_domain_hour, stats=stats)
+        events = SpoolingRelay(self.relay, self.spool, self.storage, refusals=refusals,
+                               ip_retention=settings.privacy.ip_retention)
+        self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge, relay=self.relay,
+                               events=events, record_refusal=refusals.record, stats=stats)
         # (depth, oldest age in s) for alerts and /metrics.
         self.spool_stats: SpoolStats | None = self.spool.depth_age
         self.monitor: MonitorService | None = None
@@ -397,7 +404,7 @@ class EdgeNode:
         r = self.settings.renew
         background.append(asyncio.create_task(
             renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
-        replayer = Replayer(self.spool, self.proxy.forward, self.settings.spool, storage=self.storage,
+        replayer = Replayer(self.spool, self.relay, self.settings.spool, storage=self.storage,
                             ip_retention=self.settings.privacy.ip_retention)
         background.append(asyncio.create_task(replayer.run(self.stop)))
         background.append(asyncio.create_task(
@@ -444,7 +451,9 @@ class EdgeNode:
         return self.spool.stats(time.time()).as_dict()
 
     async def _replay(self, filters: ReplayFilters, dry_run: bool) -> dict[str, Any]:
-        summary = await replay_failed(self.storage, self.proxy.forward, filters, dry_run=dry_run)
+        await move_refusals(self.spool, self.storage, self.settings.privacy.ip_retention,
+                            lambda: datetime.now(timezone.utc))
+        summary = await replay_failed(self.storage, self.relay, filters, dry_run=dry_run)
         return summary.as_dict()
 
     def _wake_soon(self) -> None:

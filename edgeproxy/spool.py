@@ -1,11 +1,17 @@
-"""Zero data loss between the browser and the queue relay (issue 3).
+"""Zero data loss between the browser and the queue relay.
 
 Owns:
 - the durable, node-local spool (its own SQLite file, ``[spool] path``; never the
   shared store, which may be the thing that is down): :class:`Spool`;
-- the forwarding policy wrapped around ``EdgeProxy.forward``: :class:`SpoolingForwarder`
-  (relay first; connection error, timeout, 5xx, 408, 429 -> spool, then 202;
-  other 4xx -> failed-request log; spool full or broken -> 503, never an ack);
+- the forwarding policy, a decorator over the relay client: :class:`SpoolingRelay`
+  (relay first; connection error, timeout, 5xx, 408, 429 -> spool, then an
+  acknowledgement shaped for the caller (202 JSON for a POST, a 1x1 GIF for an
+  image beacon, else 204); other 4xx -> failed-request log; spool full or broken
+  -> 503, never an ack);
+- the edge's own refusals on ``event`` routes (400, 413, 414, 429, 503):
+  :class:`RefusalLog` keeps them in the spool file (node-local, never the shared
+  store on the request path), capped per domain and hour in memory; the replayer
+  moves them into the failed-request log;
 - the replayer that drains the spool in ``serve``'s primary process: :class:`Replayer`;
 - the failed-request log policy (IP retention, pruning) and ``edgeproxy replay``:
   :func:`replay_failed`, :func:`prune_failed_log`;
@@ -40,19 +46,20 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
 from .config import Settings, SpoolSettings
 from .errors import EdgeproxyError, StorageError
-from .proxy import ForwardRequest, ForwardResult
+from .relay import ForwardRequest, ForwardResult, Relay
 from .storage import FailedRequestRecord, Storage, sqlite_path_from_url
 
 __all__ = [
     "AlertHook",
     "DrainResult",
+    "Refusal",
     "ReplayFilters",
     "ReplaySummary",
     "Replayer",
@@ -61,11 +68,15 @@ __all__ = [
     "SpoolFull",
     "SpoolStats",
     "SpoolUnavailable",
-    "SpoolingForwarder",
+    "RefusalLog",
+    "SpoolingRelay",
+    "acknowledgement",
+    "replayable",
     "backoff_delay",
     "classify",
     "failed_record",
     "log_alert",
+    "move_refusals",
     "is_probe",
     "parse_time",
     "prune_failed_log",
@@ -82,7 +93,6 @@ AlertHook = Callable[[str, str], None]
 """``alert(code, message)``: something an operator must see (spool full, dead letters).
 Must not block; called from the event loop or a worker thread."""
 
-Forward = Callable[[ForwardRequest], Awaitable[ForwardResult]]
 
 DELIVERED: Final = "delivered"
 RETRY: Final = "retry"
@@ -175,7 +185,7 @@ def failed_record(request: ForwardRequest, status: int, origin: str, now: dateti
     return FailedRequestRecord(
         idempotency_key=request.idempotency_key,
         domain=request.host,
-        method="POST",
+        method=request.method,
         target=request.target,
         headers=_reduce_headers(request.headers, ip_retention),
         body=request.body,
@@ -185,6 +195,17 @@ def failed_record(request: ForwardRequest, status: int, origin: str, now: dateti
         received_at=datetime.fromtimestamp(request.received_at or now.timestamp(), timezone.utc),
         logged_at=now,
     )
+
+
+# Statuses the edge answered without keeping the body (nothing to resend).
+_BODY_NOT_KEPT: Final = frozenset({404, 413, 414})
+
+
+def replayable(record: FailedRequestRecord) -> bool:
+    """Whether ``edgeproxy replay`` may send ``record``: everything but the edge's own
+    refusals whose body was never kept (413 too large, 414 target too long, 404 bad
+    path): those are logged so an operator sees who lost what, not resent."""
+    return not (record.origin == "edge" and record.status in _BODY_NOT_KEPT)
 
 
 _RELATIVE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([smhd])\Z")
@@ -236,16 +257,17 @@ class SpoolEntry:
     attempts: int = 0
     last_error: str | None = None
     id: int = 0
+    method: str = "POST"
 
     @classmethod
     def from_request(cls, request: ForwardRequest) -> SpoolEntry:
         return cls(request.idempotency_key, request.host, request.target, request.headers,
-                   request.body, request.client, request.received_at or time.time())
+                   request.body, request.client, request.received_at or time.time(), method=request.method)
 
     def to_request(self) -> ForwardRequest:
         return ForwardRequest(target=self.target, headers=self.headers, body=self.body, host=self.domain,
                               idempotency_key=self.idempotency_key, client=self.client,
-                              received_at=self.received_at)
+                              received_at=self.received_at, method=self.method)
 
     def headers_json(self) -> str:
         return json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers])
@@ -276,7 +298,7 @@ class SpoolStats:
 
 
 _COLUMNS: Final = ("idempotency_key, domain, target, headers_json, body, client, received_at, size, "
-                   "attempts, last_error")
+                   "attempts, last_error, method")
 _SCHEMA: Final = (
     f"""CREATE TABLE IF NOT EXISTS spool (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -301,18 +323,42 @@ _SCHEMA: Final = (
     "UPDATE spool_meta SET bytes = bytes + NEW.size, count = count + 1 WHERE id = 1; END",
     "CREATE TRIGGER IF NOT EXISTS spool_del AFTER DELETE ON spool BEGIN "
     "UPDATE spool_meta SET bytes = bytes - OLD.size, count = count - 1 WHERE id = 1; END",
+    # Requests the edge itself refused (RefusalLog), until the replayer moves them to the
+    # failed-request log. Outside the spool's byte cap: RefusalLog caps them per domain.
+    """CREATE TABLE IF NOT EXISTS refused (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        idempotency_key TEXT NOT NULL, domain TEXT NOT NULL, method TEXT NOT NULL, target TEXT NOT NULL,
+        headers_json TEXT NOT NULL, body BLOB NOT NULL, client TEXT, received_at REAL NOT NULL,
+        status INTEGER NOT NULL, reason TEXT NOT NULL)""",
 )
+# Spool files written before GET beacons were forwarded have no method column: every
+# entry in them is a POST.
+_METHOD_COLUMN: Final = "method TEXT NOT NULL DEFAULT 'POST'"
 _GROUP_MAX: Final = 512  # requests per transaction at most (bounds one commit's latency)
 
-_WriteItem = tuple[SpoolEntry, "concurrent.futures.Future[int]"]
+_WriteItem = tuple["SpoolEntry | Refusal", "concurrent.futures.Future[int] | None"]
 
 
 def _row_entry(row: Sequence[Any]) -> SpoolEntry:
     return SpoolEntry(
         id=row[0], idempotency_key=row[1], domain=row[2], target=row[3],
-        headers=tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(row[4])),
+        headers=_headers(row[4]),
         body=bytes(row[5]), client=row[6], received_at=row[7], attempts=row[9], last_error=row[10],
+        method=row[11],
     )
+
+
+def _headers(headers_json: str) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(headers_json))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the edge refused itself, as kept in the spool file."""
+
+    entry: SpoolEntry
+    status: int
+    reason: str
 
 
 class Spool:
@@ -345,6 +391,10 @@ class Spool:
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                for table in ("spool", "dead_letters"):
+                    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                    if "method" not in columns:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {_METHOD_COLUMN}")
                 conn.execute("COMMIT")
                 break
             except sqlite3.OperationalError as exc:
@@ -398,6 +448,28 @@ class Spool:
         self._queue.put((entry, future))
         return await asyncio.wrap_future(future)
 
+    def record_refusal(self, refusal: Refusal) -> None:
+        """Queue ``refusal`` for the writer thread and return at once (the caller has
+        refused the request already; nothing waits for the fsync)."""
+        self._ensure_writer()
+        self._queue.put((refusal, None))
+
+    def take_refusals(self, limit: int) -> list[tuple[int, Refusal]]:
+        """The oldest ``limit`` refusals with their ids (blocking)."""
+        try:
+            rows = self._conn().execute(
+                "SELECT id, idempotency_key, domain, method, target, headers_json, body, client, received_at, "
+                "status, reason FROM refused ORDER BY id LIMIT ?", (limit,)).fetchall()
+        except sqlite3.Error as exc:
+            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
+        return [(row[0], Refusal(SpoolEntry(row[1], row[2], row[4], _headers(row[5]), bytes(row[6]), row[7], row[8],
+                                            method=row[3]), row[9], row[10])) for row in rows]
+
+    def delete_refusals(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._tx("delete moved refusals", lambda c: c.execute(
+                f"DELETE FROM refused WHERE id IN ({','.join('?' * len(ids))})", list(ids)))
+
     def put_many(self, entries: Iterable[SpoolEntry]) -> list[int]:
         """Blocking ``put`` of several entries in one transaction (tests, benchmarks)."""
         futures: list[concurrent.futures.Future[int]] = []
@@ -407,6 +479,7 @@ class Spool:
             futures.append(future)
             items.append((entry, future))
         self._commit(self._conn(), items)
+
         return [f.result() for f in futures]
 
     def _ensure_writer(self) -> None:
@@ -439,12 +512,20 @@ class Spool:
             self._commit(conn, batch)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_WriteItem]) -> None:
-        outcomes: list[tuple[concurrent.futures.Future[int], int | EdgeproxyError]] = []
+        outcomes: list[tuple[concurrent.futures.Future[int] | None, int | EdgeproxyError]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 used = int(conn.execute("SELECT bytes FROM spool_meta WHERE id = 1").fetchone()[0])
                 for entry, future in batch:
+                    if isinstance(entry, Refusal):
+                        kept = entry.entry
+                        conn.execute(
+                            "INSERT INTO refused (idempotency_key, domain, method, target, headers_json, body, "
+                            "client, received_at, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (kept.idempotency_key, kept.domain, kept.method, kept.target, kept.headers_json(),
+                             kept.body, kept.client, kept.received_at, entry.status, entry.reason))
+                        continue
                     headers_json = entry.headers_json()
                     size = entry.size(headers_json)
                     if used + size > self.max_bytes:
@@ -452,9 +533,9 @@ class Spool:
                             f"spool {self.path} holds {used} of {self.max_bytes} bytes; refusing {size} more")))
                         continue
                     cursor = conn.execute(
-                        f"INSERT INTO spool ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT INTO spool ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (entry.idempotency_key, entry.domain, entry.target, headers_json, entry.body,
-                         entry.client, entry.received_at, size, entry.attempts, entry.last_error),
+                         entry.client, entry.received_at, size, entry.attempts, entry.last_error, entry.method),
                     )
                     used += size
                     outcomes.append((future, int(cursor.lastrowid or 0)))
@@ -468,7 +549,11 @@ class Spool:
             # Nothing of this batch is on disk: every waiter gets the failure (-> 503).
             error = SpoolUnavailable(f"spool {self.path}: write failed: {exc}")
             outcomes = [(future, error) for _, future in batch]
+            if any(isinstance(entry, Refusal) for entry, _ in batch):
+                log.error("refused requests not kept: %s", error)
         for future, outcome in outcomes:
+            if future is None:
+                continue
             if isinstance(outcome, EdgeproxyError):
                 future.set_exception(outcome)
             else:
@@ -587,37 +672,118 @@ def spool_metrics(spool: Spool, now: float) -> dict[str, float]:
 
 _JSON: Final = ((b"content-type", b"application/json"),)
 _ACCEPTED: Final = ForwardResult(202, _JSON, b'{"queued":true}\n')
+# The smallest transparent GIF (1x1, 43 bytes): what an <img> beacon must get to fire onload.
+_PIXEL: Final = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00!\xf9\x04\x01\x00\x00\x00"
+                 b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+_PIXEL_ACK: Final = ForwardResult(200, ((b"content-type", b"image/gif"), (b"cache-control", b"no-store")), _PIXEL)
+_EMPTY_ACK: Final = ForwardResult(204, ((b"cache-control", b"no-store"),), b"")
 _UNAVAILABLE: Final = ForwardResult(
     503, _JSON + ((b"retry-after", b"30"),),
     b'{"error":{"code":"spool_unavailable","message":"the edge cannot store this event now; retry later"}}\n')
 
 
-class SpoolingForwarder:
-    """``EdgeProxy.deliver``: the relay first, then the spool, never a false 202.
+def acknowledgement(request: ForwardRequest) -> ForwardResult:
+    """What the browser gets for a request the spool stored: a POST gets 202 JSON (as
+    before GET beacons); an image beacon (a GET whose path ends in ``.gif``) a 1x1
+    transparent GIF, so its ``onload`` fires as with the relay's own pixel; any
+    other GET a 204."""
+    if request.method != "GET":
+        return _ACCEPTED
+    path = request.target.partition("?")[0]
+    return _PIXEL_ACK if path.lower().endswith(".gif") else _EMPTY_ACK
+
+
+class RefusalLog:
+    """Keeps what an ``event`` route refused itself (``EdgeProxy``'s ``record_refusal``).
+
+    At most ``per_domain_hour`` refusals per domain per clock hour are written (a
+    flood cannot fill the disk or slow the edge); the rest are counted in
+    ``stats["refusal_dropped"]``. The cap lives in memory per process. Writes go
+    to the spool file's writer thread; ``record`` never blocks.
+    """
+
+    def __init__(self, spool: Spool, per_domain_hour: int, *, clock: Callable[[], float] = time.time,
+                 stats: Counter[str] | None = None) -> None:
+        self._spool = spool
+        self._cap = per_domain_hour
+        self._clock = clock
+        self._hour = -1
+        self._counts: Counter[str] = Counter()
+        self.stats: Counter[str] = stats if stats is not None else Counter()
+
+    def record(self, request: ForwardRequest, status: int, reason: str) -> None:
+        hour = int(self._clock() // 3600)
+        if hour != self._hour:
+            self._hour, self._counts = hour, Counter()
+        if self._counts[request.host] >= self._cap:
+            self.stats["refusal_dropped"] += 1
+            return
+        self._counts[request.host] += 1
+        entry = SpoolEntry.from_request(request)
+        try:
+            self._spool.record_refusal(Refusal(entry, status, reason))
+        except SpoolUnavailable as exc:
+            self.stats["refusal_dropped"] += 1
+            log.error("refused request %s for %s not kept: %s", request.idempotency_key, request.host, exc)
+            return
+        self.stats["refusal_kept"] += 1
+
+
+async def move_refusals(spool: Spool, storage: Storage, ip_retention: str, now: Callable[[], datetime],
+                        batch: int = 500) -> int:
+    """Move the spool file's refusals into the failed-request log (blocking work in
+    threads); returns how many moved. A refusal leaves the spool file only once
+    the log has it."""
+    moved = 0
+    while True:
+        rows = await asyncio.to_thread(spool.take_refusals, batch)
+        if not rows:
+            return moved
+        done: list[int] = []
+        for row_id, refusal in rows:
+            record = failed_record(refusal.entry.to_request(), refusal.status, "edge", now(), ip_retention)
+            try:
+                await asyncio.to_thread(storage.log_failed_request, record)
+            except StorageError as exc:
+                log.warning("cannot move refused requests to the failed-request log yet: %s", exc)
+                await asyncio.to_thread(spool.delete_refusals, done)
+                return moved + len(done)
+            done.append(row_id)
+        await asyncio.to_thread(spool.delete_refusals, done)
+        moved += len(done)
+        if len(rows) < batch:
+            return moved
+
+
+class SpoolingRelay:
+    """A :class:`Relay` that never loses what it acknowledges: ``inner`` first, then the
+    spool, never a false acknowledgement.
 
     Concurrency: one per worker process, used from its event loop.
     """
 
     def __init__(
         self,
-        forward: Forward,
+        inner: Relay,
         spool: Spool,
         storage: Storage | None,
         *,
+        refusals: RefusalLog | None = None,
         ip_retention: str = "full",
         alert: AlertHook = log_alert,
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
-        self._forward = forward
+        self.inner = inner
         self._spool = spool
         self._storage = storage
+        self._refusals = refusals
         self._ip_retention = ip_retention
         self._alert = alert
         self._now = now
         self.stats: Counter[str] = Counter()
 
-    async def deliver(self, request: ForwardRequest) -> ForwardResult:
-        result = await self._forward(request)
+    async def send(self, request: ForwardRequest) -> ForwardResult:
+        result = await self.inner.send(request)
         verdict = classify(result)
         if verdict == DELIVERED:
             return result
@@ -636,10 +802,16 @@ class SpoolingForwarder:
         except (SpoolFull, SpoolUnavailable) as exc:
             self.stats[exc.code] += 1
             self._alert(exc.code, str(exc))
-            await self.log_failed(request, 503, "edge")
+            if self._refusals is not None:
+                self._refusals.record(request, 503, exc.code)  # node-local, off the shared store
+            else:
+                await self.log_failed(request, 503, "edge")
             return _UNAVAILABLE
         self.stats["spooled"] += 1
-        return _ACCEPTED
+        return acknowledgement(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
     async def log_failed(self, request: ForwardRequest, status: int, origin: str) -> bool:
         """Write the failed-request log row; True once it is stored.
@@ -722,7 +894,7 @@ class Replayer:
     def __init__(
         self,
         spool: Spool,
-        forward: Forward,
+        relay: Relay,
         settings: SpoolSettings,
         *,
         storage: Storage | None = None,
@@ -740,9 +912,11 @@ class Replayer:
         self._batch = batch
         self._limiter = _RateLimiter(settings.replay_rate, settings.replay_rate / 20)
         self._backoff: dict[str, _Backoff] = {}
-        self._policy = SpoolingForwarder(forward, spool, storage, ip_retention=ip_retention, alert=alert,
-                                         now=lambda: datetime.fromtimestamp(clock(), timezone.utc))
-        self._forward = forward
+        self._now = lambda: datetime.fromtimestamp(clock(), timezone.utc)
+        self._policy = SpoolingRelay(relay, spool, storage, ip_retention=ip_retention, alert=alert, now=self._now)
+        self._relay = relay
+        self._storage = storage
+        self._ip_retention = ip_retention
         self.totals = DrainResult()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -750,6 +924,8 @@ class Replayer:
         while not stop.is_set():
             try:
                 result = await self.drain_once()
+                if self._storage is not None:
+                    await move_refusals(self._spool, self._storage, self._ip_retention, self._now)
             except Exception:  # a bug or a broken spool file must not end the loop for good
                 log.exception("spool replay pass failed")
                 result = DrainResult()
@@ -791,7 +967,7 @@ class Replayer:
 
     async def _send(self, entry: SpoolEntry) -> ForwardResult:
         await self._limiter.acquire()
-        return await self._forward(entry.to_request())
+        return await self._relay.send(entry.to_request())
 
     async def _drain_domain(self, domain: str, entries: list[SpoolEntry], done: list[int],
                             result: DrainResult) -> None:
@@ -890,6 +1066,7 @@ class ReplaySummary:
 
 
 _REPLAY_PAGE: Final = 1000
+_NOT_REPLAYABLE: Final = ForwardResult(0, (), b"", error="body not kept")
 
 Progress = Callable[[int, int, FailedRequestRecord, str], None]
 """``progress(done, total, record, outcome)`` after each request (outcome: delivered,
@@ -898,7 +1075,7 @@ failed: ..., or would send)."""
 
 async def replay_failed(
     storage: Storage,
-    forward: Forward,
+    relay: Relay,
     filters: ReplayFilters,
     *,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
@@ -906,9 +1083,10 @@ async def replay_failed(
     progress: Progress | None = None,
     window: int = 8,
 ) -> ReplaySummary:
-    """Resend undelivered failed-log records matching ``filters`` through ``forward``
-    (the proxy's forward path) with their original headers, so each carries its
-    original ``Idempotency-Key``. A 2xx/3xx marks the record delivered (after every
+    """Resend undelivered failed-log records matching ``filters`` through ``relay``
+    (the plain relay client) with their original method and headers, so each carries
+    its original ``Idempotency-Key``. Records that cannot be resent (:func:`replayable`)
+    are counted as failed ("body not kept") and stay in the log. A 2xx/3xx marks the record delivered (after every
     window, so an interrupted run keeps its progress); a second run selects nothing
     that was delivered. Anything else leaves the record for a later run."""
     # Streamed page by page: a week-long relay outage can leave millions of rows, so
@@ -937,13 +1115,15 @@ async def replay_failed(
             continue
         for start in range(0, len(page), step):
             chunk = page[start:start + step]
-            answers = await asyncio.gather(*(forward(ForwardRequest(
+            sendable = [r for r in chunk if replayable(r)]
+            answers = dict(zip((r.id for r in sendable), await asyncio.gather(*(relay.send(ForwardRequest(
                 target=r.target, headers=r.headers, body=r.body, host=r.domain,
                 idempotency_key=r.idempotency_key, client=r.client,
-                received_at=r.received_at.timestamp())) for r in chunk))
+                received_at=r.received_at.timestamp(), method=r.method)) for r in sendable))))
             delivered: list[int] = []
-            for record, answer in zip(chunk, answers):
+            for record in chunk:
                 done += 1
+                answer = answers.get(record.id, _NOT_REPLAYABLE)
                 if classify(answer) == DELIVERED:
                     delivered.append(record.id)
                     summary.delivered += 1

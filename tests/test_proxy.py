@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from edgeproxy import proxy as proxy_module
+from edgeproxy import scripts as scripts_module
 from edgeproxy.config import ProxySettings, RoutesSettings, Settings, UpstreamSettings
 from edgeproxy.errors import ConfigError
 from edgeproxy.proxy import (
@@ -750,7 +751,7 @@ def test_script_ttl_refresh_with_injected_clock(env: Env) -> None:
 
 
 def test_script_variants_are_bounded(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy_module, "_SCRIPT_CACHE_SIZE", 3)
+    monkeypatch.setattr(scripts_module, "_SCRIPT_CACHE_SIZE", 3)
     names = [f"s{i}.example.test" for i in range(6)]
     edge = EdgeProxy(make_settings(), resolve=lambda h: Site(h, True) if h in names else None,
                      challenge=lambda t: asyncio.sleep(0, None), transport=httpx.MockTransport(env.up))
@@ -759,7 +760,7 @@ def test_script_variants_are_bounded(env: Env, monkeypatch: pytest.MonkeyPatch) 
         for name in names:
             reply = await call(edge.https_app, host=name, sni=name, path="/js/app.js")
             assert f"https://{name}/api/v1/m/collect".encode() in reply.body
-        assert list(edge._variants) == names[-3:]
+        assert list(edge._scripts["script"].variants) == names[-3:]
         assert len(env.up.origin_requests()) == 1
         await edge.aclose()
 
@@ -833,8 +834,10 @@ def test_api_paths_that_must_not_forward(env: Env) -> None:
         for path, raw, status in cases:
             reply = await call(env.proxy.https_app, method="POST", path=path, raw_path=raw, body=b"{}")
             assert reply.status == status, path
-        get = await call(env.proxy.https_app, method="GET", path="/api/v1/m/collect")
-        assert get.status == 405 and get.header("allow") == "POST, OPTIONS"
+        put = await call(env.proxy.https_app, method="PUT", path="/api/v1/m/collect")
+        assert put.status == 405 and put.header("allow") == "GET, HEAD, POST, OPTIONS"
+        head = await call(env.proxy.https_app, method="HEAD", path="/api/v1/m/p.gif")
+        assert head.status == 204  # answered locally: nothing to forward
         assert env.up.requests == []
 
     env.run(main())
@@ -847,7 +850,7 @@ def test_cors_preflight_is_answered_locally(env: Env) -> None:
                                     ("access-control-request-method", "POST")])
         assert reply.status == 204
         assert reply.header("access-control-allow-origin") == "https://www.shop.example"
-        assert reply.header("access-control-allow-methods") == "POST"
+        assert reply.header("access-control-allow-methods") == "GET, POST"
         assert reply.header("access-control-allow-headers") == "Content-Type"
         assert reply.header("access-control-allow-credentials") is None
         assert env.up.requests == []

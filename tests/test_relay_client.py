@@ -1,7 +1,7 @@
 """The relay POST on aiohttp directly (issue 8), against a real local relay over HTTP and HTTPS.
 
 ``upstream.client = "aiohttp"`` with no injected transport: ``EdgeProxy._forward``
-uses ``proxy._RelayClient``, not httpx. Each test pins one guarantee the httpx
+uses ``relay._AiohttpClient``, not httpx. Each test pins one guarantee the httpx
 client gave (house rule 5, the 1 MiB answer limit, the error codes, the relay's
 view of a call) with real sockets: nothing here is mocked.
 """
@@ -22,7 +22,7 @@ import aiohttp
 import httpx
 import pytest
 
-from edgeproxy import proxy as proxy_module
+from edgeproxy import relay as relay_module
 from edgeproxy.config import ProxySettings, RoutesSettings, Settings, UpstreamSettings
 from edgeproxy.devtools.pebble import _write_https_identity
 from edgeproxy.devtools.upstreams import RecordingRelay
@@ -54,7 +54,7 @@ def relay(request: pytest.FixtureRequest, identity: tuple[Path, Path, Path],
     """A real relay; over HTTPS the edge trusts the throwaway CA (and only it)."""
     if request.param == "https":
         ca = str(identity[0])
-        monkeypatch.setattr(proxy_module, "_upstream_ssl_context", lambda: ssl.create_default_context(cafile=ca))
+        monkeypatch.setattr(relay_module, "upstream_ssl_context", lambda: ssl.create_default_context(cafile=ca))
         server = RecordingRelay(tls=server_context(identity))
     else:
         server = RecordingRelay()
@@ -62,7 +62,8 @@ def relay(request: pytest.FixtureRequest, identity: tuple[Path, Path, Path],
         yield server
 
 
-def make_proxy(relay_url: str, transport: httpx.AsyncBaseTransport | None = None, **upstream: Any) -> EdgeProxy:
+def make_proxy(relay_url: str, transport: httpx.AsyncBaseTransport | None = None,
+               observe: Any = None, **upstream: Any) -> EdgeProxy:
     settings = Settings(
         upstream=UpstreamSettings(**{"relay": relay_url, "connect_timeout": 1.0, "timeout": 2.0, **upstream}),
         routes=RoutesSettings(api_path="/api/v1/m"),
@@ -72,7 +73,8 @@ def make_proxy(relay_url: str, transport: httpx.AsyncBaseTransport | None = None
     async def no_challenge(_token: str) -> None:
         return None
 
-    return EdgeProxy(settings, resolve={SHOP: Site(SHOP, True)}.get, challenge=no_challenge, transport=transport)
+    return EdgeProxy(settings, resolve={SHOP: Site(SHOP, True)}.get, challenge=no_challenge, transport=transport,
+                     observe_relay=observe)
 
 
 def forward(proxy: EdgeProxy, *targets: str, headers: tuple[tuple[bytes, bytes], ...] = HEADERS,
@@ -91,8 +93,8 @@ def forward(proxy: EdgeProxy, *targets: str, headers: tuple[tuple[bytes, bytes],
 
 def assert_direct(proxy: EdgeProxy) -> None:
     """The calls went through aiohttp directly: the httpx client was never even built."""
-    assert proxy._relay is not None and proxy._relay._session is not None
-    assert proxy._client is None
+    assert proxy.relay._aiohttp is not None and proxy.relay._aiohttp._session is not None
+    assert proxy.relay._httpx is None
 
 
 # -- success ------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ def test_the_relay_sees_what_the_httpx_client_sent(relay: RecordingRelay) -> Non
                "/%41%e2%82%ac?%41=%7e"]
     bare = ((b"content-type", b"text/plain"), (b"x-utf8", "café".encode()))  # no User-Agent
     views = []
-    for transport in (proxy_module._aiohttp_transport(4), None):
+    for transport in (relay_module._aiohttp_transport(4), None):
         relay.requests.clear()
         proxy = make_proxy(f"{relay.url}/ingest", transport=transport)
 
@@ -134,7 +136,7 @@ def test_the_relay_sees_what_the_httpx_client_sent(relay: RecordingRelay) -> Non
                 await proxy.aclose()
 
         asyncio.run(main())
-        assert (proxy._relay is None) == (transport is not None)
+        assert (proxy.relay._aiohttp is None) == (transport is not None)
         views.append([(r.path, sorted(r.header_list), r.body) for r in relay.snapshot()])
     old, new = views
     assert len(new) == len(targets) + 1
@@ -161,8 +163,8 @@ def test_session_policy(relay: RecordingRelay) -> None:
 
     async def main() -> None:
         await proxy.forward(ForwardRequest("/c", HEADERS, b"{}", SHOP))
-        assert proxy._relay is not None
-        session = proxy._relay._session
+        assert proxy.relay._aiohttp is not None
+        session = proxy.relay._aiohttp._session
         assert session is not None
         assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
         assert session.trust_env is False
@@ -170,7 +172,7 @@ def test_session_policy(relay: RecordingRelay) -> None:
         assert (session.timeout.sock_connect, session.timeout.sock_read, session.timeout.connect,
                 session.timeout.total) == (0.7, 3.5, 3.5, None)
         await proxy.aclose()
-        assert session.closed and proxy._relay._session is None
+        assert session.closed and proxy.relay._aiohttp._session is None
 
     asyncio.run(main())
 
@@ -327,11 +329,11 @@ def free_port() -> int:
 def test_a_slow_relay_is_a_timeout_502_counted_and_logged(relay: RecordingRelay,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     relay.delay = 2.0
-    proxy = make_proxy(f"{relay.url}/ingest", timeout=0.4)
     observed: list[tuple[int, float, str | None]] = []
-    proxy.observe_relay = lambda status, seconds, error: observed.append((status, seconds, error))
+    proxy = make_proxy(f"{relay.url}/ingest", timeout=0.4,
+                       observe=lambda status, seconds, error: observed.append((status, seconds, error)))
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="edgeproxy.proxy"):
+    with caplog.at_level(logging.WARNING, logger="edgeproxy.relay"):
         [result] = forward(proxy, "/collect")
     assert time.monotonic() - started < 1.5
     assert (result.status, result.headers, result.body, result.error) == (

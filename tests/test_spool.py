@@ -27,7 +27,7 @@ from edgeproxy.spool import (
     Spool,
     SpoolEntry,
     SpoolFull,
-    SpoolingForwarder,
+    SpoolingRelay,
     backoff_delay,
     classify,
     parse_time,
@@ -196,7 +196,7 @@ def test_sigkill_while_writing_loses_no_acknowledged_entry(tmp_path: Path) -> No
 
 
 class FakeRelay:
-    """An ``EdgeProxy.forward`` stand-in: answers from ``script`` (then ``default``)."""
+    """A ``relay.Relay`` stand-in: answers from ``script`` (then ``default``)."""
 
     def __init__(self, default: int = 202) -> None:
         self.default = default
@@ -204,12 +204,15 @@ class FakeRelay:
         self.status_next = 0
         self.seen: list[ForwardRequest] = []
 
-    async def __call__(self, req: ForwardRequest) -> ForwardResult:
+    async def send(self, req: ForwardRequest) -> ForwardResult:
         self.seen.append(req)
         if self.fail_next:
             self.fail_next -= 1
             return ForwardResult(502, (), b"", error="connect")
         return ok(self.default)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def settings(**kw: float) -> SpoolSettings:
@@ -223,14 +226,14 @@ def test_forwarder_policy_spools_retryable_logs_refused(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
     store = open_storage(f"sqlite://{tmp_path}/edge.db")
     relay = FakeRelay()
-    fwd = SpoolingForwarder(relay, spool, store, ip_retention="truncated")
+    fwd = SpoolingRelay(relay, spool, store, ip_retention="truncated")
 
     async def main() -> list[int]:
-        statuses = [(await fwd.deliver(request(0))).status]
+        statuses = [(await fwd.send(request(0))).status]
         relay.fail_next = 1
-        statuses.append((await fwd.deliver(request(1))).status)
+        statuses.append((await fwd.send(request(1))).status)
         relay.default = 401
-        statuses.append((await fwd.deliver(request(2))).status)
+        statuses.append((await fwd.send(request(2))).status)
         return statuses
 
     assert asyncio.run(main()) == [202, 202, 401]
@@ -248,16 +251,16 @@ def test_probe_events_are_never_spooled_nor_logged(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
     store = open_storage(f"sqlite://{tmp_path}/edge.db")
     relay = FakeRelay()
-    fwd = SpoolingForwarder(relay, spool, store)
+    fwd = SpoolingRelay(relay, spool, store)
     probe = dataclasses.replace(request(0), headers=request(0).headers + ((b"x-edgeproxy-probe", b"1"),))
 
     async def main() -> list[int]:
         relay.fail_next = 1
-        down = (await fwd.deliver(probe)).status
+        down = (await fwd.send(probe)).status
         relay.default = 401
-        refused = (await fwd.deliver(probe)).status
+        refused = (await fwd.send(probe)).status
         relay.default = 202
-        return [down, refused, (await fwd.deliver(probe)).status]
+        return [down, refused, (await fwd.send(probe)).status]
 
     assert asyncio.run(main()) == [502, 401, 202]
     assert spool.head(10) == [] and store.find_failed_requests() == []
@@ -325,9 +328,9 @@ def test_replay_failed_sends_each_once_and_a_second_run_nothing(tmp_path: Path,
     monkeypatch.setattr(edgeproxy.spool, "_REPLAY_PAGE", 5)  # several pages: streamed, never all in memory
     store = open_storage(f"sqlite://{tmp_path}/edge.db")
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
-    fwd = SpoolingForwarder(FakeRelay(401), spool, store)
+    fwd = SpoolingRelay(FakeRelay(401), spool, store)
     for i in range(12):
-        asyncio.run(fwd.deliver(request(i, "a.x.com" if i % 3 else "b.x.com")))
+        asyncio.run(fwd.send(request(i, "a.x.com" if i % 3 else "b.x.com")))
     relay = FakeRelay()
     seen_progress: list[tuple[int, int, str]] = []
     dry = asyncio.run(replay_failed(store, relay, ReplayFilters(), dry_run=True,
