@@ -293,7 +293,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     async def run() -> Any:
         try:
-            if spool is not None and not args.dry_run:
+            if spool is not None:
                 await move_refusals(spool, storage, settings.privacy.ip_retention, lambda: datetime.now(timezone.utc))
             return await replay_failed(storage, relay, filters, dry_run=args.dry_run, progress=progress)
         finally:

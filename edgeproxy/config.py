@@ -117,14 +117,14 @@ ROUTE_KINDS: Final = ("script", "event", "passthrough", "asset")
 class RouteSettings:
     """One ``[[routes.route]]`` entry: a path on every custom domain and what answers it."""
 
-    name: str = ""  # unique; names the route in {<name>_path} placeholders, metrics and randomize
+    name: str = ""  # unique; names the route in {NAME_path} placeholders, metrics and randomize
     kind: str = ""  # script | event | passthrough | asset
     path: str = ""  # script: the exact path; other kinds: a prefix (the path itself and below it)
     # URL: script = the script's URL (default upstream.script); event and passthrough = the
     # base the path below the prefix is appended to (default upstream.relay); asset = the
     # origin base (required).
     upstream: str = ""
-    # script: literal replacements in the body, placeholders {host} and {<name>_path}
+    # script: literal replacements in the body, placeholders {host} and {NAME_path}
     # (default upstream.rewrite for the first script route).
     rewrite: Mapping[str, str] = field(default_factory=dict)
     # event and passthrough: literal replacements in the path below the prefix and the
@@ -185,9 +185,12 @@ class ProxySettings:
     max_target: int = 8 * 1024
     trusted_hops: tuple[str, ...] = ()  # peers whose X-Forwarded-For we believe (IPs/CIDRs)
     cert_refresh_interval: float = 1.0  # seconds between change-feed polls in each worker
-    # API requests per second per visitor IP and per custom domain, answered 429
-    # locally (never forwarded, never spooled); per worker process; 0 = off.
-    rate_per_ip: float = 20.0
+    # Calls per second per visitor IP and per custom domain on event and passthrough
+    # routes, answered 429 locally (never forwarded; kept for `edgeproxy replay`); per
+    # worker process; 0 = off. Per IP is generous on purpose: a carrier-grade NAT, an
+    # office or a school puts a crowd behind one address, and a page view can send
+    # several events at once; the per-domain limit and the spool cap protect the edge.
+    rate_per_ip: float = 100.0
     rate_per_domain: float = 2000.0  # API requests per second per custom domain; 0 = off
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
     # Certificates kept ready to serve per worker (LRU; issue 8): a parsed leaf +

@@ -36,7 +36,8 @@ from typing import Any, Protocol
 import httpx
 
 from .config import RoutesSettings, Settings, parse_hostport
-from .routes import SiteRoutes, site_routes
+from .routes import SiteRoutes, configured_routes, route_table, site_routes
+from .scripts import Rewriter, script_rules
 from .storage.base import DomainRecord, Storage
 
 __all__ = [
@@ -231,7 +232,11 @@ class Prober:
     ) -> None:
         self.script_path = script_path
         self.api_path = api_path.rstrip("/")
-        self.routes: RoutesSettings | None = None  # set by from_settings: per-domain paths (routes.randomize)
+        self.routes: RoutesSettings | None = None  # set by from_settings: the route table, per-domain paths
+        # What the script step checks (from_settings): every configured rewrite took effect.
+        self.rewriter: Rewriter | None = None
+        self.relay_origin = ""
+        self.has_event_route = True
         self.port = port
         self.timeout = timeout
         self.connect = connect
@@ -251,11 +256,16 @@ class Prober:
             connect=settings.monitor.connect if connect is None else connect,
         )
         prober.routes = settings.routes
+        first = next((r for r in configured_routes(settings.routes) if r.kind == "script"), None)
+        if first is not None:
+            prober.rewriter = Rewriter(script_rules(first, settings.upstream, first=True))
+            prober.relay_origin = settings.upstream.relay.rstrip("/")
+        prober.has_event_route = any(r.kind == "event" for r in configured_routes(settings.routes))
         return prober
 
     def paths(self, hostname: str) -> SiteRoutes:
-        """The script and API paths this domain is served on."""
-        if self.routes is not None and self.routes.randomize:
+        """The first script route's and the first event route's path on this domain."""
+        if self.routes is not None:
             return site_routes(hostname, self.routes)
         return SiteRoutes(self.script_path, self.api_path)
 
@@ -307,6 +317,10 @@ class Prober:
                 steps.append(self._script_step(hostname, response))
             except httpx.HTTPError as exc:
                 steps.append(Step("script", False, f"{type(exc).__name__}: {exc}"))
+            if not self.has_event_route:
+                return done(address)
+            # POST: every event route takes it (and GET beacons); the probe header keeps
+            # it out of the spool, so a relay outage fails the probe instead of hiding.
             body = json.dumps({"type": "edgeproxy-probe", "ts": _iso(checked_at)}).encode()
             try:
                 response = await client.post(
@@ -341,11 +355,30 @@ class Prober:
         content_type = response.headers.get("content-type", "")
         if "javascript" not in content_type.lower():
             return Step("script", False, f"content type {content_type!r} (expected JavaScript)")
-        # The rewrite is applied when the script talks back to this host (README: upstream.rewrite).
-        api_path = self.paths(hostname).api_path
-        if f"https://{hostname}{api_path}" not in response.text:
-            return Step("script", False, f"not rewritten: no https://{hostname}{api_path} in the script")
-        return Step("script", True, "200 rewritten")
+        if self.rewriter is None:  # built without settings: the default rewrite only
+            api_path = self.paths(hostname).api_path
+            if f"https://{hostname}{api_path}" not in response.text:
+                return Step("script", False, f"not rewritten: no https://{hostname}{api_path} in the script")
+            return Step("script", True, "200 rewritten")
+        return self._rewrites_step(hostname, response.content)
+
+    def _rewrites_step(self, hostname: str, body: bytes) -> Step:
+        """Every configured rewrite took effect for this host: no rule's search string is
+        left and its replacement is there. The relay-origin rule is added to every
+        script; a script that never named the relay needs no rewrite for it."""
+        assert self.rewriter is not None and self.routes is not None
+        resolved = self.rewriter.resolved(hostname, route_table(hostname, self.routes))
+        applied = 0
+        for search, replacement in resolved.items():
+            if search in body:
+                return Step("script", False, f"not rewritten: {search.decode(errors='replace')!r} is still "
+                                             "in the script")
+            if replacement in body:
+                applied += 1
+            elif search.decode(errors="replace") != self.relay_origin:
+                return Step("script", False, f"not rewritten: no {replacement.decode(errors='replace')!r} "
+                                             "in the script")
+        return Step("script", True, f"200, {applied} rewrite(s) in place" if applied else "200, nothing to rewrite")
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from .ratelimit import TokenBuckets
 from .relay import (ForwardRequest, ForwardResult, HttpRelay, Observe, Relay, connection_tokens,
                     new_http_client, relay_response_headers)
 from .routes import Route, RouteTable, configured_routes, route_table
-from .scripts import AssetCache, Rewriter, ScriptSource, accepts_gzip, etag_matches
+from .scripts import AssetCache, Rewriter, ScriptSource, accepts_gzip, etag_matches, script_rules
 
 __all__ = [
     "ChallengeLookup",
@@ -472,10 +472,7 @@ class EdgeProxy:
         first_script = True
         for entry in configured_routes(routes):
             if entry.kind == "script":
-                rules = dict(entry.rewrite or (upstream.rewrite if first_script else {}))
-                if relay_origin:
-                    # The script must talk back to the custom domain, never to the vendor.
-                    rules[relay_origin] = "https://{host}{api_path}"
+                rules = script_rules(entry, upstream, first=first_script)
                 self._scripts[entry.name] = ScriptSource(
                     entry.upstream or upstream.script, Rewriter(rules), ttl=upstream.script_ttl,
                     http=self._http, clock=clock, stats=self.stats)
@@ -790,7 +787,6 @@ class EdgeProxy:
         target: bytes | None = None
         body = b""
         try:
-            target = self._target(scope, route)
             self._declared_length(headers)
             try:
                 read = await self._read_body(receive)
@@ -798,7 +794,8 @@ class EdgeProxy:
                 return
             if read is None:
                 raise _Refused(_TOO_LARGE, "body_too_large")
-            body = read
+            body = read  # read before the target is checked: a 400 keeps the whole request
+            target = self._target(scope, route)
             if not self._within_rate(scope, headers, host):
                 raise _Refused(_TOO_MANY, "rate_limited")
         except _Refused as refused:

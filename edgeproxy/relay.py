@@ -246,8 +246,8 @@ class _AiohttpClient:
     The relay sees what httpx sent: the call's headers, ``Accept: */*``, the
     ``Accept-Encoding`` of what the client decodes, ``Connection: keep-alive``,
     httpx's User-Agent when the call has none, no Content-Type of the client's own;
-    the same request target (yarl requotes it, as it did under httpx: for what the
-    routes admit, httpx's quoting changes nothing yarl would not).
+    the same request target, byte for byte (``encoded=True``; httpx sends what the
+    routes admit unchanged too).
 
     Concurrency: used from one event loop only; the session is created on first
     use, inside the running loop, as aiohttp requires.
@@ -304,11 +304,23 @@ class _AiohttpClient:
         ``content_encoding`` or aiohttp's exception name. Never raises for upstream trouble."""
         import aiohttp  # loaded by _open: a sys.modules lookup
 
+        import yarl
+
         session = self._session if self._session is not None else self._open()
         data = None if method in _BODYLESS and not body else body
         try:
-            async with session.request(method, url, data=data, headers=self._wire_headers(headers),
-                                       allow_redirects=False) as response:
+            # The target as httpx would send it (the relay's view must not depend on
+            # upstream.client), and then verbatim: yarl's own requoting would decode a
+            # query's %2F into "/" and change what an image beacon carries.
+            parsed = httpx.URL(url)
+            path, _, query = parsed.raw_path.decode("ascii").partition("?")
+            target = yarl.URL.build(scheme=parsed.scheme, host=parsed.host, port=parsed.port, path=path,
+                                    query_string=query, encoded=True)
+        except (httpx.InvalidURL, ValueError):
+            return "invalid_url"
+        try:
+            async with session.request(method, target, data=data,
+                                       headers=self._wire_headers(headers), allow_redirects=False) as response:
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.content.iter_any():  # decoded, as it arrives
@@ -328,7 +340,7 @@ class _AiohttpClient:
             return "timeout"
         except aiohttp.ClientConnectorError:  # refused, DNS, TLS handshake or verification
             return "connect"
-        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError):
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError, ValueError):  # yarl: bad port
             return "invalid_url"
         except aiohttp.ClientError as exc:
             return type(exc).__name__

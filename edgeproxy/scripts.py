@@ -28,9 +28,11 @@ from typing import Final
 
 import httpx
 
+from .config import RouteSettings, UpstreamSettings
 from .routes import RouteTable, placeholder_values
 
-__all__ = ["AssetCache", "Asset", "ScriptSource", "Variant", "accepts_gzip", "etag_matches"]
+__all__ = ["AssetCache", "Asset", "Rewriter", "ScriptSource", "Variant", "accepts_gzip", "etag_matches",
+           "script_rules"]
 
 log = logging.getLogger("edgeproxy.proxy")
 
@@ -140,6 +142,17 @@ class Rewriter:
             return body
         values = self.resolved(host, table)
         return self._pattern.sub(lambda m: values[m.group(0)], body)
+
+
+def script_rules(entry: RouteSettings, upstream: UpstreamSettings, *, first: bool) -> dict[str, str]:
+    """The rewrite rules of one script route: its own ``rewrite`` (the first script
+    route falls back to ``upstream.rewrite``), plus, always, the relay origin ->
+    ``https://{host}{api_path}``: the script must talk back to the custom domain."""
+    rules = dict(entry.rewrite or (upstream.rewrite if first else {}))
+    relay_origin = upstream.relay.rstrip("/")
+    if relay_origin:
+        rules[relay_origin] = "https://{host}{api_path}"
+    return rules
 
 
 class ScriptSource:

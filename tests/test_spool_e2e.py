@@ -256,7 +256,7 @@ def test_relay_401_is_logged_and_replay_delivers_each_key_once(stack: Stack) -> 
     assert arrivals(stack.relay) == seen
 
 
-def test_spool_full_answers_503_and_bad_requests_write_nothing(stack: Stack) -> None:
+def test_spool_full_answers_503_and_refused_requests_are_logged_not_spooled(stack: Stack) -> None:
     stack.restart(env={"EDGEPROXY_SPOOL_MAX_BYTES": "6000"})  # room for about 15 events
     stack.relay.down = True
     try:
@@ -270,11 +270,16 @@ def test_spool_full_answers_503_and_bad_requests_write_nothing(stack: Stack) -> 
             big = client.post(stack.url, headers={"Host": HOST}, extensions={"sni_hostname": HOST},
                               content=b"x" * 70_000)
             assert big.status_code == 413
-        assert bad_content_length(stack) == 400
+        assert bad_content_length(stack) == 400  # refused by the HTTP parser: never reaches a route
+        assert raw_request(stack, "POST /api/v1/m/a#b HTTP/1.1", b'{"e":1}') == 400  # refused by the route
         assert stack.spool()["depth"] == depth
         with stack.edge.admin() as admin:
+            # Nothing refused silently: the 400 and the 413 are in the failed-request log too.
             for status in (400, 413):
-                assert admin.post("/v1/replay", json={"status": status, "dry_run": True}).json()["selected"] == 0
+                assert admin.post("/v1/replay", json={"status": status, "dry_run": True}).json()["selected"] == 1
+            # The 413's body was never kept: it is listed, not resent.
+            too_large = admin.post("/v1/replay", json={"status": 413}).json()
+            assert (too_large["delivered"], too_large["failures"]) == (0, {"body not kept": 1})
             # The 503s the edge gave are in the failed-request log (resendable); the acks are not.
             assert admin.post("/v1/replay", json={"status": 503, "dry_run": True}).json()["selected"] == \
                 40 - len(acked)
@@ -293,6 +298,17 @@ def bad_content_length(stack: Stack) -> int:
         with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
             tls.sendall(f"POST /api/v1/m/collect HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 1x\r\n"
                         "Connection: close\r\n\r\n{}".encode())
+            head = tls.recv(4096).decode("latin-1")
+    return int(head.split()[1])
+
+
+def raw_request(stack: Stack, request_line: str, body: bytes) -> int:
+    """The status of one request sent as written (no client normalizes its target)."""
+    ctx = ssl.create_default_context(cadata="\n".join(r.decode() for r in stack.roots))
+    with socket.create_connection(("127.0.0.1", stack.config.https_port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+            tls.sendall(f"{request_line}\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n"
+                        "Connection: close\r\n\r\n".encode() + body)
             head = tls.recv(4096).decode("latin-1")
     return int(head.split()[1])
 

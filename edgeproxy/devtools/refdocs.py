@@ -27,7 +27,7 @@ from typing import Any, get_type_hints
 
 from .. import config
 from ..admin import create_admin_app
-from ..config import AdminSettings, Settings
+from ..config import AdminSettings, RouteSettings, Settings
 from ..registry import Registry
 from ..storage import open_storage
 from ..tokens import TokenStore
@@ -131,9 +131,31 @@ def _toml(value: Any) -> str:
     raise TypeError(f"no TOML spelling for {value!r}")
 
 
+# Arrays of tables ([[section.key]]): documented in a subsection of their own.
+_TABLE_ARRAYS: dict[str, type[Any]] = {"tuple[RouteSettings, ...]": RouteSettings}
+
+
 def _type_name(annotation: Any) -> str:
     text = str(annotation)
+    if text in _TABLE_ARRAYS:
+        return "array of tables"
     return {"tuple[str, ...]": "list of strings", "Mapping[str, str]": "table of strings"}.get(text, text)
+
+
+def _table_array_markdown(section: str, key: str, cls: type[Any]) -> list[str]:
+    comments = _comments(cls)
+    out = [f"### [[{section}.{key}]]", "", (cls.__doc__ or "").strip(),
+           f"Set the whole array in the environment as JSON: `EDGEPROXY_{section.upper()}_{key.upper()}="
+           '[{"name": ..., "kind": ..., "path": ...}]`.', "",
+           "| key | type | default | description |", "| --- | --- | --- | --- |"]
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        text = comments.get(f.name, "")
+        default = _toml(getattr(defaults, f.name)).replace("|", "\\|")
+        out.append(f"| `{f.name}` | {_type_name(f.type)} | `{default}` | "
+                   f"{(text[:1].upper() + text[1:]).replace('|', chr(92) + '|')} |")
+    out.append("")
+    return out
 
 
 def configuration_markdown() -> str:
@@ -163,6 +185,9 @@ def configuration_markdown() -> str:
             description = docs[section][f.name].replace("|", "\\|")
             out.append(f"| `{f.name}` | {_type_name(f.type)} | `{default}` | `{env}` | {description} |")
         out.append("")
+        for f in dataclasses.fields(cls):
+            if str(f.type) in _TABLE_ARRAYS:
+                out += _table_array_markdown(section, f.name, _TABLE_ARRAYS[str(f.type)])
     out += ["## Every default, as a file", "", "```toml"]
     for section, cls in get_type_hints(Settings).items():
         out.append(f"[{section}]")
