@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble systemd-tools docs postgres
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble chromium systemd-tools docs postgres
 
 all: test
 
@@ -46,7 +46,16 @@ systemd-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
 	fi
 
-deps: $(STAMP) pebble systemd-tools
+# The real-browser test (issue 15 section 5, tests/test_browser.py) drives Debian's headless
+# chromium; certutil (libnss3-tools) puts Pebble's per-run root into a throwaway NSS
+# database, so no certificate error is ever ignored.
+chromium:
+	@if ! command -v chromium >/dev/null || ! command -v certutil >/dev/null; then \
+		echo "installing Debian's chromium and libnss3-tools packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium libnss3-tools; \
+	fi
+
+deps: $(STAMP) pebble chromium systemd-tools
 
 demo: deps
 	$(VENV)/bin/edgeproxy demo

@@ -8,6 +8,7 @@ Must not import: anything of ours.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import socket
@@ -19,7 +20,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["RecordedRequest", "RecordingRelay", "ScriptOrigin", "DEMO_SCRIPT"]
+__all__ = ["RecordedRequest", "RecordingRelay", "ScriptOrigin", "DEMO_SCRIPT", "PIXEL_GIF"]
+
+# A 1x1 transparent GIF (42 bytes), what a vendor's pixel endpoint answers image beacons with.
+PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 
 # What a vendor tracker looks like to the edge: it names the vendor's relay.
 DEMO_SCRIPT = """/* vendor tracker v1 */
@@ -138,6 +142,9 @@ class RecordingRelay(_Server):
     default), ``content_encoding`` ("gzip" or "gzip, gzip") compresses the body that
     many times and labels it, ``delay`` waits before answering, and ``stall_after``
     bytes into the body the relay pauses ``stall`` seconds before sending the rest.
+    ``pixel = True`` answers a GET whose path ends in ``.gif`` with 200 and
+    :data:`PIXEL_GIF` (``image/gif``), as a vendor's pixel endpoint does: a browser's
+    image beacon only "loads" when the answer is an image.
     """
 
     def __init__(self, status: int = 202, on_request: Callable[[RecordedRequest], None] | None = None,
@@ -151,6 +158,7 @@ class RecordingRelay(_Server):
         self.delay = 0.0
         self.stall_after: int | None = None
         self.stall = 0.0
+        self.pixel = False
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         super().__init__(_RelayHandler, tls)
@@ -179,6 +187,9 @@ class _RelayHandler(_QuietHandler):
         relay.record(RecordedRequest(self.command, self.path, dict(pairs), pairs, body))
         if relay.delay:
             time.sleep(relay.delay)
+        if relay.pixel and self.command == "GET" and self.path.split("?")[0].endswith(".gif"):
+            self._reply(200, PIXEL_GIF, "image/gif")
+            return
         answer = relay.body if relay.body is not None else json.dumps({"ok": relay.status < 400}).encode()
         extra = list(relay.headers)
         if relay.content_encoding:
