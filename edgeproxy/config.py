@@ -431,7 +431,7 @@ def _validate_routes(routes: RoutesSettings) -> None:
         if route.rewrite and route.kind != "script":
             raise ConfigError(f"{where}: rewrite applies to script routes only")
         for sample in route.samples:
-            if not sample.startswith(("/", "?")):
+            if sample and not sample.startswith(("/", "?")):
                 raise ConfigError(f"{where}: samples are URLs below the route's path (start with / or ?), "
                                   f"got {sample!r}")
     if routes.route and not any(r.kind == "script" for r in routes.route):

@@ -42,6 +42,7 @@ from .config import LETSENCRYPT_STAGING, Settings, parse_hostport
 from .domains import normalize_hostname, registered_domain
 from .errors import ConfigError, EdgeproxyError, InvalidHostname
 from .keys import open_store
+from .routes import configured_routes
 from .storage import sqlite_path_from_url
 from .tokens import TokenStore
 
@@ -53,6 +54,11 @@ __all__ = [
     "check_acme",
     "check_listeners",
     "check_names",
+    "check_routes",
+    "query_triggers_in",
+    "PIXEL_NAMES",
+    "QUERY_TRIGGERS",
+    "pixel_name_in",
     "check_storage",
     "check_token_file",
     "check_tls",
@@ -119,21 +125,84 @@ def _vendor_domains(settings: Settings) -> dict[str, str]:
     return out
 
 
+# Query fragments that generic EasyPrivacy rules block on every domain (``?type=pageview&``,
+# ``&t=pageview&``, ``?event=pageview&`` ...): a beacon whose query carries one is blocked
+# in the browser whatever its host and path. Matched case-insensitively, without the
+# surrounding ``?``/``&`` (a warning errs on the side of caution).
+QUERY_TRIGGERS: tuple[str, ...] = (
+    "type=pageview", "t=pageview", "event=pageview", "hittype=pageview", "ev=pageview",
+    "event_name=page_view", "action=event", "action=impression", "event=impressions",
+    "logtype=impression", "logtype=trackevent", "pageviews=", "action=track_visitor", "type=page&event=",
+)
+# A beacon URL below each kind of route, checked when the route names no samples.
+_DEFAULT_SAMPLES: dict[str, tuple[str, ...]] = {
+    "script": (), "event": ("/e?u=%2Fhome&r=",), "passthrough": ("/config.json?v=1",), "asset": ("/app.js",),
+}
+
+
+# File names EasyPrivacy blocks as "/NAME.gif?" on every domain (about 150 rules; these
+# are the ones the trigger words above do not already catch), and any 1-3 character name.
+PIXEL_NAMES: frozenset[str] = frozenset({
+    "blank", "spacer", "clear", "dot", "null", "img", "imp", "impr", "view", "visit", "visitor", "pix",
+    "pxl", "pxf", "1x1", "1px", "2x2", "ping", "count", "activity", "audience", "batch", "cookie", "sync",
+    "seed", "rum", "utm", "urchin", "page-view", "pagedot", "pagetag", "postview", "openpixel", "snowman",
+})
+
+
+def pixel_name_in(path: str) -> str | None:
+    """The pixel file name (``p.gif``) a filter list blocks when a query follows, or None."""
+    name = path.rsplit("/", 1)[-1].lower()
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or suffix not in ("gif", "png"):
+        return None
+    return name if len(stem) <= 3 or stem in PIXEL_NAMES else None
+
+
+def query_triggers_in(query: str) -> list[str]:
+    """The blocked query fragments (:data:`QUERY_TRIGGERS`) found in ``query``."""
+    lowered = query.lower()
+    return [t for t in QUERY_TRIGGERS if t in lowered]
+
+
+def check_routes(settings: Settings, brands: Iterable[str] = ()) -> list[Finding]:
+    """Each route's path, and sample beacon URLs below it with their query strings
+    (``samples`` per route, or one per kind), against the trigger words and the
+    query fragments filter lists block. With the default table the findings are
+    named ``routes.script_path`` / ``routes.api_path``, else ``routes.route NAME``."""
+    findings: list[Finding] = []
+    default_table = not settings.routes.route
+    for route in configured_routes(settings.routes):
+        check = {"script": "routes.script_path", "api": "routes.api_path"}.get(route.name, "") if default_table \
+            else f"routes.route {route.name}"
+        words = trigger_words_in(route.path, brands)
+        if words:
+            findings.append(Finding("warning", check, (
+                f"{route.path!r} contains {', '.join(words)}: filter lists block paths with such words; "
+                "choose a neutral name such as /assets/site.js or /api/v1/m")))
+        else:
+            findings.append(Finding("ok", check, f"{route.path!r} has no trigger words"))
+        for sample in route.samples or _DEFAULT_SAMPLES[route.kind]:
+            url = route.path.rstrip("/") + sample if sample.startswith("/") else route.path + sample
+            path, _, query = url.partition("?")
+            pixel = pixel_name_in(path) if "?" in url else None
+            blocked = [*trigger_words_in(path, brands), *query_triggers_in(query), *([pixel] if pixel else [])]
+            if blocked:
+                hint = (" (a route's request_rewrite can give the relay the names it expects while the "
+                        "browser sends neutral ones)" if route.kind == "event" and query_triggers_in(query) else "")
+                findings.append(Finding("warning", f"{check} sample", (
+                    f"{url!r} contains {', '.join(blocked)}: filter lists block such beacons{hint}")))
+            else:
+                findings.append(Finding("ok", f"{check} sample", f"{url!r} has no trigger words"))
+    return findings
+
+
 def check_names(settings: Settings) -> list[Finding]:
     """Route paths and the CNAME target: trigger words, vendor names, placeholders."""
     findings: list[Finding] = []
     vendors = _vendor_domains(settings)
     # The vendor's brand ("plausible", "simpleanalyticscdn") is a trigger word too.
     brands = sorted({domain.split(".")[0] for domain in vendors.values()})
-    for key in ("script_path", "api_path"):
-        path = getattr(settings.routes, key)
-        words = trigger_words_in(path, brands)
-        if words:
-            findings.append(Finding("warning", f"routes.{key}", (
-                f"{path!r} contains {', '.join(words)}: filter lists block paths with such words; "
-                "choose a neutral name such as /assets/site.js or /api/v1/m")))
-        else:
-            findings.append(Finding("ok", f"routes.{key}", f"{path!r} has no trigger words"))
+    findings += check_routes(settings, brands)
 
     target = settings.dns.cname_target.rstrip(".")
     if not target:

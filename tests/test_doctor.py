@@ -329,3 +329,25 @@ def test_tls_native_path_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tlsnative, "load", lambda: None)  # e.g. another CPython layout or OpenSSL
     findings = check_tls(Settings())
     assert levels(findings, "proxy.tls_native") == ["warning"] and "SSLContext per name" in messages(findings, "proxy.tls_native")
+
+
+def test_route_samples_are_checked_with_their_query_strings() -> None:
+    from edgeproxy.config import RouteSettings
+
+    table = (RouteSettings(name="script", kind="script", path="/assets/site.js"),
+             RouteSettings(name="px", kind="event", path="/api/v1/m",
+                           samples=("/p.gif?u=1", "/media.gif?type=pageview&h=x", "/media.gif?kind=pageview")))
+    findings = check_names(Settings(routes=RoutesSettings(route=table)))
+    assert levels(findings, "routes.route px") == ["ok"]
+    samples = [f for f in findings if f.check == "routes.route px sample"]
+    assert [f.level for f in samples] == ["warning", "warning", "ok"]
+    assert "p.gif" in samples[0].message
+    assert "type=pageview" in samples[1].message and "request_rewrite" in samples[1].message
+
+
+def test_every_recipe_is_clean_for_doctor(tmp_path: Path) -> None:
+    from test_adblock import recipe_settings
+
+    for settings in recipe_settings(tmp_path):
+        routes = [f for f in check_names(settings) if f.check.startswith("routes.")]
+        assert routes and [f for f in routes if f.level != "ok"] == [], routes

@@ -499,3 +499,32 @@ def test_the_script_probe_checks_every_configured_rewrite_for_this_host() -> Non
     # A vendor script that needs no rewrite (it never names the relay, nothing configured) passes.
     plain = Settings(upstream=UpstreamSettings(relay=f"https://{RELAY}"), routes=RoutesSettings())
     assert probe_script_step(plain, b"var x = location.host;") == (True, "200, nothing to rewrite")
+
+
+def test_the_image_recipe_round_trips_its_renamed_pixel(tmp_path: Path) -> None:
+    """docs/recipes.md, image pixel: the browser sees neutral names, the relay its own."""
+    from test_adblock import recipe_settings
+
+    conf = recipe_settings(tmp_path)[0]
+    seen: list[httpx.Request] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "scripts.vendor.example":
+            return httpx.Response(200, content=b'new Image().src="https://queue.vendor.example/simple.gif?type="+t;')
+        return httpx.Response(200, content=b"GIF89a", headers={"content-type": "image/gif"})
+
+    async def no_challenge(_t: str) -> None:
+        return None
+
+    proxy = EdgeProxy(conf, resolve=SITES.get, challenge=no_challenge, transport=httpx.MockTransport(upstream))
+
+    async def main() -> tuple[Any, Any]:
+        script = await call(proxy.https_app, path="/assets/site.js")
+        pixel = await call(proxy.https_app, path="/api/v1/m/media.gif", query=b"kind=pageview&hostname=h&path=%2F")
+        return script, pixel
+
+    script, pixel = run(proxy, main())
+    assert script.body == f'new Image().src="https://{SHOP}/api/v1/m/media.gif?kind="+t;'.encode()
+    assert pixel.status == 200
+    assert (seen[-1].method, seen[-1].url.raw_path) == ("GET", b"/simple.gif?type=pageview&hostname=h&path=%2F")
