@@ -42,7 +42,8 @@ def make_app(script_body: bytes, script_headers: list[tuple[bytes, bytes]]) -> A
                     return
         if scope["type"] != "http":
             return
-        if scope["method"] == "POST":
+        # The edge's event route answers POSTs and GET beacons with the relay's answer.
+        if scope["method"] == "POST" or scope["path"].startswith("/api/"):
             more = True
             while more:
                 message = await receive()
