@@ -46,7 +46,7 @@ from prometheus_client.registry import Collector
 
 from .config import RoutesSettings
 from .errors import IssuanceError
-from .routes import site_routes
+from .routes import route_table
 from .storage.base import AriState
 
 if TYPE_CHECKING:  # renew pulls in dnspython and tldextract: not needed to count
@@ -206,16 +206,16 @@ class CountingIssuer:
 
 
 def _route(path: str, routes: RoutesSettings, host: str) -> str:
+    """The route's name (a bounded label: the configured names), ``challenge`` or ``other``."""
+    name = ""
     if routes.randomize:  # each domain has its own paths (routes.py)
-        name = host.lower().rpartition(":")[0] if ":" in host else host.lower()
-        paths = site_routes(name.rstrip("."), routes)
-        script, api = paths.script_path, paths.api_path
-    else:
-        script, api = routes.script_path, routes.api_path.rstrip("/")
-    if path == script:
-        return "script"
-    if path == api or path.startswith(api + "/"):
-        return "api"
+        name = (host.lower().rpartition(":")[0] if ":" in host else host.lower()).rstrip(".")
+    try:
+        route = route_table(name, routes).match(path)
+    except UnicodeEncodeError:  # a Host that is no hostname: the proxy refuses it anyway
+        route = None
+    if route is not None:
+        return route.name
     if path.startswith("/.well-known/acme-challenge/"):
         return "challenge"
     return "other"

@@ -528,3 +528,21 @@ def test_the_image_recipe_round_trips_its_renamed_pixel(tmp_path: Path) -> None:
     assert script.body == f'new Image().src="https://{SHOP}/api/v1/m/media.gif?kind="+t;'.encode()
     assert pixel.status == 200
     assert (seen[-1].method, seen[-1].url.raw_path) == ("GET", b"/simple.gif?type=pageview&hostname=h&path=%2F")
+
+
+def test_metrics_label_requests_by_route_name_and_count_refusals_by_reason() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from edgeproxy.metrics import Metrics, StatsCounter, _route
+
+    routes = RoutesSettings(route=TABLE)
+    assert [_route(p, routes, SHOP) for p in ("/js/addon.js", "/px/i.gif", "/flags/x", "/static/a.png",
+                                              "/.well-known/acme-challenge/t", "/nope")] == [
+        "addon", "pixel", "flags", "static", "challenge", "other"]
+    assert _route("/js/app.js", RoutesSettings(randomize=True, randomize_secret=SECRET), "caf\u00e9.test") == "other"
+    registry = CollectorRegistry()
+    stats = StatsCounter(Metrics(registry))
+    stats["event_refused_rate_limited"] += 2
+    stats["event_refused_target_too_long"] += 1
+    assert registry.get_sample_value("edgeproxy_event_refusals_total", {"reason": "rate_limited"}) == 2
+    assert registry.get_sample_value("edgeproxy_event_refusals_total", {"reason": "target_too_long"}) == 1
