@@ -378,7 +378,9 @@ class Prober:
             elif search.decode(errors="replace") != self.relay_origin:
                 return Step("script", False, f"not rewritten: no {replacement.decode(errors='replace')!r} "
                                              "in the script")
-        return Step("script", True, f"200, {applied} rewrite(s) in place" if applied else "200, nothing to rewrite")
+        if not applied:
+            return Step("script", True, "200, nothing to rewrite")
+        return Step("script", True, f"200 rewritten ({applied} rule{'s' if applied > 1 else ''})")
 
 
 # ---------------------------------------------------------------------------------------

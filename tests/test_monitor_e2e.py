@@ -111,7 +111,7 @@ def test_healthy_domain_passes_cli_and_loop(stack: Stack, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.startswith(f"ok    {HOST}  dns --connect 127.0.0.1  tls ")
-    assert "script 200 rewritten  event 202" in out
+    assert "script 200 rewritten (2 rules)  event 202" in out
 
     code = cli_main(["--config", str(stack.config_path), "check", "--domain", HOST, "--connect", "127.0.0.1",
                      "--json"])

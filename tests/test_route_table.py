@@ -491,7 +491,7 @@ def test_the_script_probe_checks_every_configured_rewrite_for_this_host() -> Non
     conf = Settings(upstream=UpstreamSettings(relay=f"https://{RELAY}", rewrite={"__SELF__": "https://{host}/me"}),
                     routes=RoutesSettings())
     good = f'var a="https://{SHOP}/api/v1/m/c"; var s="https://{SHOP}/me";'.encode()
-    assert probe_script_step(conf, good) == (True, "200, 2 rewrite(s) in place")
+    assert probe_script_step(conf, good) == (True, "200 rewritten (2 rules)")
     left = probe_script_step(conf, f'var a="https://{RELAY}/c"; var s="https://{SHOP}/me";'.encode())
     assert not left[0] and f"'https://{RELAY}' is still in the script" in left[1]
     missing = probe_script_step(conf, f'var a="https://{SHOP}/api/v1/m/c";'.encode())
