@@ -1,4 +1,4 @@
-"""README.md and docs/*.md render as written (issue 18).
+"""README.md, docs/*.md and the other Markdown files render as written (issue 18).
 
 A stray line outside a code fence once turned the README's next fence into an
 opener, and from there every "code" block was prose and every section below was
@@ -25,7 +25,8 @@ import pytest
 from markdown_it import MarkdownIt
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Every Markdown file of the project's own (not .venv's, not tests' fixtures).
+DOCUMENTS = [*sorted(ROOT.glob("*.md")), *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench").glob("*.md"))]
 
 _FENCE_LINE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
@@ -114,4 +115,5 @@ def test_document_renders_as_written(path: Path) -> None:
 
 def test_every_document_is_checked() -> None:
     names = {str(p.relative_to(ROOT)) for p in DOCUMENTS}
-    assert {"README.md", "docs/runbook.md", "docs/configuration.md", "docs/admin-api.md"} <= names
+    assert {"README.md", "CHANGELOG.md", "bench/README.md", "docs/runbook.md", "docs/configuration.md",
+            "docs/admin-api.md"} <= names
