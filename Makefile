@@ -75,7 +75,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info
 
 # Benchmarks (issue 8): loopback only, a few minutes; NOT part of `make test`.
 # wrk comes from Debian; py-spy/pyinstrument (bench extra) for bench/profile.py.

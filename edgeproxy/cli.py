@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
-from .errors import EdgeproxyError
+from .errors import DomainNotFound, EdgeproxyError
 from .keys import generate_master_key, open_store, rotate
 from .storage import migrate_storage, open_storage
 from .storage.copy import copy_store
@@ -53,7 +53,28 @@ def _with_registry(args: argparse.Namespace) -> tuple[Registry, Settings]:
     return Registry(open_store(settings), settings), settings
 
 
+def _store_absent(settings: Settings) -> bool:
+    """True when ``storage.url`` names a SQLite file that does not exist yet.
+
+    Opening it would create it (and its directory): a read-only command answers
+    "nothing registered" instead, and leaves no empty database behind.
+    """
+    if not settings.storage.url.lower().startswith("sqlite:"):
+        return False
+    from .storage import sqlite_path_from_url
+
+    return not os.path.exists(sqlite_path_from_url(settings.storage.url))
+
+
+def _not_registered(raw_hostname: str) -> DomainNotFound:
+    return DomainNotFound(f"{raw_hostname!r} is not registered on this edge")  # Registry.get's wording
+
+
 def _cmd_domains_add(args: argparse.Namespace) -> int:
+    from .registry import admit_hostname
+
+    # Every check that needs no storage first: a refused name creates no database.
+    admit_hostname(args.hostname, _settings(args))
     registry, _ = _with_registry(args)
     record = registry.add(args.hostname)
     view = registry.view(record)
@@ -69,13 +90,20 @@ def _cmd_domains_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_domains_list(args: argparse.Namespace) -> int:
-    registry, settings = _with_registry(args)
-    records = registry.list()
+    if _store_absent(_settings(args)):
+        records: list[Any] = []
+        registry: Registry | None = None
+    else:
+        registry, _ = _with_registry(args)
+        records = registry.list()
+    if registry is None or not records:
+        if args.json:
+            _print_json({"domains": []})
+        else:
+            print("no domains registered")
+        return EXIT_OK
     if args.json:
         _print_json({"domains": [registry.view(r) for r in records]})
-        return EXIT_OK
-    if not records:
-        print("no domains registered")
         return EXIT_OK
     print(f"{'HOSTNAME':<40} {'STATUS':<12} {'NOT AFTER':<21} ERROR")
     for record in records:
@@ -87,12 +115,16 @@ def _cmd_domains_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_domains_show(args: argparse.Namespace) -> int:
+    if _store_absent(_settings(args)):
+        raise _not_registered(args.hostname)
     registry, _ = _with_registry(args)
     _print_json(registry.view(registry.get(args.hostname)))
     return EXIT_OK
 
 
 def _cmd_domains_remove(args: argparse.Namespace) -> int:
+    if _store_absent(_settings(args)):
+        raise _not_registered(args.hostname)
     registry, _ = _with_registry(args)
     registry.remove(args.hostname)
     print(f"removed {args.hostname} with its private key and certificate")
@@ -388,45 +420,82 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+_CONFIG_HELP = "TOML config file (default: $EDGEPROXY_CONFIG, else built-in defaults)"
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """--config and --verbose for every subcommand, so that both
+    ``edgeproxy --config FILE serve`` and ``edgeproxy serve --config FILE`` work.
+
+    SUPPRESS: a subcommand that is not given the option leaves the value parsed
+    before the subcommand (or the top-level default) alone.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return common
+
+
+_COMMON = _common_options()
+
+
+def _command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, parents=[_COMMON], **kwargs)
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> Any:
+    """A command handler for ``edgeproxy`` or ``edgeproxy domains`` alone: the help, exit 2."""
+    def show(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return EXIT_USAGE
+    return show
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeproxy", description="Custom-domain TLS edge for analytics products.")
-    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file (default: $EDGEPROXY_CONFIG, else built-in defaults)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--config", "-c", metavar="FILE", default=None, help=_CONFIG_HELP)
+    parser.add_argument("--verbose", "-v", action="store_true", default=False, help="debug logging")
+    parser.set_defaults(func=_usage(parser))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the HTTP, HTTPS and admin listeners")
+    serve = _command(sub, "serve", help="run the HTTP, HTTPS and admin listeners")
     serve.add_argument("--workers", type=int, default=1, help="worker processes for the public listeners (default 1)")
     serve.set_defaults(func=_cmd_serve)
 
-    domains = sub.add_parser("domains", help="register, list, show and remove customer domains")
-    dsub = domains.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = dsub.add_parser("add", help="register a hostname; issuance starts at once")
-    add.add_argument("hostname")
+    domains = _command(sub, "domains", help="register, list, show and remove customer domains")
+    domains.set_defaults(func=_usage(domains))
+    dsub = domains.add_subparsers(dest="action", metavar="ACTION")
+    add = _command(dsub, "add", help="register a hostname; issuance starts at once")
+    add.add_argument("hostname", help="the customer's hostname, e.g. cdn.shop.example.com (no scheme, path or "
+                                      "port; internationalized names are accepted); its DNS may point here later")
     add.add_argument("--json", action="store_true", help="print the full record as JSON")
     add.set_defaults(func=_cmd_domains_add)
-    lst = dsub.add_parser("list", help="list registered domains")
-    lst.add_argument("--json", action="store_true")
+    lst = _command(dsub, "list", help="list registered domains")
+    lst.add_argument("--json", action="store_true",
+                     help="print every domain's full record as JSON (as GET /v1/domains answers)")
     lst.set_defaults(func=_cmd_domains_list)
-    show = dsub.add_parser("show", help="show one domain as JSON")
-    show.add_argument("hostname")
+    show = _command(dsub, "show", help="show one domain as JSON")
+    show.add_argument("hostname", help="a registered hostname (any spelling that normalizes to it)")
     show.set_defaults(func=_cmd_domains_show)
-    rm = dsub.add_parser("remove", help="remove a domain with its key and certificate")
-    rm.add_argument("hostname")
+    rm = _command(dsub, "remove", help="remove a domain with its key and certificate")
+    rm.add_argument("hostname", help="a registered hostname (any spelling that normalizes to it)")
     rm.set_defaults(func=_cmd_domains_remove)
 
-    renew = sub.add_parser("renew", help="order certificates for every due domain (for cron / systemd timers)")
+    renew = _command(sub, "renew", help="order certificates for every due domain (for cron / systemd timers)")
     renew.add_argument("--dry-run", action="store_true", help="list what is due, order nothing")
     renew.add_argument("--force", nargs="+", default=[], metavar="HOST", help="order now for these names")
     renew.set_defaults(func=_cmd_renew)
 
-    migrate = sub.add_parser("migrate", help="create or upgrade the storage schema (idempotent)")
+    migrate = _command(sub, "migrate", help="create or upgrade the storage schema (idempotent)")
     migrate.add_argument("--url", default="", help="storage URL (default: storage.url from the config)")
     migrate.set_defaults(func=_cmd_migrate)
 
-    storage = sub.add_parser("storage", help="move state between stores")
-    ssub = storage.add_subparsers(dest="action", required=True, metavar="ACTION")
-    copy = ssub.add_parser(
-        "copy", help="copy domains, certificates with keys, and ACME accounts from one store to another",
+    storage = _command(sub, "storage", help="move state between stores")
+    storage.set_defaults(func=_usage(storage))
+    ssub = storage.add_subparsers(dest="action", metavar="ACTION")
+    copy = _command(
+        ssub, "copy", help="copy domains, certificates with keys, and ACME accounts from one store to another",
         description="Copy a node's state into another store, e.g. "
                     "--from sqlite:///var/lib/edgeproxy/edgeproxy.db --to postgresql://edge@db/edgeproxy. "
                     "Idempotent; keys are copied as stored (sealed or not).",
@@ -436,29 +505,31 @@ def _parser() -> argparse.ArgumentParser:
     copy.add_argument("--force", action="store_true", help="copy into a target that already holds data")
     copy.set_defaults(func=_cmd_storage_copy)
 
-    keys = sub.add_parser("keys", help="master keys that seal private keys at rest")
-    ksub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
-    gen = ksub.add_parser("generate", help="write a new random 256-bit master key file (0600)")
-    gen.add_argument("file")
+    keys = _command(sub, "keys", help="master keys that seal private keys at rest")
+    keys.set_defaults(func=_usage(keys))
+    ksub = keys.add_subparsers(dest="action", metavar="ACTION")
+    gen = _command(ksub, "generate", help="write a new random 256-bit master key file (0600)")
+    gen.add_argument("file", help="where to write the key; an existing file is never overwritten")
     gen.set_defaults(func=_cmd_keys_generate)
-    rot = ksub.add_parser("rotate", help="re-seal every stored private key under storage.key_encryption_key_file")
+    rot = _command(ksub, "rotate", help="re-seal every stored private key under storage.key_encryption_key_file")
     rot.set_defaults(func=_cmd_keys_rotate)
 
-    tokens = sub.add_parser("tokens", help="named admin API tokens (stored hashed)")
-    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
-    tcreate = tsub.add_parser("create", help="create a token and print it once")
-    tcreate.add_argument("name")
+    tokens = _command(sub, "tokens", help="named admin API tokens (stored hashed)")
+    tokens.set_defaults(func=_usage(tokens))
+    tsub = tokens.add_subparsers(dest="action", metavar="ACTION")
+    tcreate = _command(tsub, "create", help="create a token and print it once")
+    tcreate.add_argument("name", help="a name for the token, to list and revoke it by")
     tcreate.set_defaults(func=_cmd_tokens_create)
-    tsub.add_parser("list", help="list token names (never the tokens)").set_defaults(func=_cmd_tokens_list)
-    trevoke = tsub.add_parser("revoke", help="revoke a token by name")
-    trevoke.add_argument("name")
+    _command(tsub, "list", help="list token names (never the tokens)").set_defaults(func=_cmd_tokens_list)
+    trevoke = _command(tsub, "revoke", help="revoke a token by name")
+    trevoke.add_argument("name", help="the name the token was created with")
     trevoke.set_defaults(func=_cmd_tokens_revoke)
 
-    doctor = sub.add_parser("doctor", help="check the configuration and warn about names ad blockers match")
+    doctor = _command(sub, "doctor", help="check the configuration and warn about names ad blockers match")
     doctor.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     doctor.add_argument("--offline", action="store_true", help="skip the ACME directory and upstream requests")
     doctor.set_defaults(func=_cmd_doctor)
-    check = sub.add_parser("check", help="probe domains as a real client: TLS, script, one event (exit 1 on any failure)")
+    check = _command(sub, "check", help="probe domains as a real client: TLS, script, one event (exit 1 on any failure)")
     which = check.add_mutually_exclusive_group()
     which.add_argument("--domain", action="append", metavar="HOST", help="check this name (repeatable)")
     which.add_argument("--all", action="store_true", help="check every active domain (the default)")
@@ -467,12 +538,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the results as JSON")
     check.set_defaults(func=_cmd_check)
 
-    alert = sub.add_parser("alert", help="alert sinks")
-    asub = alert.add_subparsers(dest="action", required=True, metavar="ACTION")
-    atest = asub.add_parser("test", help="send a test alert to every configured sink (exit 1 if one fails)")
+    alert = _command(sub, "alert", help="alert sinks")
+    alert.set_defaults(func=_usage(alert))
+    asub = alert.add_subparsers(dest="action", metavar="ACTION")
+    atest = _command(asub, "test", help="send a test alert to every configured sink (exit 1 if one fails)")
     atest.set_defaults(func=_cmd_alert_test)
     # issue 3
-    replay = sub.add_parser("replay", help="resend failed-request log entries with their original idempotency keys")
+    replay = _command(sub, "replay", help="resend failed-request log entries with their original idempotency keys")
     replay.add_argument("--since", metavar="T", help="received at or after T (ISO-8601, or an age like 12h, 7d)")
     replay.add_argument("--until", metavar="T", help="received before T")
     replay.add_argument("--domain", metavar="HOST", help="only this custom domain")
@@ -480,19 +552,21 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
     replay.add_argument("--json", action="store_true", help="print the summary as JSON")
     replay.set_defaults(func=_cmd_replay)
-    spool = sub.add_parser("spool", help="inspect or drain this node's durable spool")
-    ssub = spool.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ssub.add_parser("stats", help="depth, bytes, oldest entry, dead letters (JSON)").set_defaults(func=_cmd_spool_stats)
-    slist = ssub.add_parser("list", help="list spooled requests, oldest first")
-    slist.add_argument("--limit", type=int, default=100)
-    slist.add_argument("--domain", metavar="HOST")
-    slist.add_argument("--json", action="store_true")
+    spool = _command(sub, "spool", help="inspect or drain this node's durable spool")
+    spool.set_defaults(func=_usage(spool))
+    ssub = spool.add_subparsers(dest="action", metavar="ACTION")
+    _command(ssub, "stats", help="depth, bytes, oldest entry, dead letters (JSON)").set_defaults(func=_cmd_spool_stats)
+    slist = _command(ssub, "list", help="list spooled requests, oldest first")
+    slist.add_argument("--limit", type=int, default=100, help="list at most N entries (default 100)")
+    slist.add_argument("--domain", metavar="HOST", help="only entries for this custom domain")
+    slist.add_argument("--json", action="store_true", help="print the entries as JSON")
     slist.set_defaults(func=_cmd_spool_list)
-    ssub.add_parser("drain", help="send spooled requests to the relay now (exit 0 when empty)").set_defaults(
+    _command(ssub, "drain", help="send spooled requests to the relay now (exit 0 when empty)").set_defaults(
         func=_cmd_spool_drain)
 
-    demo = sub.add_parser("demo", help="run the whole flow locally against Pebble")
-    demo.add_argument("--keep", action="store_true", help="keep serving after the round trip until Ctrl-C")
+    demo = _command(sub, "demo", help="run the whole flow locally against Pebble")
+    demo.add_argument("--keep", action="store_true", help="after the round trip keep serving until Ctrl-C, and keep the state directory "
+                                                           "(removed after a successful run without it; always kept after a failure)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -11,6 +11,7 @@ Must not import: ``acme`` (it talks to the edge the way an operator would).
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import sys
 import tempfile
@@ -41,16 +42,38 @@ def _on_relay(request: RecordedRequest) -> None:
 
 
 def run_demo(keep: bool = False) -> int:
+    """Run the demo; 0 on a verified round trip.
+
+    The state directory (database, certificates, ``edge.log``) is removed only
+    after a successful run without ``keep``: after a failure or an interruption
+    it is kept, and its path printed, so the log the run advertised can be read.
+    """
     missing = missing_binaries()
     if missing:
         print(f"edgeproxy demo needs {', '.join(missing)}: apt-get install -y pebble (or run `make demo`)", file=sys.stderr)
         return 1
     steps = _Steps()
     # SIGTERM unwinds like Ctrl-C so that every child process is cleaned up.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    state = Path(tempfile.mkdtemp(prefix="edgeproxy-demo-"))
+    code = 1
+    try:
+        code = _run(state, keep, steps)
+        return code
+    finally:
+        if previous is not None:  # None: a handler not installed from Python; leave it
+            signal.signal(signal.SIGTERM, previous)
+        # Every child process has stopped by now (the ExitStack in _run has closed).
+        if code == 0 and not keep:
+            shutil.rmtree(state, ignore_errors=True)
+            steps.say(f"removed the state directory {state} (`edgeproxy demo --keep` keeps it, and keeps serving)")
+        else:
+            steps.say(f"kept the state directory {state} (edgeproxy's log: {state / 'edge.log'})")
+
+
+def _run(state: Path, keep: bool, steps: _Steps) -> int:
     with contextlib.ExitStack() as stack:
         try:
-            state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeproxy-demo-")))
             dns = stack.enter_context(ChallTestSrv())
             steps.say(f"pebble-challtestsrv (mock DNS) on {dns.dns_address}")
             origin = stack.enter_context(ScriptOrigin())

@@ -25,7 +25,7 @@ import ipaddress
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NoReturn
@@ -132,10 +132,20 @@ def _instead(suggestion: str | None) -> str:
     return f"send just the hostname, e.g. {_quote(_EXAMPLE)}"
 
 
-def _suggest(candidate: str) -> str | None:
-    """``candidate`` normalized if it is a valid hostname, else None (for "send X instead")."""
+# Checks a normalized name beyond the syntax (raises InvalidHostname): validate_hostname
+# passes its public-suffix and own-zone rules, so that "send X instead" never names an
+# X that the same call would refuse ('https://cdn.x.example/' suggests nothing while
+# '.example' is not a known TLD, rather than a name that fails with unknown_tld).
+_Admit = Callable[[str], object]
+
+
+def _suggest(candidate: str, admit: _Admit | None) -> str | None:
+    """``candidate`` normalized if it is a hostname ``admit`` accepts, else None (for "send X instead")."""
     try:
-        return _normalize(candidate, suggest=False)
+        name = _normalize(candidate, suggest=False, admit=None)
+        if admit is not None:
+            admit(name)
+        return name
     except InvalidHostname:
         return None
 
@@ -163,14 +173,14 @@ def _uts46_ignored(char: str) -> bool:
         return False  # disallowed outright: reported by the full mapping later
 
 
-def _reject_unprintable(raw: str) -> None:
+def _reject_unprintable(raw: str, admit: _Admit | None) -> None:
     for char in raw:
         category = unicodedata.category(char)
         if char.isspace():
             raise _error(
                 "whitespace",
                 f"{_quote(raw)} contains whitespace ({_describe(char)}); "
-                f"remove spaces, tabs and line breaks and {_instead(_suggest(raw.strip()))}.",
+                f"remove spaces, tabs and line breaks and {_instead(_suggest(raw.strip(), admit))}.",
             )
         if category == "Cc":
             raise _error(
@@ -248,7 +258,7 @@ def _reject_ip_literal(raw: str, name: str) -> NoReturn:
 _LDH_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 
 
-def _reject_ascii_punctuation(raw: str) -> None:
+def _reject_ascii_punctuation(raw: str, admit: _Admit | None) -> None:
     """Reject ASCII outside letters-digits-hyphen-dot (RFC 952, RFC 1123 §2.1), naming
     the usual mistake (a URL, a port, an e-mail address, a wildcard, an underscore)."""
     if all(char in _LDH_ASCII or not char.isascii() for char in raw):
@@ -262,34 +272,34 @@ def _reject_ascii_punctuation(raw: str) -> None:
         raise _error(
             "url",
             f"{_quote(raw)} is a URL or path, not a hostname; leave out 'https://', slashes and "
-            f"anything after them and {_instead(_suggest(host) if host and host != raw else None)}.",
+            f"anything after them and {_instead(_suggest(host, admit) if host and host != raw else None)}.",
         )
     if "@" in raw:
         raise _error(
             "userinfo",
             f"{_quote(raw)} contains '@'; a hostname has no user name and is not an e-mail "
-            f"address: {_instead(_suggest(raw.rsplit('@', 1)[1]))}.",
+            f"address: {_instead(_suggest(raw.rsplit('@', 1)[1], admit))}.",
         )
     if raw.count(":") == 1 and re.fullmatch(r"[^:]+:[0-9]*", raw):
         host, _, port = raw.partition(":")
         raise _error(
             "port",
             f"{_quote(raw)} includes a port ({_quote(':' + port)}); the edge always serves ports 80 and "
-            f"443 itself, so {_instead(_suggest(host))}.",
+            f"443 itself, so {_instead(_suggest(host, admit))}.",
         )
     if "*" in raw:
         raise _error(
             "wildcard",
             f"{_quote(raw)} is a wildcard; certificate authorities validate wildcards only over DNS-01 "
             f"(Let's Encrypt refuses HTTP-01 for them) and this edge uses HTTP-01: register each "
-            f"hostname separately, e.g. {_quote(_suggest(raw.replace('*', 'www', 1)) or _EXAMPLE)}.",
+            f"hostname separately, e.g. {_quote(_suggest(raw.replace('*', 'www', 1), admit) or _EXAMPLE)}.",
         )
     if "_" in raw:
         raise _error(
             "invalid_character",
             f"{_quote(raw)} contains an underscore; hostnames may not (RFC 952, RFC 1123 §2.1) and "
             f"certificate authorities refuse them: use a hyphen, e.g. "
-            f"{_quote(_suggest(raw.replace('_', '-')) or _EXAMPLE)}, after adding that name to your DNS.",
+            f"{_quote(_suggest(raw.replace('_', '-'), admit) or _EXAMPLE)}, after adding that name to your DNS.",
         )
     bad = next(char for char in raw if char.isascii() and char not in _LDH_ASCII)
     raise _error(
@@ -395,7 +405,7 @@ def _a_label(raw: str, label: str) -> str:
 # -- normalization -------------------------------------------------------------------------------
 
 
-def _normalize(raw: str, *, suggest: bool) -> str:
+def _normalize(raw: str, *, suggest: bool, admit: _Admit | None) -> str:
     if not raw:
         raise _error("empty", f"The hostname is empty; send the full hostname, e.g. {_quote(_EXAMPLE)}.")
     if len(raw) > _MAX_INPUT_CHARS:
@@ -405,10 +415,10 @@ def _normalize(raw: str, *, suggest: bool) -> str:
             f"{MAX_HOSTNAME_LENGTH} (RFC 1035 §2.3.4): send a shorter name.",
         )
     if suggest:
-        _reject_unprintable(raw)
+        _reject_unprintable(raw, admit)
         if (raw.startswith("[") or ":" in raw) and _delimited_ip_literal(raw):
             _reject_ip_literal(raw, "")
-        _reject_ascii_punctuation(raw)
+        _reject_ascii_punctuation(raw, admit)
     elif not all(char in _LDH_ASCII or (not char.isascii() and char.isprintable()) for char in raw):
         # Building a suggestion: anything odd just means "no suggestion".
         raise _error("invalid_character", "no suggestion")
@@ -440,7 +450,7 @@ def _normalize(raw: str, *, suggest: bool) -> str:
         raise _error(
             "empty_label",
             f"{_quote(raw)} has an empty label (a leading dot, two dots in a row, or more than one "
-            f"trailing dot); {_instead(_suggest('.'.join(part for part in labels if part)) if suggest else None)}.",
+            f"trailing dot); {_instead(_suggest('.'.join(part for part in labels if part), admit) if suggest else None)}.",
         )
     if _ends_in_number(mapped):
         _reject_ip_literal(raw, mapped)
@@ -469,7 +479,7 @@ def normalize_hostname(raw: str) -> str:
 
     Raises :class:`InvalidHostname` with a code from :data:`HOSTNAME_ERRORS`.
     """
-    return _normalize(raw, suggest=True)
+    return _normalize(raw, suggest=True, admit=None)
 
 
 # -- public suffixes -----------------------------------------------------------------------------
@@ -607,15 +617,19 @@ def validate_hostname(
     Pure: no network, no disk beyond the PSL snapshot loaded once. Raises
     :class:`InvalidHostname` with a code from :data:`HOSTNAME_ERRORS`.
     """
-    name = normalize_hostname(raw)
-    for zone in _normalized_zones(tuple(own_zones)):
-        if _within(name, zone):
-            raise _error(
-                "own_zone",
-                f"{_quote(raw)} belongs to this edge's own domain {_quote(zone)} and cannot be "
-                f"registered; send your own hostname and point it at the edge with a CNAME record.",
-            )
-    _check_registrable(raw, name, extra_suffixes)
+    def admit(name: str, shown: str | None = None) -> None:
+        shown = name if shown is None else shown
+        for zone in _normalized_zones(tuple(own_zones)):
+            if _within(name, zone):
+                raise _error(
+                    "own_zone",
+                    f"{_quote(shown)} belongs to this edge's own domain {_quote(zone)} and cannot be "
+                    f"registered; send your own hostname and point it at the edge with a CNAME record.",
+                )
+        _check_registrable(shown, name, extra_suffixes)
+
+    name = _normalize(raw, suggest=True, admit=admit)
+    admit(name, raw)
     return name
 
 

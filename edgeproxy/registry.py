@@ -22,7 +22,7 @@ from .errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, 
 from .routes import site_routes
 from .storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
 
-__all__ = ["Registry", "utcnow"]
+__all__ = ["Registry", "admit_hostname", "utcnow"]
 
 
 def utcnow() -> dt.datetime:
@@ -33,6 +33,47 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
+def own_zones(settings: Settings) -> tuple[str, ...]:
+    """The edge's own names (the CNAME target and its registered domain), never a customer's."""
+    target = settings.dns.cname_target.rstrip(".").lower()
+    zones = {target}
+    try:
+        zones.add(registered_domain(target, extra_suffixes=settings.domains.extra_suffixes))
+    except InvalidHostname:
+        pass  # a target that is itself odd (e.g. "localhost") only protects itself
+    # Customers may never register the edge's own names: a CNAME loop at best,
+    # a certificate for our infrastructure issued on a customer's say-so at worst.
+    return tuple(sorted(zones))
+
+
+def deny_list(settings: Settings) -> tuple[str, ...]:
+    try:
+        return tuple(normalize_hostname(entry) for entry in settings.domains.deny)
+    except InvalidHostname as exc:
+        raise ConfigError(f"domains.deny: {exc}") from exc
+
+
+def _refuse_denied(hostname: str, deny: tuple[str, ...]) -> None:
+    for entry in deny:
+        if hostname == entry or hostname.endswith("." + entry):
+            raise InvalidHostname(f"{hostname!r} is on this edge's deny list ({entry}); it cannot be registered",
+                                  code="denied")
+
+
+def admit_hostname(raw_hostname: str, settings: Settings) -> str:
+    """The normalized name if this edge's configuration admits it, else InvalidHostname.
+
+    The checks of :meth:`Registry.add` that need no storage (hostname rules with
+    ``domains.extra_suffixes``, the edge's own zones, ``domains.deny``): the CLI
+    runs them before it opens the store, so a refused name creates no database.
+    """
+    hostname = validate_hostname(
+        raw_hostname, extra_suffixes=settings.domains.extra_suffixes, own_zones=own_zones(settings),
+    )
+    _refuse_denied(hostname, deny_list(settings))
+    return hostname
+
+
 class Registry:
     """Blocking service functions over a ``Storage`` (call from a thread in async code)."""
 
@@ -40,20 +81,8 @@ class Registry:
         self.storage = storage
         self.settings = settings
         self.clock = clock
-        extra = settings.domains.extra_suffixes
-        target = settings.dns.cname_target.rstrip(".").lower()
-        zones = {target}
-        try:
-            zones.add(registered_domain(target, extra_suffixes=extra))
-        except InvalidHostname:
-            pass  # a target that is itself odd (e.g. "localhost") only protects itself
-        try:
-            self.deny = tuple(normalize_hostname(entry) for entry in settings.domains.deny)
-        except InvalidHostname as exc:
-            raise ConfigError(f"domains.deny: {exc}") from exc
-        # Customers may never register the edge's own names: a CNAME loop at best,
-        # a certificate for our infrastructure issued on a customer's say-so at worst.
-        self.own_zones = tuple(sorted(zones))
+        self.own_zones = own_zones(settings)
+        self.deny = deny_list(settings)
 
     # -- commands ------------------------------------------------------------------
     def add(self, raw_hostname: str) -> DomainRecord:
@@ -73,10 +102,7 @@ class Registry:
 
     def _check_limits(self, hostname: str, now: dt.datetime) -> None:
         """Registration abuse: the deny list, the domain cap, the hourly rate (issue #7)."""
-        for entry in self.deny:
-            if hostname == entry or hostname.endswith("." + entry):
-                raise InvalidHostname(f"{hostname!r} is on this edge's deny list ({entry}); it cannot be registered",
-                                      code="denied")
+        _refuse_denied(hostname, self.deny)
         limits = self.settings.domains
         # Issue 8: a count and the last hour's creation times from indexed queries,
         # never every record (list_domains costs 0.75 s at 100,000 domains).

@@ -3,35 +3,88 @@
 Every generated request, with and without a valid token: no 5xx, every error is
 a JSON body ``{"error": {"code", "message"}}``, and responses conform to the
 schema the API publishes.
+
+One pytest item per API operation, with its own id
+(``test_admin_api_with_token[POST /v1/domains]``). Not ``@schema.parametrize()``:
+under pytest 9 its items all carry the bare function's node id (7 items, one
+id), so a failure could not be told apart or re-run by id. Its app also had to
+exist at import, which left a store in /tmp behind on every run, even
+``--collect-only``; here the schema comes from ``openapi_document()`` (which
+cleans up after itself) and the app's store lives only as long as the module's
+tests run.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 import schemathesis
+from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
-from hypothesis import HealthCheck, settings
 
 from edgeproxy.admin import create_admin_app
 from edgeproxy.config import AdminSettings, load_settings
+from edgeproxy.devtools.refdocs import openapi_document
 from edgeproxy.registry import Registry
 from edgeproxy.storage import open_storage
 from edgeproxy.tokens import TokenStore
 
 TOKEN = "fuzz-token-0123456789abcdef"
-_state = Path(tempfile.mkdtemp(prefix="edgeproxy-fuzz-"))
-_settings = load_settings(None, env={"EDGEPROXY_DOMAINS_EXTRA_SUFFIXES": "test"})
-_registry = Registry(open_storage(f"sqlite://{_state / 'fuzz.db'}"), _settings)
-_registry.add("seeded.example.test")  # so that some generated paths name a real domain
-(_state / "token").write_text(TOKEN)
-app = create_admin_app(_registry, TokenStore(AdminSettings(str(_state / "token"), str(_state / "tokens.json"))))
-
-schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+SCHEMA = schemathesis.openapi.from_dict(openapi_document())
+OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 
 
-def _assert_error_shape(response: "schemathesis.Response") -> None:  # type: ignore[name-defined]
+@pytest.fixture(scope="module")
+def admin_app() -> Iterator[FastAPI]:
+    with tempfile.TemporaryDirectory(prefix="edgeproxy-fuzz-") as tmp:
+        state = Path(tmp)
+        storage = open_storage(f"sqlite://{state / 'fuzz.db'}")
+        try:
+            registry = Registry(storage, load_settings(None, env={"EDGEPROXY_DOMAINS_EXTRA_SUFFIXES": "test"}))
+            registry.add("seeded.example.test")  # so that some generated paths name a real domain
+            (state / "token").write_text(TOKEN)
+            tokens = TokenStore(AdminSettings(str(state / "token"), str(state / "tokens.json")))
+            # The optional routes too, as openapi_document() and `serve` build them.
+            app = create_admin_app(registry, tokens, last_check=lambda _host: None,
+                                   metrics=lambda: (b"", "text/plain"))
+            # The document the cases come from is the one this app serves.
+            assert app.openapi() == SCHEMA.raw_schema
+            # Requests go to the app in-process (ASGI): the schema picks the transport,
+            # each operation (copied from the schema at load time) names the app, and
+            # checks that send follow-up requests (ignored_auth) use the operation's.
+            for holder in (SCHEMA, *OPERATIONS):
+                holder.app = app
+            try:
+                yield app
+            finally:
+                for holder in (SCHEMA, *OPERATIONS):
+                    holder.app = None
+        finally:
+            storage.close()
+
+
+def _cases(operation: Any) -> st.SearchStrategy[schemathesis.Case]:
+    # Schema-valid and schema-violating requests, as schemathesis' own runner mixes them.
+    return st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
+
+
+def _fuzz(operation: Any, max_examples: int, check: Callable[[schemathesis.Case], None]) -> None:
+    @settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=_cases(operation))
+    def run(case: schemathesis.Case) -> None:
+        check(case)
+
+    run()
+
+
+def _assert_error_shape(response: Any) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         body = response.json()
@@ -39,21 +92,31 @@ def _assert_error_shape(response: "schemathesis.Response") -> None:  # type: ign
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
-@schema.parametrize()
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-def test_admin_api_with_token(case: schemathesis.Case) -> None:
-    response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
-    _assert_error_shape(response)
-    # positive_data_acceptance is excluded: a schema-valid hostname can still be
-    # one we must refuse (an IP literal, a public suffix: 422 with the reason),
-    # and those rules are not expressible in JSON Schema.
-    case.validate_response(response, excluded_checks=[positive_data_acceptance])
+def test_every_operation_is_fuzzed_under_its_own_id() -> None:
+    labels = [operation.label for operation in OPERATIONS]
+    assert len(labels) >= 7 and len(set(labels)) == len(labels)
+    assert "POST /v1/domains" in labels
 
 
-@schema.parametrize()
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-def test_admin_api_without_token(case: schemathesis.Case) -> None:
-    response = case.call(headers={"Authorization": "Bearer wrong"})
-    _assert_error_shape(response)
-    if case.path != "/healthz":
-        assert response.status_code == 401
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda operation: str(operation.label))
+def test_admin_api_with_token(admin_app: FastAPI, operation: Any) -> None:
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
+        _assert_error_shape(response)
+        # positive_data_acceptance is excluded: a schema-valid hostname can still be
+        # one we must refuse (an IP literal, a public suffix: 422 with the reason),
+        # and those rules are not expressible in JSON Schema.
+        case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+    _fuzz(operation, 60, check)
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda operation: str(operation.label))
+def test_admin_api_without_token(admin_app: FastAPI, operation: Any) -> None:
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(headers={"Authorization": "Bearer wrong"})
+        _assert_error_shape(response)
+        if case.path != "/healthz" and case.path != "/metrics":
+            assert response.status_code == 401
+
+    _fuzz(operation, 15, check)

@@ -9,6 +9,7 @@ IP literal, never a bare public suffix.
 
 from __future__ import annotations
 
+import ast
 import ipaddress
 import re
 import socket
@@ -269,6 +270,32 @@ def test_suggestions_name_the_host_the_customer_meant() -> None:
         assert suggestion in str(info.value), str(info.value)
 
 
+def test_a_suggestion_is_only_made_when_it_would_be_accepted() -> None:
+    # '.example' is not on the public suffix list: suggesting 'cdn.x.example' would
+    # send the customer from a `url` refusal straight into an `unknown_tld` one.
+    refused_suggestions = {
+        "https://cdn.x.example/": ((), "cdn.x.example"),
+        "cdn.x.example:443": ((), "cdn.x.example"),
+        "ops@cdn.x.example": ((), "cdn.x.example"),
+        "https://edge.example.net/": (EXTRA, "edge.example.net"),  # the edge's own zone
+        "https://cdn.shop.test/x": ((), "cdn.shop.test"),  # admitted only with extra_suffixes
+    }
+    for raw, (extra, unwanted) in refused_suggestions.items():
+        with pytest.raises(InvalidHostname) as info:
+            validate_hostname(raw, extra_suffixes=extra, own_zones=OWN)
+        message = str(info.value)
+        assert repr(unwanted) not in message, message
+        assert not _SEND_INSTEAD.search(message), message
+        assert "'cdn.shop.example.com'" in message, message  # the generic example instead
+    # The same inputs under settings that admit the name do get the suggestion.
+    with pytest.raises(InvalidHostname) as info:
+        validate_hostname("https://cdn.x.example/", extra_suffixes=("example",), own_zones=OWN)
+    assert "send 'cdn.x.example' instead" in str(info.value)
+    with pytest.raises(InvalidHostname) as info:
+        validate_hostname("https://cdn.shop.test/x", extra_suffixes=EXTRA, own_zones=OWN)
+    assert "send 'cdn.shop.test' instead" in str(info.value)
+
+
 def test_long_input_is_truncated_in_the_message() -> None:
     with pytest.raises(InvalidHostname) as info:
         normalize_hostname("a" * 500 + "\n")
@@ -395,12 +422,23 @@ def _check_accepted(name: str, extra: tuple[str, ...]) -> None:
     assert name == registered or name.endswith("." + registered)
 
 
+_SEND_INSTEAD = re.compile(r"send ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") instead")
+
+
+def _check_suggestion(exc: InvalidHostname, extra: tuple[str, ...]) -> None:
+    """A "send X instead" names an X that the same rules accept (issue 18)."""
+    for quoted in _SEND_INSTEAD.findall(str(exc)):
+        suggestion = ast.literal_eval(quoted)
+        assert validate_hostname(suggestion, extra_suffixes=extra, own_zones=OWN) == suggestion, str(exc)
+
+
 def _property(raw: str, extra: tuple[str, ...] = EXTRA) -> None:
     try:
         name = validate_hostname(raw, extra_suffixes=extra, own_zones=OWN)
     except InvalidHostname as exc:
         assert exc.code in HOSTNAME_ERRORS
         assert str(exc).isprintable()
+        _check_suggestion(exc, extra)
         return
     _check_accepted(name, extra)
 

@@ -226,3 +226,33 @@ def test_sysusers_creates_the_service_user(tmp_path: Path) -> None:
                 if line.startswith("edgeproxy:")]
     assert entry[5] == "/var/lib/edgeproxy" and entry[6] == "/usr/sbin/nologin"
     assert 0 < int(entry[2]) < 1000  # a system user
+
+
+# -- pyproject.toml ---------------------------------------------------------------------
+
+
+def test_pyproject_metadata_builds_without_deprecation_warnings() -> None:
+    # setuptools >= 77 deprecates `license = { text = ... }` (PEP 639 wants an SPDX
+    # string) and prints the warning four times on every `pip install -e .`. Apply the
+    # file exactly as the build backend does, with every warning an error.
+    code = (
+        "import warnings\n"
+        "from setuptools.dist import Distribution\n"
+        "from setuptools.config.pyprojecttoml import apply_configuration\n"
+        "warnings.simplefilter('error')\n"
+        "dist = apply_configuration(Distribution(), 'pyproject.toml')\n"
+        "print(dist.metadata.license_expression)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Apache-2.0"
+
+
+def test_make_clean_removes_every_generated_directory() -> None:
+    # `make -n` prints the recipe without running it (the venv under test stays).
+    # .hypothesis/ is written by every test run (hostname and admin API fuzzing).
+    recipe = subprocess.run(["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert recipe.returncode == 0, recipe.stderr
+    removed = recipe.stdout.split()
+    for name in (".venv", ".pytest_cache", ".mypy_cache", ".hypothesis", "*.egg-info"):
+        assert name in removed, f"make clean leaves {name} behind"
