@@ -373,14 +373,19 @@ def _dot_segments(raw: bytes) -> bool:
     return any(segment in (b".", b"..") for segment in decoded.split(b"/"))
 
 
-def _rewrite_target(target: bytes, rules: tuple[tuple[bytes, bytes], ...]) -> bytes:
-    """A route's ``request_rewrite``: literal replacements, longest search string first,
-    in one pass (a replacement is never rewritten again)."""
-    if not rules:
-        return target
-    pattern = re.compile(b"|".join(re.escape(k) for k, _ in rules))
-    table = dict(rules)
-    return pattern.sub(lambda m: table[m.group(0)], target)
+class _TargetRewrite:
+    """A route's ``request_rewrite``: literal replacements in the target, longest search
+    string first, in one pass (a replacement is never rewritten again)."""
+
+    def __init__(self, rules: Mapping[str, str]) -> None:
+        self._table = {k.encode(): v.encode() for k, v in rules.items() if k}
+        keys = sorted(self._table, key=len, reverse=True)
+        self._pattern = re.compile(b"|".join(re.escape(k) for k in keys)) if keys else None
+
+    def __call__(self, target: bytes) -> bytes:
+        if self._pattern is None:
+            return target
+        return self._pattern.sub(lambda m: self._table[m.group(0)], target)
 
 
 RecordRefusal = Callable[[ForwardRequest, int, str], None]
@@ -401,13 +406,6 @@ class _Refused(Exception):
         super().__init__(reason)
         self.canned = canned
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class _Call:
-    """A validated call on an ``event`` or ``passthrough`` route, before its body is read."""
-
-    target: bytes  # below the route's prefix, with ?query, request rewrites applied
 
 
 class EdgeProxy:
@@ -467,7 +465,7 @@ class EdgeProxy:
         relay_origin = upstream.relay.rstrip("/")
         self._scripts: dict[str, ScriptSource] = {}
         self._assets: dict[str, AssetCache] = {}
-        self._request_rewrites: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
+        self._request_rewrites: dict[str, _TargetRewrite] = {}
         self._upstreams: dict[str, str] = {}  # route name -> absolute base for non-default upstreams
         first_script = True
         for entry in configured_routes(routes):
@@ -481,9 +479,7 @@ class EdgeProxy:
                 self._assets[entry.name] = AssetCache(entry.upstream, max_bytes=entry.max_bytes,
                                                       http=self._http, stats=self.stats)
             else:
-                rules_b = tuple(sorted(((k.encode(), v.encode()) for k, v in entry.request_rewrite.items() if k),
-                                       key=lambda kv: -len(kv[0])))
-                self._request_rewrites[entry.name] = rules_b
+                self._request_rewrites[entry.name] = _TargetRewrite(entry.request_rewrite)
                 base = entry.upstream.rstrip("/")
                 if entry.kind == "passthrough" or (base and base != relay_origin):
                     self._upstreams[entry.name] = base or relay_origin
@@ -745,8 +741,8 @@ class EdgeProxy:
 
     def _request(self, scope: Scope, host: str, route: Route, target: bytes, body: bytes) -> ForwardRequest:
         """The call as the upstream receives it (header policy, a new Idempotency-Key)."""
-        target = _rewrite_target(target, self._request_rewrites.get(route.name, ()))
-        text = target.decode("ascii")
+        rewrite = self._request_rewrites.get(route.name)
+        text = (rewrite(target) if rewrite is not None else target).decode("ascii")
         base = self._upstreams.get(route.name)
         if base is not None:
             text = base + text  # an absolute target: HttpRelay sends it there (and the spool keeps it)
@@ -769,7 +765,9 @@ class EdgeProxy:
             raw = _raw_path(scope)
             query = scope.get("query_string", b"")
             target = (raw + b"?" + query if query else raw)[len(route.path):]
-        request = self._request(scope, host, route, target.decode("ascii", "replace").encode("ascii", "replace"), body)
+        # Kept as text: a raw target that failed the checks may hold any byte.
+        request = self._request(scope, host, route, target.decode("latin-1").encode("ascii", "backslashreplace"),
+                                body)
         self._record_refusal(request, status, reason)
 
     async def _event(self, scope: Scope, receive: Receive, send: Send, host: str, route: Route) -> None:
