@@ -280,7 +280,7 @@ class EdgeNode:
                                observe=self.metrics.observe_relay)
         refusals = RefusalLog(self.spool, settings.failed_log.refusals_per_domain_hour, stats=stats)
         events = SpoolingRelay(self.relay, self.spool, self.storage, refusals=refusals,
-                               ip_retention=settings.privacy.ip_retention)
+                               ip_retention=settings.privacy.ip_retention, stats=stats)
         self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge, relay=self.relay,
                                events=events, record_refusal=refusals.record, stats=stats)
         # (depth, oldest age in s) for alerts and /metrics.

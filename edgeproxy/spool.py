@@ -772,6 +772,7 @@ class SpoolingRelay:
         ip_retention: str = "full",
         alert: AlertHook = log_alert,
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        stats: Counter[str] | None = None,
     ) -> None:
         self.inner = inner
         self._spool = spool
@@ -780,7 +781,7 @@ class SpoolingRelay:
         self._ip_retention = ip_retention
         self._alert = alert
         self._now = now
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = stats if stats is not None else Counter()
 
     async def send(self, request: ForwardRequest) -> ForwardResult:
         result = await self.inner.send(request)
@@ -801,6 +802,7 @@ class SpoolingRelay:
             await self._spool.put(SpoolEntry.from_request(request))
         except (SpoolFull, SpoolUnavailable) as exc:
             self.stats[exc.code] += 1
+            self.stats[f"event_refused_{exc.code}"] += 1  # by reason, with the proxy's own refusals
             self._alert(exc.code, str(exc))
             if self._refusals is not None:
                 self._refusals.record(request, 503, exc.code)  # node-local, off the shared store
