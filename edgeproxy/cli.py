@@ -2,7 +2,7 @@
 
 Owns: argument parsing, human and JSON output, exit codes (0 only on success:
 cron relies on it).
-Must not import: storage backends (it opens storage through ``keys.open_store``), ``acme``.
+Must not import: storage backends, ``acme`` (everything is built by ``node.Services``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .errors import DomainNotFound, EdgeproxyError
-from .keys import generate_master_key, open_store, rotate
+from .keys import generate_master_key, rotate
+from .node import Services
 from .storage import migrate_storage, open_storage
 from .storage.copy import copy_store
-from .tokens import TokenStore
 
 if TYPE_CHECKING:  # registry pulls in dnspython and tldextract; `serve` does not need them first
     from .registry import Registry
@@ -47,10 +47,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _services(args: argparse.Namespace) -> Services:
+    """The composition root for one command (``node.Services``): what the command
+    touches is built on first use, nothing else."""
+    return Services(_settings(args))
+
+
 def _with_registry(args: argparse.Namespace) -> tuple[Registry, Settings]:
-    from .registry import Registry
-    settings = _settings(args)
-    return Registry(open_store(settings), settings), settings
+    services = _services(args)
+    return services.registry, services.settings
 
 
 def _store_absent(settings: Settings) -> bool:
@@ -132,19 +137,11 @@ def _cmd_domains_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_renew(args: argparse.Namespace) -> int:
-    from .registry import Registry, domain_view
-    from .acme_client import AcmeIssuer
-    from .certstore import CertStore
-    from .renew import RenewalService
+    from .registry import domain_view
 
-    settings = _settings(args)
-    storage = open_store(settings)
-    registry = Registry(storage, settings)
-    issuer = AcmeIssuer(
-        storage=storage, directory_url=settings.acme.directory, email=settings.acme.email,
-        ca_bundle=settings.acme.ca_bundle, profile=settings.acme.profile, timeout=settings.acme.timeout,
-    )
-    service = RenewalService.from_settings(storage, CertStore(storage), issuer, settings)
+    services = _services(args)
+    settings, storage, registry = services.settings, services.storage, services.registry
+    service = services.renewal()
     forced = [registry.get(h).hostname for h in args.force]
     due = forced or [d.hostname for d in service.due(service.clock())]
     if args.dry_run:
@@ -210,7 +207,7 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     if not settings.storage.key_encryption_key_file:
         print("edgeproxy: storage.key_encryption_key_file is not set: nothing to seal with", file=sys.stderr)
         return EXIT_FAILED
-    store = open_store(settings)
+    store = Services(settings).storage
     count = rotate(store, [settings.acme.directory], progress=lambda what: print(f"resealed {what}"))
     print(f"{count} private key(s) sealed under the current master key; previous_key_files can now be dropped")
     return EXIT_OK
@@ -218,14 +215,14 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 def _cmd_tokens_create(args: argparse.Namespace) -> int:
     from .registry import utcnow
-    token = TokenStore(_settings(args).admin).create(args.name, utcnow())
+    token = _services(args).tokens.create(args.name, utcnow())
     print(token)
     print(f"token {args.name!r} created; it is shown once and stored only as a hash", file=sys.stderr)
     return EXIT_OK
 
 
 def _cmd_tokens_list(args: argparse.Namespace) -> int:
-    infos = TokenStore(_settings(args).admin).list()
+    infos = _services(args).tokens.list()
     for info in infos:
         print(f"{info.name:<24} {info.created_at:<34} sha256:{info.fingerprint}")
     if not infos:
@@ -234,7 +231,7 @@ def _cmd_tokens_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    TokenStore(_settings(args).admin).revoke(args.name)
+    _services(args).tokens.revoke(args.name)
     print(f"revoked {args.name}")
     return EXIT_OK
 
@@ -249,18 +246,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .domains import normalize_hostname
     from .monitor import PROBED_STATUSES, Prober, probe_hosts
 
-    settings = _settings(args)
+    services = _services(args)
     if args.domain:
         hosts = [normalize_hostname(h) for h in args.domain]
     else:
-        storage = open_store(settings)
         try:
-            hosts = [d.hostname for d in storage.list_domains() if d.status in PROBED_STATUSES]
+            hosts = [d.hostname for d in services.storage.list_domains() if d.status in PROBED_STATUSES]
         finally:
-            storage.close()
+            services.storage.close()
     # The same Prober and workers as the serve loop, unpaced (an operator waits for the
     # answer); 8 workers, not one task per domain (issue 8). The command sends no alerts.
-    prober = Prober.from_settings(settings, connect=args.connect, port=args.port)
+    prober = services.prober(connect=args.connect, port=args.port)
     results = asyncio.run(probe_hosts(prober.probe, hosts, concurrency=8)) if hosts else []
     if args.json:
         _print_json({"ok": all(r.ok for r in results), "results": [r.to_json() for r in results]})
@@ -289,20 +285,13 @@ def _cmd_alert_test(args: argparse.Namespace) -> int:
         print(f"{'FAIL' if errors else 'ok  '}  {name}" + (f"  {errors[-1]}" if errors else ""))
     return EXIT_FAILED if any(failures.values()) else EXIT_OK
 # -- BEGIN issue 3: replay and spool ------------------------------------------------------
-def _relay(settings: Settings) -> Any:
-    """The plain relay client (the same client policy as ``serve``'s)."""
-    from .relay import HttpRelay
-
-    return HttpRelay(settings.upstream.relay, settings.upstream)
-
-
 def _cmd_replay(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from .spool import ReplayFilters, move_refusals, replay_failed, spool_path
 
-    settings = _settings(args)
-    storage = open_store(settings)
+    services = _services(args)
+    settings, storage = services.settings, services.storage
     filters = ReplayFilters.parse(args.since, args.until, args.domain, args.status, datetime.now(timezone.utc))
     tty = sys.stderr.isatty()
 
@@ -318,23 +307,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{bar} {record.domain} {record.idempotency_key} {outcome}\n")
         sys.stderr.flush()
 
-    relay = _relay(settings)
     # What the edge refused itself waits in this node's spool file until the replayer
     # moves it to the failed-request log; move it now so that it can be selected.
-    spool = _open_spool(settings) if os.path.exists(spool_path(settings)) else None
+    has_spool = os.path.exists(spool_path(settings))
 
     async def run() -> Any:
         try:
-            if spool is not None:
-                await move_refusals(spool, storage, settings.privacy.ip_retention, lambda: datetime.now(timezone.utc))
-            return await replay_failed(storage, relay, filters, dry_run=args.dry_run, progress=progress)
+            if has_spool:
+                await move_refusals(services.spool, storage, settings.privacy.ip_retention,
+                                    lambda: datetime.now(timezone.utc))
+            return await replay_failed(storage, services.relay, filters, dry_run=args.dry_run, progress=progress)
         finally:
-            await relay.aclose()
-            if spool is not None:
-                spool.close()
+            await services.aclose()
 
     summary = asyncio.run(run())
-    storage.close()
     if args.json:
         _print_json(summary.as_dict())
     elif args.dry_run:
@@ -346,16 +332,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.failed == 0 else EXIT_FAILED
 
 
-def _open_spool(settings: Settings) -> Any:
-    from .spool import Spool, spool_path
-
-    return Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
-
-
 def _cmd_spool_stats(args: argparse.Namespace) -> int:
     import time
 
-    spool = _open_spool(_settings(args))
+    spool = _services(args).spool
     try:
         _print_json(spool.stats(time.time()).as_dict())
     finally:
@@ -366,7 +346,7 @@ def _cmd_spool_stats(args: argparse.Namespace) -> int:
 def _cmd_spool_list(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    spool = _open_spool(_settings(args))
+    spool = _services(args).spool
     try:
         entries = spool.entries(args.limit, args.domain)
     finally:
@@ -386,27 +366,24 @@ def _cmd_spool_list(args: argparse.Namespace) -> int:
 def _cmd_spool_drain(args: argparse.Namespace) -> int:
     from .spool import Replayer
 
-    settings = _settings(args)
-    spool = _open_spool(settings)
-    storage = open_store(settings)
-    relay = _relay(settings)
-    replayer = Replayer(spool, relay, settings.spool, storage=storage,
+    services = _services(args)
+    settings, spool = services.settings, services.spool
+    replayer = Replayer(spool, services.relay, settings.spool, storage=services.storage,
                         ip_retention=settings.privacy.ip_retention)
 
     async def run() -> int:
+        import time
+
         try:
             while True:
                 result = await replayer.drain_once()
                 if result.sent == 0 or result.retried:
                     break
+            return int(spool.stats(time.time()).depth)
         finally:
-            await relay.aclose()
-        import time
-        return int(spool.stats(time.time()).depth)
+            await services.aclose()
 
     left = asyncio.run(run())
-    spool.close()
-    storage.close()
     totals = replayer.totals
     print(f"{totals.delivered} delivered, {totals.refused} moved to the failed-request log, "
           f"{totals.dead} dead-lettered, {left} left in the spool")

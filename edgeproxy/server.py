@@ -42,18 +42,15 @@ from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CollectorRegistry
 
-from .certstore import CertStore
 from .config import Settings, parse_hostport
 from .logs import setup_logging
 from .metrics import (
     CONTENT_TYPE, CountingIssuer, Metrics, StateCollector, StatsCounter, enable_multiprocess, instrument, make_run_dir,
     multiprocess_dir, render, sample_total, scrape_registry,
 )
+from .node import Services
 from .proxy import EdgeProxy, Site
-from .keys import open_store
-from .relay import HttpRelay
-from .spool import (RefusalLog, Replayer, ReplayFilters, Spool, SpoolingRelay, move_refusals, prune_loop,
-                    replay_failed, spool_path)
+from .spool import Replayer, ReplayFilters, move_refusals, prune_loop, replay_failed
 from .storage.base import Storage
 
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
@@ -265,28 +262,27 @@ class EdgeNode:
         self.settings = settings
         self.sockets = sockets
         self.primary = primary
-        self.storage = storage or open_store(settings)
-        self.certstore = CertStore(self.storage, settings.proxy.tls_context_cache, native=settings.proxy.tls_native)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         # Metrics: multiprocess files under `serve`, a local registry otherwise.
         self.metrics_registry = None if multiprocess_dir() else CollectorRegistry()
         self.metrics = Metrics(self.metrics_registry)
-        stats = StatsCounter(self.metrics)
-        # The data path, built once, one way: proxy -> spool -> relay client. Every worker
-        # spools into the same node-local file; the primary drains it.
-        self.spool = Spool(spool_path(settings), max_bytes=settings.spool.max_bytes)
-        self.relay = HttpRelay(settings.upstream.relay, settings.upstream, stats=stats,
-                               observe=self.metrics.observe_relay)
-        refusals = RefusalLog(self.spool, settings.failed_log.refusals_per_domain_hour, stats=stats)
-        events = SpoolingRelay(self.relay, self.spool, self.storage, refusals=refusals,
-                               ip_retention=settings.privacy.ip_retention, stats=stats)
+        # Everything else comes from the composition root, counting into these metrics.
+        self.services = Services(settings, role="primary" if primary else "worker", storage=storage,
+                                 issuer=issuer, stats=StatsCounter(self.metrics),
+                                 observe_relay=self.metrics.observe_relay)
+        self.storage = self.services.storage
+        self.certstore = self.services.certstore
+        # The data path, one way: proxy -> spool -> relay client. Every worker spools
+        # into the same node-local file; the primary drains it.
+        self.spool = self.services.spool
+        self.relay = self.services.relay
         self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge, relay=self.relay,
-                               events=events, record_refusal=refusals.record, stats=stats)
+                               events=self.services.events, record_refusal=self.services.refusals.record,
+                               stats=self.services.stats)
         # (depth, oldest age in s) for alerts and /metrics.
         self.spool_stats: SpoolStats | None = self.spool.depth_age
         self.monitor: MonitorService | None = None
-        self.issuer = issuer
         self._config = _hypercorn_config()
         self._context = WorkerContext(None)
         self._listeners: list[_Listener] = []
@@ -378,29 +374,15 @@ class EdgeNode:
         """The primary's share: admin API, probes, issuance and renewal, replay,
         pruning. Imported here, after the public listeners are up: nothing on the
         public path needs FastAPI or the ACME client."""
-        from .acme_client import AcmeIssuer
         from .admin import create_admin_app
-        from .registry import Registry
-        from .renew import RenewalService
-        from .tokens import TokenStore
 
-        registry = Registry(self.storage, self.settings)
-        tokens = TokenStore(self.settings.admin, create_bootstrap=True)
         monitor = self._monitor()
-        admin = create_admin_app(registry, tokens, on_registered=lambda _h: self._wake_soon(),
+        admin = create_admin_app(self.services.registry, self.services.tokens,
+                                 on_registered=lambda _h: self._wake_soon(),
                                  last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
                                  spool_status=self._spool_status, replay=self._replay)
         background.append(asyncio.create_task(monitor.run_forever(self.stop)))
-        issuer = self.issuer or AcmeIssuer(
-            storage=self.storage,
-            directory_url=self.settings.acme.directory,
-            email=self.settings.acme.email,
-            ca_bundle=self.settings.acme.ca_bundle,
-            profile=self.settings.acme.profile,
-            timeout=self.settings.acme.timeout,
-        )
-        renewer = RenewalService.from_settings(
-            self.storage, self.certstore, CountingIssuer(issuer, self.metrics), self.settings)
+        renewer = self.services.renewal(CountingIssuer(self.services.issuer, self.metrics))
         r = self.settings.renew
         background.append(asyncio.create_task(
             renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
@@ -428,7 +410,7 @@ class EdgeNode:
                                      on_delivery=self.metrics.observe_delivery)
         probes = self.metrics.probes
         self.monitor = MonitorService(
-            self.settings, self.storage, Prober.from_settings(self.settings), dispatcher,
+            self.settings, self.storage, self.services.prober(), dispatcher,
             spool_stats=self._spool, relay_4xx_total=self._relay_4xx_total,
             on_result=lambda r: probes.labels("ok" if r.ok else "failed").inc(),
         )
@@ -448,7 +430,8 @@ class EdgeNode:
 
         return render_metrics
     def _spool_status(self) -> dict[str, Any]:
-        return self.spool.stats(time.time()).as_dict()
+        status: dict[str, Any] = self.spool.stats(time.time()).as_dict()
+        return status
 
     async def _replay(self, filters: ReplayFilters, dry_run: bool) -> dict[str, Any]:
         await move_refusals(self.spool, self.storage, self.settings.privacy.ip_retention,

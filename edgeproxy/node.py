@@ -1,0 +1,152 @@
+"""The composition root: every long-lived object of one process, built in one place.
+
+Owns: which implementation each seam gets and how the objects are wired: the
+store, the registry, the certificate store, the ACME issuer and the renewal
+service, the relay client, the spool around it and the refusal log, the probes,
+the admin tokens. ``serve`` (its primary and its workers), every CLI command and
+the admin API get their collaborators from :class:`Services`; nothing is built
+anywhere else, and nothing is patched onto an object after it was built.
+
+Each object is built on first use and then shared (a CLI command that only lists
+domains never loads the ACME client or opens the spool). Heavy modules are
+imported inside the properties for the same reason: ``serve`` opens its public
+listeners before the primary's imports have loaded.
+
+Roles: ``cli`` (one command), ``worker`` (public listeners only) and ``primary``
+(listeners, admin API and the loops). Only the primary creates the bootstrap
+admin token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import Counter
+from typing import TYPE_CHECKING, Literal
+
+from .config import Settings
+
+if TYPE_CHECKING:
+    from .certstore import CertStore
+    from .monitor import Prober
+    from .registry import Registry
+    from .relay import HttpRelay, Observe
+    from .renew import Issuer, RenewalService
+    from .spool import RefusalLog, Spool, SpoolingRelay
+    from .storage import Storage
+    from .tokens import TokenStore
+
+__all__ = ["Role", "Services"]
+
+Role = Literal["cli", "worker", "primary"]
+
+
+class Services:
+    """The objects one process needs, each built once on first use.
+
+    ``storage`` and ``issuer`` may be given (tests, a caller that already opened
+    the store); ``stats`` and ``observe_relay`` are the metrics hooks every counting
+    object shares (``serve`` passes its Prometheus-backed ones). Not thread-safe
+    while building: build from one thread (the event loop's), as ``serve`` does.
+    """
+
+    def __init__(self, settings: Settings, *, role: Role = "cli", storage: Storage | None = None,
+                 issuer: Issuer | None = None, stats: Counter[str] | None = None,
+                 observe_relay: Observe | None = None) -> None:
+        self.settings = settings
+        self.role = role
+        self._storage = storage
+        self._issuer = issuer
+        self.stats: Counter[str] = stats if stats is not None else Counter()
+        self._observe_relay = observe_relay
+
+    # -- the control plane ------------------------------------------------------------
+    @functools.cached_property
+    def storage(self) -> Storage:
+        if self._storage is not None:
+            return self._storage
+        from .keys import open_store
+
+        return open_store(self.settings)
+
+    @functools.cached_property
+    def registry(self) -> Registry:
+        from .registry import Registry
+
+        return Registry(self.storage, self.settings)
+
+    @functools.cached_property
+    def tokens(self) -> TokenStore:
+        from .tokens import TokenStore
+
+        return TokenStore(self.settings.admin, create_bootstrap=self.role == "primary")
+
+    @functools.cached_property
+    def certstore(self) -> CertStore:
+        from .certstore import CertStore
+
+        proxy = self.settings.proxy
+        return CertStore(self.storage, proxy.tls_context_cache, native=proxy.tls_native)
+
+    @functools.cached_property
+    def issuer(self) -> Issuer:
+        if self._issuer is not None:
+            return self._issuer
+        from .acme_client import AcmeIssuer
+
+        acme = self.settings.acme
+        return AcmeIssuer(storage=self.storage, directory_url=acme.directory, email=acme.email,
+                          ca_bundle=acme.ca_bundle, profile=acme.profile, timeout=acme.timeout)
+
+    def renewal(self, issuer: Issuer | None = None) -> RenewalService:
+        """A renewal service over ``issuer`` (default :attr:`issuer`; ``serve`` wraps it to count orders)."""
+        from .renew import RenewalService
+
+        return RenewalService.from_settings(self.storage, self.certstore, issuer or self.issuer, self.settings)
+
+    def prober(self, *, connect: str | None = None, port: int | None = None) -> Prober:
+        from .monitor import Prober
+
+        return Prober.from_settings(self.settings, connect=connect, port=port)
+
+    # -- the data path: proxy -> spool -> relay client, one way --------------------------
+    @functools.cached_property
+    def relay(self) -> HttpRelay:
+        """The relay client (``upstream.relay``): passthrough routes, the replayer and
+        ``edgeproxy replay`` use it directly; event routes through :attr:`events`."""
+        from .relay import HttpRelay
+
+        return HttpRelay(self.settings.upstream.relay, self.settings.upstream, stats=self.stats,
+                         observe=self._observe_relay)
+
+    @functools.cached_property
+    def spool(self) -> Spool:
+        """This node's spool file (every process of a node writes the same one)."""
+        from .spool import Spool, spool_path
+
+        return Spool(spool_path(self.settings), max_bytes=self.settings.spool.max_bytes)
+
+    @functools.cached_property
+    def refusals(self) -> RefusalLog:
+        from .spool import RefusalLog
+
+        return RefusalLog(self.spool, self.settings.failed_log.refusals_per_domain_hour, stats=self.stats)
+
+    @functools.cached_property
+    def events(self) -> SpoolingRelay:
+        """What event routes send through: the spool as a decorator over :attr:`relay`."""
+        from .spool import SpoolingRelay
+
+        return SpoolingRelay(self.relay, self.spool, self.storage, refusals=self.refusals,
+                             ip_retention=self.settings.privacy.ip_retention, stats=self.stats)
+
+    # -- shutting down ----------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close what was built (never builds anything); idempotent."""
+        built = self.__dict__
+        if "relay" in built:
+            await built["relay"].aclose()
+        if "spool" in built:
+            await asyncio.to_thread(built["spool"].close)  # joins the writer thread
+        if "storage" in built and self._storage is None:
+            built["storage"].close()
