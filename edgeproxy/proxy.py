@@ -399,13 +399,15 @@ def _ignore_refusal(request: ForwardRequest, status: int, reason: str) -> None:
 
 
 class _Refused(Exception):
-    """A request an ``event`` route refuses: the answer, the stats key and whether
-    the body was read (and so is kept with the record)."""
+    """A call a route refuses: the answer, the reason, and what was read of it by then
+    (``target`` None when the target itself was refused)."""
 
     def __init__(self, canned: _Canned, reason: str) -> None:
         super().__init__(reason)
         self.canned = canned
         self.reason = reason
+        self.target: bytes | None = None
+        self.body = b""
 
 
 class EdgeProxy:
@@ -782,30 +784,21 @@ class EdgeProxy:
         if method != "GET" and method != "POST":
             await _reply(send, _EVENT_METHODS)
             return
-        target: bytes | None = None
-        body = b""
         try:
-            self._declared_length(headers)
-            try:
-                read = await self._read_body(receive)
-            except _ClientGone:
-                return
-            if read is None:
-                raise _Refused(_TOO_LARGE, "body_too_large")
-            body = read  # read before the target is checked: a 400 keeps the whole request
-            target = self._target(scope, route)
-            if not self._within_rate(scope, headers, host):
-                raise _Refused(_TOO_MANY, "rate_limited")
+            admitted = await self._admit(scope, receive, host, route)
         except _Refused as refused:
             if refused.reason == "rate_limited":
                 self.stats["api_rate_limited"] += 1
             elif refused.reason == "body_too_large":
                 self.stats["api_too_large"] += 1
             keep = refused.canned.status in (400, 429)  # 413/414/404: the body is not kept
-            self._refused_event(scope, host, route, target, body if keep else b"", refused.canned.status,
-                                refused.reason)
+            self._refused_event(scope, host, route, refused.target, refused.body if keep else b"",
+                                refused.canned.status, refused.reason)
             await _reply(send, refused.canned, self._cors(headers))
             return
+        if admitted is None:
+            return
+        target, body = admitted
         result = await self._events.send(self._request(scope, host, route, target, body))
         await self._answer(send, headers, result)
 
@@ -819,20 +812,14 @@ class EdgeProxy:
             await _reply(send, _PASSTHROUGH_METHODS)
             return
         try:
-            target = self._target(scope, route)
-            self._declared_length(headers)
-            try:
-                body = await self._read_body(receive)
-            except _ClientGone:
-                return
-            if body is None:
-                raise _Refused(_TOO_LARGE, "body_too_large")
-            if not self._within_rate(scope, headers, host):
-                raise _Refused(_TOO_MANY, "rate_limited")
+            admitted = await self._admit(scope, receive, host, route)
         except _Refused as refused:
             self.stats[f"passthrough_refused_{refused.reason}"] += 1
             await _reply(send, refused.canned, self._cors(headers))
             return
+        if admitted is None:
+            return
+        target, body = admitted
         result = await self.relay.send(self._request(scope, host, route, target, body))
         if result.error is not None:
             # The upstream gave no answer: a read the browser needs now is not spooled.
@@ -842,6 +829,32 @@ class EdgeProxy:
             return
         self.stats["passthrough_answered"] += 1
         await self._answer(send, headers, result)
+
+    async def _admit(self, scope: Scope, receive: Receive, host: str, route: Route) -> tuple[bytes, bytes] | None:
+        """The checked target and the body of an event or passthrough call, or None when
+        the client went away; raises :class:`_Refused` (with what was read by then).
+
+        The body is read before the target is checked, so a 400 keeps the whole
+        request; a declared length over ``proxy.max_body`` is refused before a byte
+        is read."""
+        headers: Headers = scope["headers"]
+        self._declared_length(headers)
+        try:
+            body = await self._read_body(receive)
+        except _ClientGone:
+            return None
+        if body is None:
+            raise _Refused(_TOO_LARGE, "body_too_large")
+        try:
+            target = self._target(scope, route)
+        except _Refused as refused:
+            refused.body = body
+            raise
+        if not self._within_rate(scope, headers, host):
+            limited = _Refused(_TOO_MANY, "rate_limited")
+            limited.target, limited.body = target, body
+            raise limited
+        return target, body
 
     async def _answer(self, send: Send, headers: Headers, result: ForwardResult) -> None:
         out = list(result.headers)
