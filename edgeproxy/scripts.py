@@ -304,8 +304,8 @@ class ScriptSource:
 
 # -- assets ------------------------------------------------------------------------------
 
-# Which origin header fields an asset answer keeps (the rest is ours): the type, and
-# nothing that could set state or policy on the customer's domain.
+# An asset answer keeps one origin header, its Content-Type (when it is a plain visible
+# ASCII value), and nothing that could set state or policy on the customer's domain.
 _ASSET_TYPES_SAFE: Final = re.compile(rb"[\x21-\x7e][\x20-\x7e]{0,127}\Z")
 _ASSET_CACHE_BYTES: Final = 32 * 1024 * 1024  # per asset route and worker (LRU)
 _ASSET_CACHE_CONTROL: Final = b"public, max-age=31536000, immutable"
@@ -377,8 +377,9 @@ class AssetCache:
                         log.warning("asset %s is larger than %d bytes; not served", url, self.max_bytes)
                         return 502
                     chunks.append(chunk)
-                content_type = response.headers.raw  # raw pairs, to keep the origin's bytes
-                kind = next((v for n, v in content_type if n.lower() == b"content-type"), b"application/octet-stream")
+                # The origin's own bytes for the one header kept (the rest are ours).
+                kind = next((v for n, v in response.headers.raw if n.lower() == b"content-type"),
+                            b"application/octet-stream")
         except httpx.HTTPError as exc:
             self.stats["asset_origin_error"] += 1
             log.warning("asset origin %s failed: %s: %s", url, type(exc).__name__, exc)
