@@ -8,17 +8,25 @@
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
+# The dependencies come from the runtime lock only: exact pins, every file checked against
+# its hash (make lock; for CPython 3.11 on Linux). The venv is copied whole into the
+# final stage, so it has the same path in both.
+COPY requirements.lock ./
+RUN python -m venv /opt/edgeproxy \
+ && /opt/edgeproxy/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
+# Then the project's own wheel: --no-deps fetches nothing beyond the lock, and
+# --no-build-isolation builds it with the locked setuptools instead of fetching one.
 COPY pyproject.toml README.md ./
 COPY edgeproxy ./edgeproxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN /opt/edgeproxy/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
 
 FROM python:3.11-slim-bookworm
 # A fixed numeric uid/gid so that volume ownership and runAsNonRoot policies are predictable.
 RUN groupadd --system --gid 10001 edgeproxy \
  && useradd --system --uid 10001 --gid edgeproxy --home-dir /var/lib/edgeproxy --shell /usr/sbin/nologin edgeproxy \
  && install -d -o edgeproxy -g edgeproxy -m 0700 /var/lib/edgeproxy
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-compile /wheels/*.whl && rm -rf /wheels
+COPY --from=build /opt/edgeproxy /opt/edgeproxy
+ENV PATH=/opt/edgeproxy/bin:$PATH
 
 # High ports inside the container: the non-root user needs no CAP_NET_BIND_SERVICE
 # (works with --cap-drop ALL); publish them as 80 and 443 on the host.

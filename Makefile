@@ -4,16 +4,48 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+UV     := $(VENV)/bin/uv
 
-.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble chromium systemd-tools docs postgres
+# Reproducible installs (issue 16): exact pins, every file checked against its hash.
+#   requirements.lock      runtime dependencies (the Dockerfile installs this one)
+#   requirements-dev.lock  runtime + the test and bench extras (make deps/test/bench, so CI)
+# Both also pin pyproject's [build-system] requires, so the project itself is built
+# with --no-build-isolation and nothing is fetched without a hash.
+# `make lock` regenerates them with uv (pinned, with hashes, in requirements-uv.txt),
+# resolved for CPython 3.11 on Linux x86_64: the machines, CI and the image. Each pin
+# lists the hashes of every file of that release, so pip can verify whichever wheel it
+# picks elsewhere too. Existing pins are kept while they still satisfy pyproject.toml;
+# `make lock UV_ARGS=--upgrade` moves everything to the newest releases.
+LOCK     := requirements.lock
+DEV_LOCK := requirements-dev.lock
+
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps lock pebble chromium systemd-tools docs postgres
 
 all: test
 
-$(STAMP): pyproject.toml
+# The stamp depends on the lock, so a changed lock reinstalls. Packages dropped from the
+# lock stay in an existing venv: `make clean deps` gives exactly the locked set.
+$(STAMP): $(DEV_LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+$(UV): requirements-uv.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --require-hashes -r requirements-uv.txt
+	@touch $(UV)
+
+LOCK_FLAGS  = --generate-hashes --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+              --custom-compile-command 'make lock' --quiet $(UV_ARGS)
+# pyproject's [build-system] requires, one a line, fed to uv on stdin ("-").
+BUILD_REQUIRES = $(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
+
+# The dev lock first; the runtime lock is constrained by it, so the two never pin a
+# package at different versions (tests/test_lock.py checks that, and both against pyproject).
+lock: $(UV)
+	$(BUILD_REQUIRES) | $(UV) pip compile $(LOCK_FLAGS) --extra test --extra bench pyproject.toml - -o $(DEV_LOCK)
+	$(BUILD_REQUIRES) | $(UV) pip compile $(LOCK_FLAGS) --constraint $(DEV_LOCK) pyproject.toml - -o $(LOCK)
 
 # Debian's pebble package ships pebble and pebble-challtestsrv (Let's Encrypt's ACME test server).
 pebble:
@@ -78,8 +110,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info
 
 # Benchmarks (issue 8): loopback only, a few minutes; NOT part of `make test`.
-# wrk comes from Debian; py-spy/pyinstrument (bench extra) for bench/profile.py.
+# wrk comes from Debian; py-spy/pyinstrument (bench extra, in the dev lock) for bench/profile.py.
 bench: deps
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
-	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) bench/run.py

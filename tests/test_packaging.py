@@ -43,6 +43,11 @@ def require(tool: str, path: str | None = None) -> str:
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the final stage, continuation lines joined, comments dropped."""
+    return dockerfile_stages()[-1]
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """(INSTRUCTION, arguments) of every stage, in order."""
     logical: list[str] = []
     pending = ""
     for line in (ROOT / "Dockerfile").read_text().splitlines():
@@ -60,7 +65,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
         if keyword.upper() == "FROM":
             stages.append([])
         stages[-1].append((keyword.upper(), args.strip()))
-    return stages[-1]
+    return stages
 
 
 def test_hadolint_passes() -> None:
@@ -94,6 +99,23 @@ def test_dockerfile_promises() -> None:
     assert settings.listen.admin.startswith("127.0.0.1:")
     healthcheck = by["HEALTHCHECK"][0]
     assert "/healthz" in healthcheck and "CMD [" in healthcheck
+
+
+def test_the_image_installs_only_what_the_runtime_lock_pins() -> None:
+    """Build stage: the hash-checked runtime lock, then the project with --no-deps, so
+    nothing unpinned is fetched (tests/test_lock.py checks the lock against pyproject).
+    The final stage copies that venv and installs nothing of its own."""
+    build, final = dockerfile_stages()
+    commands = [cmd.strip() for k, args in build if k == "RUN" for cmd in args.split("&&")]
+    installs = [cmd.split() for cmd in commands if "pip" in cmd and " install " in cmd]
+    assert installs[0][-3:] == ["--require-hashes", "-r", "requirements.lock"]
+    assert installs[1:] and all("--no-deps" in cmd and "--no-build-isolation" in cmd for cmd in installs[1:])
+    assert all("pip" not in cmd or " install " in cmd for cmd in commands), "no other pip steps (wheel, download)"
+    copied = [args.split()[:-1] for k, args in build if k == "COPY"]
+    assert copied[0] == ["requirements.lock"], "the lock layer comes before (and caches apart from) the source"
+    assert not any("pip" in args for k, args in final if k == "RUN")
+    assert ("COPY", "--from=build /opt/edgeproxy /opt/edgeproxy") in final
+    assert ("ENV", "PATH=/opt/edgeproxy/bin:$PATH") in final
 
 
 @contextmanager
@@ -143,7 +165,7 @@ def test_dockerignore_keeps_the_build_context_small_but_sufficient() -> None:
     copied = [a for k, a in (line.strip().partition(" ")[::2] for line in (ROOT / "Dockerfile").read_text().splitlines())
               if k == "COPY" and not a.startswith("--from")]
     sources = [src for args in copied for src in args.split()[:-1]]
-    assert sources == ["pyproject.toml", "README.md", "edgeproxy"]
+    assert sources == ["requirements.lock", "pyproject.toml", "README.md", "edgeproxy"]
     for src in sources:
         assert (ROOT / src).exists() and src not in ignored
 
