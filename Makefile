@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble systemd-tools docs postgres
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps pebble systemd-tools docs postgres openssl
 
 all: test
 
@@ -46,7 +46,11 @@ systemd-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
 	fi
 
-deps: $(STAMP) pebble systemd-tools
+# The TLS tests (tests/test_tlspolicy.py) probe the listeners with `openssl s_client`.
+openssl:
+	@command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; }
+
+deps: $(STAMP) pebble systemd-tools openssl
 
 demo: deps
 	$(VENV)/bin/edgeproxy demo

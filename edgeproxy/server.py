@@ -41,6 +41,7 @@ from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CollectorRegistry
 
+from . import tlspolicy
 from .certstore import CertStore
 from .config import Settings, parse_hostport
 from .logs import setup_logging
@@ -263,7 +264,8 @@ class EdgeNode:
         self.sockets = sockets
         self.primary = primary
         self.storage = storage or open_store(settings)
-        self.certstore = CertStore(self.storage, settings.proxy.tls_context_cache, native=settings.proxy.tls_native)
+        self.certstore = CertStore(self.storage, settings.proxy.tls_context_cache, native=settings.proxy.tls_native,
+                                   policy=settings.tls.policy)
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         self.proxy = EdgeProxy(settings, resolve=self._resolve, challenge=self._challenge)
@@ -521,6 +523,10 @@ def serve(settings: Settings, workers: int = 1) -> None:
     }
     public = {k: sockets[k] for k in ("http", "https")}
     setup_logging(settings.log, level=logging.getLogger().level or logging.INFO)
+    if not tlspolicy.groups_configured():
+        log.warning("TLS key-exchange groups come from OPENSSL_CONF=%s, not from edgeproxy's %s (%s); "
+                    "start edgeproxy through its own command to get them", os.environ.get("OPENSSL_CONF", ""),
+                    tlspolicy.OPENSSL_CONF, ":".join(tlspolicy.GROUPS))
     # One fresh directory per run for every process's metric files (inherited by
     # the spawned workers through the environment); removed when serve ends.
     metrics_dir = make_run_dir()
