@@ -46,11 +46,21 @@ systemd-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
 	fi
 
+# sslyze (tests/test_tls_scan.py) in its own venv: sslyze 6.3 pins cryptography<47,
+# certbot's acme needs >=47, so it cannot share .venv; the test talks to it over the wire.
+SCAN_VENV := .venv-scan
+SCAN_STAMP := $(SCAN_VENV)/.installed
+SSLYZE_SPEC := sslyze>=6.3.1,<7
+$(SCAN_STAMP): Makefile
+	@test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install --quiet '$(SSLYZE_SPEC)'
+	@touch $(SCAN_STAMP)
+
 # The TLS tests (tests/test_tlspolicy.py) probe the listeners with `openssl s_client`.
 openssl:
 	@command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; }
 
-deps: $(STAMP) pebble systemd-tools openssl
+deps: $(STAMP) $(SCAN_STAMP) pebble systemd-tools openssl
 
 demo: deps
 	$(VENV)/bin/edgeproxy demo
@@ -70,7 +80,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache *.egg-info
 
 # Benchmarks (issue 8): loopback only, a few minutes; NOT part of `make test`.
 # wrk comes from Debian; py-spy/pyinstrument (bench extra) for bench/profile.py.
