@@ -201,3 +201,16 @@ def test_tls_error_after_handshake_is_one_info_line(edge: Edge) -> None:
     assert len(ended) == 1, lines
     assert ended[0]["level"] == "info" and "HANDSHAKE_FAILURE" in str(ended[0]["msg"])
     assert not [line for line in lines if line.get("level") == "error" or "exc" in line], lines
+
+
+def test_adapter_refuses_a_hypercorn_without_what_it_relies_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeproxy import hypercorn_adapter
+
+    hypercorn_adapter._check()  # this hypercorn passes
+
+    class Bare:
+        pass
+
+    monkeypatch.setattr(hypercorn_adapter, "H11Protocol", Bare)
+    with pytest.raises(ImportError, match=r"Bare\._check_protocol"):
+        hypercorn_adapter._check()
