@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
+from .private_files import private_file, tighten_sqlite
 from .config import Settings, SpoolSettings
 from .errors import EdgeproxyError, StorageError
 from .proxy import ForwardRequest, ForwardResult
@@ -328,8 +329,10 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self._busy_timeout = busy_timeout
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Request bodies and visitor IPs: 0600 in a 0700 directory, whichever
+        # command (serve, replay, spool ...) opens the spool first (issue 17).
+        private_file(path)
+        tighten_sqlite(path)
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()

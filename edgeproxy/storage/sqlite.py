@@ -61,6 +61,7 @@ from types import TracebackType
 from typing import Any
 
 from edgeproxy.errors import DomainExists, DomainNotFound, StorageError, StorageUnavailable
+from edgeproxy.private_files import tighten_sqlite
 from edgeproxy.storage.base import (
     DOMAIN_STATUSES,
     AccountRecord,
@@ -402,7 +403,7 @@ class SqliteStorage:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
         except FileExistsError:
-            pass
+            tighten_sqlite(self.path)  # left wider by an older version or another tool (issue 17)
         except OSError as exc:
             raise StorageError(
                 f"cannot create the database file {self.path}: {exc.strerror or exc}"
