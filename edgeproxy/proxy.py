@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, unquote_to_bytes
 
+import brotli
 import httpx
 
 if TYPE_CHECKING:  # imported on first use (start-up time, issue 8)
@@ -62,6 +63,7 @@ __all__ = [
     "Site",
     "TrustedHops",
     "accepts_gzip",
+    "content_coding",
     "etag_matches",
     "forward_headers",
     "forwarded_for",
@@ -312,14 +314,11 @@ def relay_response_headers(headers: Headers) -> tuple[tuple[bytes, bytes], ...]:
 _QVALUE_RE: Final = re.compile(rb"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)\Z")
 
 
-def accepts_gzip(values: Iterable[bytes]) -> bool:
-    """True when ``Accept-Encoding`` (all its field lines) admits gzip (RFC 9110 section 12.5.3).
+def _coding_qvalues(values: Iterable[bytes]) -> dict[bytes, float]:
+    """``Accept-Encoding`` (all its field lines) as coding -> highest qvalue (RFC 9110 section 12.5.3).
 
-    ``gzip``/``x-gzip`` with q > 0, or ``*`` with q > 0 when gzip is not listed.
-    ``q=0`` means "not acceptable"; a malformed qvalue counts as 0. No field: identity.
-    """
-    gzip_q: float | None = None
-    star_q: float | None = None
+    ``x-gzip`` counts as ``gzip``; a malformed qvalue counts as 0 ("not acceptable")."""
+    found: dict[bytes, float] = {}
     for value in values:
         for item in value.split(b","):
             coding, _, params = item.partition(b";")
@@ -332,13 +331,42 @@ def accepts_gzip(values: Iterable[bytes]) -> bool:
                 if key.strip().lower() == b"q":
                     raw = raw.strip()
                     q = float(raw) if _QVALUE_RE.match(raw) else 0.0
-            if coding in (b"gzip", b"x-gzip"):
-                gzip_q = q if gzip_q is None else max(gzip_q, q)
-            elif coding == b"*":
-                star_q = q if star_q is None else max(star_q, q)
-    if gzip_q is not None:
-        return gzip_q > 0
-    return star_q is not None and star_q > 0
+            if coding == b"x-gzip":
+                coding = b"gzip"
+            found[coding] = max(found.get(coding, q), q)
+    return found
+
+
+def _acceptable(qvalues: Mapping[bytes, float], coding: bytes) -> float:
+    """The qvalue of ``coding``: its own, else the wildcard's, else 0 (no field: identity only)."""
+    if coding in qvalues:
+        return qvalues[coding]
+    return qvalues.get(b"*", 0.0)
+
+
+def accepts_gzip(values: Iterable[bytes]) -> bool:
+    """True when ``Accept-Encoding`` (all its field lines) admits gzip (RFC 9110 section 12.5.3).
+
+    ``gzip``/``x-gzip`` with q > 0, or ``*`` with q > 0 when gzip is not listed.
+    ``q=0`` means "not acceptable"; a malformed qvalue counts as 0. No field: identity.
+    """
+    return _acceptable(_coding_qvalues(values), b"gzip") > 0
+
+
+def content_coding(values: Iterable[bytes], *, br: bool = True) -> bytes:
+    """The coding to send the script in: ``b"br"``, ``b"gzip"`` or ``b""`` (identity).
+
+    The acceptable coding with the highest qvalue; on a tie Brotli, then gzip (the
+    script is ~13 % smaller in Brotli at quality 11 than in gzip -9, measured on
+    100 KB of source). ``br=False`` while the Brotli copy is not ready yet.
+    """
+    qvalues = _coding_qvalues(values)
+    best, best_q = b"", 0.0
+    for coding in ((b"br", b"gzip") if br else (b"gzip",)):
+        q = _acceptable(qvalues, coding)
+        if q > best_q:
+            best, best_q = coding, q
+    return best
 
 
 def etag_matches(values: Iterable[bytes], etag: bytes) -> bool:
@@ -625,18 +653,46 @@ class _Origin:
 
 
 @dataclass(frozen=True)
+class _Encoded:
+    """One content coding of a script variant: the body and the response fields."""
+
+    body: bytes
+    etag: bytes
+    headers: list[tuple[bytes, bytes]]
+    not_modified: list[tuple[bytes, bytes]]
+
+
+@dataclass
 class _Variant:
-    """The script rewritten for one host, with everything a response needs precomputed."""
+    """The script rewritten for one host, with everything a response needs precomputed.
+
+    ``coded`` holds identity (``b""``) and gzip from the start, and Brotli
+    (``b"br"``) from the first request that prefers it: quality 11 takes ~170 ms
+    for 100 KB of script (measured; gzip -9 ~9 ms), too long for the event loop,
+    so it runs once per variant in a thread that every such request awaits."""
 
     origin: _Origin
-    body: bytes
-    body_gz: bytes
-    etag: bytes
-    etag_gz: bytes
-    headers: list[tuple[bytes, bytes]]
-    headers_gz: list[tuple[bytes, bytes]]
-    not_modified: list[tuple[bytes, bytes]]
-    not_modified_gz: list[tuple[bytes, bytes]]
+    digest: str
+    common: list[tuple[bytes, bytes]]
+    coded: dict[bytes, _Encoded]
+    br: asyncio.Future[bytes] | None = None
+
+
+def _encoded(body: bytes, digest: str, coding: bytes, common: list[tuple[bytes, bytes]]) -> _Encoded:
+    # Strong validators differ per content coding (RFC 9110 section 8.8.3).
+    etag = f'"{digest}-{coding.decode()}"'.encode() if coding else f'"{digest}"'.encode()
+    fields = [(b"etag", etag)] + ([(b"content-encoding", coding)] if coding else [])
+    return _Encoded(
+        body=body,
+        etag=etag,
+        headers=common + fields + [(b"content-length", str(len(body)).encode())],
+        # RFC 9110 section 15.4.5: a 304 carries the fields a 200 would have had, minus content.
+        not_modified=common[1:] + [(b"etag", etag)],
+    )
+
+
+def _brotli(body: bytes) -> bytes:
+    return bytes(brotli.compress(body, quality=11, mode=brotli.MODE_TEXT))
 
 
 class _Rewriter:
@@ -1014,30 +1070,17 @@ class EdgeProxy:
             self._variants.move_to_end(host)
             return variant
         body = self._rewriter.apply(origin.body, host, self._fixed_paths or site_routes(host, self._routes))
-        body_gz = gzip.compress(body, compresslevel=9, mtime=0)
         digest = hashlib.sha256(body).hexdigest()[:32]
-        # Strong validators differ per content coding (RFC 9110 section 8.8.3).
-        etag = f'"{digest}"'.encode()
-        etag_gz = f'"{digest}-gz"'.encode()
         common = [
             (b"content-type", _SCRIPT_TYPE),
             (b"cache-control", self._cache_control),
             (b"vary", b"accept-encoding"),
             (b"x-content-type-options", b"nosniff"),
         ]
-        variant = _Variant(
-            origin=origin,
-            body=body,
-            body_gz=body_gz,
-            etag=etag,
-            etag_gz=etag_gz,
-            headers=common + [(b"etag", etag), (b"content-length", str(len(body)).encode())],
-            headers_gz=common + [(b"etag", etag_gz), (b"content-encoding", b"gzip"),
-                                 (b"content-length", str(len(body_gz)).encode())],
-            # RFC 9110 section 15.4.5: a 304 carries the fields a 200 would have had, minus content.
-            not_modified=common[1:] + [(b"etag", etag)],
-            not_modified_gz=common[1:] + [(b"etag", etag_gz)],
-        )
+        variant = _Variant(origin=origin, digest=digest, common=common, coded={
+            b"": _encoded(body, digest, b"", common),
+            b"gzip": _encoded(gzip.compress(body, compresslevel=9, mtime=0), digest, b"gzip", common),
+        })
         self._variants[host] = variant
         self._variants.move_to_end(host)
         while len(self._variants) > _SCRIPT_CACHE_SIZE:
@@ -1059,18 +1102,33 @@ class EdgeProxy:
                 accept.append(value)
             elif lname == b"if-none-match":
                 inm.append(value)
-        gz = accepts_gzip(accept)
-        if inm and etag_matches(inm, variant.etag_gz if gz else variant.etag):
+        coding = content_coding(accept)
+        if coding == b"br" and coding not in variant.coded and not await self._brotli_ready(variant):
+            coding = content_coding(accept, br=False)
+        encoded = variant.coded[coding]
+        if inm and etag_matches(inm, encoded.etag):
             self.stats["script_not_modified"] += 1
-            await send({"type": "http.response.start", "status": 304,
-                        "headers": variant.not_modified_gz if gz else variant.not_modified})
+            await send({"type": "http.response.start", "status": 304, "headers": encoded.not_modified})
             await send({"type": "http.response.body", "body": b""})
             return
         self.stats["script_served"] += 1
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": variant.headers_gz if gz else variant.headers})
-        await send({"type": "http.response.body",
-                    "body": b"" if head else (variant.body_gz if gz else variant.body)})
+        await send({"type": "http.response.start", "status": 200, "headers": encoded.headers})
+        await send({"type": "http.response.body", "body": b"" if head else encoded.body})
+
+    @staticmethod
+    async def _brotli_ready(variant: _Variant) -> bool:
+        """Compress ``variant`` with Brotli once (in a thread); False if that failed."""
+        if variant.br is None:
+            variant.br = asyncio.get_running_loop().run_in_executor(None, _brotli, variant.coded[b""].body)
+        try:
+            # shield(): one client going away must not cancel what the others await.
+            body = await asyncio.shield(variant.br)
+        except Exception as exc:  # brotli.error or MemoryError: serve the next best coding
+            log.warning("brotli compression of the script failed: %s", exc)
+            return False
+        if b"br" not in variant.coded:
+            variant.coded[b"br"] = _encoded(body, variant.digest, b"br", variant.common)
+        return True
 
     # -- the API -----------------------------------------------------------------------
     async def _api(self, scope: Scope, receive: Receive, send: Send, host: str, method: str, api_raw: bytes) -> None:
