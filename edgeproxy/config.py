@@ -65,8 +65,9 @@ class AcmeSettings:
 
 @dataclass(frozen=True)
 class ListenSettings:
-    http: str = "0.0.0.0:80"
-    https: str = "0.0.0.0:443"
+    # "[::]" is one dual-stack socket (IPv6 and IPv4); IPv4 only where the host has no IPv6.
+    http: str = "[::]:80"
+    https: str = "[::]:443"
     admin: str = "127.0.0.1:8081"
 
 

@@ -49,6 +49,7 @@ import httpx
 if TYPE_CHECKING:  # imported on first use (start-up time, issue 8)
     import aiohttp
 
+from .addresses import normalize_ip
 from .config import Settings, UpstreamSettings
 from .errors import ConfigError
 from .routes import SiteRoutes, site_routes
@@ -226,7 +227,8 @@ def visitor_ip(inbound: Sequence[bytes], peer: str | None, trusted: TrustedHops)
     right-most address in its X-Forwarded-For that is not itself trusted."""
     if peer is None or not inbound or not _peer_is_trusted(peer, trusted):
         return peer
-    chain = [part.strip().decode("ascii", "replace") for v in inbound for part in v.split(b",") if part.strip()]
+    chain = [normalize_ip(part.strip().decode("ascii", "replace"))
+             for v in inbound for part in v.split(b",") if part.strip()]
     for address in reversed(chain):
         if not _peer_is_trusted(address, trusted):
             return address
@@ -748,7 +750,7 @@ def _raw_path(scope: Scope) -> bytes:
 def _client_addr(scope: Scope) -> str | None:
     client = scope.get("client")
     if client and isinstance(client[0], str):
-        return client[0]
+        return normalize_ip(client[0])  # ::ffff:a.b.c.d from a dual-stack socket (addresses.py)
     return None
 
 

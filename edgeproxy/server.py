@@ -17,6 +17,7 @@ recorded by ``CertStore.sni_callback`` lands in ``scope["extensions"]["tls"]``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import importlib
 import logging
@@ -61,13 +62,35 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitab
 
 def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
     """Bind and listen on ``host:port`` (IPv4 or IPv6) or ``unix:/path`` (mode 0600);
-    non-blocking, inheritable by workers."""
+    non-blocking, inheritable by workers.
+
+    ``[::]:port`` is one dual-stack socket (IPV6_V6ONLY off: IPv4 peers arrive as
+    ``::ffff:a.b.c.d``, normalized in ``addresses.py``); on a host without IPv6
+    it falls back to ``0.0.0.0:port`` with a warning (issue 17: customers publish
+    AAAA records, and Let's Encrypt validates over IPv6 first when one exists).
+    """
     if address.startswith("unix:"):
         return _bind_unix(address[len("unix:"):], what, backlog)
     host, port = parse_hostport(address, what=what)
+    if host == "::":
+        try:
+            return _bind_tcp(host, port, address, what, backlog)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise
+            log.warning("%s: no IPv6 on this host (%s); listening on 0.0.0.0:%d (IPv4 only)", what,
+                        exc.strerror or exc, port)
+            host = "0.0.0.0"
+    return _bind_tcp(host, port, address, what, backlog)
+
+
+def _bind_tcp(host: str, port: int, address: str, what: str, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6 and host == "::":
+        # Dual-stack whatever net.ipv6.bindv6only says (RFC 3493 section 5.3).
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     # Accepted sockets inherit TCP_NODELAY on Linux. Without it, Nagle holds a
     # response's second write (hypercorn sends headers and body separately) until
     # the client's delayed ACK, ~40 ms per request: keep-alive throughput was a

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
+from .addresses import normalize_ip
 from .private_files import private_file, tighten_sqlite
 from .config import Settings, SpoolSettings
 from .errors import EdgeproxyError, StorageError
@@ -148,7 +149,7 @@ def reduce_ip(address: str | None, mode: str) -> str | None:
     if mode == "none":
         return None
     try:
-        ip = ipaddress.ip_address(address.strip())
+        ip = ipaddress.ip_address(normalize_ip(address.strip()))  # ::ffff:a.b.c.d: a /24, not a /48
     except ValueError:
         return None
     prefix = 24 if ip.version == 4 else 48
