@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 from prometheus_client import CollectorRegistry
 
 from . import tlspolicy
+from .sockets import ROLES, check_inherited, inherited_sockets
 from .hypercorn_adapter import ASGIWrapper, EdgeTCPServer, WorkerContext, absolute_form, edge_config
 from .certstore import CertStore
 from .config import Settings, parse_hostport
@@ -55,6 +56,10 @@ if TYPE_CHECKING:  # imported where used: the public listeners start before the 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
 
 log = logging.getLogger("edgeproxy.server")
+
+# Seconds a drain waits for TLS handshakes that were under way when the
+# listeners closed (loopback handshakes take ~1 ms; clients far away ~3 RTTs).
+_HANDSHAKE_GRACE = 0.5
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -380,9 +385,18 @@ class EdgeNode:
             if listener.server is not None:
                 listener.server.close()
         await self._context.terminated.set()  # tells keep-alive connections to finish
-        pending = [t for listener in self._listeners for t in listener.tasks]
-        if pending:
-            await asyncio.wait(pending, timeout=self._config.graceful_timeout)
+        # Drain (issue 17). A connection accepted just before close() is still in
+        # its TLS handshake and has no task yet: give handshakes a moment to finish
+        # and register, then wait for every connection task until graceful_timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.graceful_timeout
+        await asyncio.sleep(_HANDSHAKE_GRACE)
+        pending: set[asyncio.Task[None]] = set()
+        while loop.time() < deadline:
+            pending = {t for listener in self._listeners for t in listener.tasks if not t.done()}
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=deadline - loop.time())
         for task in pending:
             task.cancel()
         for task in background:
@@ -433,18 +447,36 @@ def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: 
     _run(settings, main)
 
 
+def listening_sockets(settings: Settings, environ: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
+    """The three listeners: inherited from systemd where it passed them (``sockets.py``:
+    matched by name, checked against the config), bound here otherwise."""
+    inherited = inherited_sockets(os.environ if environ is None else environ)
+    sockets: dict[str, socket.socket] = {}
+    try:
+        for role in ROLES:
+            address = getattr(settings.listen, role)
+            sock = inherited.pop(role, None)
+            if sock is None:
+                sockets[role] = bind_socket(address, f"listen.{role}")
+                continue
+            sockets[role] = sock
+            check_inherited(sock, role, address)
+            log.info("listen.%s: using the socket systemd passed (%s)", role, address)
+    except BaseException:
+        for sock in [*sockets.values(), *inherited.values()]:
+            sock.close()
+        raise
+    return sockets
+
+
 def serve(settings: Settings, workers: int = 1) -> None:
     """Run the edge: ``workers`` processes serve the public listeners; the parent
     is one of them and also serves the admin API and the issuance loop."""
     if workers < 1:
         raise ValueError("workers must be at least 1")
-    sockets = {
-        "http": bind_socket(settings.listen.http, "listen.http"),
-        "https": bind_socket(settings.listen.https, "listen.https"),
-        "admin": bind_socket(settings.listen.admin, "listen.admin"),
-    }
-    public = {k: sockets[k] for k in ("http", "https")}
     setup_logging(settings.log, level=logging.getLogger().level or logging.INFO)
+    sockets = listening_sockets(settings)
+    public = {k: sockets[k] for k in ("http", "https")}
     if not tlspolicy.groups_configured():
         log.warning("TLS key-exchange groups come from OPENSSL_CONF=%s, not from edgeproxy's %s (%s); "
                     "start edgeproxy through its own command to get them", os.environ.get("OPENSSL_CONF", ""),
