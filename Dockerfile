@@ -35,8 +35,8 @@ ENV PATH=/opt/edgeproxy/bin:$PATH
 # created in the volume (0600) and never enter the image.
 # hadolint ignore=DL3064
 ENV PYTHONUNBUFFERED=1 \
-    EDGEPROXY_LISTEN_HTTP=0.0.0.0:8080 \
-    EDGEPROXY_LISTEN_HTTPS=0.0.0.0:8443 \
+    EDGEPROXY_LISTEN_HTTP=[::]:8080 \
+    EDGEPROXY_LISTEN_HTTPS=[::]:8443 \
     EDGEPROXY_LISTEN_ADMIN=127.0.0.1:8081 \
     EDGEPROXY_STORAGE_URL=sqlite:///var/lib/edgeproxy/edgeproxy.db \
     EDGEPROXY_ADMIN_TOKEN_FILE=/var/lib/edgeproxy/admin-token \

@@ -16,10 +16,12 @@ UV     := $(VENV)/bin/uv
 # lists the hashes of every file of that release, so pip can verify whichever wheel it
 # picks elsewhere too. Existing pins are kept while they still satisfy pyproject.toml;
 # `make lock UV_ARGS=--upgrade` moves everything to the newest releases.
-LOCK     := requirements.lock
-DEV_LOCK := requirements-dev.lock
+#   requirements-scan.lock sslyze for tests/test_tls_scan.py, in its own venv (see below)
+LOCK      := requirements.lock
+DEV_LOCK  := requirements-dev.lock
+SCAN_LOCK := requirements-scan.lock
 
-.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps lock pebble chromium systemd-tools docs postgres
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps lock pebble chromium systemd-tools docs postgres openssl
 
 all: test
 
@@ -46,6 +48,7 @@ BUILD_REQUIRES = $(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproje
 lock: $(UV)
 	$(BUILD_REQUIRES) | $(UV) pip compile $(LOCK_FLAGS) --extra test --extra bench pyproject.toml - -o $(DEV_LOCK)
 	$(BUILD_REQUIRES) | $(UV) pip compile $(LOCK_FLAGS) --constraint $(DEV_LOCK) pyproject.toml - -o $(LOCK)
+	echo '$(SSLYZE_SPEC)' | $(UV) pip compile $(LOCK_FLAGS) - -o $(SCAN_LOCK)
 
 # Debian's pebble package ships pebble and pebble-challtestsrv (Let's Encrypt's ACME test server).
 pebble:
@@ -87,7 +90,21 @@ chromium:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium libnss3-tools; \
 	fi
 
-deps: $(STAMP) pebble chromium systemd-tools
+# sslyze (tests/test_tls_scan.py) in its own venv: sslyze 6.3 pins cryptography<47,
+# certbot's acme needs >=47, so it cannot share .venv; the test talks to it over the wire.
+SCAN_VENV := .venv-scan
+SCAN_STAMP := $(SCAN_VENV)/.installed
+SSLYZE_SPEC := sslyze>=6.3.1,<7
+$(SCAN_STAMP): $(SCAN_LOCK)
+	@test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install --quiet --require-hashes -r $(SCAN_LOCK)
+	@touch $(SCAN_STAMP)
+
+# The TLS tests (tests/test_tlspolicy.py) probe the listeners with `openssl s_client`.
+openssl:
+	@command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; }
+
+deps: $(STAMP) $(SCAN_STAMP) pebble chromium systemd-tools openssl
 
 demo: deps
 	$(VENV)/bin/edgeproxy demo
@@ -107,7 +124,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info
 
 # Benchmarks (issue 8): loopback only, a few minutes; NOT part of `make test`.
 # wrk comes from Debian; py-spy/pyinstrument (bench extra, in the dev lock) for bench/profile.py.

@@ -1,7 +1,7 @@
 """Certificates: persistence through storage, the in-memory SNI map, serving by SNI.
 
 Owns: turning an issued key + chain into a stored ``CertificateRecord``; the one
-factory for server ``ssl.SSLContext`` objects (TLS >= 1.2, ALPN h2 + http/1.1);
+factory for server ``ssl.SSLContext`` objects (``tlspolicy``, ALPN h2 + http/1.1);
 the self-signed fallback that names no customer; the per-process SNI map that
 every worker keeps in step with storage through the change feed.
 Must not import: ``acme``, ``httpx``, ``hypercorn``.
@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from . import tlsnative
+from . import tlsnative, tlspolicy
 from .errors import StorageError, StorageUnavailable
 from .storage.base import CertificateRecord, CertificateVisitor, Storage, leaf_der_of
 
@@ -91,20 +91,18 @@ def record_from_pem(hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.dat
     )
 
 
-def build_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+def build_context(chain_pem: bytes, key_pem: bytes, policy: str = "intermediate") -> ssl.SSLContext:
     """The one server-context factory: every listener's context, and each host's on the
-    context path (the native path sets a host's certificate on the connection instead).
+    context path (the native path sets a host's certificate on the connection instead,
+    so its versions, suites and groups are the listener context's: ``policy`` here).
 
     ``ssl.SSLContext.load_cert_chain`` only reads files. On Linux we hand it an
     anonymous in-memory file (memfd) so that a private key never touches a disk
     path; elsewhere a 0600 temporary file that is removed at once.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    tlspolicy.apply(ctx, policy)
     ctx.set_alpn_protocols(ALPN_PROTOCOLS)
-    # RFC 9113 section 9.2.2 forbids TLS 1.2 renegotiation under HTTP/2, and
-    # compression enables CRIME; OpenSSL's defaults already cover the rest.
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     material = chain_pem.rstrip(b"\n") + b"\n" + key_pem
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("edgeproxy-cert", os.MFD_CLOEXEC)
@@ -275,10 +273,14 @@ class CertStore:
     not a datetime, at 100,000 names).
     """
 
-    def __init__(self, storage: Storage, cache_size: int = 1024, native: bool = True) -> None:
+    def __init__(self, storage: Storage, cache_size: int = 1024, native: bool = True,
+                 policy: str = "intermediate") -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
+        if policy not in tlspolicy.POLICIES:
+            raise ValueError(f"unknown TLS policy {policy!r}")
         self.storage = storage
+        self.policy = policy
         self.cache_size = cache_size
         self.hosts: dict[str, bool] = {}
         self.cache: OrderedDict[str, Prepared] = OrderedDict()
@@ -292,7 +294,7 @@ class CertStore:
         self.built = 0  # certificates made ready since start (cache misses that found material)
         self._seq = 0
         chain, key = make_fallback_pair(_utcnow())
-        self.fallback_context = build_context(chain, key)
+        self.fallback_context = build_context(chain, key, policy)
         self.fallback_context.sni_callback = self.sni_callback
 
     # -- the handshake path: a dict lookup; on a miss, a parse or build from memory ------
@@ -353,7 +355,7 @@ class CertStore:
     def _prepare(self, material: bytes) -> Prepared:
         if self.native is None:
             chain_pem, key_pem = self._codec.unpack(material)
-            return build_context(chain_pem, key_pem)
+            return build_context(chain_pem, key_pem, self.policy)
         tail_id, key, key_is_pem, leaf_der = self._codec.parts(material)
         chain = self._chains.get(tail_id)
         if chain is None:

@@ -44,6 +44,7 @@ __all__ = [
     "FailedLogSettings",
     "PrivacySettings",
     "StorageSettings",
+    "TlsSettings",
     "UpstreamSettings",
     "load_settings",
     "parse_hostport",
@@ -67,8 +68,9 @@ class AcmeSettings:
 
 @dataclass(frozen=True)
 class ListenSettings:
-    http: str = "0.0.0.0:80"
-    https: str = "0.0.0.0:443"
+    # "[::]" is one dual-stack socket (IPv6 and IPv4); IPv4 only where the host has no IPv6.
+    http: str = "[::]:80"
+    https: str = "[::]:443"
     admin: str = "127.0.0.1:8081"
 
 
@@ -207,6 +209,13 @@ class ProxySettings:
     event_loop: str = "uvloop"
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    # Mozilla's server-side TLS guidelines (https://ssl-config.mozilla.org/):
+    # "intermediate" (TLS 1.2 + 1.3, ECDHE with AES-GCM/ChaCha20) or "modern" (TLS 1.3 only).
+    policy: str = "intermediate"
+
+
 # -- monitoring (issue 5): probes, alerts, logs ------------------------------------------
 @dataclass(frozen=True)
 class MonitorSettings:
@@ -308,6 +317,7 @@ class Settings:
     domains: DomainsSettings = field(default_factory=DomainsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -474,6 +484,8 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError("upstream.pool_size must be at least 1")
     if settings.proxy.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError(f"proxy.event_loop must be \"uvloop\" or \"asyncio\", got {settings.proxy.event_loop!r}")
+    if settings.tls.policy not in ("intermediate", "modern"):
+        raise ConfigError(f"tls.policy must be \"intermediate\" or \"modern\", got {settings.tls.policy!r}")
     if settings.proxy.tls_context_cache < 1:
         raise ConfigError("proxy.tls_context_cache must be at least 1")
     directory = _DIRECTORY_SHORTCUTS.get(settings.acme.directory, settings.acme.directory)

@@ -53,6 +53,7 @@ __all__ = [
     "TRIGGER_WORDS",
     "check_acme",
     "check_listeners",
+    "check_ipv6",
     "check_names",
     "check_routes",
     "query_triggers_in",
@@ -242,6 +243,69 @@ def _try_bind(host: str, port: int) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+
+
+def _ipv6_listening(settings: Settings) -> bool:
+    """Whether listen.http and listen.https take IPv6 connections on this host
+    ("[::]" falls back to IPv4 where the host has no IPv6: server.bind_socket)."""
+    for value in (settings.listen.http, settings.listen.https):
+        try:
+            host, _port = parse_hostport(value, what="listen")
+            address = ipaddress.ip_address(host)
+        except (ConfigError, ValueError):
+            return False
+        if address.version != 6:
+            return False
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+AaaaLookup = Callable[[str], "list[str] | None"]
+
+
+def _aaaa(settings: Settings) -> AaaaLookup:
+    def lookup(name: str) -> list[str] | None:
+        import dns.exception
+        import dns.resolver
+
+        resolver = dns.resolver.Resolver(configure=not settings.dns.resolver)
+        if settings.dns.resolver:
+            host, _, port = settings.dns.resolver.rpartition(":")
+            resolver.nameservers, resolver.port = [host.strip("[]")], int(port)
+        resolver.lifetime = resolver.timeout = settings.dns.timeout
+        try:
+            answer = resolver.resolve(name, "AAAA", raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return []
+        except (dns.exception.DNSException, OSError):
+            return None
+        return [str(r.address) for rrset in answer.response.answer for r in rrset if hasattr(r, "address")]
+
+    return lookup
+
+
+def check_ipv6(settings: Settings, *, network: bool, lookup: AaaaLookup | None = None) -> list[Finding]:
+    """Customers' names CNAME to dns.cname_target: if it has an AAAA record, browsers
+    and Let's Encrypt (which prefers IPv6) connect over IPv6, so the edge must listen there."""
+    listening = _ipv6_listening(settings)
+    target = settings.dns.cname_target.rstrip(".")
+    if not network or not target:
+        return [Finding("ok", "listen.ipv6", "IPv6 listeners" if listening else "IPv4 only")]
+    found = (lookup or _aaaa(settings))(target)
+    if found is None:
+        return [Finding("warning", "listen.ipv6", f"could not look up AAAA of {target} (DNS failed)")]
+    if found and not listening:
+        return [Finding("warning", "listen.ipv6", (
+            f"{target} has AAAA {', '.join(found[:3])} but nothing listens on IPv6 here: visitors and "
+            "Let's Encrypt (IPv6 first) fail to connect; listen on [::] or drop the AAAA record"))]
+    return [Finding("ok", "listen.ipv6", f"{target} has {'AAAA ' + found[0] if found else 'no AAAA'}; "
+                    + ("IPv6 listeners" if listening else "IPv4 only"))]
 
 
 def _unix_socket_findings(path: Path) -> list[Finding]:
@@ -463,6 +527,7 @@ def run_doctor(settings: Settings, *, network: bool = True, bind: Bind = _try_bi
                transport: httpx.BaseTransport | None = None) -> list[Finding]:
     return [
         *check_listeners(settings, bind),
+        *check_ipv6(settings, network=network),
         *check_token_file(settings),
         *check_storage(settings),
         *check_tls(settings),

@@ -44,6 +44,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .addresses import normalize_ip
 from .config import RoutesSettings
 from .errors import IssuanceError
 from .routes import route_table
@@ -254,7 +255,7 @@ def instrument(app: ASGIApp, listener: str, metrics: Metrics, routes: RoutesSett
                     "%s %s %s", scope.get("method"), scope.get("path"), status,
                     extra={"listener": listener, "route": route, "status": status, "host": host[:300],
                            "method": scope.get("method"), "path": str(scope.get("path", ""))[:300],
-                           "client": client[0] if client else None,
+                           "client": normalize_ip(client[0]) if client and isinstance(client[0], str) else None,
                            "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
                 )
             REQUEST_ID.reset(token)

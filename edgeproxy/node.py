@@ -86,7 +86,8 @@ class Services:
         from .certstore import CertStore
 
         proxy = self.settings.proxy
-        return CertStore(self.storage, proxy.tls_context_cache, native=proxy.tls_native)
+        return CertStore(self.storage, proxy.tls_context_cache, native=proxy.tls_native,
+                         policy=self.settings.tls.policy)
 
     @functools.cached_property
     def issuer(self) -> Issuer:

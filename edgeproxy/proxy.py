@@ -42,13 +42,15 @@ from urllib.parse import quote, unquote_to_bytes
 
 import httpx
 
+from .addresses import normalize_ip
 from .config import Settings
 from .errors import ConfigError
 from .ratelimit import TokenBuckets
 from .relay import (ForwardRequest, ForwardResult, HttpRelay, Observe, Relay, connection_tokens,
                     new_http_client, relay_response_headers)
 from .routes import Route, RouteTable, configured_routes, route_table
-from .scripts import AssetCache, Rewriter, ScriptSource, accepts_gzip, etag_matches, script_rules
+from .scripts import (AssetCache, Rewriter, ScriptSource, accepts_gzip, content_coding, etag_matches,
+                      script_rules)
 
 __all__ = [
     "ChallengeLookup",
@@ -60,6 +62,7 @@ __all__ = [
     "Site",
     "TrustedHops",
     "accepts_gzip",
+    "content_coding",
     "etag_matches",
     "forward_headers",
     "forwarded_for",
@@ -222,7 +225,8 @@ def visitor_ip(inbound: Sequence[bytes], peer: str | None, trusted: TrustedHops)
     right-most address in its X-Forwarded-For that is not itself trusted."""
     if peer is None or not inbound or not _peer_is_trusted(peer, trusted):
         return peer
-    chain = [part.strip().decode("ascii", "replace") for v in inbound for part in v.split(b",") if part.strip()]
+    chain = [normalize_ip(part.strip().decode("ascii", "replace"))
+             for v in inbound for part in v.split(b",") if part.strip()]
     for address in reversed(chain):
         if not _peer_is_trusted(address, trusted):
             return address
@@ -362,7 +366,7 @@ def _raw_path(scope: Scope) -> bytes:
 def _client_addr(scope: Scope) -> str | None:
     client = scope.get("client")
     if client and isinstance(client[0], str):
-        return client[0]
+        return normalize_ip(client[0])  # ::ffff:a.b.c.d from a dual-stack socket (addresses.py)
     return None
 
 
@@ -678,18 +682,18 @@ class EdgeProxy:
                 accept.append(value)
             elif lname == b"if-none-match":
                 inm.append(value)
-        gz = accepts_gzip(accept)
-        if inm and etag_matches(inm, variant.etag_gz if gz else variant.etag):
+        coding = content_coding(accept)
+        if coding == b"br" and coding not in variant.coded and not await source.brotli_ready(variant):
+            coding = content_coding(accept, br=False)
+        encoded = variant.coded[coding]
+        if inm and etag_matches(inm, encoded.etag):
             self.stats["script_not_modified"] += 1
-            await send({"type": "http.response.start", "status": 304,
-                        "headers": variant.not_modified_gz if gz else variant.not_modified})
+            await send({"type": "http.response.start", "status": 304, "headers": encoded.not_modified})
             await send({"type": "http.response.body", "body": b""})
             return
         self.stats["script_served"] += 1
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": variant.headers_gz if gz else variant.headers})
-        await send({"type": "http.response.body",
-                    "body": b"" if method == "HEAD" else (variant.body_gz if gz else variant.body)})
+        await send({"type": "http.response.start", "status": 200, "headers": encoded.headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else encoded.body})
 
     # -- asset routes --------------------------------------------------------------------
     async def _asset(self, scope: Scope, send: Send, route: Route) -> None:

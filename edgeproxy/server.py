@@ -17,6 +17,7 @@ recorded by ``CertStore.sni_callback`` lands in ``scope["extensions"]["tls"]``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import importlib
 import logging
@@ -32,16 +33,11 @@ from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-import h2.events
-import hypercorn.protocol
-from hypercorn.app_wrappers import ASGIWrapper
-from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
-from hypercorn.events import Closed, RawData
-from hypercorn.asyncio.worker_context import WorkerContext
-from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CollectorRegistry
 
+from . import tlspolicy
+from .sockets import ROLES, check_inherited, inherited_sockets
+from .hypercorn_adapter import ASGIWrapper, EdgeTCPServer, WorkerContext, absolute_form, edge_config
 from .config import Settings, parse_hostport
 from .logs import setup_logging
 from .metrics import (
@@ -61,106 +57,45 @@ __all__ = ["bind_socket", "serve", "EdgeNode"]
 
 log = logging.getLogger("edgeproxy.server")
 
+# Seconds a drain waits for TLS handshakes that were under way when the
+# listeners closed (loopback handshakes take ~1 ms; clients far away ~3 RTTs).
+_HANDSHAKE_GRACE = 0.5
+
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
-class _H2Protocol(H2Protocol):
-    """hypercorn 0.18.0's HTTP/2 handler with one upstream bug fixed.
-
-    When the app answers before the request body has fully arrived (413, or a
-    421 to a misdirected POST), DATA frames still in flight hit a stream that
-    no longer exists and a ``KeyError`` kills the whole connection
-    (pgjones/hypercorn#329; unreleased fixes #334/#365). We acknowledge such
-    frames, so flow control stays right, and drop them.
-    """
-
-    async def _handle_events(self, events: list[h2.events.Event]) -> None:
-        # One event at a time: a batch often carries a stream's HEADERS and its
-        # DATA together, and the stream exists only once HEADERS is handled.
-        for event in events:
-            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
-                self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                await self._flush()
-                continue
-            await super()._handle_events([event])
-
-
-class _TCPServer(TCPServer):
-    """hypercorn 0.18's connection handler with a cheaper read timeout, and
-    without its idle-disconnect linger.
-
-    hypercorn wraps every ``reader.read()`` in ``asyncio.wait_for`` when
-    ``read_timeout`` is set: a new Task and timer per read, which cost plain
-    hypercorn about a quarter of its keep-alive throughput on 2 cores (issue 8,
-    bench/README.md). Here one timer per connection checks, when it fires,
-    whether anything arrived during the last ``read_timeout`` seconds and re-arms
-    itself if so; a connection silent that long is aborted, which ends the read
-    loop as hypercorn's timeout does (the app sees a disconnect). Unlike
-    hypercorn's graceful close, output still buffered for that peer is dropped:
-    a peer silent for ``read_timeout`` is treated as gone.
-
-    The linger: when a peer closes an idle connection (before its first request,
-    or between keep-alive requests: what browsers and every TLS probe do),
-    hypercorn's HTTP/1.1 handler ignores the ``Closed`` event and the
-    connection's task group waits for the idle timer, i.e. ``keep_alive_timeout``
-    (30 s), before it closes. Every such connection kept its task, TLS objects
-    and buffers for those 30 s: about 40 KB each, 1 GB at 1,000 new connections
-    per second (issue 8 found it as RSS growing by ~200 MB per 5 s of
-    handshakes). Once the read loop ends the peer is gone, so we stop the idle
-    timer there; a request still in flight still runs to its end.
-    """
-
-    async def _read_data(self) -> None:
-        if self.config.read_timeout is None:
-            await super()._read_data()
-        else:
-            await self._read_with_watchdog(self.config.read_timeout)
-        # The peer has gone: end the connection now, not when the idle timer fires.
-        await self.idle_task.stop()
-
-    async def _read_with_watchdog(self, timeout: float) -> None:
-        loop = self.loop
-        reader = self.reader
-        last_data = loop.time()
-        watchdog: asyncio.TimerHandle | None = None
-
-        def check() -> None:
-            nonlocal watchdog
-            remaining = last_data + timeout - loop.time()
-            if remaining > 0:
-                watchdog = loop.call_later(remaining, check)
-            else:
-                self.writer.transport.abort()
-
-        watchdog = loop.call_later(timeout, check)
-        try:
-            while not reader.at_eof():
-                try:
-                    data = await reader.read(MAX_RECV)
-                except (ConnectionError, OSError, ssl.SSLError):
-                    break
-                last_data = loop.time()
-                await self.protocol.handle(RawData(data))
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-        await self.protocol.handle(Closed())
-
-
-# ProtocolWrapper looks the class up in its module at connection time.
-setattr(hypercorn.protocol, "H2Protocol", _H2Protocol)
-
-
 def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
     """Bind and listen on ``host:port`` (IPv4 or IPv6) or ``unix:/path`` (mode 0600);
-    non-blocking, inheritable by workers."""
+    non-blocking, inheritable by workers.
+
+    ``[::]:port`` is one dual-stack socket (IPV6_V6ONLY off: IPv4 peers arrive as
+    ``::ffff:a.b.c.d``, normalized in ``addresses.py``); on a host without IPv6
+    it falls back to ``0.0.0.0:port`` with a warning (issue 17: customers publish
+    AAAA records, and Let's Encrypt validates over IPv6 first when one exists).
+    """
     if address.startswith("unix:"):
         return _bind_unix(address[len("unix:"):], what, backlog)
     host, port = parse_hostport(address, what=what)
+    if host == "::":
+        try:
+            return _bind_tcp(host, port, address, what, backlog)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise
+            log.warning("%s: no IPv6 on this host (%s); listening on 0.0.0.0:%d (IPv4 only)", what,
+                        exc.strerror or exc, port)
+            host = "0.0.0.0"
+    return _bind_tcp(host, port, address, what, backlog)
+
+
+def _bind_tcp(host: str, port: int, address: str, what: str, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6 and host == "::":
+        # Dual-stack whatever net.ipv6.bindv6only says (RFC 3493 section 5.3).
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     # Accepted sockets inherit TCP_NODELAY on Linux. Without it, Nagle holds a
     # response's second write (hypercorn sends headers and body separately) until
     # the client's delayed ACK, ~40 ms per request: keep-alive throughput was a
@@ -198,26 +133,6 @@ def _bind_unix(path: str, what: str, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
-
-
-class _EdgeConfig(HypercornConfig):
-    """hypercorn's settings with a neutral ``Server`` header: the edge names
-    neither its software nor the vendor behind it."""
-
-    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
-        return [*super().response_headers(protocol), (b"server", b"edge")]
-
-
-def _hypercorn_config() -> HypercornConfig:
-    config = _EdgeConfig()
-    config.include_server_header = False  # replaced by the neutral one above
-    config.keep_alive_timeout = 30
-    config.graceful_timeout = 5
-    config.ssl_handshake_timeout = 10
-    # A connection that sends nothing for a minute (mid-request included) is
-    # closed; idle keep-alive connections go after keep_alive_timeout.
-    config.read_timeout = 60
-    return config
 
 
 def _with_sni(app: ASGIApp, server_name: str | None) -> ASGIApp:
@@ -283,7 +198,7 @@ class EdgeNode:
         # (depth, oldest age in s) for alerts and /metrics.
         self.spool_stats: SpoolStats | None = self.spool.depth_age
         self.monitor: MonitorService | None = None
-        self._config = _hypercorn_config()
+        self._config = edge_config()
         self._context = WorkerContext(None)
         self._listeners: list[_Listener] = []
 
@@ -299,24 +214,37 @@ class EdgeNode:
     # -- connections ----------------------------------------------------------------------
     def _callback(self, listener: _Listener) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         loop = asyncio.get_running_loop()
-        plain = ASGIWrapper(cast(Any, listener.app))
+        plain = ASGIWrapper(cast(Any, absolute_form(listener.app)))
 
         async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
             listener.tasks.add(task)
             task.add_done_callback(listener.tasks.discard)
+            peer = writer.get_extra_info("peername")  # gone once the transport has closed
             app = plain
             if listener.tls:
                 ssl_object = writer.get_extra_info("ssl_object")
-                app = ASGIWrapper(cast(Any, _with_sni(listener.app, getattr(ssl_object, "edgeproxy_sni", None))))
+                app = ASGIWrapper(cast(Any, _with_sni(absolute_form(listener.app),
+                                                      getattr(ssl_object, "edgeproxy_sni", None))))
             try:
-                await _TCPServer(app, loop, self._config, self._context, {}, reader, writer)
+                await EdgeTCPServer(app, loop, self._config, self._context, {}, reader, writer)
             except asyncio.CancelledError:
                 # Shutdown cancels connections that outlived the grace period.
                 # End the task normally: asyncio's stream callback logs a
                 # cancelled connection task as an error.
                 writer.close()
+            except OSError as exc:  # ssl.SSLError included
+                # A peer that breaks TLS after the handshake (a scanner's
+                # renegotiation probe, an alert, a reset) surfaces here, from
+                # hypercorn's final wait_closed(). Left alone, asyncio logs it at
+                # ERROR with a traceback per connection; one line says enough.
+                # TLS errors at INFO: after a policy change they show which
+                # clients fail and why. Plain resets at DEBUG: the internet's noise.
+                where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+                level = logging.INFO if isinstance(exc, ssl.SSLError) else logging.DEBUG
+                log.log(level, "%s connection from %s ended: %s", listener.name, where,
+                        getattr(exc, "reason", None) or exc.__class__.__name__)
 
         return on_connection
 
@@ -448,9 +376,18 @@ class EdgeNode:
             if listener.server is not None:
                 listener.server.close()
         await self._context.terminated.set()  # tells keep-alive connections to finish
-        pending = [t for listener in self._listeners for t in listener.tasks]
-        if pending:
-            await asyncio.wait(pending, timeout=self._config.graceful_timeout)
+        # Drain (issue 17). A connection accepted just before close() is still in
+        # its TLS handshake and has no task yet: give handshakes a moment to finish
+        # and register, then wait for every connection task until graceful_timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.graceful_timeout
+        await asyncio.sleep(_HANDSHAKE_GRACE)
+        pending: set[asyncio.Task[None]] = set()
+        while loop.time() < deadline:
+            pending = {t for listener in self._listeners for t in listener.tasks if not t.done()}
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=deadline - loop.time())
         for task in pending:
             task.cancel()
         for task in background:
@@ -501,18 +438,40 @@ def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: 
     _run(settings, main)
 
 
+def listening_sockets(settings: Settings, environ: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
+    """The three listeners: inherited from systemd where it passed them (``sockets.py``:
+    matched by name, checked against the config), bound here otherwise."""
+    inherited = inherited_sockets(os.environ if environ is None else environ)
+    sockets: dict[str, socket.socket] = {}
+    try:
+        for role in ROLES:
+            address = getattr(settings.listen, role)
+            sock = inherited.pop(role, None)
+            if sock is None:
+                sockets[role] = bind_socket(address, f"listen.{role}")
+                continue
+            sockets[role] = sock
+            check_inherited(sock, role, address)
+            log.info("listen.%s: using the socket systemd passed (%s)", role, address)
+    except BaseException:
+        for sock in [*sockets.values(), *inherited.values()]:
+            sock.close()
+        raise
+    return sockets
+
+
 def serve(settings: Settings, workers: int = 1) -> None:
     """Run the edge: ``workers`` processes serve the public listeners; the parent
     is one of them and also serves the admin API and the issuance loop."""
     if workers < 1:
         raise ValueError("workers must be at least 1")
-    sockets = {
-        "http": bind_socket(settings.listen.http, "listen.http"),
-        "https": bind_socket(settings.listen.https, "listen.https"),
-        "admin": bind_socket(settings.listen.admin, "listen.admin"),
-    }
-    public = {k: sockets[k] for k in ("http", "https")}
     setup_logging(settings.log, level=logging.getLogger().level or logging.INFO)
+    sockets = listening_sockets(settings)
+    public = {k: sockets[k] for k in ("http", "https")}
+    if not tlspolicy.groups_configured():
+        log.warning("TLS key-exchange groups come from OPENSSL_CONF=%s, not from edgeproxy's %s (%s); "
+                    "start edgeproxy through its own command to get them", os.environ.get("OPENSSL_CONF", ""),
+                    tlspolicy.OPENSSL_CONF, ":".join(tlspolicy.GROUPS))
     # One fresh directory per run for every process's metric files (inherited by
     # the spawned workers through the environment); removed when serve ends.
     metrics_dir = make_run_dir()

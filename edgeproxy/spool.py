@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
+from .addresses import normalize_ip
+from .private_files import private_file, tighten_sqlite
 from .config import Settings, SpoolSettings
 from .errors import EdgeproxyError, StorageError
 from .relay import ForwardRequest, ForwardResult, Relay
@@ -157,7 +159,7 @@ def reduce_ip(address: str | None, mode: str) -> str | None:
     if mode == "none":
         return None
     try:
-        ip = ipaddress.ip_address(address.strip())
+        ip = ipaddress.ip_address(normalize_ip(address.strip()))  # ::ffff:a.b.c.d: a /24, not a /48
     except ValueError:
         return None
     prefix = 24 if ip.version == 4 else 48
@@ -374,8 +376,10 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self._busy_timeout = busy_timeout
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Request bodies and visitor IPs: 0600 in a 0700 directory, whichever
+        # command (serve, replay, spool ...) opens the spool first (issue 17).
+        private_file(path)
+        tighten_sqlite(path)
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()

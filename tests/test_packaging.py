@@ -172,7 +172,8 @@ def test_dockerignore_keeps_the_build_context_small_but_sufficient() -> None:
 
 # -- systemd ---------------------------------------------------------------------------------
 
-UNITS = ["edgeproxy.service", "edgeproxy-renew.service", "edgeproxy-renew.timer"]
+UNITS = ["edgeproxy.service", "edgeproxy-renew.service", "edgeproxy-renew.timer",
+         "edgeproxy-http.socket", "edgeproxy-https.socket", "edgeproxy-admin.socket"]
 
 
 class _UnitParser(configparser.RawConfigParser):
@@ -199,6 +200,19 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     run = subprocess.run([analyze, "verify", *UNITS], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     # Unknown keys are only warnings (exit 0): any output at all is a failure.
     assert run.returncode == 0 and run.stdout == "" and run.stderr == "", run.stdout + run.stderr
+
+
+def test_socket_units_match_the_default_listeners() -> None:
+    """Each socket unit names its role and listens where that role's default says
+    (edgeproxy refuses an inherited socket whose address differs: sockets.py)."""
+    defaults = load_settings(None, env={}).listen
+    service = unit("edgeproxy.service")
+    assert service["Service"]["Sockets"].split() == [f"edgeproxy-{r}.socket" for r in ("http", "https", "admin")]
+    for role in ("http", "https", "admin"):
+        socket_unit = unit(f"edgeproxy-{role}.socket")["Socket"]
+        assert socket_unit["FileDescriptorName"] == role
+        assert socket_unit["ListenStream"] == getattr(defaults, role)
+    assert unit("edgeproxy-admin.socket")["Socket"]["ListenStream"].startswith("127.0.0.1:")
 
 
 def test_service_hardening() -> None:

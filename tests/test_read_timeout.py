@@ -1,4 +1,4 @@
-"""server._TCPServer: the per-connection read-timeout watchdog that replaces hypercorn's
+"""hypercorn_adapter.EdgeTCPServer: the per-connection read-timeout watchdog that replaces hypercorn's
 per-read ``wait_for`` (issue 8). A silent connection is closed; a slow but live one is not;
 keep-alive requests are still answered."""
 
@@ -13,7 +13,7 @@ from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
 
-from edgeproxy.server import _TCPServer
+from edgeproxy.hypercorn_adapter import EdgeTCPServer as _TCPServer
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -112,13 +112,30 @@ class EdgeConfig:
         return path
 
 
+_SOCKET_TRAMPOLINE = """
+import fcntl, os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)  # inheritable, as sd_listen_fds expects
+for fd in set(high) | {fd for fd in fds if fd >= 3 + len(fds)}:
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
 class EdgeProcess:
     """``python -m edgeproxy serve`` as a child process, output to ``state_dir/edge.log``."""
 
-    def __init__(self, config: EdgeConfig, workers: int = 1, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config: EdgeConfig, workers: int = 1, env: Mapping[str, str] | None = None,
+                 sockets: Mapping[str, socket.socket] | None = None) -> None:
         self.config = config
         self.workers = workers
         self.env = dict(env or {})
+        # Listening sockets this test holds, handed over as systemd would
+        # (LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID, fds from 3 on; edgeproxy/sockets.py).
+        self.sockets = dict(sockets or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = config.state_dir / "edge.log"
 
@@ -134,10 +151,19 @@ class EdgeProcess:
             path = self.config.write()
             env = {**os.environ, **self.env}
             log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            command = ["-m", "edgeproxy", "--config", str(path), "serve", "--workers", str(self.workers)]
+            pass_fds: tuple[int, ...] = ()
+            if self.sockets:
+                names = list(self.sockets)
+                pass_fds = tuple(self.sockets[name].fileno() for name in names)
+                env.update(LISTEN_FDS=str(len(names)), LISTEN_FDNAMES=":".join(names))
+                # A trampoline moves the fds to 3, 4, ... and sets LISTEN_PID to its own
+                # pid, which exec keeps: what systemd does between fork and exec.
+                command = ["-c", _SOCKET_TRAMPOLINE, ",".join(map(str, pass_fds)), *command]
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "edgeproxy", "--config", str(path), "serve", "--workers", str(self.workers)],
-                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                    [sys.executable, *command],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, pass_fds=pass_fds,
                 )
             try:
                 self.wait_ready(timeout)
