@@ -4,6 +4,7 @@ privacy.ip_retention see them, and doctor's AAAA-without-IPv6 warning."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -16,10 +17,11 @@ from edgeproxy import server
 from edgeproxy.addresses import normalize_ip
 from edgeproxy.config import load_settings
 from edgeproxy.doctor import check_ipv6
+from edgeproxy.proxy import EdgeProxy, ForwardRequest, ForwardResult
 from edgeproxy.spool import reduce_ip
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess, free_port
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
-from test_proxy import SHOP, call, make_env
+from test_proxy import SHOP, SITES, call, make_env, make_settings
 
 from tlshelpers import seed
 
@@ -130,21 +132,31 @@ def test_ip_retention_truncates_a_mapped_address_as_ipv4() -> None:
 
 def test_spooled_and_failed_log_client_is_normalized_ipv4() -> None:
     """What the spool and the failed-request log store (ForwardRequest.client) is the IPv4 form."""
-    env = make_env()
-    seen = []
-    forward = env.proxy.deliver
+    seen: list[ForwardRequest] = []
 
-    async def capture(request):  # type: ignore[no-untyped-def]
-        seen.append(request)
-        return await forward(request)
+    class Capture:
+        """The event relay seam: records what the spool would be handed."""
 
-    env.proxy.deliver = capture
+        async def send(self, request: ForwardRequest) -> ForwardResult:
+            seen.append(request)
+            return ForwardResult(202, (), b"")
+
+        async def aclose(self) -> None:
+            return None
+
+    async def no_challenge(_token: str) -> None:
+        return None
+
+    proxy = EdgeProxy(make_settings(), resolve=SITES.get, challenge=no_challenge, events=Capture())
 
     async def main() -> None:
-        await call(env.proxy.https_app, method="POST", path="/api/v1/m", body=b"{}",
-                   client=("::ffff:198.51.100.7", 9))
+        try:
+            await call(proxy.https_app, method="POST", path="/api/v1/m", body=b"{}",
+                       client=("::ffff:198.51.100.7", 9))
+        finally:
+            await proxy.aclose()
 
-    env.run(main())
+    asyncio.run(main())
     assert [r.client for r in seen] == ["198.51.100.7"]
 
 

@@ -149,7 +149,8 @@ def test_the_relay_sees_what_the_httpx_client_sent(relay: RecordingRelay) -> Non
                                       for t in [*targets, "/bare"]]
     assert new[6][0] == "/ingest/%41%e2%82%ac?%41=%7e"
     assert ("user-agent", f"python-httpx/{httpx.__version__}") in new[-1][1]
-    assert ("accept-encoding", "gzip, deflate") in new[0][1]
+    # What the clients can decode (br: the brotli package the script's compression brings).
+    assert ("accept-encoding", "gzip, deflate, br") in new[0][1]
     assert ("connection", "keep-alive") in new[0][1]
 
 
@@ -302,7 +303,7 @@ def test_a_gzip_answer_reaches_the_browser_decoded_and_unlabelled(relay: Recordi
     assert (b"content-length", str(len(body)).encode()) in headers
     assert all(name != b"content-encoding" for name, _ in headers)
     [seen] = relay.snapshot()
-    assert seen.headers["accept-encoding"] == "gzip, deflate"  # what we can decode, not the browser's
+    assert seen.headers["accept-encoding"] == "gzip, deflate, br"  # what we can decode, not the browser's
 
 
 def test_a_coding_the_client_does_not_decode_keeps_its_label(relay: RecordingRelay) -> None:
