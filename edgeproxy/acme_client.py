@@ -109,10 +109,10 @@ class IssuedCertificate:
 
 
 # ---------------------------------------------------------------------------------
-# ACME Renewal Information (RFC 9773) and "replaces" (issue 4)
+# ACME Renewal Information (RFC 9773) and "replaces"
 # ---------------------------------------------------------------------------------
 
-_ARI_MAX_POLL = timedelta(hours=12)  # poll at least twice a day (issue 4)
+_ARI_MAX_POLL = timedelta(hours=12)  # poll at least twice a day
 
 
 def _b64url(data: bytes) -> str:

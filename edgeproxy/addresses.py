@@ -1,6 +1,6 @@
 """Client addresses as the edge reasons about them (pure, no I/O).
 
-A dual-stack listener (``[::]:443``, the default since issue 17) reports IPv4
+A dual-stack listener (``[::]:443``, the default) reports IPv4
 peers as IPv4-mapped IPv6 addresses, ``::ffff:203.0.113.9`` (RFC 4291 section
 2.5.5.2). Everything that compares, limits, forwards or stores a client address
 (``proxy.trusted_hops``, the rate limits, ``X-Forwarded-For``,

@@ -210,7 +210,7 @@ def create_admin_app(
             if exc.retry_after is None:
                 return _error(403, exc.code, str(exc))
             return _error(429, exc.code, str(exc), {"Retry-After": str(int(exc.retry_after) + 1)})
-        elif exc.code == "bad_time":  # issue 3: an unreadable --since/--until in POST /v1/replay
+        elif exc.code == "bad_time":  # an unreadable --since/--until in POST /v1/replay
             status = 400
         if status == 500:
             log.error("admin request failed: %s", exc)
@@ -222,7 +222,7 @@ def create_admin_app(
         try:
             registry.storage.get_domain("healthz.invalid")
         except StorageUnavailable as exc:
-            # Degraded, not down (issue 6): TLS, the script and forwarding go on from
+            # Degraded, not down: TLS, the script and forwarding go on from
             # memory; registrations and issuance wait for the store. 503 takes the node
             # out of a load balancer's admin pool without hiding why.
             return JSONResponse({"status": "degraded", "serving": True,
@@ -295,7 +295,7 @@ def create_admin_app(
              summary="The domain's status changes, newest first (pending_dns, issuing, active, moved, ...)")
     def domain_history(hostname: str) -> dict[str, Any]:
         return {"hostname": registry.get(hostname).hostname, "history": registry.history(hostname)}
-    # -- BEGIN issue 3: spool and replay ------------------------------------------------
+    # -- spool and replay ------------------------------------------------
     if spool_status is not None:
         status_fn = spool_status
 
@@ -313,6 +313,5 @@ def create_admin_app(
             filters = ReplayFilters.parse(body.since, body.until, body.domain, body.status,
                                           datetime.now(timezone.utc))
             return await replay_fn(filters, body.dry_run)
-    # -- END issue 3 -------------------------------------------------------------------
 
     return app

@@ -11,7 +11,7 @@ runs on the event loop and does its blocking work (storage reads, PEM parsing)
 in a thread; it publishes results by assigning dict entries, which the TLS
 handshake callback reads. The callback never does I/O (house rule 4).
 
-Scale (issue 8): nothing is built per name ahead of time. A refresh keeps only
+Scale: nothing is built per name ahead of time. A refresh keeps only
 the material of each servable name in memory (key + leaf as DER in one
 ``bytes``, ~1 KB; identical intermediate chains are shared; see ``_Codec``), and
 the handshake callback makes it ready on first use, into a bounded LRU
@@ -162,7 +162,7 @@ def _pem(label: bytes, der: bytes) -> bytes:
 
 
 class _Codec:
-    """Per-host TLS material packed into one ``bytes`` (issue 8: 100,000 names in memory).
+    """Per-host TLS material packed into one ``bytes`` (100,000 names in memory).
 
     Layout: tail id (2 bytes), key label id (2), key length (4), key DER, leaf DER.
     The tail (the intermediates after the leaf, as PEM) and the key's PEM label are
@@ -206,7 +206,7 @@ class _Codec:
         """Raises ValueError when the chain does not start with a PEM certificate.
 
         ``leaf_der`` is the chain's first certificate as DER when storage has it
-        (saved next to the chain since issue 8); without it the leaf is decoded
+        (saved next to the chain since the leaf_der column exists); without it the leaf is decoded
         from the PEM here (~2 us, a quarter of a pack). Start-up packs every name
         (100,000 in well under a second), hence plain ``find`` for the leaf's end
         and the tail interned by its raw bytes.

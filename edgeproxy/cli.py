@@ -255,7 +255,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         finally:
             services.storage.close()
     # The same Prober and workers as the serve loop, unpaced (an operator waits for the
-    # answer); 8 workers, not one task per domain (issue 8). The command sends no alerts.
+    # answer); 8 workers, not one task per domain. The command sends no alerts.
     prober = services.prober(connect=args.connect, port=args.port)
     results = asyncio.run(probe_hosts(prober.probe, hosts, concurrency=8)) if hosts else []
     if args.json:
@@ -284,7 +284,7 @@ def _cmd_alert_test(args: argparse.Namespace) -> int:
     for name, errors in failures.items():
         print(f"{'FAIL' if errors else 'ok  '}  {name}" + (f"  {errors[-1]}" if errors else ""))
     return EXIT_FAILED if any(failures.values()) else EXIT_OK
-# -- BEGIN issue 3: replay and spool ------------------------------------------------------
+# -- replay and spool ------------------------------------------------------
 def _cmd_replay(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
@@ -388,7 +388,6 @@ def _cmd_spool_drain(args: argparse.Namespace) -> int:
     print(f"{totals.delivered} delivered, {totals.refused} moved to the failed-request log, "
           f"{totals.dead} dead-lettered, {left} left in the spool")
     return EXIT_OK if left == 0 else EXIT_FAILED
-# -- END issue 3 -------------------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -520,7 +519,7 @@ def _parser() -> argparse.ArgumentParser:
     asub = alert.add_subparsers(dest="action", metavar="ACTION")
     atest = _command(asub, "test", help="send a test alert to every configured sink (exit 1 if one fails)")
     atest.set_defaults(func=_cmd_alert_test)
-    # issue 3
+
     replay = _command(sub, "replay", help="resend failed-request log entries with their original idempotency keys")
     replay.add_argument("--since", metavar="T", help="received at or after T (ISO-8601, or an age like 12h, 7d)")
     replay.add_argument("--until", metavar="T", help="received before T")

@@ -82,7 +82,7 @@ class StorageSettings:
     key_encryption_key_file: str = ""
     previous_key_files: tuple[str, ...] = ()  # old master keys: open only, during `keys rotate`
     # PostgreSQL: create/upgrade the schema on start. Off = a node refuses an
-    # outdated schema until an operator runs `edgeproxy migrate` (issue 6).
+    # outdated schema until an operator runs `edgeproxy migrate`.
     auto_migrate: bool = True
     # Lease on one name's ACME order, renewed every lock_ttl/3 while the order
     # runs: how long a crashed node blocks the others before they take over.
@@ -105,7 +105,7 @@ class UpstreamSettings:
     timeout: float = 5.0
     # The relay client: "aiohttp" (the relay POST straight on an aiohttp session;
     # script fetches through httpx on an aiohttp connector) or "httpx" (httpx's own
-    # httpcore pool for both). Measured side by side in bench/README.md (issue 8):
+    # httpcore pool for both). Measured side by side in bench/README.md:
     # httpcore's pool scans every pooled connection, with a readability syscall
     # each, on every request; httpx's layer over aiohttp cost a third of the forward.
     client: str = "aiohttp"
@@ -195,7 +195,7 @@ class ProxySettings:
     rate_per_ip: float = 100.0
     rate_per_domain: float = 2000.0  # API requests per second per custom domain; 0 = off
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
-    # Certificates kept ready to serve per worker (LRU; issue 8): a parsed leaf +
+    # Certificates kept ready to serve per worker (LRU): a parsed leaf +
     # key (~7 KB, ~0.12 ms to parse) on the native path, else a built SSLContext
     # (~17 KB, ~0.7 ms). 100,000 names are never all kept at once.
     tls_context_cache: int = 1024
@@ -205,7 +205,7 @@ class ProxySettings:
     # false builds one SSLContext per name with load_cert_chain.
     tls_native: bool = True
     # The event loop of `serve`: "uvloop" (libuv; faster TLS and socket I/O) when
-    # installed, else "asyncio". Measured in bench/README.md (issue 8).
+    # installed, else "asyncio". Measured in bench/README.md.
     event_loop: str = "uvloop"
 
 
@@ -216,11 +216,11 @@ class TlsSettings:
     policy: str = "intermediate"
 
 
-# -- monitoring (issue 5): probes, alerts, logs ------------------------------------------
+# -- monitoring: probes, alerts, logs ------------------------------------------
 @dataclass(frozen=True)
 class MonitorSettings:
     interval: float = 300.0  # seconds from the start of one probe round inside `serve` to the next; 0 = no loop
-    spread: float = 0.5  # share of interval a round's probe starts are spread over (issue 8; >= 50/s); 0 = no pacing
+    spread: float = 0.5  # share of interval a round's probe starts are spread over (>= 50/s); 0 = no pacing
     ca_bundle: str = ""  # CA file the probes trust instead of the system roots (Pebble in tests)
     port: int = 0  # HTTPS port the probes connect to; 0 = the port of listen.https
     connect: str = ""  # IP the probes connect to instead of resolving each name (e.g. this node)
@@ -263,7 +263,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class RenewSettings:
-    """Renewal loop, lifecycle and rate budgets (issue 4). Budgets mirror Let's
+    """Renewal loop, lifecycle and rate budgets. Budgets mirror Let's
     Encrypt's published limits; an order a budget refuses never reaches the CA."""
 
     interval: float = 600.0  # seconds between full renewal passes inside `serve`
@@ -277,7 +277,7 @@ class RenewSettings:
     failed_validations: int = 5  # failed validations per hostname per hour
 
 
-# -- BEGIN issue 3 (spool, failed-request log, privacy) ---------------------------------
+# -- spool, failed-request log, privacy ---------------------------------
 @dataclass(frozen=True)
 class SpoolSettings:
     # Node-local SQLite file (never the shared store: it must work when that is down).
@@ -303,7 +303,6 @@ class FailedLogSettings:
 @dataclass(frozen=True)
 class PrivacySettings:
     ip_retention: str = "full"  # full | truncated | none (failed-request log)
-# -- END issue 3 -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

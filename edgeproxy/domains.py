@@ -46,7 +46,7 @@ __all__ = [
     "normalize_hostname",
     "registered_domain",
     "validate_hostname",
-    # DNS/CAA pre-check (issue 4)
+    # DNS/CAA pre-check
     "DNS_CAA_FORBIDS",
     "DNS_ELSEWHERE",
     "DNS_MISSING",
@@ -653,7 +653,7 @@ def registered_domain(hostname: str, *, extra_suffixes: Sequence[str] = ()) -> s
 # =================================================================================================
 
 
-# -- DNS and CAA pre-check (issue 4) ------------------------------------------------------------------
+# -- DNS and CAA pre-check ------------------------------------------------------------------
 # Before every new order (and on every renewal) the name must point at the edge,
 # and CAA must allow our CA: an order we know will fail only burns the CA's
 # failed-validation budget. The verdict logic is pure (``evaluate_pointing``,

@@ -179,7 +179,7 @@ class SealedStorage:
 
         def opened(h: str, key_pem: bytes, chain_pem: bytes, leaf_der: bytes | None, not_after: dt.datetime,
                    serial: str) -> None:
-            if key_pem.startswith(_PREFIX):  # what open() checks first; the owner string only when sealed (issue 8)
+            if key_pem.startswith(_PREFIX):  # what open() checks first; the owner string only when sealed
                 key_pem = self._ring.open(key_pem, f"cert:{h}")
             visit(h, key_pem, chain_pem, leaf_der, not_after, serial)
 
@@ -230,7 +230,7 @@ def verify(store: Storage, directory_url: str, sample: int = 3) -> None:
     """Read-only: open the account key and a few certificate keys (raises SealedKeyError)."""
     store.get_account(directory_url)
     # changes_since(0) names every registered domain without building a record
-    # per domain: list_domains() took half a second at 100,000 names (issue 8).
+    # per domain: list_domains() took half a second at 100,000 names.
     _, hostnames = store.changes_since(0)
     for hostname in hostnames[:sample]:
         store.get_certificate(hostname)

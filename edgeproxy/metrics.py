@@ -276,7 +276,7 @@ class StateCollector(Collector):
         warn_days: float = 14.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
     ) -> None:
-        self.domain_counts = domain_counts  # status -> domains; a GROUP BY, not every record (issue 8)
+        self.domain_counts = domain_counts  # status -> domains; a GROUP BY, not every record
         self.cert_expiries = cert_expiries
         self.spool_stats = spool_stats
         self.failing_probes = failing_probes

@@ -14,7 +14,7 @@ how they are measured.
 
 Pure parts (``conditions``, ``AlertState.evaluate``, ``increase_over``) take
 ``now`` (house rule 2). A sink that fails is retried and logged; nothing in
-this module raises into the edge (issue 5: "never takes the edge down").
+this module raises into the edge ("never takes the edge down").
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _iso(value: dt.datetime) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-# slots (issue 8): the monitor keeps one ProbeResult per domain, 100,000 at scale;
+# slots: the monitor keeps one ProbeResult per domain, 100,000 at scale;
 # without a __dict__ per object a result with its steps takes ~550 bytes, not ~760.
 @dataclass(frozen=True, slots=True)
 class Step:
@@ -164,7 +164,7 @@ def probe_rate(count: int, interval: float, spread: float) -> float | None:
     never fewer than ``MIN_PROBE_RATE``; None (no pacing) without a window or without hosts.
 
     A round then starts its probes over ``min(interval * spread, count / MIN_PROBE_RATE)``
-    seconds instead of all at once at our own listener (issue 8).
+    seconds instead of all at once at our own listener.
     """
     window = interval * spread
     if count <= 0 or window <= 0:
@@ -181,7 +181,7 @@ async def probe_hosts(
 ) -> list[ProbeResult]:
     """``probe`` every host with ``concurrency`` workers; results in the order of ``hostnames``.
 
-    Issue 8: one task per host behind a semaphore was 100,000 tasks (100+ MB, a CPU burst
+    One task per host behind a semaphore was 100,000 tasks (100+ MB, a CPU burst
     at start-up) at 100,000 domains. Here the workers take hosts from one shared iterator,
     so what is in flight is O(concurrency); only the small results grow with the list.
     With ``rate``, the i-th probe starts no earlier than ``i / rate`` seconds after the
@@ -474,7 +474,7 @@ def conditions(
     in it is left out before its summary and details are built:
     ``AlertState.evaluate`` would do nothing with it (it can only resolve a firing
     alert), so the alerts are the same, and a round at 100,000 domains builds a
-    handful of conditions, not ~300,000 (issue 8).
+    handful of conditions, not ~300,000.
     """
     mon = settings.monitor
     out: list[Condition] = []
@@ -834,7 +834,7 @@ class MonitorService:
         """One round: probe, derive conditions, send what changed. Returns the alerts sent."""
         # (hostname, status) pairs, not whole records: 100,000 DomainRecords were ~60 MB
         # built and freed twice a round, and the freed memory stayed fragmented
-        # around the hostnames kept for the probes (issue 8).
+        # around the hostnames kept for the probes.
         statuses = await asyncio.to_thread(self.storage.domain_statuses)
         now = self.clock()
         failing_now: set[str] = set()
@@ -908,7 +908,7 @@ class MonitorService:
             except Exception:  # the loop must outlive a bad round (storage down, a bug)
                 log.exception("monitor round failed")
             # `interval` runs from one round's start to the next: a paced round fills
-            # `spread` of it (issue 8) instead of adding to it. A round that overran starts
+            # `spread` of it instead of adding to it. A round that overran starts
             # the next one at once, still paced and `concurrency` at a time.
             pause = max(0.0, interval - (time.monotonic() - started))
             try:

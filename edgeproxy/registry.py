@@ -104,7 +104,7 @@ class Registry:
         """Registration abuse: the deny list, the domain cap, the hourly rate (issue #7)."""
         _refuse_denied(hostname, self.deny)
         limits = self.settings.domains
-        # Issue 8: a count and the last hour's creation times from indexed queries,
+        # A count and the last hour's creation times from indexed queries,
         # never every record (list_domains costs 0.75 s at 100,000 domains).
         if limits.max_domains and self.storage.count_domains() >= limits.max_domains:
             raise LimitReached(f"this edge serves its maximum of {limits.max_domains} domains; "
@@ -148,7 +148,7 @@ class Registry:
         )
 
     def history(self, raw_hostname: str, limit: int = 100) -> builtins.list[dict[str, Any]]:
-        """The domain's status changes, newest first (issue 4)."""
+        """The domain's status changes, newest first."""
         record = self.get(raw_hostname)
         return [
             {"at": _iso(e.at), "status": e.status, "error_code": e.error_code, "message": e.message}

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import httpx
 
-if TYPE_CHECKING:  # imported on first use (start-up time, issue 8)
+if TYPE_CHECKING:  # imported on first use (start-up time)
     import aiohttp
 
 from .config import UpstreamSettings
@@ -166,7 +166,7 @@ def upstream_ssl_context() -> ssl.SSLContext:
 
 
 def _aiohttp_transport(pool: int) -> httpx.AsyncBaseTransport:
-    """httpx's API on an aiohttp connection pool (issue 8: ~7x the forwarded
+    """httpx's API on an aiohttp connection pool (~7x the forwarded
     req/s of httpcore's pool on 2 cores; numbers in bench/README.md). Used for
     script and asset fetches; relay calls go through :class:`_AiohttpClient`.
 
@@ -205,7 +205,7 @@ def new_http_client(upstream: UpstreamSettings, transport: httpx.AsyncBaseTransp
 
 
 # The User-Agent httpx sends when the call carries none (a browser always sends one):
-# the relay's view of a call does not depend on upstream.client (issue 8).
+# the relay's view of a call does not depend on upstream.client.
 _DEFAULT_USER_AGENT: Final = f"python-httpx/{httpx.__version__}"
 # What aiohttp decodes itself: a body whose FIRST Content-Encoding field is exactly one
 # of these (aiohttp.http_parser; br/zstd fail the read when their library is missing).
@@ -233,7 +233,7 @@ def _codings_left(values: Sequence[str], raw: Headers) -> tuple[tuple[bytes, byt
 
 
 class _AiohttpClient:
-    """Relay calls straight on one shared ``aiohttp.ClientSession`` (issue 8).
+    """Relay calls straight on one shared ``aiohttp.ClientSession``.
 
     Why: with ``upstream.client = "aiohttp"`` the call went httpx -> httpx-aiohttp ->
     aiohttp, and py-spy put the httpx layer at ~9 % of the edge's CPU under a POST

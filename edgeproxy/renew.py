@@ -276,7 +276,7 @@ class RenewalService:
 
     def due(self, now: dt.datetime) -> list[DomainRecord]:
         """The domains ``is_due`` at ``now``, ordered by hostname (as they always were:
-        the order of a pass and of ``renew --dry-run``). Issue 8: an indexed query,
+        the order of a pass and of ``renew --dry-run``). An indexed query,
         not a filter over ``list_domains`` (0.75 s of CPU at 100,000 domains)."""
         return sorted(self.storage.due_domains(now), key=lambda d: d.hostname)
 
@@ -562,7 +562,7 @@ class RenewalService:
         registration or a retry through the admin API) and every ``interval`` +
         random(0, ``jitter``) seconds; in between, every ``poll`` seconds, new
         work only (so a name added by the CLI in another process starts within
-        seconds). Jitter spreads nodes and restarts apart (issue 4)."""
+        seconds). Jitter spreads nodes and restarts apart."""
         next_full = time.monotonic()
         while not stop.is_set():
             full = wake.is_set() or time.monotonic() >= next_full

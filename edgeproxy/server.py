@@ -71,7 +71,7 @@ def bind_socket(address: str, what: str, backlog: int = 1024) -> socket.socket:
 
     ``[::]:port`` is one dual-stack socket (IPV6_V6ONLY off: IPv4 peers arrive as
     ``::ffff:a.b.c.d``, normalized in ``addresses.py``); on a host without IPv6
-    it falls back to ``0.0.0.0:port`` with a warning (issue 17: customers publish
+    it falls back to ``0.0.0.0:port`` with a warning (customers publish
     AAAA records, and Let's Encrypt validates over IPv6 first when one exists).
     """
     if address.startswith("unix:"):
@@ -99,7 +99,7 @@ def _bind_tcp(host: str, port: int, address: str, what: str, backlog: int) -> so
     # Accepted sockets inherit TCP_NODELAY on Linux. Without it, Nagle holds a
     # response's second write (hypercorn sends headers and body separately) until
     # the client's delayed ACK, ~40 ms per request: keep-alive throughput was a
-    # quarter of plain hypercorn's, which sets the same option (issue 8). asyncio
+    # quarter of plain hypercorn's, which sets the same option. asyncio
     # only sets it itself on sockets created with proto=IPPROTO_TCP.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
@@ -251,7 +251,7 @@ class EdgeNode:
     async def run(self) -> None:
         """Serve until ``stop`` is set, then drain connections and close.
 
-        Start-up order (issue 8: time to the first served request with 100,000
+        Start-up order (time to the first served request with 100,000
         certificates): the certificate map and the script first (together), then
         the public listeners, and only then the primary's admin API and loops,
         whose imports (FastAPI, acme) alone take a few hundred milliseconds.
@@ -281,7 +281,7 @@ class EdgeNode:
                 await self._listen(admin)
             # Start-up is done: what it built (modules, the certificate map,
             # ~130,000 tracked objects) lives as long as the process. Frozen, the
-            # collector stops walking it at every full collection (issue 8).
+            # collector stops walking it at every full collection.
             gc.freeze()
             await self.stop.wait()
         finally:
@@ -321,7 +321,7 @@ class EdgeNode:
             prune_loop(self.storage, self.settings.failed_log.retention_days, self.stop)))
         return _Listener("admin", self.sockets["admin"], admin)
 
-    # -- monitoring (issue 5) ----------------------------------------------------------
+    # -- monitoring ----------------------------------------------------------
     def _relay_4xx_total(self) -> float:
         registry = scrape_registry(None, self.metrics_registry)
         return sample_total(registry, "edgeproxy_relay_responses_total", {"code_class": "4xx"})
@@ -376,7 +376,7 @@ class EdgeNode:
             if listener.server is not None:
                 listener.server.close()
         await self._context.terminated.set()  # tells keep-alive connections to finish
-        # Drain (issue 17). A connection accepted just before close() is still in
+        # Drain. A connection accepted just before close() is still in
         # its TLS handshake and has no task yet: give handshakes a moment to finish
         # and register, then wait for every connection task until graceful_timeout.
         loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """Listening sockets handed over by systemd (socket activation, sd_listen_fds(3)).
 
-Why (issue 17): with the sockets held by systemd, ``systemctl restart`` and
+Why: with the sockets held by systemd, ``systemctl restart`` and
 upgrades refuse no connection: while no edgeproxy process runs, connections
 wait in the kernel's listen backlog, and the next process accepts them once its
 certificates are loaded.

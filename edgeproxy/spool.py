@@ -377,7 +377,7 @@ class Spool:
         self.max_bytes = max_bytes
         self._busy_timeout = busy_timeout
         # Request bodies and visitor IPs: 0600 in a 0700 directory, whichever
-        # command (serve, replay, spool ...) opens the spool first (issue 17).
+        # command (serve, replay, spool ...) opens the spool first.
         private_file(path)
         tighten_sqlite(path)
         self._local = threading.local()

@@ -1,6 +1,6 @@
 """A host's certificate set on one TLS connection, through the libssl of Python's ``ssl``.
 
-Why (issue 8): with 100,000 names, most new handshakes ask for a name that no
+Why: with 100,000 names, most new handshakes ask for a name that no
 bounded cache still holds. Python's ``ssl`` can serve such a name only by
 building an ``SSLContext``, and ``load_cert_chain`` parses PEM files through
 OpenSSL 3.0's decoder framework: ~0.65 ms per build on the bench machine

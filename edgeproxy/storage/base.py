@@ -43,7 +43,7 @@ __all__ = [
 DOMAIN_STATUSES = ("pending_dns", "issuing", "active", "renewing", "failing", "moved")
 
 
-@dataclass(frozen=True, slots=True)  # slots: list_domains builds 100,000 of them at scale (issue 8)
+@dataclass(frozen=True, slots=True)  # slots: list_domains builds 100,000 of them at scale
 class DomainRecord:
     hostname: str
     status: str
@@ -71,7 +71,7 @@ class CertificateRecord:
 
 #: ``visit(hostname, key_pem, chain_pem, leaf_der, not_after, serial)``: what a
 #: backend's bulk ``scan_certificates`` calls per certificate (not part of the
-#: ``Storage`` protocol; the certstore's start-up path, issue 8). ``leaf_der`` is
+#: ``Storage`` protocol; the certstore's start-up path). ``leaf_der`` is
 #: the leaf as DER, stored next to the chain at save time; None for rows saved
 #: before it existed (or by an older edgeproxy), whose reader decodes the PEM.
 CertificateVisitor = Callable[[str, bytes, bytes, bytes | None, datetime, str], None]
@@ -86,7 +86,7 @@ def leaf_der_of(chain_pem: bytes) -> bytes | None:
 
     Backends store this next to the chain when they save it, so that loading
     100,000 certificates at start-up does not base64-decode 100,000 leaves
-    (issue 8: ~2 us each). The certstore decodes rows without it the same way.
+    (~2 us each). The certstore decodes rows without it the same way.
     """
     chain = chain_pem.lstrip()
     end = chain.find(_END_CERT)
@@ -113,12 +113,12 @@ class AccountRecord:
     registration_json: str  # acme RegistrationResource as JSON ("" before registration)
 
 
-# -- issue 4 records (status history, ARI state) ----------------------------------------
+# -- records (status history, ARI state) ----------------------------------------
 
 
 @dataclass(frozen=True)
 class StatusEvent:
-    """One entry of a domain's status history (issue 4)."""
+    """One entry of a domain's status history."""
 
     hostname: str
     at: datetime
@@ -129,7 +129,7 @@ class StatusEvent:
 
 @dataclass(frozen=True)
 class AriState:
-    """ACME Renewal Information (RFC 9773) for one certificate (issue 4).
+    """ACME Renewal Information (RFC 9773) for one certificate.
 
     ``cert_id`` is the RFC 9773 section 4.1 identifier (``base64url(AKI).base64url(serial)``)
     that a renewal order sends as ``replaces``; ``renew_at`` a time inside the
@@ -142,7 +142,7 @@ class AriState:
     renew_at: datetime | None
     next_poll: datetime
     checked_at: datetime
-# -- BEGIN issue 3: failed-request log record ---------------------------------------------
+# -- failed-request log record ---------------------------------------------
 @dataclass(frozen=True)
 class FailedRequestRecord:
     """One API call the relay refused (or the edge could not accept), with
@@ -166,10 +166,8 @@ class FailedRequestRecord:
     logged_at: datetime
     delivered_at: datetime | None = None
     id: int = 0
-# -- END issue 3 ---------------------------------------------------------------------------
 
 
-# -- end of issue 4 records ---------------------------------------------------------------
 
 
 class Storage(Protocol):
@@ -188,7 +186,7 @@ class Storage(Protocol):
         """All domains, ordered by hostname."""
         ...
 
-    # Issue 8: the renewal loop and the registration limits ask these every few
+    # The renewal loop and the registration limits ask these every few
     # seconds; ``list_domains`` would build every record (100,000 at scale) to
     # keep a handful. Both are answered from an index, whatever the store's size.
     def due_domains(
@@ -203,7 +201,7 @@ class Storage(Protocol):
         """How many domains are registered."""
         ...
 
-    # Issue 8: the monitor reads every domain's status twice a round and /metrics
+    # The monitor reads every domain's status twice a round and /metrics
     # counts them at every scrape; whole records (datetimes, errors) for 100,000
     # domains cost ~60 MB and 0.75 s each time for two columns' worth of answer.
     def domain_statuses(self) -> list[tuple[str, str]]:
@@ -292,7 +290,7 @@ class Storage(Protocol):
     def close(self) -> None:
         ...
 
-    # == BEGIN issue 4: rate-budget ledger and status history ============================
+    # == rate-budget ledger and status history ============================
     # Additive tables (CREATE TABLE IF NOT EXISTS); schema_version is unchanged.
 
     def record_event(self, kind: str, key: str, at: datetime) -> None:
@@ -323,8 +321,7 @@ class Storage(Protocol):
     def get_ari(self, hostname: str) -> AriState | None:
         ...
 
-    # == END issue 4 ==========================================================================
-    # -- BEGIN issue 3: failed-request log (kept ``failed_log.retention_days``) ------------
+    # -- failed-request log (kept ``failed_log.retention_days``) ------------
     def log_failed_request(self, record: FailedRequestRecord) -> int:
         """Store a refused request; returns its id. Idempotent per
         ``idempotency_key``: logging the same key again (a replay refused once
@@ -367,4 +364,3 @@ class Storage(Protocol):
     def prune_failed_requests(self, before: datetime) -> int:
         """Delete records logged before ``before``; returns how many."""
         ...
-    # -- END issue 3 ------------------------------------------------------------------------

@@ -169,7 +169,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         2,
         (
-            # Issue 4: rate-budget ledger, status history, ARI state.
+            # Rate-budget ledger, status history, ARI state.
             """CREATE TABLE budget_events (
                 kind TEXT NOT NULL,
                 key  TEXT NOT NULL,
@@ -193,7 +193,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 next_poll  TIMESTAMPTZ NOT NULL,
                 checked_at TIMESTAMPTZ NOT NULL
             )""",
-            # Issue 3: the failed-request log (every node writes to the shared one).
+            # The failed-request log (every node writes to the shared one).
             """CREATE TABLE failed_requests (
                 id              BIGSERIAL PRIMARY KEY,
                 idempotency_key TEXT NOT NULL UNIQUE,
@@ -216,7 +216,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         3,
         (
-            # Issue 8: the renewal loop's due query (every few seconds) and the
+            # The renewal loop's due query (every few seconds) and the
             # registration limits, without reading every domain. hostname in the
             # first one lets ORDER BY next_attempt_at, hostname LIMIT n walk the index.
             "CREATE INDEX domains_next_attempt ON domains (next_attempt_at, hostname)",
@@ -226,7 +226,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         4,
         (
-            # Issue 8: the leaf as DER next to the chain, written by save_certificate,
+            # The leaf as DER next to the chain, written by save_certificate,
             # so loading 100,000 certificates at start-up decodes no PEM. NULL in
             # rows saved before (read by decoding the PEM). A node that still runs
             # older code (it opened the store before this migration) upserts the
@@ -676,8 +676,8 @@ class PostgresStorage:
             # The certificate goes by ON DELETE CASCADE; said again for clarity.
             conn.execute("DELETE FROM certificates WHERE hostname = %s", (hostname,))
             conn.execute("DELETE FROM challenges WHERE hostname = %s", (hostname,))
-            conn.execute("DELETE FROM status_history WHERE hostname = %s", (hostname,))  # issue 4
-            conn.execute("DELETE FROM ari_state WHERE hostname = %s", (hostname,))  # issue 4
+            conn.execute("DELETE FROM status_history WHERE hostname = %s", (hostname,))
+            conn.execute("DELETE FROM ari_state WHERE hostname = %s", (hostname,))
             self._append_change(conn, hostname)
         return True
 
@@ -733,7 +733,7 @@ class PostgresStorage:
         rows saved without it: see ``CertificateVisitor``).
 
         Not part of the ``Storage`` protocol (the certstore uses it when present,
-        issue 8): one array parameter instead of a query per name, and a
+        ): one array parameter instead of a query per name, and a
         server-side cursor, so 100,000 certificates are never in memory at once."""
         names = sorted(set(hostnames))
         if not names:
@@ -969,7 +969,7 @@ class PostgresStorage:
         with self._conn(f"release lock {name}") as conn:
             conn.execute("DELETE FROM locks WHERE name = %s AND owner = %s", (name, owner))
 
-    # -- issue 4: rate-budget ledger, status history, ARI state ------------------------
+    # -- rate-budget ledger, status history, ARI state ------------------------
 
     def record_event(self, kind: str, key: str, at: datetime) -> None:
         """Append one ledger entry. Not idempotent: every call counts once."""
@@ -1031,7 +1031,7 @@ class PostgresStorage:
             return None
         return AriState(row[0], row[1], row[2], _utc_opt(row[3]), _utc(row[4]), _utc(row[5]))
 
-    # -- issue 3: failed-request log ---------------------------------------------------
+    # -- failed-request log ---------------------------------------------------
 
     def log_failed_request(self, record: FailedRequestRecord) -> int:
         """Store a refused request; returns its id. Idempotent per ``idempotency_key``

@@ -135,7 +135,7 @@ _SCHEMA_V1 = (
     )""",
 )
 
-# Issue 4: additive tables (no schema_version bump; issue 6 folds them into migrations).
+# Additive tables (no schema_version bump; PostgreSQL has them in its migrations).
 _SCHEMA_RENEW = (
     """CREATE TABLE IF NOT EXISTS budget_events (
         kind TEXT NOT NULL,
@@ -162,7 +162,7 @@ _SCHEMA_RENEW = (
     )""",
 )
 
-# Issue 3: tables added without a version bump (CREATE ... IF NOT EXISTS is safe
+# Tables added without a version bump (CREATE ... IF NOT EXISTS is safe
 # to run on every open of an older file).
 _FAILED_LOG_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS failed_requests (
@@ -183,7 +183,7 @@ _FAILED_LOG_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS failed_requests_received ON failed_requests(received_at)",
     "CREATE INDEX IF NOT EXISTS failed_requests_logged ON failed_requests(logged_at)",
 )
-# Issue 8: indexes for the renewal loop's due query and the registration limits.
+# Indexes for the renewal loop's due query and the registration limits.
 # Additive like the tables above (CREATE INDEX IF NOT EXISTS on every open), so an
 # existing file gets them on its first open by this version, and an older
 # edgeproxy can still open the file (it never sees a schema_version it rejects).
@@ -194,7 +194,7 @@ _SCHEMA_INDEXES = (
     "CREATE INDEX IF NOT EXISTS domains_created ON domains(created_at)",
 )
 
-# Issue 8: the leaf certificate as DER next to the chain, so loading 100,000
+# The leaf certificate as DER next to the chain, so loading 100,000
 # certificates at start-up does not base64-decode every leaf. Added to an
 # existing file on open (ADD COLUMN only touches the schema; old rows read NULL
 # and are decoded from the PEM), additive like the indexes above. An older
@@ -364,7 +364,7 @@ class SqliteStorage:
         self._keep_changes = keep_changes
         self._busy_timeout = busy_timeout
         # How long remove_domain keeps retrying the checkpoint that takes a removed
-        # key out of the WAL and the main file (issue 17) before it raises.
+        # key out of the WAL and the main file before it raises.
         self._purge_timeout = purge_timeout
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -408,7 +408,7 @@ class SqliteStorage:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
         except FileExistsError:
-            tighten_sqlite(self.path)  # left wider by an older version or another tool (issue 17)
+            tighten_sqlite(self.path)  # left wider by an older version or another tool
         except OSError as exc:
             raise StorageError(
                 f"cannot create the database file {self.path}: {exc.strerror or exc}"
@@ -669,8 +669,8 @@ class SqliteStorage:
             conn.execute("DELETE FROM certificates WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM challenges WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM domains WHERE hostname = ?", (hostname,))
-            conn.execute("DELETE FROM status_history WHERE hostname = ?", (hostname,))  # issue 4
-            conn.execute("DELETE FROM ari_state WHERE hostname = ?", (hostname,))  # issue 4
+            conn.execute("DELETE FROM status_history WHERE hostname = ?", (hostname,))
+            conn.execute("DELETE FROM ari_state WHERE hostname = ?", (hostname,))
             self._append_change(conn, hostname)
         self._purge(hostname)
         return True
@@ -686,7 +686,7 @@ class SqliteStorage:
         used the WAL when busy_timeout ran out; then the bytes are still on disk,
         so we try again until ``purge_timeout``. Black-box runs found the deleted
         certificate in the main file in 2 of 3 deletes while the busy result was
-        ignored (issue 17). The removal itself is committed either way; failing
+        ignored. The removal itself is committed either way; failing
         to purge raises, so the caller does not report "gone" when it is not.
         """
         deadline = time.monotonic() + self._purge_timeout
@@ -760,7 +760,7 @@ class SqliteStorage:
         Not part of the ``Storage`` protocol: the certstore uses it when present
         to load 100,000 names at start-up in one scan instead of two point
         queries per name, without ever holding every row (or a full
-        ``CertificateRecord`` per name) in memory at once (issue 8).
+        ``CertificateRecord`` per name) in memory at once.
         """
         wanted = set(hostnames)
         registered: set[str] = set()
@@ -960,7 +960,7 @@ class SqliteStorage:
         with self._write(f"release lock {name}") as conn:
             conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
 
-    # == BEGIN issue 4: rate-budget ledger and status history =============================
+    # == rate-budget ledger and status history =============================
 
     def record_event(self, kind: str, key: str, at: datetime) -> None:
         with self._write(f"record {kind} event") as conn:
@@ -1019,7 +1019,6 @@ class SqliteStorage:
             return None
         return AriState(row[0], row[1], row[2], _dt_opt(row[3]), _dt(row[4]), _dt(row[5]))
 
-    # == END issue 4 ===========================================================================
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -1041,7 +1040,7 @@ class SqliteStorage:
                 pass
         self._local = threading.local()
 
-    # -- BEGIN issue 3: failed-request log ----------------------------------------------------
+    # -- failed-request log ----------------------------------------------------
 
     def log_failed_request(self, record: FailedRequestRecord) -> int:
         headers = json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in record.headers])
@@ -1120,7 +1119,6 @@ class SqliteStorage:
         with self._write("prune failed requests") as conn:
             return int(conn.execute("DELETE FROM failed_requests WHERE logged_at < ?", (_ts(before),)).rowcount)
 
-    # -- END issue 3 ------------------------------------------------------------------------
 
     def __enter__(self) -> SqliteStorage:
         return self
