@@ -289,7 +289,7 @@ class CertStore:
         self._expiry_lock = threading.Lock()  # _apply also runs in save()'s thread
         self._material: dict[str, bytes] = {}  # packed by self._codec
         self._codec = _Codec()
-        self.native = tlsnative.load() if native else None
+        self.native = load_native() if native else None
         self._chains: dict[int, tlsnative.Chain] = {}  # native: parsed intermediates per codec tail id
         self.built = 0  # certificates made ready since start (cache misses that found material)
         self._seq = 0
@@ -546,3 +546,8 @@ class CertStore:
             log.debug("change notifications unavailable: %s", exc)
             return False
         return True
+
+
+def load_native() -> tlsnative.NativeTLS | None:
+    """The native TLS path self-tested with this module's context builder, or None (logged)."""
+    return tlsnative.load(build_context, make_fallback_pair)

@@ -433,9 +433,9 @@ def check_tls(settings: Settings) -> list[Finding]:
     the same checks and in-memory handshake ``serve`` runs in every worker)."""
     if not settings.proxy.tls_native:
         return [Finding("ok", "proxy.tls_native", "off: one SSLContext per name (~6x the CPU per cache miss)")]
-    from . import tlsnative
+    from .certstore import load_native
 
-    if tlsnative.load() is None:
+    if load_native() is None:
         return [Finding("warning", "proxy.tls_native",
                         "the native path failed its checks on this machine (serve logs why): it builds one "
                         "SSLContext per name instead, ~6x the CPU per certificate cache miss")]

@@ -419,8 +419,18 @@ def _layout_ok(native: NativeTLS) -> bool:
     return bool(native.lib.SSL_get_SSL_CTX(native.ssl_pointer(obj)) == ctx_ptr)
 
 
-def load() -> NativeTLS | None:
-    """The native path, or None (logged) when this interpreter or OpenSSL does not allow it."""
+ContextFor = Callable[[bytes, bytes], ssl.SSLContext]
+"""``context_for(chain_pem, key_pem)``: a server context as the certstore builds it."""
+PairAt = Callable[[dt.datetime], tuple[bytes, bytes]]
+"""``pair_at(now)``: a throwaway self-signed (chain PEM, key PEM)."""
+
+
+def load(context_for: ContextFor, pair_at: PairAt) -> NativeTLS | None:
+    """The native path, or None (logged) when this interpreter or OpenSSL does not allow it.
+
+    The self-test serves a throwaway certificate through ``install`` from a context
+    built by ``context_for`` (the certstore's own builder, passed in: this module
+    does not import the certstore)."""
     if sys.implementation.name != "cpython":
         return None
     try:
@@ -431,28 +441,26 @@ def load() -> NativeTLS | None:
         if not _layout_ok(native):
             log.warning("native TLS path off: this CPython's ssl objects are laid out differently")
             return None
-        _self_test(native)
+        _self_test(native, context_for, pair_at)
     except (OSError, AttributeError, NativeError, ssl.SSLError, AssertionError) as exc:
         log.warning("native TLS path off: %s", exc)
         return None
     return native
 
 
-def _self_test(native: NativeTLS) -> None:
+def _self_test(native: NativeTLS, context_for: ContextFor, pair_at: PairAt) -> None:
     """A full in-memory handshake served through ``install``; raises unless the client got our cert."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from .certstore import build_context, make_fallback_pair
-
     now = dt.datetime.now(dt.timezone.utc)
-    chain_pem, key_pem = make_fallback_pair(now)
+    chain_pem, key_pem = pair_at(now)
     leaf = x509.load_pem_x509_certificate(chain_pem)
     key_der = serialization.load_pem_private_key(key_pem, None).private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     cert = native.certificate(leaf.public_bytes(serialization.Encoding.DER), key_der, False, native.chain(b""))
-    other_chain, other_key = make_fallback_pair(now)
-    server_ctx = build_context(other_chain, other_key)  # serves another cert unless install() works
+    other_chain, other_key = pair_at(now)
+    server_ctx = context_for(other_chain, other_key)  # serves another cert unless install() works
     server_ctx.sni_callback = lambda obj, _name, _ctx: native.install(obj, cert)
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_ctx.check_hostname = False

@@ -326,7 +326,7 @@ def test_tls_native_path_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     findings = check_tls(Settings())
     assert levels(findings, "proxy.tls_native") == ["ok"] and "self-test passed" in messages(findings, "proxy.tls_native")
     assert "off" in messages(check_tls(Settings(proxy=ProxySettings(tls_native=False))), "proxy.tls_native")
-    monkeypatch.setattr(tlsnative, "load", lambda: None)  # e.g. another CPython layout or OpenSSL
+    monkeypatch.setattr(tlsnative, "load", lambda *_: None)  # e.g. another CPython layout or OpenSSL
     findings = check_tls(Settings())
     assert levels(findings, "proxy.tls_native") == ["warning"] and "SSLContext per name" in messages(findings, "proxy.tls_native")
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from edgeproxy import tlsnative
-from edgeproxy.certstore import CertStore, build_context, make_fallback_pair
+from edgeproxy.certstore import CertStore, build_context, load_native, make_fallback_pair
 from edgeproxy.storage.sqlite import SqliteStorage
 
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -47,7 +47,7 @@ INTER_PEM = INTER.public_bytes(serialization.Encoding.PEM)
 
 @pytest.fixture(scope="module")
 def native() -> tlsnative.NativeTLS:
-    found = tlsnative.load()
+    found = load_native()
     assert found is not None, "the native path must load on this machine (CPython + its own OpenSSL)"
     assert found.ec_keys  # OpenSSL 3.0 still ships EC_KEY: the fast path for EC keys is the one tested
     return found
@@ -228,11 +228,11 @@ def test_a_key_that_does_not_match_is_refused_at_install(native: tlsnative.Nativ
 def test_the_path_turns_itself_off_when_its_checks_fail(monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(tlsnative, "_SOCKET_CONTEXT", tlsnative._SOCKET_CONTEXT + 8)  # another CPython layout
-    assert tlsnative.load() is None
+    assert load_native() is None
     assert "laid out differently" in caplog.text
     monkeypatch.undo()
     monkeypatch.setattr(ssl, "OPENSSL_VERSION_NUMBER", ssl.OPENSSL_VERSION_NUMBER + 1)  # another OpenSSL
-    assert tlsnative.load() is None
+    assert load_native() is None
     assert "another OpenSSL" in caplog.text
     # The CertStore then builds contexts, and still serves the right certificate.
     storage = SqliteStorage(str(tmp_path / "edge.db"))
