@@ -546,3 +546,35 @@ def test_metrics_label_requests_by_route_name_and_count_refusals_by_reason() -> 
     stats["event_refused_target_too_long"] += 1
     assert registry.get_sample_value("edgeproxy_event_refusals_total", {"reason": "rate_limited"}) == 2
     assert registry.get_sample_value("edgeproxy_event_refusals_total", {"reason": "target_too_long"}) == 1
+
+
+def test_the_replay_command_sends_refusals_kept_in_the_spool_file(tmp_path: Path) -> None:
+    """`edgeproxy replay --status 429` finds what the edge refused (moved from the spool
+    file first) and resends it with its method to a real relay."""
+    import subprocess
+    import sys
+
+    from edgeproxy.devtools.upstreams import RecordingRelay
+
+    with RecordingRelay() as relay:
+        config = tmp_path / "edge.toml"
+        config.write_text(f'[storage]\nurl = "sqlite://{tmp_path}/edge.db"\n'
+                          f'[upstream]\nrelay = "{relay.url}/ingest"\nclient = "httpx"\n')
+        spool = Spool(str(tmp_path / "spool.db"), max_bytes=1 << 20)
+        log = RefusalLog(spool, 100)
+        log.record(ForwardRequest("/p.gif?t=1", ((b"idempotency-key", b"k429"),), b"", SHOP,
+                                  idempotency_key="k429", method="GET"), 429, "rate_limited")
+        spool.close()
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "edgeproxy", "replay", "--config", str(config), *args],
+                                  capture_output=True, text=True, timeout=60)
+
+        dry = cli("--status", "429", "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stderr
+        assert json.loads(dry.stdout)["selected"] == 1
+        sent = cli("--status", "429", "--json")
+        assert sent.returncode == 0, sent.stderr
+        assert json.loads(sent.stdout)["delivered"] == 1
+        [seen] = relay.snapshot()
+        assert (seen.method, seen.path, seen.headers.get("idempotency-key")) == ("GET", "/ingest/p.gif?t=1", "k429")
