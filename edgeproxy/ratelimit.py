@@ -1,4 +1,4 @@
-"""Token-bucket rate limits for the public API path (sans-IO: ``now`` is passed in).
+"""Token-bucket rate limits (sans-IO: ``now`` is passed in): the public routes, the replayer.
 
 Owns: the bucket arithmetic and a bounded map of buckets by key (client IP,
 custom domain). One instance per worker process: limits are per worker, so a
@@ -32,17 +32,24 @@ class TokenBuckets:
 
     def allow(self, key: str, now: float) -> bool:
         """Take one token for ``key`` if it has one."""
+        return self.wait(key, now) == 0.0
+
+    def wait(self, key: str, now: float) -> float:
+        """Take one token for ``key`` and return 0.0, or return the seconds until it will
+        have one (taking nothing): a caller that may wait sleeps that long and asks again."""
         if self.rate <= 0:
-            return True
+            return 0.0
         tokens, updated = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - updated) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
+        delay = 0.0
+        if tokens >= 1.0:
             tokens -= 1.0
+        else:
+            delay = (1.0 - tokens) / self.rate
         self._buckets[key] = (tokens, now)  # re-inserted last: most recently seen
         if len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
-        return allowed
+        return delay
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -55,6 +55,7 @@ from .addresses import normalize_ip
 from .private_files import private_file, tighten_sqlite
 from .config import Settings, SpoolSettings
 from .errors import EdgeproxyError, StorageError
+from .ratelimit import TokenBuckets
 from .relay import ForwardRequest, ForwardResult, Relay
 from .storage import FailedRequestRecord, Storage, sqlite_path_from_url
 
@@ -850,26 +851,6 @@ _PROBE_HEADER = b"x-edgeproxy-probe"
 # ---------------------------------------------------------------------------------------
 
 
-class _RateLimiter:
-    """Token bucket shared by the replayer's sends (one event loop)."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self._rate = rate
-        self._burst = max(1.0, burst)
-        self._tokens = self._burst
-        self._at = time.monotonic()
-
-    async def acquire(self) -> None:
-        while True:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-            self._at = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return
-            await asyncio.sleep((1.0 - self._tokens) / self._rate)
-
-
 @dataclass
 class DrainResult:
     delivered: int = 0
@@ -916,7 +897,8 @@ class Replayer:
         self._clock = clock
         self._rand = rand
         self._batch = batch
-        self._limiter = _RateLimiter(settings.replay_rate, settings.replay_rate / 20)
+        # One bucket for every send of this replayer: a burst of 1/20 s of the rate at most.
+        self._limiter = TokenBuckets(settings.replay_rate, settings.replay_rate / 20, max_keys=1)
         self._backoff: dict[str, _Backoff] = {}
         self._now = lambda: datetime.fromtimestamp(clock(), timezone.utc)
         self._policy = SpoolingRelay(relay, spool, storage, ip_retention=ip_retention, alert=alert, now=self._now)
@@ -972,7 +954,8 @@ class Replayer:
         return result
 
     async def _send(self, entry: SpoolEntry) -> ForwardResult:
-        await self._limiter.acquire()
+        while (delay := self._limiter.wait("", time.monotonic())) > 0:
+            await asyncio.sleep(delay)
         return await self._relay.send(entry.to_request())
 
     async def _drain_domain(self, domain: str, entries: list[SpoolEntry], done: list[int],

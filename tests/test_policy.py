@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.proxy import forward_headers, parse_trusted_hops, visitor_ip
+import pytest
+
 from edgeproxy.ratelimit import TokenBuckets
 from test_proxy import SHOP, call, make_env
 
@@ -26,6 +28,16 @@ def test_token_bucket_burst_refill_and_bounded_keys() -> None:
     assert buckets.allow("b", 0.5) and buckets.allow("c", 0.5)
     assert len(buckets) == 2                # "a" forgotten: memory stays bounded
     assert TokenBuckets(rate=0, burst=0).allow("x", 0.0)  # disabled
+
+
+def test_token_bucket_wait_says_how_long_until_the_next_token() -> None:
+    """What the replayer sleeps: 0.0 takes a token; otherwise the time until one, taking nothing."""
+    buckets = TokenBuckets(rate=4.0, burst=1.0)
+    assert buckets.wait("", 10.0) == 0.0
+    assert buckets.wait("", 10.0) == pytest.approx(0.25)
+    assert buckets.wait("", 10.1) == pytest.approx(0.15)  # nothing was taken by asking
+    assert buckets.wait("", 10.25) == 0.0
+    assert TokenBuckets(rate=0, burst=0).wait("", 0.0) == 0.0
 
 
 def test_api_rate_limit_per_visitor_is_429_and_never_forwarded() -> None:
