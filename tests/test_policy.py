@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import string
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.proxy import forward_headers, parse_trusted_hops, visitor_ip
-import pytest
-
 from edgeproxy.ratelimit import TokenBuckets
 from test_proxy import SHOP, call, make_env
 
