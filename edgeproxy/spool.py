@@ -1,8 +1,7 @@
 """Zero data loss between the browser and the queue relay.
 
-Owns:
-- the durable, node-local spool (its own SQLite file, ``[spool] path``; never the
-  shared store, which may be the thing that is down): :class:`Spool`;
+Owns the policy around the spool file (``storage/spoolfile.py``: the node-local
+SQLite store, its durability and its group commit):
 - the forwarding policy, a decorator over the relay client: :class:`SpoolingRelay`
   (relay first; connection error, timeout, 5xx, 408, 429 -> spool, then an
   acknowledgement shaped for the caller (202 JSON for a POST, a 1x1 GIF for an
@@ -17,47 +16,33 @@ Owns:
   :func:`replay_failed`, :func:`prune_failed_log`;
 - the numbers a metrics endpoint exports: :func:`spool_metrics`.
 
-Must not import: ``acme``, ``hypercorn``, storage backends (the failed-request log
-goes through the ``Storage`` protocol).
-
-Durability (why each choice): WAL + ``synchronous=FULL`` so a committed entry
-survives ``kill -9`` and a power cut (https://sqlite.org/pragma.html#pragma_synchronous);
-an entry is committed *before* the 202 is sent. Writes run on one writer thread per
-process (house rule 4: SQLite never on the event loop) and commit in groups: every
-request that arrived while the previous fsync ran goes into the next transaction, so
-one fsync acknowledges many requests. Several worker processes write the same file;
-``BEGIN IMMEDIATE`` and the busy timeout serialize them. The size cap is checked in
-the same transaction as the insert (byte total kept by triggers), so concurrent
-writers cannot overshoot it together.
+Must not import: ``acme``, ``hypercorn``, ``proxy``, storage backends (the
+failed-request log goes through the ``Storage`` protocol).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
-import json
 import logging
 import os
-import queue
 import random
 import re
-import sqlite3
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
 from .addresses import normalize_ip
-from .private_files import private_file, tighten_sqlite
 from .config import Settings, SpoolSettings
 from .errors import EdgeproxyError, StorageError
 from .ratelimit import TokenBuckets
 from .relay import ForwardRequest, ForwardResult, Relay
 from .storage import FailedRequestRecord, Storage, sqlite_path_from_url
+from .storage.base import SpoolStore
+from .storage.spoolfile import Refusal, Spool, SpoolEntry, SpoolFull, SpoolStats, SpoolUnavailable
 
 __all__ = [
     "AlertHook",
@@ -88,6 +73,8 @@ __all__ = [
     "replay_failed",
     "spool_metrics",
     "spool_path",
+    "entry_for",
+    "request_for",
 ]
 
 log = logging.getLogger("edgeproxy.spool")
@@ -105,18 +92,6 @@ REFUSED: Final = "refused"
 def log_alert(code: str, message: str) -> None:
     """The default alert hook: an ERROR log line with a stable prefix to grep/alert on."""
     log.error("ALERT %s: %s", code, message)
-
-
-class SpoolFull(EdgeproxyError):
-    """The spool reached ``spool.max_bytes``: the request was not stored (answer 503)."""
-
-    code = "spool_full"
-
-
-class SpoolUnavailable(EdgeproxyError):
-    """The spool file could not be written: the request was not stored (answer 503)."""
-
-    code = "spool_unavailable"
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,420 +221,20 @@ def spool_path(settings: Settings) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SpoolEntry:
-    """One request waiting for the relay. ``id`` is 0 before it is stored."""
-
-    idempotency_key: str
-    domain: str
-    target: str
-    headers: tuple[tuple[bytes, bytes], ...]
-    body: bytes
-    client: str | None
-    received_at: float  # epoch seconds
-    attempts: int = 0
-    last_error: str | None = None
-    id: int = 0
-    method: str = "POST"
-
-    @classmethod
-    def from_request(cls, request: ForwardRequest) -> SpoolEntry:
-        return cls(request.idempotency_key, request.host, request.target, request.headers,
-                   request.body, request.client, request.received_at or time.time(), method=request.method)
-
-    def to_request(self) -> ForwardRequest:
-        return ForwardRequest(target=self.target, headers=self.headers, body=self.body, host=self.domain,
-                              idempotency_key=self.idempotency_key, client=self.client,
-                              received_at=self.received_at, method=self.method)
-
-    def headers_json(self) -> str:
-        return json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers])
-
-    def size(self, headers_json: str) -> int:
-        # What the cap counts: payload plus a fixed allowance for the row itself.
-        return len(self.body) + len(headers_json) + len(self.target) + len(self.domain) + 128
+def entry_for(request: ForwardRequest) -> SpoolEntry:
+    """The spool entry that stores ``request`` (its method, target, headers and key)."""
+    return SpoolEntry(request.idempotency_key, request.host, request.target, request.headers,
+                      request.body, request.client, request.received_at or time.time(), method=request.method)
 
 
-@dataclass(frozen=True)
-class SpoolStats:
-    depth: int
-    bytes: int
-    max_bytes: int
-    oldest_received_at: float | None
-    oldest_age_seconds: float  # 0 when empty
-    dead_letters: int
-    domains: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "depth": self.depth, "bytes": self.bytes, "max_bytes": self.max_bytes,
-            "oldest_received_at": None if self.oldest_received_at is None else
-            datetime.fromtimestamp(self.oldest_received_at, timezone.utc).isoformat(),
-            "oldest_age_seconds": round(self.oldest_age_seconds, 3),
-            "dead_letters": self.dead_letters, "domains": self.domains,
-        }
+def request_for(entry: SpoolEntry) -> ForwardRequest:
+    """The request a spool entry sends again, the same ``Idempotency-Key`` included."""
+    return ForwardRequest(target=entry.target, headers=entry.headers, body=entry.body, host=entry.domain,
+                          idempotency_key=entry.idempotency_key, client=entry.client,
+                          received_at=entry.received_at, method=entry.method)
 
 
-_COLUMNS: Final = ("idempotency_key, domain, target, headers_json, body, client, received_at, size, "
-                   "attempts, last_error, method")
-_SCHEMA: Final = (
-    f"""CREATE TABLE IF NOT EXISTS spool (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        idempotency_key TEXT NOT NULL, domain TEXT NOT NULL, target TEXT NOT NULL,
-        headers_json TEXT NOT NULL, body BLOB NOT NULL, client TEXT,
-        received_at REAL NOT NULL, size INTEGER NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT)""",
-    "CREATE INDEX IF NOT EXISTS spool_domain ON spool(domain, id)",
-    # The dead-letter sweep runs every pass and stats asks for the oldest entry: no scans.
-    "CREATE INDEX IF NOT EXISTS spool_received ON spool(received_at)",
-    """CREATE TABLE IF NOT EXISTS dead_letters (
-        id INTEGER PRIMARY KEY,
-        idempotency_key TEXT NOT NULL, domain TEXT NOT NULL, target TEXT NOT NULL,
-        headers_json TEXT NOT NULL, body BLOB NOT NULL, client TEXT,
-        received_at REAL NOT NULL, size INTEGER NOT NULL,
-        attempts INTEGER NOT NULL, last_error TEXT, dead_at REAL NOT NULL)""",
-    # Running totals kept by triggers: the cap check is one row read, whoever wrote.
-    "CREATE TABLE IF NOT EXISTS spool_meta (id INTEGER PRIMARY KEY CHECK (id = 1), "
-    "bytes INTEGER NOT NULL, count INTEGER NOT NULL)",
-    "INSERT OR IGNORE INTO spool_meta (id, bytes, count) VALUES (1, 0, 0)",
-    "CREATE TRIGGER IF NOT EXISTS spool_ins AFTER INSERT ON spool BEGIN "
-    "UPDATE spool_meta SET bytes = bytes + NEW.size, count = count + 1 WHERE id = 1; END",
-    "CREATE TRIGGER IF NOT EXISTS spool_del AFTER DELETE ON spool BEGIN "
-    "UPDATE spool_meta SET bytes = bytes - OLD.size, count = count - 1 WHERE id = 1; END",
-    # Requests the edge itself refused (RefusalLog), until the replayer moves them to the
-    # failed-request log. Outside the spool's byte cap: RefusalLog caps them per domain.
-    """CREATE TABLE IF NOT EXISTS refused (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        idempotency_key TEXT NOT NULL, domain TEXT NOT NULL, method TEXT NOT NULL, target TEXT NOT NULL,
-        headers_json TEXT NOT NULL, body BLOB NOT NULL, client TEXT, received_at REAL NOT NULL,
-        status INTEGER NOT NULL, reason TEXT NOT NULL)""",
-)
-# Spool files written before GET beacons were forwarded have no method column: every
-# entry in them is a POST.
-_METHOD_COLUMN: Final = "method TEXT NOT NULL DEFAULT 'POST'"
-_GROUP_MAX: Final = 512  # requests per transaction at most (bounds one commit's latency)
-
-_WriteItem = tuple["SpoolEntry | Refusal", "concurrent.futures.Future[int] | None"]
-
-
-def _row_entry(row: Sequence[Any]) -> SpoolEntry:
-    return SpoolEntry(
-        id=row[0], idempotency_key=row[1], domain=row[2], target=row[3],
-        headers=_headers(row[4]),
-        body=bytes(row[5]), client=row[6], received_at=row[7], attempts=row[9], last_error=row[10],
-        method=row[11],
-    )
-
-
-def _headers(headers_json: str) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(headers_json))
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A request the edge refused itself, as kept in the spool file."""
-
-    entry: SpoolEntry
-    status: int
-    reason: str
-
-
-class Spool:
-    """The node-local spool file. Thread-safe; one instance per process.
-
-    ``put`` (async) returns once the entry is committed and fsync'd, or raises
-    :class:`SpoolFull` / :class:`SpoolUnavailable`; it never reports success for an
-    entry that is not on disk. Every other method is blocking (run it with
-    ``asyncio.to_thread``). Entries come back in arrival order (``id``).
-    """
-
-    def __init__(self, path: str, *, max_bytes: int, busy_timeout: float = 10.0) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        self._busy_timeout = busy_timeout
-        # Request bodies and visitor IPs: 0600 in a 0700 directory, whichever
-        # command (serve, replay, spool ...) opens the spool first.
-        private_file(path)
-        tighten_sqlite(path)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_WriteItem | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._closed = False
-        self.commits = 0  # transactions the writer committed (group commit: < puts)
-        conn = self._conn()
-        deadline = time.monotonic() + busy_timeout
-        while True:  # switching to WAL returns SQLITE_BUSY at once while another process opens the file
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                for table in ("spool", "dead_letters"):
-                    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-                    if "method" not in columns:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {_METHOD_COLUMN}")
-                conn.execute("COMMIT")
-                break
-            except sqlite3.OperationalError as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if time.monotonic() >= deadline:
-                    raise SpoolUnavailable(f"cannot open spool {path}: {exc}") from exc
-                time.sleep(0.01)
-
-    # -- connections ------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")  # fsync at every commit: survives power loss
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"cannot open spool {self.path}: {exc}") from exc
-        with self._lock:
-            self._conns.append(conn)
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise SpoolUnavailable(f"spool {self.path} is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-        return conn
-
-    def _tx(self, action: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-                return result
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot {action}: {exc}") from exc
-
-    # -- writing (group commit) -------------------------------------------------------
-    async def put(self, entry: SpoolEntry) -> int:
-        """Store ``entry`` durably; returns its id. Raises SpoolFull / SpoolUnavailable."""
-        future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._ensure_writer()
-        self._queue.put((entry, future))
-        return await asyncio.wrap_future(future)
-
-    def record_refusal(self, refusal: Refusal) -> None:
-        """Queue ``refusal`` for the writer thread and return at once (the caller has
-        refused the request already; nothing waits for the fsync)."""
-        self._ensure_writer()
-        self._queue.put((refusal, None))
-
-    def take_refusals(self, limit: int) -> list[tuple[int, Refusal]]:
-        """The oldest ``limit`` refusals with their ids (blocking)."""
-        try:
-            rows = self._conn().execute(
-                "SELECT id, idempotency_key, domain, method, target, headers_json, body, client, received_at, "
-                "status, reason FROM refused ORDER BY id LIMIT ?", (limit,)).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
-        return [(row[0], Refusal(SpoolEntry(row[1], row[2], row[4], _headers(row[5]), bytes(row[6]), row[7], row[8],
-                                            method=row[3]), row[9], row[10])) for row in rows]
-
-    def delete_refusals(self, ids: Sequence[int]) -> None:
-        if ids:
-            self._tx("delete moved refusals", lambda c: c.execute(
-                f"DELETE FROM refused WHERE id IN ({','.join('?' * len(ids))})", list(ids)))
-
-    def put_many(self, entries: Iterable[SpoolEntry]) -> list[int]:
-        """Blocking ``put`` of several entries in one transaction (tests, benchmarks)."""
-        futures: list[concurrent.futures.Future[int]] = []
-        items: list[_WriteItem] = []
-        for entry in entries:
-            future: concurrent.futures.Future[int] = concurrent.futures.Future()
-            futures.append(future)
-            items.append((entry, future))
-        self._commit(self._conn(), items)
-
-        return [f.result() for f in futures]
-
-    def _ensure_writer(self) -> None:
-        if self._writer is None:
-            with self._lock:
-                if self._writer is None:
-                    if self._closed:
-                        raise SpoolUnavailable(f"spool {self.path} is closed")
-                    self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
-                    self._writer.start()
-
-    def _write_loop(self) -> None:
-        conn = self._connect()
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            # Group commit: everything that queued up while the last fsync ran.
-            while len(batch) < _GROUP_MAX:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            self._commit(conn, batch)
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[_WriteItem]) -> None:
-        outcomes: list[tuple[concurrent.futures.Future[int] | None, int | EdgeproxyError]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                used = int(conn.execute("SELECT bytes FROM spool_meta WHERE id = 1").fetchone()[0])
-                for entry, future in batch:
-                    if isinstance(entry, Refusal):
-                        kept = entry.entry
-                        conn.execute(
-                            "INSERT INTO refused (idempotency_key, domain, method, target, headers_json, body, "
-                            "client, received_at, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (kept.idempotency_key, kept.domain, kept.method, kept.target, kept.headers_json(),
-                             kept.body, kept.client, kept.received_at, entry.status, entry.reason))
-                        continue
-                    headers_json = entry.headers_json()
-                    size = entry.size(headers_json)
-                    if used + size > self.max_bytes:
-                        outcomes.append((future, SpoolFull(
-                            f"spool {self.path} holds {used} of {self.max_bytes} bytes; refusing {size} more")))
-                        continue
-                    cursor = conn.execute(
-                        f"INSERT INTO spool ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (entry.idempotency_key, entry.domain, entry.target, headers_json, entry.body,
-                         entry.client, entry.received_at, size, entry.attempts, entry.last_error, entry.method),
-                    )
-                    used += size
-                    outcomes.append((future, int(cursor.lastrowid or 0)))
-                conn.execute("COMMIT")
-                self.commits += 1
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            # Nothing of this batch is on disk: every waiter gets the failure (-> 503).
-            error = SpoolUnavailable(f"spool {self.path}: write failed: {exc}")
-            outcomes = [(future, error) for _, future in batch]
-            if any(isinstance(entry, Refusal) for entry, _ in batch):
-                log.error("refused requests not kept: %s", error)
-        for future, outcome in outcomes:
-            if future is None:
-                continue
-            if isinstance(outcome, EdgeproxyError):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-    # -- reading and draining (blocking) ----------------------------------------------
-    def head(self, limit: int, exclude_domains: Sequence[str] = ()) -> list[SpoolEntry]:
-        """The oldest ``limit`` entries (arrival order), skipping ``exclude_domains``."""
-        where = f"WHERE domain NOT IN ({','.join('?' * len(exclude_domains))})" if exclude_domains else ""
-        try:
-            rows = self._conn().execute(
-                f"SELECT id, {_COLUMNS} FROM spool {where} ORDER BY id LIMIT ?", (*exclude_domains, limit),
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
-        return [_row_entry(r) for r in rows]
-
-    def entries(self, limit: int = 100, domain: str | None = None) -> list[SpoolEntry]:
-        if domain is None:
-            return self.head(limit)
-        try:
-            rows = self._conn().execute(
-                f"SELECT id, {_COLUMNS} FROM spool WHERE domain = ? ORDER BY id LIMIT ?", (domain, limit),
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
-        return [_row_entry(r) for r in rows]
-
-    def delete(self, ids: Sequence[int]) -> None:
-        """Remove delivered (or logged) entries. Idempotent."""
-        if not ids:
-            return
-
-        def run(conn: sqlite3.Connection) -> None:
-            for start in range(0, len(ids), 500):
-                chunk = list(ids[start:start + 500])
-                conn.execute(f"DELETE FROM spool WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-
-        self._tx("delete delivered entries", run)
-
-    def record_failure(self, entry_id: int, error: str) -> None:
-        self._tx("record a failure", lambda c: c.execute(
-            "UPDATE spool SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:500], entry_id)))
-
-    def dead_letter_older_than(self, cutoff: float, now: float) -> list[SpoolEntry]:
-        """Move entries received before ``cutoff`` to ``dead_letters``; returns them."""
-
-        def run(conn: sqlite3.Connection) -> list[SpoolEntry]:
-            rows = conn.execute(f"SELECT id, {_COLUMNS} FROM spool WHERE received_at < ? ORDER BY id",
-                                (cutoff,)).fetchall()
-            if rows:
-                conn.execute(f"INSERT OR REPLACE INTO dead_letters (id, {_COLUMNS}, dead_at) "
-                             f"SELECT id, {_COLUMNS}, ? FROM spool WHERE received_at < ?", (now, cutoff))
-                conn.execute("DELETE FROM spool WHERE received_at < ?", (cutoff,))
-            return [_row_entry(r) for r in rows]
-
-        result: list[SpoolEntry] = self._tx("move entries to the dead-letter table", run)
-        return result
-
-    def stats(self, now: float) -> SpoolStats:
-        try:
-            conn = self._conn()
-            conn.execute("BEGIN")
-            try:
-                used, count = conn.execute("SELECT bytes, count FROM spool_meta WHERE id = 1").fetchone()
-                oldest = conn.execute("SELECT MIN(received_at) FROM spool").fetchone()[0]
-                dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-                domains = dict(conn.execute("SELECT domain, COUNT(*) FROM spool GROUP BY domain").fetchall())
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
-        return SpoolStats(
-            depth=int(count), bytes=int(used), max_bytes=self.max_bytes,
-            oldest_received_at=oldest, oldest_age_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
-            dead_letters=int(dead), domains={str(k): int(v) for k, v in domains.items()},
-        )
-
-    def depth_age(self) -> tuple[int, float]:
-        """(depth, age in seconds of the oldest entry) now: the shape ``monitor.SpoolStats``
-        and the metrics collector take. Blocking."""
-        stats = self.stats(time.time())
-        return stats.depth, stats.oldest_age_seconds
-
-    def close(self) -> None:
-        """Finish queued writes, stop the writer, close every connection. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            writer = self._writer
-        if writer is not None:
-            self._queue.put(None)
-            writer.join(30)
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            conn.close()
-
-
-def spool_metrics(spool: Spool, now: float) -> dict[str, float]:
+def spool_metrics(spool: SpoolStore, now: float) -> dict[str, float]:
     """Gauges a metrics endpoint can export (blocking: call it in a thread)."""
     stats = spool.stats(now)
     return {
@@ -707,7 +282,7 @@ class RefusalLog:
     to the spool file's writer thread; ``record`` never blocks.
     """
 
-    def __init__(self, spool: Spool, per_domain_hour: int, *, clock: Callable[[], float] = time.time,
+    def __init__(self, spool: SpoolStore, per_domain_hour: int, *, clock: Callable[[], float] = time.time,
                  stats: Counter[str] | None = None) -> None:
         self._spool = spool
         self._cap = per_domain_hour
@@ -724,7 +299,7 @@ class RefusalLog:
             self.stats["refusal_dropped"] += 1
             return
         self._counts[request.host] += 1
-        entry = SpoolEntry.from_request(request)
+        entry = entry_for(request)
         try:
             self._spool.record_refusal(Refusal(entry, status, reason))
         except SpoolUnavailable as exc:
@@ -734,7 +309,7 @@ class RefusalLog:
         self.stats["refusal_kept"] += 1
 
 
-async def move_refusals(spool: Spool, storage: Storage, ip_retention: str, now: Callable[[], datetime],
+async def move_refusals(spool: SpoolStore, storage: Storage, ip_retention: str, now: Callable[[], datetime],
                         batch: int = 500) -> int:
     """Move the spool file's refusals into the failed-request log (blocking work in
     threads); returns how many moved. A refusal leaves the spool file only once
@@ -746,7 +321,7 @@ async def move_refusals(spool: Spool, storage: Storage, ip_retention: str, now: 
             return moved
         done: list[int] = []
         for row_id, refusal in rows:
-            record = failed_record(refusal.entry.to_request(), refusal.status, "edge", now(), ip_retention)
+            record = failed_record(request_for(refusal.entry), refusal.status, "edge", now(), ip_retention)
             try:
                 await asyncio.to_thread(storage.log_failed_request, record)
             except StorageError as exc:
@@ -770,7 +345,7 @@ class SpoolingRelay:
     def __init__(
         self,
         inner: Relay,
-        spool: Spool,
+        spool: SpoolStore,
         storage: Storage | None,
         *,
         refusals: RefusalLog | None = None,
@@ -804,7 +379,7 @@ class SpoolingRelay:
             await self.log_failed(request, result.status, "relay")
             return result
         try:
-            await self._spool.put(SpoolEntry.from_request(request))
+            await self._spool.put(entry_for(request))
         except (SpoolFull, SpoolUnavailable) as exc:
             self.stats[exc.code] += 1
             self.stats[f"event_refused_{exc.code}"] += 1  # by reason, with the proxy's own refusals
@@ -880,7 +455,7 @@ class Replayer:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: SpoolStore,
         relay: Relay,
         settings: SpoolSettings,
         *,
@@ -956,7 +531,7 @@ class Replayer:
     async def _send(self, entry: SpoolEntry) -> ForwardResult:
         while (delay := self._limiter.wait("", time.monotonic())) > 0:
             await asyncio.sleep(delay)
-        return await self._relay.send(entry.to_request())
+        return await self._relay.send(request_for(entry))
 
     async def _drain_domain(self, domain: str, entries: list[SpoolEntry], done: list[int],
                             result: DrainResult) -> None:
@@ -1008,7 +583,7 @@ class Replayer:
     async def _log_refused(self, entry: SpoolEntry, answer: ForwardResult) -> bool:
         """A spooled request the relay now refuses goes to the failed-request log; it
         leaves the spool only once the log has it (without a log it stays: never dropped)."""
-        return await self._policy.log_failed(entry.to_request(), answer.status, "relay")
+        return await self._policy.log_failed(request_for(entry), answer.status, "relay")
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,14 +25,15 @@ from edgeproxy.spool import (
     Replayer,
     ReplayFilters,
     Spool,
-    SpoolEntry,
     SpoolFull,
     SpoolingRelay,
     backoff_delay,
     classify,
+    entry_for,
     parse_time,
     reduce_ip,
     replay_failed,
+    request_for,
     spool_metrics,
     spool_path,
 )
@@ -97,7 +98,7 @@ def test_put_is_durable_in_arrival_order_and_commits_in_groups(tmp_path: Path) -
     spool = Spool(path, max_bytes=10**9)
 
     async def main() -> list[int]:
-        return await asyncio.gather(*(spool.put(SpoolEntry.from_request(request(i))) for i in range(300)))
+        return await asyncio.gather(*(spool.put(entry_for(request(i))) for i in range(300)))
 
     ids = asyncio.run(main())
     assert ids == sorted(ids)  # ids follow submission order
@@ -106,7 +107,7 @@ def test_put_is_durable_in_arrival_order_and_commits_in_groups(tmp_path: Path) -
     reopened = Spool(path, max_bytes=10**9)
     entries = reopened.head(1000)
     assert [e.idempotency_key for e in entries] == [f"key-a.example.com-{i}" for i in range(300)]
-    assert entries[5].to_request() == replace(request(5), received_at=entries[5].received_at)
+    assert request_for(entries[5]) == replace(request(5), received_at=entries[5].received_at)
     stats = reopened.stats(time.time())
     assert stats.depth == 300 and stats.bytes > 0 and stats.oldest_age_seconds >= 0
     assert spool_metrics(reopened, time.time())["edgeproxy_spool_depth"] == 300.0
@@ -118,12 +119,12 @@ def test_put_is_durable_in_arrival_order_and_commits_in_groups(tmp_path: Path) -
 
 
 def test_full_spool_refuses_and_keeps_every_acknowledged_entry(tmp_path: Path) -> None:
-    one = SpoolEntry.from_request(request(0))
+    one = entry_for(request(0))
     size = one.size(one.headers_json())
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=size * 10 + size // 2)
 
     async def main() -> list[int | BaseException]:
-        return await asyncio.gather(*(spool.put(SpoolEntry.from_request(request(i))) for i in range(25)),
+        return await asyncio.gather(*(spool.put(entry_for(request(i))) for i in range(25)),
                                     return_exceptions=True)
 
     outcomes = asyncio.run(main())
@@ -138,7 +139,7 @@ def _writer_process(path: str, worker: int, count: int) -> None:
     spool = Spool(path, max_bytes=10**9)
 
     async def main() -> None:
-        await asyncio.gather(*(spool.put(SpoolEntry.from_request(request(i, f"w{worker}.example.com")))
+        await asyncio.gather(*(spool.put(entry_for(request(i, f"w{worker}.example.com")))
                                for i in range(count)))
 
     asyncio.run(main())
@@ -167,7 +168,7 @@ def _spool_forever(path: str, ready: "multiprocessing.synchronize.Event") -> Non
     async def main() -> None:
         n = 0
         while True:
-            await spool.put(SpoolEntry.from_request(request(n)))
+            await spool.put(entry_for(request(n)))
             with open(path + ".acked", "a") as fh:  # written only after put() returned
                 fh.write(f"key-a.example.com-{n}\n")
             n += 1
@@ -271,7 +272,7 @@ def test_probe_events_are_never_spooled_nor_logged(tmp_path: Path) -> None:
 def test_replayer_drains_in_arrival_order_with_backoff_then_dead_letters(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
     store = open_storage(f"sqlite://{tmp_path}/edge.db")
-    spool.put_many(SpoolEntry.from_request(request(i, host)) for i in range(10) for host in ("a.x.com", "b.x.com"))
+    spool.put_many(entry_for(request(i, host)) for i in range(10) for host in ("a.x.com", "b.x.com"))
     relay = FakeRelay()
     relay.fail_next = 3
     alerts: list[str] = []
@@ -298,7 +299,7 @@ def test_replayer_drains_in_arrival_order_with_backoff_then_dead_letters(tmp_pat
     assert replayer.totals.retried >= 1 and replayer.totals.delivered == 20
 
     # Dead letters: with the clock 8 days ahead, an undeliverable entry moves and alerts.
-    spool.put_many([SpoolEntry.from_request(request(99))])
+    spool.put_many([entry_for(request(99))])
     relay.fail_next = 100
     later = Replayer(spool, relay, settings(dead_letter_days=7), storage=store,
                      clock=lambda: time.time() + 8 * 86400, alert=lambda code, _m: alerts.append(code))
@@ -313,7 +314,7 @@ def test_replayer_drains_in_arrival_order_with_backoff_then_dead_letters(tmp_pat
 def test_replayer_moves_newly_refused_entries_to_the_failed_log(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
     store = open_storage(f"sqlite://{tmp_path}/edge.db")
-    spool.put_many(SpoolEntry.from_request(request(i)) for i in range(3))
+    spool.put_many(entry_for(request(i)) for i in range(3))
     result = asyncio.run(Replayer(spool, FakeRelay(403), settings(), storage=store).drain_once())
     assert result.refused == 3 and spool.stats(time.time()).depth == 0
     assert [r.status for r in store.find_failed_requests()] == [403, 403, 403]

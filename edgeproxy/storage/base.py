@@ -17,10 +17,11 @@ Contract common to every method:
 from __future__ import annotations
 
 import binascii
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
 
 __all__ = [
     "AccountRecord",
@@ -30,6 +31,10 @@ __all__ = [
     "StatusEvent",
     "AriState",
     "FailedRequestRecord",
+    "Refusal",
+    "SpoolEntry",
+    "SpoolStats",
+    "SpoolStore",
     "Storage",
     "DOMAIN_STATUSES",
     "CertificateVisitor",
@@ -364,3 +369,99 @@ class Storage(Protocol):
     def prune_failed_requests(self, before: datetime) -> int:
         """Delete records logged before ``before``; returns how many."""
         ...
+
+# -- the spool file: records and its contract (implemented by storage/spoolfile.py) ---------
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """One request waiting for the relay. ``id`` is 0 before it is stored."""
+
+    idempotency_key: str
+    domain: str
+    target: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    client: str | None
+    received_at: float  # epoch seconds
+    attempts: int = 0
+    last_error: str | None = None
+    id: int = 0
+    method: str = "POST"
+
+    def headers_json(self) -> str:
+        return json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers])
+
+    def size(self, headers_json: str) -> int:
+        # What the cap counts: payload plus a fixed allowance for the row itself.
+        return len(self.body) + len(headers_json) + len(self.target) + len(self.domain) + 128
+
+
+@dataclass(frozen=True)
+class SpoolStats:
+    depth: int
+    bytes: int
+    max_bytes: int
+    oldest_received_at: float | None
+    oldest_age_seconds: float  # 0 when empty
+    dead_letters: int
+    domains: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth, "bytes": self.bytes, "max_bytes": self.max_bytes,
+            "oldest_received_at": None if self.oldest_received_at is None else
+            datetime.fromtimestamp(self.oldest_received_at, timezone.utc).isoformat(),
+            "oldest_age_seconds": round(self.oldest_age_seconds, 3),
+            "dead_letters": self.dead_letters, "domains": self.domains,
+        }
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the edge refused itself, as kept in the spool file."""
+
+    entry: SpoolEntry
+    status: int
+    reason: str
+
+
+class SpoolStore(Protocol):
+    """The node-local spool file: requests waiting for the relay, dead letters, and the
+    requests the edge refused itself. One file per node, written by every process of
+    the node; never the shared store (it must work while that is down).
+
+    Contract:
+    - ``put`` returns the new id once the entry is committed and fsync'd, or raises
+      ``SpoolFull`` (the cap, counted in bytes) / ``SpoolUnavailable``: it never
+      reports success for an entry that is not on disk. Concurrent puts from any
+      process are safe; the cap holds across processes.
+    - ``record_refusal`` queues the write and returns at once (nothing waits for it);
+      a refusal is kept outside the byte cap.
+    - Everything else blocks (call it in a thread). Entries come back in arrival
+      order (``id``); ``delete`` and ``delete_refusals`` are idempotent.
+    - ``close`` finishes queued writes first; idempotent.
+    """
+
+    async def put(self, entry: SpoolEntry) -> int: ...
+
+    def record_refusal(self, refusal: Refusal) -> None: ...
+
+    def take_refusals(self, limit: int) -> list[tuple[int, Refusal]]: ...
+
+    def delete_refusals(self, ids: Sequence[int]) -> None: ...
+
+    def head(self, limit: int, exclude_domains: Sequence[str] = ()) -> list[SpoolEntry]: ...
+
+    def entries(self, limit: int = 100, domain: str | None = None) -> list[SpoolEntry]: ...
+
+    def delete(self, ids: Sequence[int]) -> None: ...
+
+    def record_failure(self, entry_id: int, error: str) -> None: ...
+
+    def dead_letter_older_than(self, cutoff: float, now: float) -> list[SpoolEntry]: ...
+
+    def stats(self, now: float) -> SpoolStats: ...
+
+    def depth_age(self) -> tuple[int, float]: ...
+
+    def close(self) -> None: ...
