@@ -140,7 +140,8 @@ def test_the_relay_sees_what_the_httpx_client_sent(relay: RecordingRelay) -> Non
     assert len(new) == len(targets) + 1
     assert new == old
     assert ("user-agent", f"python-httpx/{httpx.__version__}") in new[-1][1]
-    assert ("accept-encoding", "gzip, deflate") in new[0][1]
+    # httpx offers br once the brotli package is installed (a dependency since issue 17).
+    assert ("accept-encoding", "gzip, deflate, br") in new[0][1]
     assert ("connection", "keep-alive") in new[0][1]
 
 
@@ -293,7 +294,7 @@ def test_a_gzip_answer_reaches_the_browser_decoded_and_unlabelled(relay: Recordi
     assert (b"content-length", str(len(body)).encode()) in headers
     assert all(name != b"content-encoding" for name, _ in headers)
     [seen] = relay.snapshot()
-    assert seen.headers["accept-encoding"] == "gzip, deflate"  # what we can decode, not the browser's
+    assert seen.headers["accept-encoding"] == "gzip, deflate, br"  # what we can decode, not the browser's
 
 
 def test_a_coding_the_client_does_not_decode_keeps_its_label(relay: RecordingRelay) -> None:
