@@ -240,3 +240,30 @@ def test_unnamed_or_unknown_sockets_are_refused(held: Held) -> None:
     assert "named 'public'" in out
     with pytest.raises(ConfigError):
         listening_sockets(_settings(held), {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"})  # type: ignore[arg-type]
+
+
+def test_sigterm_lets_a_relay_call_in_flight_finish(tmp_path: Path, held: Held) -> None:
+    """The drain waits for a relay call longer than hypercorn's 5 s grace (upstream
+    timeout 6 s + connect 2 s + 1): the event is forwarded and acknowledged."""
+    with ScriptOrigin() as origin, RecordingRelay() as relay:
+        config, root = _config(tmp_path, held, origin, relay)
+        config.extra = {**(config.extra or {}), "upstream": {"timeout": 6.0, "connect_timeout": 2.0}}
+        relay.delay = 5.5
+        ctx = _client_context(root)
+        outcome: list[str] = []
+        edge = EdgeProcess(config, sockets=held.sockets).start()
+        try:
+            client = threading.Thread(target=lambda: outcome.append(_event(held.port("https"), ctx, 1)))
+            client.start()
+            deadline = time.monotonic() + 5
+            while not relay.snapshot() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the relay has the request: the call is in flight
+            assert relay.snapshot()
+            started = time.monotonic()
+            edge.stop()
+            client.join(30)
+            assert edge.proc is not None and edge.proc.returncode == 0
+            assert time.monotonic() - started > 4.0  # it waited for the call
+        finally:
+            edge.stop()
+        assert outcome == ["ok"]
