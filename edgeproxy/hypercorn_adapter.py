@@ -75,7 +75,7 @@ def _check() -> None:
         TCPServer: ("_read_data", "_idle_timeout", "_initiate_server_close", "protocol", "reader", "writer",
                     "idle_task", "loop", "config", "context", "run"),
         H2Protocol: ("_handle_events", "_flush", "streams", "connection", "config"),
-        H11Protocol: ("_check_protocol", "stream_send", "ssl", "connection"),
+        H11Protocol: ("_check_protocol", "stream_send", "ssl", "connection", "context"),
         HypercornConfig: ("response_headers", "h2_max_header_list_size", "include_server_header",
                           "keep_alive_timeout", "graceful_timeout", "ssl_handshake_timeout", "read_timeout"),
     }
@@ -178,7 +178,11 @@ class _H11Protocol(H11Protocol):
         await super()._check_protocol(event)
 
     async def stream_send(self, event: Any) -> None:
-        if self._close_after_response and isinstance(event, Response) and event.status_code >= 200:
+        # While the server drains (context.terminated), hypercorn closes the connection
+        # after this response; saying so lets a keep-alive client open a new one for its
+        # next request instead of racing the close (RFC 9112 section 9.6).
+        if (self._close_after_response or self.context.terminated.is_set()) and isinstance(event, Response) \
+                and event.status_code >= 200:
             # h11 ends keep-alive when the response says "close"; hypercorn then closes.
             event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
         await super().stream_send(event)

@@ -199,6 +199,12 @@ class EdgeNode:
         self.spool_stats: SpoolStats | None = self.spool.depth_age
         self.monitor: MonitorService | None = None
         self._config = edge_config()
+        # A drain waits for requests in flight at least as long as a relay call can
+        # take: it then either answers or times out and is spooled (SpoolingForwarder),
+        # never cut off mid-call (issue 17). systemd's TimeoutStopSec (30 s) is above it.
+        upstream = settings.upstream
+        self._config.graceful_timeout = max(self._config.graceful_timeout,
+                                            upstream.connect_timeout + upstream.timeout + 1.0)
         self._context = WorkerContext(None)
         self._listeners: list[_Listener] = []
 

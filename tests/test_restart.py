@@ -82,11 +82,13 @@ def _client_context(root: bytes) -> ssl.SSLContext:
     return ssl.create_default_context(cadata=root.decode())
 
 
-def _event(port: int, ctx: ssl.SSLContext, n: int, timeout: float = 30.0) -> str:
+def _event(port: int, ctx: ssl.SSLContext, n: int, timeout: float = 30.0, keep_alive: bool = False,
+           responses: list[bytes] | None = None) -> str:
     """One event over a new verified TLS connection; the outcome's category."""
     body = f'{{"n":{n}}}'.encode()
+    close = "" if keep_alive else "Connection: close\r\n"
     request = (f"POST /api/v1/m HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+               f"Content-Length: {len(body)}\r\n{close}\r\n").encode() + body
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
             with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
@@ -100,6 +102,8 @@ def _event(port: int, ctx: ssl.SSLContext, n: int, timeout: float = 30.0) -> str
         return "cert_error"
     except (OSError, ssl.SSLError) as exc:
         return f"failed:{type(exc).__name__}"
+    if responses is not None:
+        responses.append(response)
     if response.startswith(b"HTTP/1.1 202 "):
         return "ok"
     return f"failed:{response[:40]!r}"
@@ -240,3 +244,34 @@ def test_unnamed_or_unknown_sockets_are_refused(held: Held) -> None:
     assert "named 'public'" in out
     with pytest.raises(ConfigError):
         listening_sockets(_settings(held), {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"})  # type: ignore[arg-type]
+
+
+def test_sigterm_lets_a_relay_call_in_flight_finish(tmp_path: Path, held: Held) -> None:
+    """The drain waits for a relay call longer than hypercorn's 5 s grace (upstream
+    timeout 6 s + connect 2 s + 1): the event is forwarded and acknowledged."""
+    with ScriptOrigin() as origin, RecordingRelay() as relay:
+        config, root = _config(tmp_path, held, origin, relay)
+        config.extra = {**(config.extra or {}), "upstream": {"timeout": 6.0, "connect_timeout": 2.0}}
+        relay.delay = 5.5
+        ctx = _client_context(root)
+        outcome: list[str] = []
+        edge = EdgeProcess(config, sockets=held.sockets).start()
+        try:
+            response: list[bytes] = []
+            client = threading.Thread(target=lambda: outcome.append(
+                _event(held.port("https"), ctx, 1, keep_alive=True, responses=response)))
+            client.start()
+            deadline = time.monotonic() + 5
+            while not relay.snapshot() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the relay has the request: the call is in flight
+            assert relay.snapshot()
+            started = time.monotonic()
+            edge.stop()
+            client.join(30)
+            assert edge.proc is not None and edge.proc.returncode == 0
+            assert time.monotonic() - started > 4.0  # it waited for the call
+        finally:
+            edge.stop()
+        assert outcome == ["ok"]
+        # A keep-alive request answered during the drain says the connection closes (RFC 9112 9.6).
+        assert b"\r\nconnection: close\r\n" in response[0].lower()
