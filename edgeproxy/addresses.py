@@ -18,8 +18,10 @@ __all__ = ["normalize_ip"]
 
 def normalize_ip(address: str) -> str:
     """``::ffff:a.b.c.d`` -> ``a.b.c.d``; anything else unchanged (not an IP included)."""
-    if not address.startswith(("::ffff:", "::FFFF:")) and "." not in address:
-        return address  # fast path: plain IPv4 or IPv6, or a name
+    if ":" not in address or "." not in address:
+        # Fast path, every request: an IPv4-mapped address is the only form with both
+        # (plain IPv4 has no ":", plain IPv6 no "."); ipaddress parsing costs ~3 us.
+        return address
     try:
         ip = ipaddress.ip_address(address.strip())
     except ValueError:
