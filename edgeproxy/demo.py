@@ -78,6 +78,7 @@ def _run(state: Path, keep: bool, steps: _Steps) -> int:
             steps.say(f"pebble-challtestsrv (mock DNS) on {dns.dns_address}")
             origin = stack.enter_context(ScriptOrigin())
             relay = stack.enter_context(RecordingRelay(on_request=_on_relay))
+            relay.pixel = True  # answers image beacons with a 1x1 GIF, as a vendor's pixel endpoint does
             steps.say(f"vendor script origin {origin.script_url}, queue relay {relay.url}")
             config = EdgeConfig(
                 state_dir=state, acme_directory="", acme_ca_bundle="",
@@ -119,10 +120,20 @@ def _run(state: Path, keep: bool, steps: _Steps) -> int:
                 event = client.post(f"{base}/api/v1/m/collect", headers={"Host": DEMO_HOST},
                                     content=sent, extensions=sni)
                 steps.say(f"POST https://{DEMO_HOST}/api/v1/m/collect -> {event.status_code} {event.text}")
+                # An image beacon: a GET whose event is in its query, forwarded as a GET.
+                pixel_path = "/api/v1/m/media.gif?kind=pageview&hostname=shop.demo.test&path=%2Fcart"
+                pixel = client.get(f"{base}{pixel_path}", headers={"Host": DEMO_HOST}, extensions=sni)
+                steps.say(f"GET https://{DEMO_HOST}{pixel_path} -> {pixel.status_code} "
+                          f"{pixel.headers.get('content-type')}")
                 misdirected = client.get(f"{base}/js/app.js", headers={"Host": "other.demo.test"}, extensions=sni)
                 steps.say(f"GET with Host other.demo.test -> {misdirected.status_code} (never forwarded)")
             received = relay.snapshot()
-            if event.status_code >= 300 or not received or received[-1].body != sent:
+            posts = [r for r in received if r.method == "POST"]
+            beacons = [r for r in received if r.method == "GET" and r.path == "/ingest" + pixel_path[len("/api/v1/m"):]]
+            if pixel.status_code != 200 or not beacons:
+                print("the image beacon did not reach the relay as a GET with its query", file=sys.stderr)
+                return 1
+            if event.status_code >= 300 or not posts or posts[-1].body != sent:
                 print("the event did not reach the relay intact", file=sys.stderr)
                 return 1
             steps.say("verified HTTPS round trip complete")
