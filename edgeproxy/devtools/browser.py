@@ -4,7 +4,7 @@ Owns: a throwaway NSS database holding the roots a browser trusts (Pebble's, in
 tests), one headless ``chromium`` process showing one URL with host names mapped
 to loopback addresses, and picking loopback addresses of our own so that servers
 can listen on the default ports 80/443 without colliding with parallel runs.
-Must not import: ``pytest`` (library code), anything of ours.
+Must not import: ``pytest`` (library code), anything of ours but ``devtools.binaries``.
 
 Why these choices:
 
@@ -45,6 +45,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from .binaries import missing, require
+
 __all__ = [
     "CERTUTIL_BINARY",
     "CHROMIUM_BINARY",
@@ -84,24 +86,13 @@ class BrowserError(RuntimeError):
     """A binary is missing, the trust store could not be built, or the browser did not start."""
 
 
-def _which(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    fallback = Path("/usr/bin") / name  # Debian's location, even when PATH is minimal
-    return str(fallback) if os.access(fallback, os.X_OK) else None
-
-
 def missing_binaries() -> list[str]:
     """Names of the browser binaries that cannot be found (empty when both are installed)."""
-    return [name for name in (CHROMIUM_BINARY, CERTUTIL_BINARY) if _which(name) is None]
+    return missing((CHROMIUM_BINARY, CERTUTIL_BINARY))
 
 
 def _require(name: str) -> str:
-    path = _which(name)
-    if path is None:
-        raise BrowserError(f"{name} not found: {INSTALL_HINT}")
-    return path
+    return require(name, BrowserError, INSTALL_HINT)
 
 
 def free_loopback_address(ports: Iterable[int] = (), *, exclude: Iterable[str] = (), attempts: int = 200) -> str:

@@ -5,7 +5,7 @@ Owns: starting, readiness-checking and stopping the Debian ``pebble`` and
 throwaway CA that Pebble's own HTTPS listener presents; the management calls
 that mock DNS records and fetch Pebble's (per-run, random) issuing root.
 Must not import: ``acme``/``josepy`` (a harness must not share code with the
-client it tests), ``pytest`` (this is library code), anything of ours.
+client it tests), ``pytest`` (this is library code), anything of ours but ``devtools.binaries``.
 
 Both servers keep all state in memory: every start is a new CA with new roots
 and no accounts. Each process runs in its own process group and is killed with
@@ -49,6 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .binaries import missing, require
+
 __all__ = [
     "CHALLTESTSRV_BINARY",
     "PEBBLE_BINARY",
@@ -70,24 +72,13 @@ class HarnessError(RuntimeError):
     """A harness process is missing, did not start, or answered unexpectedly."""
 
 
-def _which(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    fallback = Path("/usr/bin") / name  # Debian's location, even when PATH is minimal
-    return str(fallback) if os.access(fallback, os.X_OK) else None
-
-
 def missing_binaries() -> list[str]:
     """Names of the Pebble binaries that cannot be found (empty when both are installed)."""
-    return [name for name in (PEBBLE_BINARY, CHALLTESTSRV_BINARY) if _which(name) is None]
+    return missing((PEBBLE_BINARY, CHALLTESTSRV_BINARY))
 
 
 def _require(name: str) -> str:
-    path = _which(name)
-    if path is None:
-        raise HarnessError(f"{name} not found: {INSTALL_HINT}")
-    return path
+    return require(name, HarnessError, INSTALL_HINT)
 
 
 def _free_tcp_port() -> int:
