@@ -7,7 +7,8 @@ times each part of ``certstore.build_context`` and of variants, and measures
 the RSS one cached context holds (OpenSSL allocates with libc ``malloc``, which
 tracemalloc does not see; tracemalloc is reported too, for the Python side).
 
-Usage: ``python bench/context_cost.py [N]`` (default 2,000 contexts). Prints JSON.
+Also times reloading a context that held another name's certificate (measured, not
+kept: bench/README.md). Usage: ``python bench/context_cost.py [N]`` (default 2,000). Prints JSON.
 """
 
 from __future__ import annotations
@@ -84,10 +85,23 @@ def main() -> None:
             fh.read()
         os.close(fd)
 
+    # Measured and not kept: reloading a context that another name's certificate
+    # was evicted from (load_cert_chain into it) instead of building a new one.
+    spare = [full(i) for i in range(n)]
+    calls = iter(range(10 * n))
+
+    def reload_evicted(i: int) -> ssl.SSLContext:
+        c = next(calls)
+        ctx = spare[(i + c // n + 1) % n]  # holds another name's certificate, same key type
+        chain, key = pairs[i]
+        memfd_load(ctx, chain.rstrip(b"\n") + b"\n" + key)
+        return ctx
+
     timings = {}
     for label, fn in [("SSLContext()", bare), ("SSLContext + policy + ALPN", policy),
                       ("memfd write + open + read", empty_file),
-                      ("build_context, leaf only", no_inter), ("build_context, leaf + intermediate", full)]:
+                      ("build_context, leaf only", no_inter), ("build_context, leaf + intermediate", full),
+                      ("reload an evicted context, leaf + intermediate", reload_evicted)]:
         fn(0)
         timings[label] = round(min(per_call_us(fn, n) for _ in range(3)), 1)
 

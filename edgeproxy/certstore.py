@@ -93,8 +93,7 @@ def record_from_pem(hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.dat
     )
 
 
-def build_context(chain_pem: bytes, key_pem: bytes, policy: str = "intermediate",
-                  reuse: ssl.SSLContext | None = None) -> ssl.SSLContext:
+def build_context(chain_pem: bytes, key_pem: bytes, policy: str = "intermediate") -> ssl.SSLContext:
     """The one server-context factory: every listener's context, and each host's on the
     context path (the native path sets a host's certificate on the connection instead,
     so its versions, suites and groups are the listener context's: ``policy`` here).
@@ -102,23 +101,10 @@ def build_context(chain_pem: bytes, key_pem: bytes, policy: str = "intermediate"
     ``ssl.SSLContext.load_cert_chain`` only reads files. On Linux we hand it an
     anonymous in-memory file (memfd) so that a private key never touches a disk
     path; elsewhere a 0600 temporary file that is removed at once.
-
-    ``reuse``: a context this function built before with ``policy`` whose key is of
-    the same kind (``_Codec.key_kind``), given a new leaf, key and chain instead of
-    building a new context: ``SSLContext()`` plus the policy and ALPN are ~0.2 ms of a
-    ~0.8 ms build (bench/context_cost.py). Safe for connections that were served
-    from it: OpenSSL copies the certificate, key and chain references onto the
-    connection when the SNI callback switches its context (``SSL_set_SSL_CTX``), and
-    ``load_cert_chain`` replaces the slot of that key type and its chain. Keys of
-    another kind would land in another slot beside the old certificate, hence the
-    kind check by the caller. On failure the context must be dropped.
     """
-    if reuse is None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tlspolicy.apply(ctx, policy)
-        ctx.set_alpn_protocols(ALPN_PROTOCOLS)
-    else:
-        ctx = reuse
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tlspolicy.apply(ctx, policy)
+    ctx.set_alpn_protocols(ALPN_PROTOCOLS)
     material = chain_pem.rstrip(b"\n") + b"\n" + key_pem
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("edgeproxy-cert", os.MFD_CLOEXEC)
@@ -266,48 +252,6 @@ class _Codec:
         """The intermediates (PEM) that ``tail_id`` stands for."""
         return self._tails[tail_id]
 
-    def key_kind(self, blob: bytes) -> bytes | None:
-        """Which certificate slot of an ``SSL_CTX`` this material's key (hence its
-        leaf, which must match it) occupies, as a token: equal tokens mean the same
-        slot. The PEM label, and for PKCS#8 the key's algorithm OID (RFC 5208:
-        ``PrivateKeyInfo ::= SEQUENCE { version, AlgorithmIdentifier, ... }``;
-        EC keys of any curve share id-ecPublicKey and OpenSSL's one EC slot). None
-        when unknown: such a context is never reused."""
-        _tail_id, label_id, key_bytes, _leaf = self._fields(blob)
-        if label_id == _RAW:
-            return None
-        label = self._labels[label_id]
-        if label in (b"EC PRIVATE KEY", b"RSA PRIVATE KEY"):
-            return label
-        if label != b"PRIVATE KEY":
-            return None
-        try:
-            start, _end = _der_item(key_bytes, 0, 0x30)  # PrivateKeyInfo
-            _start, pos = _der_item(key_bytes, start, 0x02)  # version
-            start, _end = _der_item(key_bytes, pos, 0x30)  # AlgorithmIdentifier
-            oid_start, oid_end = _der_item(key_bytes, start, 0x06)  # algorithm
-        except (IndexError, ValueError):
-            return None
-        return b"PKCS8 " + key_bytes[oid_start:oid_end]
-
-
-def _der_item(der: bytes, pos: int, tag: int) -> tuple[int, int]:
-    """(start, end) of the contents of the DER element at ``pos``, which must have ``tag``."""
-    if der[pos] != tag:
-        raise ValueError("unexpected DER tag")
-    length = der[pos + 1]
-    start = pos + 2
-    if length & 0x80:
-        count = length & 0x7F
-        if not 1 <= count <= 4:
-            raise ValueError("unsupported DER length")
-        length = int.from_bytes(der[start:start + count], "big")
-        start += count
-    end = start + length
-    if end > len(der):
-        raise ValueError("truncated DER")
-    return start, end
-
 
 # (hostname, registered, packed material or None, not_after as POSIX seconds)
 _Loaded = tuple[str, bool, bytes | None, float]
@@ -398,40 +342,23 @@ class CertStore:
         material = self._material.get(name)
         if material is None:
             return None
-        evicted: Prepared | None = None
-        if len(cache) >= self.cache_size:  # full: make room first, the evicted context may be reused
-            with contextlib.suppress(KeyError):
-                evicted = cache.popitem(last=False)[1]
         try:
-            prepared = self._prepare(material, evicted)
+            prepared = self._prepare(material)
         except (ssl.SSLError, OSError, ValueError, IndexError, tlsnative.NativeError) as exc:
             # checked at save(); a failure here must not kill the handshake
             log.error("cannot load the certificate of %s: %s", name, exc)
             return None
         self.built += 1
         cache[name] = prepared
-        if len(cache) > self.cache_size:  # save() may have added one meanwhile
+        if len(cache) > self.cache_size:
             with contextlib.suppress(KeyError):
                 cache.popitem(last=False)
         return prepared
 
-    def _prepare(self, material: bytes, evicted: Prepared | None = None) -> Prepared:
+    def _prepare(self, material: bytes) -> Prepared:
         if self.native is None:
             chain_pem, key_pem = self._codec.unpack(material)
-            kind = self._codec.key_kind(material)
-            reuse = None
-            # A full cache misses on almost every handshake with 100,000 names at
-            # random: reloading the context just evicted skips SSLContext(), the
-            # policy and ALPN, ~0.2 of ~0.8 ms per miss (bench/context_cost.py).
-            # The kind travels on the context itself (never an id() table: ids of
-            # freed contexts are reused by new objects).
-            if (isinstance(evicted, ssl.SSLContext) and kind is not None
-                    and getattr(evicted, "edgeproxy_key_kind", None) == kind):
-                reuse = evicted
-                evicted.edgeproxy_key_kind = None  # type: ignore[attr-defined]  # until the reload succeeds
-            ctx = build_context(chain_pem, key_pem, self.policy, reuse=reuse)
-            ctx.edgeproxy_key_kind = kind  # type: ignore[attr-defined]
-            return ctx
+            return build_context(chain_pem, key_pem, self.policy)
         tail_id, key, key_is_pem, leaf_der = self._codec.parts(material)
         chain = self._chains.get(tail_id)
         if chain is None:

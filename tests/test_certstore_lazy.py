@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgeproxy.certstore import CertStore, record_from_pem
@@ -343,92 +343,3 @@ class _Unscannable(dict[str, float]):
 
     def values(self) -> Any:
         raise AssertionError("expire() scanned the map before any certificate was due")
-
-
-# -- the default path reloads the context it evicts (certstore.build_context ``reuse``) ----
-
-def _issued(host: str, key: Any, ca_key: Any = CA_KEY, ca_cert: x509.Certificate = CA_CERT) -> tuple[bytes, bytes]:
-    """(key_pem as PKCS#8, chain_pem) for ``host`` with ``key``, issued by ``ca_cert``."""
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(7)
-            .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=90))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return key_pem, leaf.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _save(storage: Storage, host: str, pair: tuple[bytes, bytes]) -> None:
-    storage.add_domain(host, "active", NOW)
-    storage.save_certificate(record_from_pem(host, pair[0], pair[1], NOW))
-
-
-def _tls12_client(ciphers: str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256") -> ssl.SSLContext:
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-    client.maximum_version = ssl.TLSVersion.TLSv1_2  # the Certificate message in the clear
-    client.set_ciphers(ciphers)
-    return client
-
-
-def test_an_evicted_context_serves_the_next_name_with_only_its_own_chain(storage: SqliteStorage) -> None:
-    other_ca_key, other_ca = _ca()
-    _save(storage, "a.example.test", _issued("a.example.test", ec.generate_private_key(ec.SECP256R1())))
-    _save(storage, "b.example.test", _issued("b.example.test", ec.generate_private_key(ec.SECP384R1()),
-                                              other_ca_key, other_ca))
-    store = CertStore(storage, cache_size=1)
-    store.refresh_blocking(NOW)
-    ca_der, other_der = CA_CERT.public_bytes(serialization.Encoding.DER), other_ca.public_bytes(serialization.Encoding.DER)
-    for _ in range(2):
-        for host, own, foreign in (("a.example.test", ca_der, other_der), ("b.example.test", other_der, ca_der)):
-            before = next(iter(store.cache.values()), None)
-            sent: list[bytes] = []
-            leaf = handshake(store.server_context(), _tls12_client(), host, sent)
-            assert leaf is not None and _cn(x509.load_der_x509_certificate(leaf)) == host
-            assert own in b"".join(sent) and foreign not in b"".join(sent)  # the old chain is gone
-            if before is not None:  # P-256 and P-384 keys share OpenSSL's EC slot: reloaded
-                assert store.cache[host] is before
-    assert store.built == 4
-
-
-def test_a_context_is_never_reloaded_with_a_key_of_another_kind(storage: SqliteStorage) -> None:
-    """An RSA certificate loaded into a context that held an EC one would sit in
-    another slot beside it: a client that takes only RSA would get the old name's
-    certificate. Such a context is dropped, never reloaded."""
-    _save(storage, "ec.example.test", _issued("ec.example.test", ec.generate_private_key(ec.SECP256R1())))
-    _save(storage, "rsa.example.test", _issued("rsa.example.test", rsa.generate_private_key(65537, 2048)))
-    store = CertStore(storage, cache_size=1)
-    store.refresh_blocking(NOW)
-    kinds = {h: store._codec.key_kind(store._material[h]) for h in ("ec.example.test", "rsa.example.test")}
-    assert None not in kinds.values() and len(set(kinds.values())) == 2
-    for first, second in (("rsa.example.test", "ec.example.test"), ("ec.example.test", "rsa.example.test")):
-        assert _cn(_served(store, first)) == first
-        held = store.cache[first]
-        assert _cn(_served(store, second)) == second
-        assert store.cache[second] is not held
-        # A client that takes only the first name's key type, asking for the second name:
-        only_first = "ECDHE-RSA-AES128-GCM-SHA256" if first.startswith("rsa") else "ECDHE-ECDSA-AES128-GCM-SHA256"
-        try:
-            leaf = handshake(store.server_context(), _tls12_client(only_first), second)
-        except ssl.SSLError:
-            continue  # no certificate of that type for this name: the right answer
-        assert leaf is None or _cn(x509.load_der_x509_certificate(leaf)) != first
-
-
-def test_key_kinds_follow_openssl_certificate_slots() -> None:
-    from edgeproxy.certstore import _Codec
-    codec = _Codec()
-
-    def kind(key: Any, fmt: serialization.PrivateFormat) -> bytes | None:
-        key_pem = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-        return codec.key_kind(codec.pack(key_pem, _issued("k.example.test", ec.generate_private_key(ec.SECP256R1()))[1]))
-
-    pkcs8, sec1 = serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL
-    p256, p384 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1())
-    rsa_key = rsa.generate_private_key(65537, 2048)
-    assert kind(p256, pkcs8) == kind(p384, pkcs8) != kind(rsa_key, pkcs8)
-    assert kind(p256, sec1) == b"EC PRIVATE KEY" and kind(rsa_key, sec1) == b"RSA PRIVATE KEY"
-    assert codec.key_kind(codec.pack(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-                                     _issued("k.example.test", p256)[1])) is None  # not DER we can read
