@@ -17,7 +17,7 @@ the material of each servable name in memory (key + leaf as DER in one
 the handshake callback makes it ready on first use, into a bounded LRU
 (``proxy.tls_context_cache``). A hit is a dict lookup. A miss is pure CPU from
 memory, no I/O and no lock: by default an ``SSLContext`` loaded with
-``load_cert_chain`` (Python's public ``ssl`` API only), ~0.7 ms and ~17-24 KB; on
+``load_cert_chain`` (Python's public ``ssl`` API only), ~0.8 ms and ~24 KB of RSS; on
 the opt-in native path (``proxy.tls_native = true``, ``tlsnative``: ctypes and
 CPython's private ``_ssl`` layout) a parse of the leaf and key, ~0.04-0.12 ms and
 ~7 KB, installed on the connection itself. We chose
