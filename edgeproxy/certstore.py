@@ -16,9 +16,11 @@ the material of each servable name in memory (key + leaf as DER in one
 ``bytes``, ~1 KB; identical intermediate chains are shared; see ``_Codec``), and
 the handshake callback makes it ready on first use, into a bounded LRU
 (``proxy.tls_context_cache``). A hit is a dict lookup. A miss is pure CPU from
-memory, no I/O and no lock: on the native path (``tlsnative``) a parse of the
-leaf and key, ~0.12 ms and ~7 KB, installed on the connection itself; otherwise
-an ``SSLContext`` built with ``load_cert_chain``, ~0.7 ms and ~17 KB. We chose
+memory, no I/O and no lock: by default an ``SSLContext`` loaded with
+``load_cert_chain`` (Python's public ``ssl`` API only), ~0.8 ms and ~24 KB of RSS; on
+the opt-in native path (``proxy.tls_native = true``, ``tlsnative``: ctypes and
+CPython's private ``_ssl`` layout) a parse of the leaf and key, ~0.04-0.12 ms and
+~7 KB, installed on the connection itself. We chose
 that over pausing the handshake (Python's ``ssl`` cannot suspend an SNI
 callback) and over serving the fallback certificate on a miss (the first
 visitor of a cold name would fail); see bench/README.md for the measurements.
@@ -266,14 +268,15 @@ class CertStore:
     is valid now (the proxy serves it) and False otherwise (registered, not yet
     servable: HTTP-01 answers only). ``cache`` is the LRU (at most ``cache_size``)
     of certificates made ready to serve, filled on first use of a name by the SNI
-    callback from the in-memory material of that name: on the native path
-    (``tlsnative``, the default where it passes its self-test) a parsed leaf + key
-    installed on each connection, otherwise one built ``SSLContext`` per name.
+    callback from the in-memory material of that name: one built ``SSLContext`` per
+    name (the default, public ``ssl`` API only), or on the opt-in native path
+    (``native=True`` and its self-test passed: ``tlsnative``) a parsed leaf + key
+    installed on each connection.
     ``expires`` holds each served certificate's not_after (POSIX seconds: a float,
     not a datetime, at 100,000 names).
     """
 
-    def __init__(self, storage: Storage, cache_size: int = 1024, native: bool = True,
+    def __init__(self, storage: Storage, cache_size: int = 1024, native: bool = False,
                  policy: str = "intermediate") -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")

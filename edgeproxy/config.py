@@ -195,15 +195,18 @@ class ProxySettings:
     rate_per_ip: float = 100.0
     rate_per_domain: float = 2000.0  # API requests per second per custom domain; 0 = off
     rate_burst: float = 2.0  # seconds of rate a quiet key may spend at once
-    # Certificates kept ready to serve per worker (LRU): a parsed leaf +
-    # key (~7 KB, ~0.12 ms to parse) on the native path, else a built SSLContext
-    # (~17 KB, ~0.7 ms). 100,000 names are never all kept at once.
+    # Certificates kept ready to serve per worker (LRU): a built SSLContext
+    # (~24 KB of RSS, ~0.8 ms) by default, a parsed leaf + key (~7 KB, ~0.04-0.12 ms to
+    # parse) on the native path. 100,000 names are never all kept at once.
     tls_context_cache: int = 1024
-    # Serve each name's certificate per connection through the libssl of Python's
-    # ssl module (edgeproxy/tlsnative.py; 6x cheaper than building an SSLContext).
-    # It turns itself off, with a warning, where its start-up self-test fails;
-    # false builds one SSLContext per name with load_cert_chain.
-    tls_native: bool = True
+    # Opt-in accelerator, off by default: serve each name's certificate per connection
+    # through the libssl of Python's ssl module via ctypes (edgeproxy/tlsnative.py),
+    # which reads CPython's private _ssl object layout, so a mistake there is a crash
+    # or memory corruption, not an exception. ~6x cheaper per cache miss than building
+    # an SSLContext (100,000 names at random: ~0.9-1.0 of the 1-name handshake rate,
+    # vs 0.35-0.62 off; bench/README.md). Self-tested at start-up, off with a warning where
+    # the test fails. Off (default): one SSLContext per name through Python's public ssl API.
+    tls_native: bool = False
     # The event loop of `serve`: "uvloop" (libuv; faster TLS and socket I/O) when
     # installed, else "asyncio". Measured in bench/README.md.
     event_loop: str = "uvloop"

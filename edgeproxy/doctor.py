@@ -432,14 +432,17 @@ def check_tls(settings: Settings) -> list[Finding]:
     """Whether this machine can serve certificates on the native path (``tlsnative``:
     the same checks and in-memory handshake ``serve`` runs in every worker)."""
     if not settings.proxy.tls_native:
-        return [Finding("ok", "proxy.tls_native", "off: one SSLContext per name (~6x the CPU per cache miss)")]
+        return [Finding("ok", "proxy.tls_native",
+                        "off (default): one SSLContext per name through Python's public ssl API")]
     from .certstore import load_native
 
     if load_native() is None:
         return [Finding("warning", "proxy.tls_native",
-                        "the native path failed its checks on this machine (serve logs why): it builds one "
-                        "SSLContext per name instead, ~6x the CPU per certificate cache miss")]
-    return [Finding("ok", "proxy.tls_native", f"on ({ssl.OPENSSL_VERSION}, self-test passed)")]
+                        "the opt-in native path failed its checks on this machine (serve logs why): it builds "
+                        "one SSLContext per name instead, as with the default (~6x its CPU per cache miss)")]
+    return [Finding("ok", "proxy.tls_native",
+                    f"on, opt-in accelerator through ctypes and CPython's private _ssl layout "
+                    f"({ssl.OPENSSL_VERSION}, self-test passed)")]
 
 
 # -- configuration of the ACME CA and the vendor, optionally over the network ------------------

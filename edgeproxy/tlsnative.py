@@ -24,8 +24,12 @@ in the process, such as the one inside ``cryptography``, is never used), and the
 ``SSL *`` is read from CPython's ``_ssl._SSLSocket`` object. That layout is a
 CPython detail, so ``load()`` checks it against values it can read in two
 independent ways, then runs a full in-memory handshake; if anything disagrees it
-returns None and the CertStore keeps building contexts with ``load_cert_chain``
-(``proxy.tls_native = false`` forces that path).
+returns None and the CertStore keeps building contexts with ``load_cert_chain``.
+
+Opt-in only (``proxy.tls_native = true``; the default is ``false``): this module
+relies on CPython's private object layout and on raw pointers, in the process that
+holds every private key, so a mistake here is a crash or memory corruption, not
+an exception. The default path uses Python's public ``ssl`` API alone.
 
 Ownership: a ``Certificate`` or ``Chain`` owns its OpenSSL objects and frees them
 when the last Python reference goes. ``SSL_use_certificate``,

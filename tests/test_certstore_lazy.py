@@ -83,9 +83,9 @@ def storage(tmp_path: Path) -> SqliteStorage:
 
 @pytest.fixture(params=[True, False], ids=["native", "contexts"])
 def make_store(request: pytest.FixtureRequest) -> Callable[..., CertStore]:
-    """Every test runs on both ways of serving a name: the native per-connection
-    path (which must load on this machine: it is what production uses here) and
-    one built SSLContext per name."""
+    """Every test runs on both ways of serving a name: the opt-in native
+    per-connection path (which must load on this machine) and one built
+    SSLContext per name (the default)."""
     def make(storage: Any, cache_size: int) -> CertStore:
         store = CertStore(storage, cache_size=cache_size, native=request.param)
         assert (store.native is not None) is request.param

@@ -323,11 +323,15 @@ def test_command_exit_codes(tmp_path: Path) -> None:
 def test_tls_native_path_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     from edgeproxy import tlsnative
     from edgeproxy.config import ProxySettings
-    findings = check_tls(Settings())
+    opted_in = Settings(proxy=ProxySettings(tls_native=True))
+    findings = check_tls(opted_in)
     assert levels(findings, "proxy.tls_native") == ["ok"] and "self-test passed" in messages(findings, "proxy.tls_native")
-    assert "off" in messages(check_tls(Settings(proxy=ProxySettings(tls_native=False))), "proxy.tls_native")
+    assert "opt-in" in messages(findings, "proxy.tls_native")
+    # The default is the public-API path.
+    assert levels(check_tls(Settings()), "proxy.tls_native") == ["ok"]
+    assert "off (default)" in messages(check_tls(Settings()), "proxy.tls_native")
     monkeypatch.setattr(tlsnative, "load", lambda *_: None)  # e.g. another CPython layout or OpenSSL
-    findings = check_tls(Settings())
+    findings = check_tls(opted_in)
     assert levels(findings, "proxy.tls_native") == ["warning"] and "SSLContext per name" in messages(findings, "proxy.tls_native")
 
 

@@ -239,7 +239,7 @@ def test_the_path_turns_itself_off_when_its_checks_fail(monkeypatch: pytest.Monk
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = _leaf("off.example.test", key)
     storage.add_domain("off.example.test", "active", NOW)
-    store = CertStore(storage)
+    store = CertStore(storage, native=True)
     assert store.native is None
     store.save("off.example.test", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                      serialization.NoEncryption()),
@@ -249,11 +249,13 @@ def test_the_path_turns_itself_off_when_its_checks_fail(monkeypatch: pytest.Monk
     assert tlsnative.handshake(store.server_context(), client, "off.example.test") == _der(leaf)
 
 
-def test_the_default_certstore_uses_the_native_path_and_config_can_turn_it_off(tmp_path: Any) -> None:
+def test_the_default_is_the_public_api_path_and_config_opts_in_to_native(tmp_path: Any) -> None:
     from edgeproxy.config import load_settings
     storage = SqliteStorage(str(tmp_path / "edge.db"))
-    assert CertStore(storage).native is not None
-    assert CertStore(storage, native=False).native is None
+    assert CertStore(storage).native is None
+    assert CertStore(storage, native=True).native is not None
     config = tmp_path / "edge.toml"
-    config.write_text("[proxy]\ntls_native = false\n")
+    config.write_text("")
     assert load_settings(str(config)).proxy.tls_native is False
+    config.write_text("[proxy]\ntls_native = true\n")
+    assert load_settings(str(config)).proxy.tls_native is True
