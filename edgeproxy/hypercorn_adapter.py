@@ -5,11 +5,13 @@ drives its connection handler (``TCPServer``) itself (``server.py`` says why)
 and corrects a few decisions hypercorn takes before our app runs. Each override
 names the private hypercorn attribute it relies on; ``_check()`` verifies them
 all at import time, so a hypercorn upgrade that renames one fails at start-up
-with the name, not in a request. Written against hypercorn 0.18.0.
+with the name, not in a request. Written against hypercorn 0.18.0. Nothing of
+hypercorn is replaced process-wide: ``EdgeTCPServer`` builds
+``_EdgeProtocolWrapper``, which builds this module's two protocols.
 
 What is corrected here, and why:
 - HTTP/2 DATA after an early answer kills the connection (pgjones/hypercorn#329).
-- Read timeout per read and a 30 s linger after the peer closed (issue 8).
+- Read timeout per read and a 30 s linger after the peer closed.
 - ``Upgrade: h2c`` over TLS is ignored: RFC 9113 section 3.1 deprecates the h2c
   upgrade, RFC 7540 section 3.3 never allowed it over TLS, and answering 101
   lets a front proxy be smuggled past (h2c smuggling). hypercorn sends the 101
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -38,15 +41,18 @@ import h2.errors
 import h2.events
 import hpack
 import hypercorn
-import hypercorn.protocol
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Response
+from hypercorn.asyncio.task_group import TaskGroup
+from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr
 
 __all__ = [
     "ASGIWrapper",
@@ -73,7 +79,7 @@ def _check() -> None:
     """Fail at import when hypercorn no longer has what the overrides below rely on."""
     needed = {
         TCPServer: ("_read_data", "_idle_timeout", "_initiate_server_close", "protocol", "reader", "writer",
-                    "idle_task", "loop", "config", "context", "run"),
+                    "idle_task", "loop", "config", "context", "run", "_close", "protocol_send", "app", "state"),
         H2Protocol: ("_handle_events", "_flush", "streams", "connection", "config"),
         H11Protocol: ("_check_protocol", "stream_send", "ssl", "connection", "context"),
         HypercornConfig: ("response_headers", "h2_max_header_list_size", "include_server_header",
@@ -82,9 +88,10 @@ def _check() -> None:
     missing = [f"{cls.__module__}.{cls.__name__}.{name}" for cls, names in needed.items() for name in names
                if not hasattr(cls, name) and name not in getattr(cls, "__annotations__", {})
                and name not in _INSTANCE_ATTRIBUTES]
-    for module, name in ((hypercorn.protocol, "H2Protocol"), (hypercorn.protocol, "H11Protocol")):
-        if not hasattr(module, name):
-            missing.append(f"{module.__name__}.{name}")
+    wrapper = inspect.signature(ProtocolWrapper.__init__).parameters
+    if list(wrapper)[1:] != ["app", "config", "context", "task_group", "state", "ssl", "client", "server", "send",
+                             "alpn_protocol"]:
+        missing.append("hypercorn.protocol.ProtocolWrapper(app, config, ..., send, alpn_protocol)")
     if not {f.name for f in dataclasses.fields(Response)} >= {"stream_id", "headers", "status_code"}:
         missing.append("hypercorn.protocol.events.Response(stream_id, headers, status_code)")
     if not isinstance(getattr(hpack.Decoder(), "max_header_list_size", None), int):
@@ -96,7 +103,7 @@ def _check() -> None:
 
 # Set in __init__ of the classes above, so absent on the class itself.
 _INSTANCE_ATTRIBUTES = {"protocol", "reader", "writer", "idle_task", "loop", "config", "context", "streams",
-                        "connection", "ssl"}
+                        "connection", "ssl", "app", "state"}
 
 
 class _CappedDecoder(hpack.Decoder):
@@ -214,6 +221,32 @@ class EdgeTCPServer(TCPServer):
     """
 
     _received = False  # any bytes from the peer yet (its first request is under way)
+
+    async def run(self) -> None:
+        """hypercorn 0.18's ``TCPServer.run``, building :class:`_EdgeProtocolWrapper`
+        (hypercorn's names its own ``ProtocolWrapper``, which we would otherwise have to
+        replace in its module for every server in the process)."""
+        socket = self.writer.get_extra_info("socket")
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            ssl_object = self.writer.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                tls, alpn_protocol = True, ssl_object.selected_alpn_protocol()
+            else:
+                tls, alpn_protocol = False, "http/1.1"
+            async with TaskGroup(self.loop) as task_group:
+                self._task_group = task_group
+                self.protocol = _EdgeProtocolWrapper(
+                    self.app, self.config, self.context, task_group, ConnectionState(self.state), tls, client,
+                    server, self.protocol_send, alpn_protocol)
+                await self.protocol.initiate()
+                await self.idle_task.restart(task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
 
     async def _idle_timeout(self) -> None:
         """hypercorn closes idle connections at once when the server drains. A
@@ -340,7 +373,41 @@ async def _bad_request(send: Callable[[Any], Awaitable[None]]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _EdgeProtocolWrapper(ProtocolWrapper):
+    """hypercorn's ProtocolWrapper with this module's two protocols.
+
+    Its own looks ``H11Protocol``/``H2Protocol`` up in ``hypercorn.protocol`` at
+    each connection; this one names ours, so nothing of hypercorn's is replaced
+    process-wide. ``__init__`` does not call hypercorn's (it would build
+    hypercorn's protocol first); ``handle`` is hypercorn 0.18's, with our classes.
+    """
+
+    def __init__(self, app: Any, config: HypercornConfig, context: Any, task_group: Any, state: ConnectionState,
+                 ssl: bool, client: tuple[str, int] | None, server: tuple[str, int] | None,
+                 send: Callable[[Any], Awaitable[None]], alpn_protocol: str | None = None) -> None:
+        self.app, self.config, self.context, self.task_group = app, config, context, task_group
+        self.ssl, self.client, self.server, self.send, self.state = ssl, client, server, send, state
+        self.protocol: H11Protocol | H2Protocol = (_H2Protocol if alpn_protocol == "h2" else _H11Protocol)(
+            app, config, context, task_group, state, ssl, client, server, send)
+
+    def _h2(self) -> H2Protocol:
+        return _H2Protocol(self.app, self.config, self.context, self.task_group, self.state, self.ssl,
+                           self.client, self.server, self.send)
+
+    async def handle(self, event: Any) -> None:
+        try:
+            return await self.protocol.handle(event)
+        except H2ProtocolAssumedError as error:  # the HTTP/2 preface on a cleartext HTTP/1.1 connection
+            self.protocol = self._h2()
+            await self.protocol.initiate()
+            if error.data != b"":
+                return await self.protocol.handle(RawData(data=error.data))
+        except H2CProtocolRequiredError as error:  # h2c upgrade (port 80; ignored over TLS by _H11Protocol)
+            self.protocol = self._h2()
+            await self.protocol.initiate(error.headers, error.settings)
+            if error.data != b"":
+                return await self.protocol.handle(RawData(data=error.data))
+        return None
+
+
 _check()
-# ProtocolWrapper looks both classes up in hypercorn.protocol at connection time.
-setattr(hypercorn.protocol, "H2Protocol", _H2Protocol)
-setattr(hypercorn.protocol, "H11Protocol", _H11Protocol)
