@@ -137,9 +137,20 @@ class RouteSettings:
     # filter-list test check against the blocklists, besides the bare path.
     samples: tuple[str, ...] = ()
 
-    def __hash__(self) -> int:  # the table keys functools caches (routes.route_table)
-        return hash((self.name, self.kind, self.path, self.upstream, tuple(sorted(self.rewrite.items())),
-                     tuple(sorted(self.request_rewrite.items())), self.max_bytes, self.samples))
+    def __hash__(self) -> int:
+        # The table keys functools caches (routes.route_table), looked up on every
+        # request: computed once (sorting the mappings each time cost ~0.7 us a route).
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.name, self.kind, self.path, self.upstream, tuple(sorted(self.rewrite.items())),
+                           tuple(sorted(self.request_rewrite.items())), self.max_bytes, self.samples))
+            object.__setattr__(self, "_hash", cached)  # frozen: not a field, so eq and repr ignore it
+        return cached
+
+    def __getstate__(self) -> dict[str, Any]:
+        # str hashes differ per process (PYTHONHASHSEED): `serve` spawns its workers
+        # with pickled settings, which must not carry this process's cached hash.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
 
 @dataclass(frozen=True)

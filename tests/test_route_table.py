@@ -578,3 +578,13 @@ def test_the_replay_command_sends_refusals_kept_in_the_spool_file(tmp_path: Path
         assert json.loads(sent.stdout)["delivered"] == 1
         [seen] = relay.snapshot()
         assert (seen.method, seen.path, seen.headers.get("idempotency-key")) == ("GET", "/ingest/p.gif?t=1", "k429")
+
+
+def test_a_route_carries_no_cached_hash_into_another_process() -> None:
+    """`serve` spawns workers with pickled settings; a str hash from this process would be wrong there."""
+    import pickle
+
+    route = TABLE[1]
+    assert hash(route) == hash(route)  # computed once, then cached on the object
+    copy = pickle.loads(pickle.dumps(route))
+    assert copy == route and "_hash" not in vars(copy)
