@@ -244,7 +244,7 @@ def test_refresh_uses_the_stored_leaf_der_and_decodes_only_rows_without_it(
 
     for i in range(6):
         _register(storage, f"n{i}.example.test", serial=10 + i)
-    raw = storage._conn()
+    raw = storage._file.connection()
     raw.execute("UPDATE certificates SET leaf_der = NULL WHERE hostname IN ('n1.example.test', 'n4.example.test')")
     decoded: list[bytes] = []
 
@@ -268,7 +268,7 @@ def test_a_chain_renewed_by_an_older_edgeproxy_is_served_whole(storage: SqliteSt
     leaf (the handshake would fail, or serve the old certificate)."""
     _register(storage, "r.example.test", serial=5)
     key_pem, chain = _pair("r.example.test", serial=6)
-    storage._conn().execute(  # the pre-issue-8 upsert, verbatim
+    storage._file.connection().execute(  # the pre-issue-8 upsert, verbatim
         "INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
         "chain_pem = excluded.chain_pem, not_before = excluded.not_before, not_after = excluded.not_after, "

@@ -790,7 +790,7 @@ def test_sqlite_files_are_private_whatever_the_umask(db_path: str) -> None:
 
 
 def test_sqlite_pragmas_and_schema_version(sq: SqliteStorage, db_path: str) -> None:
-    conn = sq._conn()
+    conn = sq._file.connection()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -818,7 +818,7 @@ def test_sqlite_adds_leaf_der_to_an_older_file_whose_rows_read_none(db_path: str
     raw.close()
     s = SqliteStorage(db_path)
     try:
-        conn = s._conn()
+        conn = s._file.connection()
         assert "leaf_der" in {row[1] for row in conn.execute("PRAGMA table_info(certificates)")}
         assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'").fetchone() == (1,)
         assert _scan_leaf_der(s, "old.example") is None
@@ -836,7 +836,7 @@ def test_sqlite_remove_leaves_no_key_bytes_in_the_files(sq: SqliteStorage, db_pa
     secret = os.urandom(24).hex().encode()
     sq.add_domain("a.example", "active", NOW)
     sq.save_certificate(replace(cert("a.example"), key_pem=b"KEY-" + secret * 100))
-    sq._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    sq._file.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     assert secret in Path(db_path).read_bytes()  # the scan below can see it
     assert sq.remove_domain("a.example") is True
     for suffix in ("", "-wal"):
@@ -853,7 +853,7 @@ def test_sqlite_prunes_opportunistically(db_path: str) -> None:
         s.add_domain("x.example", "pending_dns", NOW)
         for _ in range(11):
             s.update_domain("x.example", NOW, status="issuing")
-        rows = s._conn().execute("SELECT seq FROM changes ORDER BY seq").fetchall()
+        rows = s._file.connection().execute("SELECT seq FROM changes ORDER BY seq").fetchall()
         assert rows == [(10,), (11,), (12,)]
         assert s.changes_since(1) == (12, ["x.example"])
         assert s.changes_since(9) == (12, ["x.example"] * 3)
@@ -930,7 +930,7 @@ def _use_inherited(s: SqliteStorage, parent_conn: sqlite3.Connection, results: A
     try:
         s.add_domain("child.example", "pending_dns", NOW)
         # Never the connection opened before fork (sqlite.org/howtocorrupt.html 2.6).
-        results.put(s._conn() is not parent_conn and s.get_domain("child.example") is not None)
+        results.put(s._file.connection() is not parent_conn and s.get_domain("child.example") is not None)
     except BaseException as exc:
         results.put(repr(exc))
 
@@ -942,7 +942,7 @@ def test_sqlite_instance_inherited_through_fork_opens_its_own_connection(
     fork = multiprocessing.get_context("fork")
     sq.add_domain("parent.example", "pending_dns", NOW)
     results = fork.Queue()
-    proc = fork.Process(target=_use_inherited, args=(sq, sq._conn(), results))
+    proc = fork.Process(target=_use_inherited, args=(sq, sq._file.connection(), results))
     proc.start()
     try:
         assert results.get(timeout=30) is True
@@ -961,7 +961,7 @@ def test_sqlite_thread_connections_are_reaped(sq: SqliteStorage) -> None:
     t = threading.Thread(target=sq.list_domains)
     t.start()
     t.join()
-    assert len(sq._conns) <= 2  # the main thread's, and at most the last dead one
+    assert len(sq._file._conns) <= 2  # the main thread's, and at most the last dead one
 
 
 # -- open_storage ----------------------------------------------------------------------

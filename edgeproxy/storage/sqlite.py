@@ -1,20 +1,19 @@
 """The default storage backend: one SQLite file on local disk.
 
-Owns: the SQLite schema (version 1) and its creation, connections and
-transactions on one file, the mapping of ``sqlite3`` errors, the change feed's
+Owns: the SQLite schema (version 1) and its creation, the mapping of
+``sqlite3`` errors to ours, the change feed's
 sequence numbers and the purge of removed keys. Every query and upsert of the
 ``Storage`` contract is shared with PostgreSQL in ``storage.sql``; the contract
 (concurrency, not-found, idempotency) lives in the docstrings of ``base.py`` and
 is checked on both backends by ``tests/test_storage_contract.py``.
 Must not import: ``acme``, ``httpx``, ``hypercorn``, or any other edgeproxy
-module except ``errors``, ``private_files`` and ``storage.base``/``storage.sql``.
+module except ``errors``, ``private_files`` and ``storage.sql``/``storage.sqlitefile``.
 
 Choices (and why):
 
-- Durability: WAL journal + ``synchronous=FULL``, so a committed write survives
-  a power cut and a SIGKILL mid-transaction leaves the previous state
-  (https://sqlite.org/wal.html, https://sqlite.org/pragma.html#pragma_synchronous).
-  WAL needs a local filesystem (shared memory index): do not put the file on NFS.
+- Connections, WAL (``synchronous=FULL``), ``BEGIN IMMEDIATE`` writes and fork
+  safety come from ``storage.sqlitefile``, the one SQLite engine (the spool file
+  uses it too); this file adds ``foreign_keys`` and ``secure_delete``.
 - Privacy: private keys live in this file. It is created 0600 inside a 0700
   directory (under a 077 umask as well); SQLite creates ``-wal``/``-shm`` with
   the permissions of the main file. ``secure_delete=ON`` zeroes deleted rows and
@@ -26,20 +25,6 @@ Choices (and why):
   (``2025-01-02T03:04:05.000006Z``, ``storage.sql.SQLITE``), so values
   round-trip exactly and sort lexicographically (the lock expiry comparison
   happens in SQL). Naive datetimes are refused with ``ValueError``.
-- Connections: one connection per thread (``threading.local``), not one shared
-  connection behind a lock. With WAL, readers never wait for a writer, and a
-  thread stuck in ``busy_timeout`` behind another process's write does not stall
-  this process's readers (challenge lookups, SNI cache refreshes). All
-  connections are tracked so ``close()`` closes them (hence
-  ``check_same_thread=False``); connections of dead threads are closed when the
-  next one is opened. After ``fork()`` the child never touches (not even closes)
-  connections it inherited and opens its own (https://sqlite.org/howtocorrupt.html
-  section 2.6).
-- Transactions: explicit ``BEGIN IMMEDIATE`` for every write (the write lock is
-  taken up front, so read-modify-write sequences such as locks and
-  ``add_domain`` cannot interleave, and a busy database fails at ``BEGIN``
-  instead of in the middle), plain ``BEGIN`` for multi-statement reads (one
-  snapshot).
 - Change feed: ``changes(seq INTEGER PRIMARY KEY AUTOINCREMENT, hostname)``;
   AUTOINCREMENT guarantees a seq is never reused, even after every row has been
   pruned. Old rows are pruned opportunistically (every ``PRUNE_EVERY`` changes
@@ -56,13 +41,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from types import TracebackType
 
 from edgeproxy.errors import StorageError, StorageUnavailable
 from edgeproxy.private_files import tighten_sqlite
 from edgeproxy.storage.sql import SQLITE, Connection, SqlStorage
+from edgeproxy.storage.sqlitefile import SqliteFile, is_busy
 
 __all__ = ["SqliteStorage", "SCHEMA_VERSION"]
 
@@ -200,28 +185,13 @@ _LEAF_DER_TRIGGER = """CREATE TRIGGER IF NOT EXISTS certificates_leaf_der_stale
 # os.umask is process-wide: serialize our brief changes of it.
 _UMASK_LOCK = threading.Lock()
 
-# Connections inherited through fork(): kept referenced so their finalizer never
-# runs sqlite3_close() in the child (closing could checkpoint or unlink the WAL
-# under the parent's feet). A handful of objects per fork.
-_INHERITED: list[sqlite3.Connection] = []
-
-
 # -- error mapping ---------------------------------------------------------------------
-
-_BUSY_NAMES = ("SQLITE_BUSY", "SQLITE_LOCKED")
-_BUSY_TEXT = ("database is locked", "database table is locked")
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    name = getattr(exc, "sqlite_errorname", None) or ""
-    return name.startswith(_BUSY_NAMES) or any(t in str(exc) for t in _BUSY_TEXT)
-
 
 def _map_error(exc: sqlite3.Error, action: str, path: str) -> StorageError:
     """Translate a sqlite3 exception into our tree (house rule 3)."""
     name = getattr(exc, "sqlite_errorname", None) or ""
     text = str(exc) or type(exc).__name__
-    if _is_busy(exc):
+    if is_busy(exc):
         return StorageUnavailable(
             f"SQLite database {path} is busy, could not {action}: {text} (another "
             "process held the write lock longer than busy_timeout); retry later"
@@ -257,11 +227,12 @@ class SqliteStorage(SqlStorage):
         # How long remove_domain keeps retrying the checkpoint that takes a removed
         # key out of the WAL and the main file before it raises.
         self._purge_timeout = purge_timeout
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._pid = os.getpid()
-        self._closed = False
+        self._file = SqliteFile(
+            self.path, busy_timeout=busy_timeout,
+            pragmas=("synchronous=FULL", "foreign_keys=ON", "secure_delete=ON"),
+            map_error=lambda exc, action: _map_error(exc, action, self.path),
+            closed=lambda: StorageError(f"storage {self.path} is closed"),
+        )
         try:
             self._initialize()
         except BaseException:
@@ -280,7 +251,8 @@ class SqliteStorage(SqlStorage):
             old_umask = os.umask(0o077)
             try:
                 self._create_file()
-                self._create_schema(self._conn())
+                self._file.enable_wal()
+                self._create_schema()
             finally:
                 os.umask(old_umask)
 
@@ -305,29 +277,7 @@ class SqliteStorage(SqlStorage):
                 f"cannot create the database file {self.path}: {exc.strerror or exc}"
             ) from exc
 
-    def _create_schema(self, conn: sqlite3.Connection) -> None:
-        # journal_mode is persistent in the file: only the first opener changes it.
-        # Switching needs an exclusive lock and SQLite returns SQLITE_BUSY at once
-        # (no busy handler) while another process opens the same new file, so
-        # retry ourselves until busy_timeout.
-        deadline = time.monotonic() + self._busy_timeout
-        delay = 0.002
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                break
-            except sqlite3.Error as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
-                    raise _map_error(exc, "enable WAL journal mode", self.path) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-        if str(mode).lower() != "wal":
-            raise StorageError(
-                f"could not enable WAL journal mode on {self.path} (got {mode!r}); "
-                "the database must live on a local filesystem"
-            )
+    def _create_schema(self) -> None:
         with self._write("create the schema") as tx:
             for statement in _SCHEMA_V1 + _FAILED_LOG_SCHEMA:
                 tx.execute(statement)
@@ -346,91 +296,16 @@ class SqliteStorage(SqlStorage):
                 )
             # Migrations from older versions go here (none yet: 1 is the first).
 
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_timeout,  # sqlite3_busy_timeout
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                check_same_thread=False,  # close() may run on another thread
-            )
-        except sqlite3.Error as exc:
-            raise _map_error(exc, "open the database", self.path) from exc
-        try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA secure_delete=ON")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise _map_error(exc, "configure the connection", self.path) from exc
-        return conn
+    # -- the hooks of storage.sql ------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise StorageError(f"storage {self.path} is closed")
-        if self._pid != os.getpid():
-            self._after_fork()
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                alive = []
-                for thread, other in self._conns:
-                    if thread.is_alive():
-                        alive.append((thread, other))
-                    else:
-                        other.close()
-                alive.append((threading.current_thread(), conn))
-                self._conns = alive
-        return conn
+    def _write(self, action: str) -> AbstractContextManager[sqlite3.Connection]:
+        return self._file.write(action)
 
-    def _after_fork(self) -> None:
-        # The lock may have been held by a thread that does not exist in the child.
-        self._lock = threading.Lock()
-        _INHERITED.extend(conn for _, conn in self._conns)
-        self._conns = []
-        self._local = threading.local()
-        self._pid = os.getpid()
+    def _read(self, action: str) -> AbstractContextManager[sqlite3.Connection]:
+        return self._file.read(action)
 
-    @contextmanager
-    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """A BEGIN IMMEDIATE transaction; commits on success, rolls back on any exception."""
-        with self._transaction("BEGIN IMMEDIATE", action) as conn:
-            yield conn
-
-    @contextmanager
-    def _read(self, action: str) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every SELECT inside sees one snapshot."""
-        with self._transaction("BEGIN", action) as conn:
-            yield conn
-
-    @contextmanager
-    def _transaction(self, begin: str, action: str) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        try:
-            conn.execute(begin)
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # the original exception matters more
-                raise
-        except sqlite3.Error as exc:
-            raise _map_error(exc, action, self.path) from exc
-
-    @contextmanager
-    def _query(self, action: str) -> Iterator[sqlite3.Connection]:
-        """This thread's connection for one statement (autocommit: no transaction)."""
-        conn = self._conn()
-        try:
-            yield conn
-        except sqlite3.Error as exc:
-            raise _map_error(exc, action, self.path) from exc
+    def _query(self, action: str) -> AbstractContextManager[sqlite3.Connection]:
+        return self._file.query(action)
 
     # -- change feed: AUTOINCREMENT seqs, assigned under the single writer lock ---------
 
@@ -470,9 +345,9 @@ class SqliteStorage(SqlStorage):
         what = f"purge the removed key and certificate of {hostname} from {self.path}"
         while True:
             try:
-                row = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                row = self._file.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error as exc:
-                if not _is_busy(exc):
+                if not is_busy(exc):
                     raise _map_error(exc, what, self.path) from exc
                 row = (1, -1, -1)
             if row is not None and row[0] == 0:
@@ -490,20 +365,7 @@ class SqliteStorage(SqlStorage):
     def close(self) -> None:
         """Close every connection this instance opened in this process. Idempotent;
         any later call raises ``StorageError``."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._pid != os.getpid():
-            self._after_fork()
-            return
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for _, conn in conns:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-        self._local = threading.local()
+        self._file.close()
 
     def __enter__(self) -> SqliteStorage:
         return self
