@@ -35,7 +35,7 @@ from .certstore import CertStore
 from .config import Settings
 from .domains import DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
 from .errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
-from .storage.base import AriState, CertificateRecord, DomainRecord, StatusEvent, Storage
+from .storage.base import AriState, CertificateRecord, DomainRecord, LeaseStore, StatusEvent, Storage
 
 __all__ = [
     "Budget",
@@ -182,7 +182,7 @@ class LeaseKeeper:
     and the worst case is a second node ordering the same name once.
     """
 
-    def __init__(self, storage: Storage, name: str, owner: str, ttl: float,
+    def __init__(self, storage: LeaseStore, name: str, owner: str, ttl: float,
                  clock: Callable[[], dt.datetime]) -> None:
         self.storage, self.name, self.owner, self.ttl, self.clock = storage, name, owner, ttl, clock
         self._stop = threading.Event()

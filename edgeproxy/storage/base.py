@@ -36,6 +36,14 @@ __all__ = [
     "SpoolStats",
     "SpoolStore",
     "Storage",
+    "DomainStore",
+    "CertificateStore",
+    "ChallengeStore",
+    "AccountStore",
+    "ChangeFeed",
+    "LeaseStore",
+    "IssuanceLedger",
+    "FailedRequestLog",
     "DOMAIN_STATUSES",
     "CertificateVisitor",
     "leaf_der_of",
@@ -175,10 +183,15 @@ class FailedRequestRecord:
 
 
 
-class Storage(Protocol):
-    """Everything edgeproxy persists. One instance per process; thread-safe."""
+# -- role protocols: what each part of edgeproxy needs from the store -------------------
+# A consumer types its parameter with the smallest role it uses (the spool's
+# replayer needs a FailedRequestLog, not a Storage); ``Storage`` is all of them,
+# what both backends implement and tests/test_storage_contract.py checks.
 
-    # -- domains ----------------------------------------------------------------
+
+class DomainStore(Protocol):
+    """The registry of custom domains and their issuance state."""
+
     def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
         """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
         ...
@@ -240,7 +253,10 @@ class Storage(Protocol):
         transaction. Returns False (and changes nothing) if it was not registered."""
         ...
 
-    # -- certificates -----------------------------------------------------------
+
+class CertificateStore(Protocol):
+    """Key + chain pairs, one per domain (deleted with the domain)."""
+
     def save_certificate(self, cert: CertificateRecord) -> None:
         """Store key + chain + metadata atomically (a reader sees the old pair or
         the new pair, never a mix, even after a crash). Replaces any previous one.
@@ -250,7 +266,10 @@ class Storage(Protocol):
     def get_certificate(self, hostname: str) -> CertificateRecord | None:
         ...
 
-    # -- HTTP-01 challenges -------------------------------------------------------
+
+class ChallengeStore(Protocol):
+    """HTTP-01 tokens published while an order validates (the :80 listener reads them)."""
+
     def put_challenge(self, challenge: ChallengeRecord) -> None:
         """Publish a token (idempotent: same token overwrites)."""
         ...
@@ -262,7 +281,10 @@ class Storage(Protocol):
         """Idempotent."""
         ...
 
-    # -- ACME accounts ----------------------------------------------------------
+
+class AccountStore(Protocol):
+    """One ACME account per directory URL."""
+
     def get_account(self, directory_url: str) -> AccountRecord | None:
         ...
 
@@ -274,14 +296,20 @@ class Storage(Protocol):
         """Every stored account, ordered by directory URL (``storage copy`` moves them all)."""
         ...
 
-    # -- change feed ----------------------------------------------------------------
+
+class ChangeFeed(Protocol):
+    """Which hostnames changed, for every worker's in-memory certificate map."""
+
     def changes_since(self, seq: int) -> tuple[int, list[str]]:
         """Hostnames whose domain or certificate changed after ``seq``, and the
         newest seq. Workers poll this to refresh their in-memory maps; a
         hostname may appear more than once. ``changes_since(0)`` lists all."""
         ...
 
-    # -- locks ------------------------------------------------------------------------
+
+class LeaseStore(Protocol):
+    """Named leases with an expiry: one renewal loop, one replayer per node set."""
+
     def try_lock(self, name: str, owner: str, ttl_seconds: float, now: datetime) -> bool:
         """Take or extend a lease. True if ``owner`` now holds ``name`` until
         ``now + ttl``; False if another owner holds an unexpired lease. An
@@ -292,11 +320,10 @@ class Storage(Protocol):
         """Release if held by ``owner``; otherwise do nothing."""
         ...
 
-    def close(self) -> None:
-        ...
 
-    # == rate-budget ledger and status history ============================
-    # Additive tables (CREATE TABLE IF NOT EXISTS); schema_version is unchanged.
+class IssuanceLedger(Protocol):
+    """What issuance remembers besides the certificate: rate budgets, each
+    domain's status history, ARI state (RFC 9773)."""
 
     def record_event(self, kind: str, key: str, at: datetime) -> None:
         """Append one ledger entry (e.g. kind="order", key=<ACME directory>). Not
@@ -326,7 +353,11 @@ class Storage(Protocol):
     def get_ari(self, hostname: str) -> AriState | None:
         ...
 
-    # -- failed-request log (kept ``failed_log.retention_days``) ------------
+
+class FailedRequestLog(Protocol):
+    """Requests the relay or the edge refused, kept ``failed_log.retention_days``
+    with everything ``edgeproxy replay`` needs to send them again."""
+
     def log_failed_request(self, record: FailedRequestRecord) -> int:
         """Store a refused request; returns its id. Idempotent per
         ``idempotency_key``: logging the same key again (a replay refused once
@@ -369,6 +400,15 @@ class Storage(Protocol):
     def prune_failed_requests(self, before: datetime) -> int:
         """Delete records logged before ``before``; returns how many."""
         ...
+
+class Storage(DomainStore, CertificateStore, ChallengeStore, AccountStore, ChangeFeed, LeaseStore,
+              IssuanceLedger, FailedRequestLog, Protocol):
+    """Everything edgeproxy persists. One instance per process; thread-safe."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent; any later call raises ``StorageError``."""
+        ...
+
 
 # -- the spool file: records and its contract (implemented by storage/spoolfile.py) ---------
 
