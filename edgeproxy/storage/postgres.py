@@ -73,7 +73,6 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import TracebackType
 from typing import Any
 
 import psycopg
@@ -571,14 +570,3 @@ class PostgresStorage(SqlStorage):
             self._pool.close(timeout=5.0)
         except psycopg.Error as exc:  # closing a pool to a dead server: nothing left to do
             log.debug("closing the pool of %s: %s", self.where, exc)
-
-    def __enter__(self) -> PostgresStorage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

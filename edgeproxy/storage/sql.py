@@ -33,7 +33,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 from edgeproxy.errors import DomainExists, DomainNotFound
 from edgeproxy.storage.base import (
@@ -174,6 +175,7 @@ class SqlStorage:
     - ``_lock_feed(conn)``: serialize feed pruning (a no-op where writers are serialized).
     - ``_stream(conn, sql, params)``: rows of a large result without holding them all.
     - ``_after_remove(hostname)``: runs after a removal committed (default: nothing).
+    - ``close()``: release every connection; idempotent; later calls raise ``StorageError``.
     """
 
     dialect: Dialect
@@ -204,6 +206,16 @@ class SqlStorage:
 
     def _after_remove(self, hostname: str) -> None:
         return None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -42,7 +42,6 @@ import sqlite3
 import threading
 import time
 from contextlib import AbstractContextManager
-from types import TracebackType
 
 from edgeproxy.errors import StorageError, StorageUnavailable
 from edgeproxy.private_files import tighten_sqlite
@@ -366,14 +365,3 @@ class SqliteStorage(SqlStorage):
         """Close every connection this instance opened in this process. Idempotent;
         any later call raises ``StorageError``."""
         self._file.close()
-
-    def __enter__(self) -> SqliteStorage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
