@@ -37,6 +37,7 @@ from edgeproxy.errors import (
     StorageError,
     StorageUnavailable,
 )
+from edgeproxy.storage.base import FiringAlert, ProbeRecord
 from edgeproxy.storage import (
     AccountRecord,
     CertificateRecord,
@@ -623,6 +624,51 @@ def test_prune_and_a_reader_that_fell_behind(store: Storage) -> None:
     assert sq.changes_since(6) == (7, ["e.example"])
     with pytest.raises(ValueError):
         sq.prune_changes(-1)
+
+
+# -- monitor state (alerts firing, last probes) ----------------------------------------
+
+
+def _firing(key: str, at: datetime, summary: str = "down") -> FiringAlert:
+    return FiringAlert(key, "probe_failing", "critical", summary, '{"hostname": "a.example"}', at, at)
+
+
+def test_alert_claims_trigger_once_resend_after_interval_and_release_once(store: Storage) -> None:
+    assert store.claim_alert(_firing("probe:a.example", NOW), resend_after=600) == "trigger"
+    # The same alert again, too soon (a second node, a restart): nobody sends.
+    assert store.claim_alert(_firing("probe:a.example", NOW + timedelta(seconds=599)), resend_after=600) is None
+    later = NOW + timedelta(seconds=600)
+    assert store.claim_alert(replace(_firing("probe:a.example", later, "still down"), since=later),
+                             resend_after=600) == "resend"
+    [firing] = store.firing_alerts()
+    assert (firing.summary, firing.since, firing.last_sent) == ("still down", NOW, later)  # since kept
+    assert store.release_alert("probe:a.example") == firing
+    assert store.release_alert("probe:a.example") is None  # resolved once
+    assert store.firing_alerts() == []
+
+
+def test_concurrent_claims_of_one_alert_page_exactly_once(store: Storage) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: store.claim_alert(_firing("spool:age", NOW), resend_after=60),
+                                range(16)))
+    assert answers.count("trigger") == 1 and answers.count(None) == 15
+
+
+def test_probe_results_are_kept_per_domain_and_go_with_it(store: Storage) -> None:
+    store.add_domain("a.example", "active", NOW)
+    store.add_domain("b.example", "active", NOW)
+    store.save_probes([ProbeRecord("a.example", NOW, False, '{"ok": false}', 2),
+                       ProbeRecord("b.example", NOW, True, '{"ok": true}', 0),
+                       ProbeRecord("gone.example", NOW, True, "{}", 0)])  # removed meanwhile: not kept
+    assert store.get_probe("a.example") == ProbeRecord("a.example", NOW, False, '{"ok": false}', 2)
+    assert store.get_probe("gone.example") is None
+    assert store.probe_failures() == {"a.example": 2}
+    store.save_probes([ProbeRecord("a.example", NOW + timedelta(minutes=5), True, '{"ok": true}', 0)])
+    assert store.probe_failures() == {}
+    assert store.get_probe("a.example").checked_at == NOW + timedelta(minutes=5)  # type: ignore[union-attr]
+    store.remove_domain("a.example")
+    assert store.get_probe("a.example") is None
+    assert store.get_probe("b.example") is not None
 
 
 # -- persistence and concurrency -------------------------------------------------------

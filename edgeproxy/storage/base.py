@@ -44,6 +44,9 @@ __all__ = [
     "LeaseStore",
     "IssuanceLedger",
     "FailedRequestLog",
+    "MonitorLedger",
+    "FiringAlert",
+    "ProbeRecord",
     "DOMAIN_STATUSES",
     "CertificateVisitor",
     "leaf_der_of",
@@ -181,6 +184,38 @@ class FailedRequestRecord:
     id: int = 0
 
 
+
+
+# -- monitor state: what is firing, each domain's last probe -----------------------
+
+
+@dataclass(frozen=True)
+class FiringAlert:
+    """An operator alert that is firing, as every node of the edge sees it.
+
+    ``details_json`` is the alert's details as JSON text; ``since`` when it
+    started firing; ``last_sent`` when a trigger for it last went to the sinks.
+    """
+
+    key: str
+    kind: str
+    severity: str
+    summary: str
+    details_json: str
+    since: datetime
+    last_sent: datetime
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """A domain's last acceptance probe: ``result_json`` is ``ProbeResult.to_json()``
+    as text; ``consecutive_failures`` counts failed rounds up to this one (0 when ok)."""
+
+    hostname: str
+    checked_at: datetime
+    ok: bool
+    result_json: str
+    consecutive_failures: int
 
 
 # -- role protocols: what each part of edgeproxy needs from the store -------------------
@@ -401,8 +436,47 @@ class FailedRequestLog(Protocol):
         """Delete records logged before ``before``; returns how many."""
         ...
 
+class MonitorLedger(Protocol):
+    """The monitor's memory, shared by restarts and by every node: which operator
+    alerts are firing (so a restart or a second node never pages again for one
+    already announced) and each domain's last probe (rows go with the domain)."""
+
+    def firing_alerts(self) -> list[FiringAlert]:
+        """Every firing alert, ordered by key."""
+        ...
+
+    def claim_alert(self, alert: FiringAlert, resend_after: float) -> str | None:
+        """Atomically decide who sends a trigger for ``alert.key`` at ``alert.last_sent``.
+
+        ``"trigger"`` when the key was not firing (it is stored, ``since`` =
+        ``alert.since``); ``"resend"`` when it was and its last send is at least
+        ``resend_after`` seconds before ``alert.last_sent`` (summary, details and
+        ``last_sent`` are updated, ``since`` kept); None when another caller sent
+        it more recently than that (nothing changes). Of several nodes claiming
+        the same key at once, exactly one gets a non-None answer."""
+        ...
+
+    def release_alert(self, key: str) -> FiringAlert | None:
+        """Stop ``key`` firing; returns what was stored, or None when it was not firing
+        (another node resolved it first: only the caller that gets the record sends
+        the resolve)."""
+        ...
+
+    def save_probes(self, records: Sequence[ProbeRecord]) -> None:
+        """Insert or replace the last probe of each record's domain, in one transaction."""
+        ...
+
+    def get_probe(self, hostname: str) -> ProbeRecord | None:
+        """The domain's last probe, or None (never probed, or removed)."""
+        ...
+
+    def probe_failures(self) -> dict[str, int]:
+        """hostname -> consecutive failures, for the domains whose last probe failed."""
+        ...
+
+
 class Storage(DomainStore, CertificateStore, ChallengeStore, AccountStore, ChangeFeed, LeaseStore,
-              IssuanceLedger, FailedRequestLog, Protocol):
+              IssuanceLedger, FailedRequestLog, MonitorLedger, Protocol):
     """Everything edgeproxy persists. One instance per process; thread-safe."""
 
     def close(self) -> None:

@@ -71,7 +71,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -232,6 +232,29 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             EXECUTE FUNCTION certificates_leaf_der_stale()""",
         ),
     ),
+    (
+        5,
+        (
+            # The monitor's state (storage.base.MonitorLedger): shared by every node,
+            # so a second node or a restart never pages again for a firing alert.
+            """CREATE TABLE monitor_alerts (
+                key          TEXT PRIMARY KEY,
+                kind         TEXT NOT NULL,
+                severity     TEXT NOT NULL,
+                summary      TEXT NOT NULL,
+                details_json TEXT NOT NULL,
+                since        TIMESTAMPTZ NOT NULL,
+                last_sent    TIMESTAMPTZ NOT NULL
+            )""",
+            """CREATE TABLE probe_results (
+                hostname             TEXT COLLATE "C" PRIMARY KEY REFERENCES domains(hostname) ON DELETE CASCADE,
+                checked_at           TIMESTAMPTZ NOT NULL,
+                ok                   BOOLEAN NOT NULL,
+                result_json          TEXT NOT NULL,
+                consecutive_failures INTEGER NOT NULL
+            )""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -277,6 +300,11 @@ class _Statements:
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor:
         return self.raw.execute(POSTGRES.sql(sql), params)
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> None:
+        # psycopg pipelines the statements: one round trip for the batch, not one each.
+        with self.raw.cursor() as cursor:
+            cursor.executemany(POSTGRES.sql(sql), params)
 
 
 class PostgresStorage(SqlStorage):

@@ -46,6 +46,8 @@ from edgeproxy.storage.base import (
     ChallengeRecord,
     DomainRecord,
     FailedRequestRecord,
+    FiringAlert,
+    ProbeRecord,
     StatusEvent,
     leaf_der_of,
 )
@@ -62,6 +64,8 @@ _DOMAIN_COLUMNS = (
     "hostname, status, created_at, updated_at, error_code, error_message, next_attempt_at, attempts"
 )
 _CERT_COLUMNS = "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at"
+_ALERT_COLUMNS = "key, kind, severity, summary, details_json, since, last_sent"
+_PROBE_COLUMNS = "hostname, checked_at, ok, result_json, consecutive_failures"
 _FAILED_COLUMNS = (
     "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
     "received_at, logged_at, delivered_at"
@@ -84,7 +88,9 @@ class Cursor(Protocol):
 class Connection(Protocol):
     """A connection inside a backend's transaction; ``sql`` uses ``?`` placeholders."""
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> Any: ...
 
 
 # -- dialects: how values and a few constructs are spelled ------------------------------
@@ -344,7 +350,7 @@ class SqlStorage:
                 return False
             # The certificate goes by ON DELETE CASCADE too; said explicitly so the
             # key's removal never depends on a pragma (SQLite's foreign_keys).
-            for table in ("certificates", "challenges", "status_history", "ari_state"):
+            for table in ("certificates", "challenges", "status_history", "ari_state", "probe_results"):
                 conn.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
             self._append_change(conn, hostname)
         self._after_remove(hostname)
@@ -680,3 +686,67 @@ class SqlStorage:
     def prune_failed_requests(self, before: datetime) -> int:
         with self._write("prune failed requests") as conn:
             return int(conn.execute("DELETE FROM failed_requests WHERE logged_at < ?", (self._ts(before),)).rowcount)
+
+    # -- monitor state -----------------------------------------------------------------
+
+    def _alert(self, row: Any) -> FiringAlert:
+        return FiringAlert(row[0], row[1], row[2], row[3], row[4], self._dt(row[5]), self._dt(row[6]))
+
+    def _probe(self, row: Any) -> ProbeRecord:
+        return ProbeRecord(row[0], self._dt(row[1]), bool(row[2]), row[3], int(row[4]))
+
+    def firing_alerts(self) -> list[FiringAlert]:
+        rows = self._all("read the firing alerts", f"SELECT {_ALERT_COLUMNS} FROM monitor_alerts ORDER BY key")
+        return [self._alert(row) for row in rows]
+
+    def claim_alert(self, alert: FiringAlert, resend_after: float) -> str | None:
+        try:
+            due = alert.last_sent - timedelta(seconds=resend_after)
+        except OverflowError:
+            due = datetime.min.replace(tzinfo=timezone.utc)
+        with self._write(f"claim alert {alert.key}") as conn:
+            existed = conn.execute("SELECT 1 FROM monitor_alerts WHERE key = ?", (alert.key,)).fetchone() is not None
+            # Two nodes that both saw no row: one inserts, the other's upsert meets
+            # that fresh last_sent in its WHERE and returns nothing.
+            rows = conn.execute(
+                f"INSERT INTO monitor_alerts ({_ALERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET kind = excluded.kind, severity = excluded.severity, "
+                "summary = excluded.summary, details_json = excluded.details_json, last_sent = excluded.last_sent "
+                "WHERE monitor_alerts.last_sent <= ? RETURNING 1",
+                (alert.key, alert.kind, alert.severity, alert.summary, alert.details_json, self._ts(alert.since),
+                 self._ts(alert.last_sent), self._ts(due)),
+            ).fetchall()
+        if not rows:
+            return None
+        return "resend" if existed else "trigger"
+
+    def release_alert(self, key: str) -> FiringAlert | None:
+        with self._write(f"release alert {key}") as conn:
+            rows = conn.execute(f"DELETE FROM monitor_alerts WHERE key = ? RETURNING {_ALERT_COLUMNS}",
+                                (key,)).fetchall()
+        return self._alert(rows[0]) if rows else None
+
+    def save_probes(self, records: Sequence[ProbeRecord]) -> None:
+        if not records:
+            return
+        with self._write(f"save {len(records)} probe results") as conn:
+            # Only for registered domains: a probe that finishes after its domain
+            # was removed must not leave a row behind.
+            conn.executemany(
+                f"INSERT INTO probe_results ({_PROBE_COLUMNS}) SELECT ?, ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM domains WHERE hostname = ?) "
+                "ON CONFLICT (hostname) DO UPDATE SET checked_at = excluded.checked_at, ok = excluded.ok, "
+                "result_json = excluded.result_json, consecutive_failures = excluded.consecutive_failures",
+                [(r.hostname, self._ts(r.checked_at), r.ok, r.result_json, r.consecutive_failures, r.hostname)
+                 for r in records],
+            )
+
+    def get_probe(self, hostname: str) -> ProbeRecord | None:
+        row = self._one(f"read the last probe of {hostname}",
+                        f"SELECT {_PROBE_COLUMNS} FROM probe_results WHERE hostname = ?", (hostname,))
+        return None if row is None else self._probe(row)
+
+    def probe_failures(self) -> dict[str, int]:
+        rows = self._all("read failing probes",
+                         "SELECT hostname, consecutive_failures FROM probe_results WHERE consecutive_failures > 0")
+        return {str(row[0]): int(row[1]) for row in rows}

@@ -155,6 +155,25 @@ _FAILED_LOG_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS failed_requests_received ON failed_requests(received_at)",
     "CREATE INDEX IF NOT EXISTS failed_requests_logged ON failed_requests(logged_at)",
 )
+# The monitor's state (storage.base.MonitorLedger), additive like the tables above.
+_MONITOR_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS monitor_alerts (
+        key          TEXT PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        severity     TEXT NOT NULL,
+        summary      TEXT NOT NULL,
+        details_json TEXT NOT NULL,
+        since        TEXT NOT NULL,
+        last_sent    TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS probe_results (
+        hostname             TEXT PRIMARY KEY REFERENCES domains(hostname) ON DELETE CASCADE,
+        checked_at           TEXT NOT NULL,
+        ok                   INTEGER NOT NULL,
+        result_json          TEXT NOT NULL,
+        consecutive_failures INTEGER NOT NULL
+    )""",
+)
 # Indexes for the renewal loop's due query and the registration limits.
 # Additive like the tables above (CREATE INDEX IF NOT EXISTS on every open), so an
 # existing file gets them on its first open by this version, and an older
@@ -280,7 +299,7 @@ class SqliteStorage(SqlStorage):
         with self._write("create the schema") as tx:
             for statement in _SCHEMA_V1 + _FAILED_LOG_SCHEMA:
                 tx.execute(statement)
-            for statement in _SCHEMA_RENEW + _SCHEMA_INDEXES:
+            for statement in _SCHEMA_RENEW + _SCHEMA_INDEXES + _MONITOR_SCHEMA:
                 tx.execute(statement)
             if not any(row[1] == "leaf_der" for row in tx.execute("PRAGMA table_info(certificates)")):
                 tx.execute(_LEAF_DER_COLUMN)
