@@ -44,15 +44,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .addresses import normalize_ip
+from .rules.addresses import normalize_ip
 from .config import RoutesSettings
 from .errors import IssuanceError
 from .prometheus_adapter import use_multiprocess_values
-from .routes import route_table
+from .rules.routes import route_table
 from .storage.base import AriState
 
 if TYPE_CHECKING:  # renew pulls in dnspython and tldextract: not needed to count
-    from .renew import IssuedPair, Issuer
+    from .control.renew import IssuedPair, Issuer
 
 __all__ = [
     "CONTENT_TYPE",

@@ -14,7 +14,7 @@ import pytest
 
 from edgeproxy.config import Settings, load_settings
 from edgeproxy.errors import ConfigError
-from edgeproxy.monitor import (
+from edgeproxy.control.monitor import (
     MIN_PROBE_RATE,
     Alert,
     AlertDispatcher,
@@ -385,7 +385,7 @@ def test_alerts_are_the_same_from_statuses_and_firing_filter_as_from_every_recor
     sticking, recovering, being removed and re-added, probes failing and recovering and
     certificates expiring, every alert (summary, details, resent flag) is what the old
     every-record round sent."""
-    monkeypatch.setattr("edgeproxy.monitor._GET_EACH_MAX", get_each_max)
+    monkeypatch.setattr("edgeproxy.control.monitor._GET_EACH_MAX", get_each_max)
     base = Settings()
     settings = dataclasses.replace(
         base,
@@ -499,7 +499,7 @@ def test_round_fetches_records_only_for_failing_or_stuck_domains(tmp_path: Path,
         built.append(len(out))
         return out
 
-    monkeypatch.setattr("edgeproxy.monitor.conditions", counting_conditions)
+    monkeypatch.setattr("edgeproxy.control.monitor.conditions", counting_conditions)
     assert [(a.key, a.action) for a in asyncio.run(service.run_round())] == [("stuck:stuck.example.test", "trigger")]
     assert fetched == ["stuck.example.test"] and built == [1]
     storage.update_domain("stuck.example.test", T0, status="active")

@@ -1198,7 +1198,7 @@ def test_failed_log_is_idempotent_per_key_and_marks_delivered_once(store: Storag
 
 
 def test_failed_log_pruned_after_retention_with_the_clock_passed_in(store: Storage) -> None:
-    from edgeproxy.spool import prune_failed_log
+    from edgeproxy.edge.spool import prune_failed_log
 
     store.log_failed_request(failed("old", logged=NOW - timedelta(days=90, seconds=1)))
     store.log_failed_request(failed("edge", logged=NOW - timedelta(days=90)))

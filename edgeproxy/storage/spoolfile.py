@@ -4,7 +4,7 @@ Owns: the durable queue of requests waiting for the relay (``spool``), the
 dead letters, and the requests the edge refused itself (``refused``), in one
 SQLite file per node (``[spool] path``; never the shared store, which may be
 the thing that is down). The policy around it (what to spool, when to replay,
-what a refusal is) lives in ``edgeproxy/spool.py``; :class:`SpoolStore` in
+what a refusal is) lives in ``edgeproxy/edge/spool.py``; :class:`SpoolStore` in
 ``base.py`` is the contract this implements.
 Must not import: anything of ours but ``errors``, ``private_files`` and the
 SQLite engine (``storage.sqlitefile``, shared with ``SqliteStorage``).

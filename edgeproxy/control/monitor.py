@@ -36,10 +36,10 @@ from typing import Any, Protocol
 
 import httpx
 
-from .config import RoutesSettings, Settings, parse_hostport
-from .routes import SiteRoutes, configured_routes, route_table, site_routes
-from .scripts import Rewriter, script_rules
-from .storage.base import DomainRecord, FiringAlert, ProbeRecord, Storage
+from ..config import RoutesSettings, Settings, parse_hostport
+from ..rules.routes import SiteRoutes, configured_routes, route_table, site_routes
+from ..edge.scripts import Rewriter, script_rules
+from ..storage.base import DomainRecord, FiringAlert, ProbeRecord, Storage
 
 __all__ = [
     "Alert",

@@ -35,15 +35,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
-from .addresses import normalize_ip
-from .config import Settings, SpoolSettings
-from .errors import EdgeproxyError, StorageError
-from .ratelimit import TokenBuckets
+from ..rules.addresses import normalize_ip
+from ..config import Settings, SpoolSettings
+from ..errors import EdgeproxyError, StorageError
+from ..rules.ratelimit import TokenBuckets
 from .relay import ForwardRequest, ForwardResult, Relay
-from .storage import FailedRequestRecord, sqlite_path_from_url
-from .storage.base import FailedRequestLog
-from .storage.base import SpoolStore
-from .storage.spoolfile import Refusal, Spool, SpoolEntry, SpoolFull, SpoolStats, SpoolUnavailable
+from ..storage import FailedRequestRecord, sqlite_path_from_url
+from ..storage.base import FailedRequestLog
+from ..storage.base import SpoolStore
+from ..storage.spoolfile import Refusal, Spool, SpoolEntry, SpoolFull, SpoolStats, SpoolUnavailable
 
 __all__ = [
     "AlertHook",

@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .certstore import CertStore
-from .config import Settings
+from ..edge.certstore import CertStore
+from ..config import Settings
 from .domains import DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
-from .errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
-from .storage.base import AriState, CertificateRecord, DomainRecord, LeaseStore, StatusEvent, Storage
+from ..errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
+from ..storage.base import AriState, CertificateRecord, DomainRecord, LeaseStore, StatusEvent, Storage
 
 __all__ = [
     "Budget",
