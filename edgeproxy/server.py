@@ -52,6 +52,7 @@ from .storage.base import Storage
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
     from .monitor import MonitorService, SpoolStats
     from .renew import Issuer
+    from .webhooks import Attempt
 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
 
@@ -158,7 +159,7 @@ class _Listener:
 
 def _load_primary_modules() -> None:
     """Import what only the primary uses (``EdgeNode._start_primary``)."""
-    for module in ("acme_client", "admin", "monitor", "registry", "renew", "tokens"):
+    for module in ("acme_client", "admin", "lifecycle", "monitor", "registry", "renew", "tokens", "webhooks"):
         importlib.import_module(f"{__package__}.{module}")
 
 
@@ -314,8 +315,14 @@ class EdgeNode:
         admin = create_admin_app(self.services.registry, self.services.tokens,
                                  on_registered=lambda _h: self._wake_soon(),
                                  last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
-                                 spool_status=self._spool_status, replay=self._replay)
+                                 spool_status=self._spool_status, replay=self._replay,
+                                 event_log=self.services.event_log)
         background.append(asyncio.create_task(monitor.run_forever(self.stop)))
+        if self.settings.events.endpoints:
+            # Once per node (the primary); nodes sharing a PostgreSQL store share the
+            # outbox, each row claimed by one of them at a time.
+            deliverer = self.services.webhooks(on_dead=self._webhook_dead, on_attempt=self._webhook_attempt)
+            background.append(asyncio.create_task(deliverer.run_forever(self.stop)))
         renewer = self.services.renewal(CountingIssuer(self.services.issuer, self.metrics))
         r = self.settings.renew
         background.append(asyncio.create_task(
@@ -350,12 +357,22 @@ class EdgeNode:
         )
         return self.monitor
 
+    async def _webhook_dead(self, attempt: Attempt) -> None:
+        from .webhooks import dead_letter_alert
+
+        if self.monitor is not None:
+            await self.monitor.dispatcher.dispatch([dead_letter_alert(attempt, datetime.now(timezone.utc))])
+
+    def _webhook_attempt(self, attempt: Attempt) -> None:
+        self.metrics.observe_webhook(attempt.state)
+
     def _metrics_renderer(self, monitor: MonitorService) -> Callable[[], tuple[bytes, str]]:
         state = StateCollector(
             domain_counts=self.storage.count_domains_by_status,
             cert_expiries=self.certstore.expiries,
             spool_stats=self._spool,
             failing_probes=lambda: sum(1 for r in list(monitor.results.values()) if not r.ok),
+            outbox_counts=self.storage.count_deliveries_by_state,
             warn_days=self.settings.monitor.cert_warn_days,
         )
 

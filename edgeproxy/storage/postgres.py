@@ -94,6 +94,8 @@ from edgeproxy.storage.base import (
     FailedRequestRecord,
     StatusEvent,
     leaf_der_of,
+    Delivery,
+    OutboxEvent,
 )
 
 __all__ = ["PostgresStorage", "SCHEMA_VERSION", "MIGRATIONS", "NOTIFY_CHANNEL"]
@@ -242,6 +244,32 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             FOR EACH ROW WHEN (NEW.leaf_der IS NOT NULL AND NEW.leaf_der IS NOT DISTINCT FROM OLD.leaf_der
                                AND NEW.chain_pem IS DISTINCT FROM OLD.chain_pem)
             EXECUTE FUNCTION certificates_leaf_der_stale()""",
+        ),
+    ),
+    (
+        5,
+        (
+            # The lifecycle-webhook outbox (EventOutbox in storage/base.py).
+            """CREATE TABLE event_outbox (
+                seq             BIGSERIAL PRIMARY KEY,
+                event_id        TEXT NOT NULL,
+                endpoint        TEXT NOT NULL,
+                event_type      TEXT NOT NULL,
+                hostname        TEXT COLLATE "C" NOT NULL,
+                occurred_at     TIMESTAMPTZ NOT NULL,
+                payload         TEXT NOT NULL,
+                state           TEXT NOT NULL,
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at TIMESTAMPTZ NOT NULL,
+                horizon_from    TIMESTAMPTZ NOT NULL,
+                claimed_by      TEXT,
+                claimed_until   TIMESTAMPTZ,
+                last_error      TEXT,
+                last_status     INTEGER,
+                delivered_at    TIMESTAMPTZ,
+                UNIQUE (event_id, endpoint)
+            )""",
+            "CREATE INDEX event_outbox_line ON event_outbox (state, endpoint, hostname, seq)",
         ),
     ),
 )
@@ -558,7 +586,8 @@ class PostgresStorage:
 
     # -- domains -----------------------------------------------------------------------
 
-    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
+    def add_domain(self, hostname: str, status: str, now: datetime,
+                   events: Sequence[OutboxEvent] = ()) -> DomainRecord:
         """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
         _check_status(status)
         stamp = _ts(now)
@@ -572,6 +601,7 @@ class PostgresStorage:
             if row is None:
                 raise DomainExists(f"{hostname} is already registered")
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         return _domain(row)
 
     def get_domain(self, hostname: str) -> DomainRecord | None:
@@ -645,6 +675,7 @@ class PostgresStorage:
         error_message: str | None = None,
         next_attempt_at: datetime | None = None,
         attempts: int = 0,
+        events: Sequence[OutboxEvent] = (),
     ) -> DomainRecord:
         """Replace the mutable fields. Raises ``DomainNotFound`` if absent."""
         _check_status(status)
@@ -659,9 +690,10 @@ class PostgresStorage:
             if row is None:
                 raise DomainNotFound(f"{hostname} is not registered")
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         return _domain(row)
 
-    def remove_domain(self, hostname: str) -> bool:
+    def remove_domain(self, hostname: str, events: Sequence[OutboxEvent] = ()) -> bool:
         """Delete the domain with its certificate, key and challenges in one
         transaction. Returns False (and changes nothing) if it was not registered.
 
@@ -679,11 +711,12 @@ class PostgresStorage:
             conn.execute("DELETE FROM status_history WHERE hostname = %s", (hostname,))
             conn.execute("DELETE FROM ari_state WHERE hostname = %s", (hostname,))
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         return True
 
     # -- certificates ------------------------------------------------------------------
 
-    def save_certificate(self, cert: CertificateRecord) -> None:
+    def save_certificate(self, cert: CertificateRecord, events: Sequence[OutboxEvent] = ()) -> None:
         """Store key + chain + metadata atomically (a reader sees the old pair or
         the new pair, never a mix, even after a crash). Replaces any previous one.
         Raises ``DomainNotFound`` if the domain was removed meanwhile."""
@@ -716,6 +749,7 @@ class PostgresStorage:
                 params,
             )
             self._append_change(conn, cert.hostname)
+            self._insert_outbox(conn, events)
 
     def get_certificate(self, hostname: str) -> CertificateRecord | None:
         """The key + chain pair for ``hostname`` (one row, so never a mix), or None."""
@@ -1127,6 +1161,106 @@ class PostgresStorage:
             self._pool.close(timeout=5.0)
         except psycopg.Error as exc:  # closing a pool to a dead server: nothing left to do
             log.debug("closing the pool of %s: %s", self.where, exc)
+
+    # == lifecycle-webhook outbox (EventOutbox) =========================================
+    # One block, the same SQL text as sqlite.py's but for the placeholders.
+
+    _OUTBOX_COLUMNS = ("seq, event_id, endpoint, event_type, hostname, occurred_at, payload, state, attempts, "
+                       "next_attempt_at, horizon_from, last_error, last_status, delivered_at")
+
+    @staticmethod
+    def _delivery(row: Any) -> Delivery:
+        return Delivery(seq=int(row[0]), event_id=row[1], endpoint=row[2], event_type=row[3], hostname=row[4],
+                        occurred_at=_utc(row[5]), payload=row[6], state=row[7], attempts=int(row[8]),
+                        next_attempt_at=_utc(row[9]), horizon_from=_utc(row[10]), last_error=row[11],
+                        last_status=row[12], delivered_at=_utc_opt(row[13]))
+
+    def _insert_outbox(self, conn: psycopg.Connection[Any], events: Sequence[OutboxEvent]) -> int:
+        """Append ``events`` inside the caller's write transaction; returns how many were new."""
+        added = 0
+        for event in events:
+            stamp = _ts(event.occurred_at)
+            added += conn.execute(
+                "INSERT INTO event_outbox (event_id, endpoint, event_type, hostname, occurred_at, payload, state, "
+                "attempts, next_attempt_at, horizon_from) VALUES (%s, %s, %s, %s, %s, %s, 'pending', 0, %s, %s) "
+                "ON CONFLICT (event_id, endpoint) DO NOTHING",
+                (event.event_id, event.endpoint, event.event_type, event.hostname, stamp, event.payload, stamp,
+                 stamp),
+            ).rowcount
+        return added
+
+    def append_events(self, events: Sequence[OutboxEvent]) -> int:
+        if not events:
+            return 0
+        with self._tx("append lifecycle events") as conn:
+            return self._insert_outbox(conn, events)
+
+    def claim_deliveries(self, owner: str, now: datetime, lease_seconds: float, limit: int) -> list[Delivery]:
+        stamp = _ts(now)
+        until = _ts(now + timedelta(seconds=lease_seconds))
+        claimed: list[Delivery] = []
+        with self._tx("claim webhook deliveries") as conn:
+            heads = conn.execute(
+                "SELECT o.seq FROM event_outbox o WHERE o.state = 'pending' AND o.next_attempt_at <= %s "
+                "AND (o.claimed_until IS NULL OR o.claimed_until <= %s) "
+                "AND o.seq = (SELECT MIN(p.seq) FROM event_outbox p WHERE p.state = 'pending' "
+                "AND p.endpoint = o.endpoint AND p.hostname = o.hostname) ORDER BY o.seq LIMIT %s",
+                (stamp, stamp, limit),
+            ).fetchall()
+            for (seq,) in heads:
+                rows = conn.execute(
+                    "UPDATE event_outbox SET claimed_by = %s, claimed_until = %s WHERE seq = %s AND state = 'pending' "
+                    f"AND (claimed_until IS NULL OR claimed_until <= %s) RETURNING {self._OUTBOX_COLUMNS}",
+                    (owner, until, seq, stamp),
+                ).fetchall()
+                claimed.extend(self._delivery(row) for row in rows)
+        return claimed
+
+    def record_attempt(self, seq: int, owner: str, now: datetime, *, state: str, next_attempt_at: datetime,
+                       error: str | None, status: int | None) -> bool:
+        with self._tx(f"record webhook delivery attempt {seq}") as conn:
+            return conn.execute(
+                "UPDATE event_outbox SET state = %s, attempts = attempts + 1, next_attempt_at = %s, last_error = %s, "
+                "last_status = %s, delivered_at = COALESCE(%s, delivered_at), claimed_by = NULL, claimed_until = NULL "
+                "WHERE seq = %s AND claimed_by = %s",
+                (state, _ts(next_attempt_at), error, status, _ts(now) if state == "delivered" else None, seq, owner),
+            ).rowcount == 1
+
+    def list_deliveries(self, *, state: str | None = None, event_id: str | None = None,
+                        hostname: str | None = None, limit: int = 100) -> list[Delivery]:
+        with self._tx("list webhook deliveries") as conn:
+            rows = conn.execute(
+                f"SELECT {self._OUTBOX_COLUMNS} FROM event_outbox WHERE (CAST(%s AS TEXT) IS NULL OR state = %s) "
+                "AND (CAST(%s AS TEXT) IS NULL OR event_id = %s) AND (CAST(%s AS TEXT) IS NULL OR hostname = %s) "
+                "ORDER BY seq DESC LIMIT %s",
+                (state, state, event_id, event_id, hostname, hostname, max(0, limit)),
+            ).fetchall()
+        return [self._delivery(row) for row in rows]
+
+    def redeliver_event(self, event_id: str, now: datetime) -> int:
+        with self._tx(f"redeliver event {event_id}") as conn:
+            return int(conn.execute(
+                "UPDATE event_outbox SET state = 'pending', next_attempt_at = %s, horizon_from = %s WHERE event_id = %s",
+                (_ts(now), _ts(now), event_id),
+            ).rowcount)
+
+    def count_deliveries_by_state(self) -> dict[str, int]:
+        with self._tx("count webhook deliveries") as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM event_outbox GROUP BY state").fetchall()
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    def prune_deliveries(self, before: datetime) -> int:
+        with self._tx("prune webhook deliveries") as conn:
+            return int(conn.execute(
+                "DELETE FROM event_outbox WHERE state <> 'pending' AND occurred_at < %s", (_ts(before),)
+            ).rowcount)
+
+    def expiring_certificates(self, before: datetime) -> list[tuple[str, str]]:
+        with self._tx("list expiring certificates") as conn:
+            rows = conn.execute(
+                "SELECT hostname, serial FROM certificates WHERE not_after < %s ORDER BY hostname", (_ts(before),)
+            ).fetchall()
+        return [(str(row[0]), str(row[1])) for row in rows]
 
     def __enter__(self) -> PostgresStorage:
         return self

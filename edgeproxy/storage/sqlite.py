@@ -74,6 +74,8 @@ from edgeproxy.storage.base import (
     AriState,
     FailedRequestRecord,
     leaf_der_of,
+    Delivery,
+    OutboxEvent,
 )
 
 __all__ = ["SqliteStorage", "SCHEMA_VERSION"]
@@ -208,6 +210,30 @@ _LEAF_DER_TRIGGER = """CREATE TRIGGER IF NOT EXISTS certificates_leaf_der_stale
     BEGIN
         UPDATE certificates SET leaf_der = NULL WHERE hostname = NEW.hostname;
     END"""
+
+# The lifecycle-webhook outbox (additive, like the tables above).
+_SCHEMA_OUTBOX = (
+    """CREATE TABLE IF NOT EXISTS event_outbox (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id        TEXT NOT NULL,
+        endpoint        TEXT NOT NULL,
+        event_type      TEXT NOT NULL,
+        hostname        TEXT NOT NULL,
+        occurred_at     TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        horizon_from    TEXT NOT NULL,
+        claimed_by      TEXT,
+        claimed_until   TEXT,
+        last_error      TEXT,
+        last_status     INTEGER,
+        delivered_at    TEXT,
+        UNIQUE (event_id, endpoint)
+    )""",
+    "CREATE INDEX IF NOT EXISTS event_outbox_line ON event_outbox(state, endpoint, hostname, seq)",
+)
 
 _FAILED_COLUMNS = (
     "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
@@ -440,7 +466,7 @@ class SqliteStorage:
         with self._write("create the schema") as tx:
             for statement in _SCHEMA_V1 + _FAILED_LOG_SCHEMA:
                 tx.execute(statement)
-            for statement in _SCHEMA_RENEW + _SCHEMA_INDEXES:
+            for statement in _SCHEMA_RENEW + _SCHEMA_INDEXES + _SCHEMA_OUTBOX:
                 tx.execute(statement)
             if not any(row[1] == "leaf_der" for row in tx.execute("PRAGMA table_info(certificates)")):
                 tx.execute(_LEAF_DER_COLUMN)
@@ -541,7 +567,8 @@ class SqliteStorage:
 
     # -- domains -----------------------------------------------------------------------
 
-    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
+    def add_domain(self, hostname: str, status: str, now: datetime,
+                   events: Sequence[OutboxEvent] = ()) -> DomainRecord:
         """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
         _check_status(status)
         stamp = _ts(now)
@@ -554,6 +581,7 @@ class SqliteStorage:
                 (hostname, status, stamp, stamp),
             ).fetchall()[0]  # fetchall: a RETURNING statement must finish before COMMIT
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         return _domain(row)
 
     def get_domain(self, hostname: str) -> DomainRecord | None:
@@ -644,6 +672,7 @@ class SqliteStorage:
         error_message: str | None = None,
         next_attempt_at: datetime | None = None,
         attempts: int = 0,
+        events: Sequence[OutboxEvent] = (),
     ) -> DomainRecord:
         """Replace the mutable fields. Raises ``DomainNotFound`` if absent."""
         _check_status(status)
@@ -658,9 +687,10 @@ class SqliteStorage:
             if not rows:
                 raise DomainNotFound(f"{hostname} is not registered")
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         return _domain(rows[0])
 
-    def remove_domain(self, hostname: str) -> bool:
+    def remove_domain(self, hostname: str, events: Sequence[OutboxEvent] = ()) -> bool:
         """Delete the domain with its certificate, key and challenges in one
         transaction. Returns False (and changes nothing) if it was not registered."""
         with self._write(f"remove domain {hostname}") as conn:
@@ -672,6 +702,7 @@ class SqliteStorage:
             conn.execute("DELETE FROM status_history WHERE hostname = ?", (hostname,))
             conn.execute("DELETE FROM ari_state WHERE hostname = ?", (hostname,))
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         self._purge(hostname)
         return True
 
@@ -711,7 +742,7 @@ class SqliteStorage:
 
     # -- certificates ---------------------------------------------------------------------
 
-    def save_certificate(self, cert: CertificateRecord) -> None:
+    def save_certificate(self, cert: CertificateRecord, events: Sequence[OutboxEvent] = ()) -> None:
         """Store key + chain + metadata atomically (a reader sees the old pair or
         the new pair, never a mix, even after a crash). Replaces any previous one.
         Raises ``DomainNotFound`` if the domain was removed meanwhile."""
@@ -741,6 +772,7 @@ class SqliteStorage:
                 params,
             )
             self._append_change(conn, cert.hostname)
+            self._insert_outbox(conn, events)
 
     def get_certificate(self, hostname: str) -> CertificateRecord | None:
         """The key + chain pair for ``hostname`` (one row, so never a mix), or None."""
@@ -1119,6 +1151,106 @@ class SqliteStorage:
         with self._write("prune failed requests") as conn:
             return int(conn.execute("DELETE FROM failed_requests WHERE logged_at < ?", (_ts(before),)).rowcount)
 
+
+    # == lifecycle-webhook outbox (EventOutbox) =========================================
+    # One block, the same SQL text as postgres.py's but for the placeholders.
+
+    _OUTBOX_COLUMNS = ("seq, event_id, endpoint, event_type, hostname, occurred_at, payload, state, attempts, "
+                       "next_attempt_at, horizon_from, last_error, last_status, delivered_at")
+
+    @staticmethod
+    def _delivery(row: Any) -> Delivery:
+        return Delivery(seq=int(row[0]), event_id=row[1], endpoint=row[2], event_type=row[3], hostname=row[4],
+                        occurred_at=_dt(row[5]), payload=row[6], state=row[7], attempts=int(row[8]),
+                        next_attempt_at=_dt(row[9]), horizon_from=_dt(row[10]), last_error=row[11],
+                        last_status=row[12], delivered_at=_dt_opt(row[13]))
+
+    def _insert_outbox(self, conn: sqlite3.Connection, events: Sequence[OutboxEvent]) -> int:
+        """Append ``events`` inside the caller's write transaction; returns how many were new."""
+        added = 0
+        for event in events:
+            stamp = _ts(event.occurred_at)
+            added += conn.execute(
+                "INSERT INTO event_outbox (event_id, endpoint, event_type, hostname, occurred_at, payload, state, "
+                "attempts, next_attempt_at, horizon_from) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?) "
+                "ON CONFLICT (event_id, endpoint) DO NOTHING",
+                (event.event_id, event.endpoint, event.event_type, event.hostname, stamp, event.payload, stamp,
+                 stamp),
+            ).rowcount
+        return added
+
+    def append_events(self, events: Sequence[OutboxEvent]) -> int:
+        if not events:
+            return 0
+        with self._write("append lifecycle events") as conn:
+            return self._insert_outbox(conn, events)
+
+    def claim_deliveries(self, owner: str, now: datetime, lease_seconds: float, limit: int) -> list[Delivery]:
+        stamp = _ts(now)
+        until = _ts(now + timedelta(seconds=lease_seconds))
+        claimed: list[Delivery] = []
+        with self._write("claim webhook deliveries") as conn:
+            heads = conn.execute(
+                "SELECT o.seq FROM event_outbox o WHERE o.state = 'pending' AND o.next_attempt_at <= ? "
+                "AND (o.claimed_until IS NULL OR o.claimed_until <= ?) "
+                "AND o.seq = (SELECT MIN(p.seq) FROM event_outbox p WHERE p.state = 'pending' "
+                "AND p.endpoint = o.endpoint AND p.hostname = o.hostname) ORDER BY o.seq LIMIT ?",
+                (stamp, stamp, limit),
+            ).fetchall()
+            for (seq,) in heads:
+                rows = conn.execute(
+                    "UPDATE event_outbox SET claimed_by = ?, claimed_until = ? WHERE seq = ? AND state = 'pending' "
+                    f"AND (claimed_until IS NULL OR claimed_until <= ?) RETURNING {self._OUTBOX_COLUMNS}",
+                    (owner, until, seq, stamp),
+                ).fetchall()
+                claimed.extend(self._delivery(row) for row in rows)
+        return claimed
+
+    def record_attempt(self, seq: int, owner: str, now: datetime, *, state: str, next_attempt_at: datetime,
+                       error: str | None, status: int | None) -> bool:
+        with self._write(f"record webhook delivery attempt {seq}") as conn:
+            return conn.execute(
+                "UPDATE event_outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+                "last_status = ?, delivered_at = COALESCE(?, delivered_at), claimed_by = NULL, claimed_until = NULL "
+                "WHERE seq = ? AND claimed_by = ?",
+                (state, _ts(next_attempt_at), error, status, _ts(now) if state == "delivered" else None, seq, owner),
+            ).rowcount == 1
+
+    def list_deliveries(self, *, state: str | None = None, event_id: str | None = None,
+                        hostname: str | None = None, limit: int = 100) -> list[Delivery]:
+        with self._read("list webhook deliveries") as conn:
+            rows = conn.execute(
+                f"SELECT {self._OUTBOX_COLUMNS} FROM event_outbox WHERE (CAST(? AS TEXT) IS NULL OR state = ?) "
+                "AND (CAST(? AS TEXT) IS NULL OR event_id = ?) AND (CAST(? AS TEXT) IS NULL OR hostname = ?) "
+                "ORDER BY seq DESC LIMIT ?",
+                (state, state, event_id, event_id, hostname, hostname, max(0, limit)),
+            ).fetchall()
+        return [self._delivery(row) for row in rows]
+
+    def redeliver_event(self, event_id: str, now: datetime) -> int:
+        with self._write(f"redeliver event {event_id}") as conn:
+            return int(conn.execute(
+                "UPDATE event_outbox SET state = 'pending', next_attempt_at = ?, horizon_from = ? WHERE event_id = ?",
+                (_ts(now), _ts(now), event_id),
+            ).rowcount)
+
+    def count_deliveries_by_state(self) -> dict[str, int]:
+        with self._read("count webhook deliveries") as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM event_outbox GROUP BY state").fetchall()
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    def prune_deliveries(self, before: datetime) -> int:
+        with self._write("prune webhook deliveries") as conn:
+            return int(conn.execute(
+                "DELETE FROM event_outbox WHERE state <> 'pending' AND occurred_at < ?", (_ts(before),)
+            ).rowcount)
+
+    def expiring_certificates(self, before: datetime) -> list[tuple[str, str]]:
+        with self._read("list expiring certificates") as conn:
+            rows = conn.execute(
+                "SELECT hostname, serial FROM certificates WHERE not_after < ? ORDER BY hostname", (_ts(before),)
+            ).fetchall()
+        return [(str(row[0]), str(row[1])) for row in rows]
 
     def __enter__(self) -> SqliteStorage:
         return self
