@@ -305,7 +305,7 @@ EVENT_TYPES: Final = (
 class EventEndpointSettings:
     """One ``[[events.endpoints]]`` entry: where lifecycle events are sent, signed."""
 
-    url: str = ""  # http(s) URL the vendor's app receives events on (POST, JSON)
+    url: str = ""  # the http(s) URL the vendor's app receives events on (POST, JSON)
     # File holding the Standard Webhooks secret ("whsec_" + base64 of 24-64 random bytes).
     secret_file: str = ""
     types: tuple[str, ...] = ()  # event types this endpoint receives; empty = all

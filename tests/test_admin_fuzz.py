@@ -35,6 +35,7 @@ from edgeproxy.devtools.refdocs import openapi_document
 from edgeproxy.registry import Registry
 from edgeproxy.storage import open_storage
 from edgeproxy.tokens import TokenStore
+from edgeproxy.webhooks import EventLog
 
 TOKEN = "fuzz-token-0123456789abcdef"
 SCHEMA = schemathesis.openapi.from_dict(openapi_document())
@@ -53,7 +54,7 @@ def admin_app() -> Iterator[FastAPI]:
             tokens = TokenStore(AdminSettings(str(state / "token"), str(state / "tokens.json")))
             # The optional routes too, as openapi_document() and `serve` build them.
             app = create_admin_app(registry, tokens, last_check=lambda _host: None,
-                                   metrics=lambda: (b"", "text/plain"))
+                                   metrics=lambda: (b"", "text/plain"), event_log=EventLog(registry.storage))
             # The document the cases come from is the one this app serves.
             assert app.openapi() == SCHEMA.raw_schema
             # Requests go to the app in-process (ASGI): the schema picks the transport,
