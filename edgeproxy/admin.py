@@ -345,10 +345,14 @@ def create_admin_app(
         @app.get("/v1/events", response_model=DeliveryList, dependencies=[Depends(require_token)],
                  responses={400: {"model": ErrorResponse}, 401: _ERRORS[401]},
                  summary="Recent lifecycle webhook deliveries, newest first (same as `edgeproxy events list`)")
-        def list_events(state: Literal["pending", "delivered", "dead"] | None = None,
-                        hostname: str | None = Query(None, max_length=1024),
-                        event_id: str | None = Query(None, alias="id", max_length=200),
-                        limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        def list_events(request: Request, state: Literal["pending", "delivered", "dead"] | None = None,
+                        hostname: str | None = Query(None, min_length=1, max_length=1024),
+                        event_id: str | None = Query(None, alias="id", min_length=1, max_length=200),
+                        limit: int = Query(100, ge=1, le=1000)) -> Any:
+            unknown = sorted(set(request.query_params) - {"state", "hostname", "id", "limit"})
+            if unknown:  # a misspelt filter must not silently list everything
+                return _error(400, "bad_request", f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+                                                  "use state, hostname, id, limit")
             return {"deliveries": log_fn.list(state=state, event_id=event_id, hostname=hostname, limit=limit)}
 
         @app.post("/v1/events/{event_id}/redeliver", response_model=DeliveryList,

@@ -504,3 +504,27 @@ def test_two_nodes_on_postgresql_deliver_each_event_once(tmp_path: Path, pg_url:
     assert {d["state"] for d in listed} == {"delivered"} and {d["attempts"] for d in listed} == {1}
     for host in hosts:
         assert [e["type"] for e in events if e["hostname"] == host] == ["domain.registered", "domain.failing"]
+
+
+def test_events_api_refuses_what_it_does_not_understand(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from edgeproxy.admin import create_admin_app
+    from edgeproxy.config import AdminSettings
+    from edgeproxy.tokens import TokenStore
+
+    (tmp_path / "token").write_text("t0ken-0123456789abcdef")
+    with open_storage(f"sqlite://{tmp_path}/s/e.db") as store:
+        store.append_events([LifecycleEvents((EventEndpointSettings("https://a/", "/s"),), lambda r, c: {}).build(
+            "domain.active", DomainRecord("shop.example.test", "active", T0, T0), None, T0)[0]])
+        tokens = TokenStore(AdminSettings(str(tmp_path / "token"), str(tmp_path / "tokens.json")))
+        app = create_admin_app(Registry(store, _settings()), tokens, event_log=EventLog(store))
+        with TestClient(app, headers={"Authorization": "Bearer t0ken-0123456789abcdef"}) as client:
+            ok = client.get("/v1/events", params={"hostname": "shop.example.test", "state": "pending"})
+            assert ok.status_code == 200 and [d["type"] for d in ok.json()["deliveries"]] == ["domain.active"]
+            assert client.get("/v1/events", params={"state": "delivered"}).json() == {"deliveries": []}
+            for params in ({"hostnme": "x"}, {"state": "lost"}, {"hostname": ""}, {"limit": "0"}, {"limit": "x"}):
+                answer = client.get("/v1/events", params=params)
+                assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", params
+            missing = client.post("/v1/events/evt_missing/redeliver")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "event_not_found"
