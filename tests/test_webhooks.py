@@ -507,8 +507,6 @@ def test_two_nodes_on_postgresql_deliver_each_event_once(tmp_path: Path, pg_url:
 
 
 def test_events_api_refuses_what_it_does_not_understand(tmp_path: Path) -> None:
-    from fastapi.testclient import TestClient
-
     from edgeproxy.admin import create_admin_app
     from edgeproxy.config import AdminSettings
     from edgeproxy.tokens import TokenStore
@@ -519,12 +517,39 @@ def test_events_api_refuses_what_it_does_not_understand(tmp_path: Path) -> None:
             "domain.active", DomainRecord("shop.example.test", "active", T0, T0), None, T0)[0]])
         tokens = TokenStore(AdminSettings(str(tmp_path / "token"), str(tmp_path / "tokens.json")))
         app = create_admin_app(Registry(store, _settings()), tokens, event_log=EventLog(store))
-        with TestClient(app, headers={"Authorization": "Bearer t0ken-0123456789abcdef"}) as client:
-            ok = client.get("/v1/events", params={"hostname": "shop.example.test", "state": "pending"})
-            assert ok.status_code == 200 and [d["type"] for d in ok.json()["deliveries"]] == ["domain.active"]
-            assert client.get("/v1/events", params={"state": "delivered"}).json() == {"deliveries": []}
-            for params in ({"hostnme": "x"}, {"state": "lost"}, {"hostname": ""}, {"limit": "0"}, {"limit": "x"}):
-                answer = client.get("/v1/events", params=params)
-                assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", params
-            missing = client.post("/v1/events/evt_missing/redeliver")
-            assert missing.status_code == 404 and missing.json()["error"]["code"] == "event_not_found"
+        asyncio.run(_probe_events_api(app))
+
+
+async def _probe_events_api(app: Any) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin",
+                                 headers={"Authorization": "Bearer t0ken-0123456789abcdef"}) as client:
+        ok = await client.get("/v1/events", params={"hostname": "shop.example.test", "state": "pending"})
+        assert ok.status_code == 200 and [d["type"] for d in ok.json()["deliveries"]] == ["domain.active"]
+        assert (await client.get("/v1/events", params={"state": "delivered"})).json() == {"deliveries": []}
+        for params in ({"hostnme": "x"}, {"state": "lost"}, {"hostname": ""}, {"limit": "0"}, {"limit": "x"}):
+            answer = await client.get("/v1/events", params=params)
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", params
+        missing = await client.post("/v1/events/evt_missing/redeliver")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "event_not_found"
+
+
+def test_cli_events_list_and_redeliver(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeproxy.cli import main
+
+    (tmp_path / "secret").write_text(new_secret())
+    config = tmp_path / "edge.toml"
+    config.write_text(f'[storage]\nurl = "sqlite://{tmp_path}/state/edgeproxy.db"\n'
+                      '[domains]\nextra_suffixes = ["test"]\n'
+                      f'[[events.endpoints]]\nurl = "https://app.example/hooks"\nsecret_file = "{tmp_path}/secret"\n')
+    assert main(["--config", str(config), "domains", "add", "shop.example.test"]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(config), "events", "list", "--json"]) == 0
+    (delivery,) = json.loads(capsys.readouterr().out)["deliveries"]
+    assert (delivery["type"], delivery["hostname"], delivery["state"]) == (
+        "domain.registered", "shop.example.test", "pending")
+    assert main(["--config", str(config), "events", "list", "--state", "dead"]) == 0
+    assert capsys.readouterr().out.strip() == "0 listed"
+    assert main(["--config", str(config), "events", "redeliver", delivery["id"]]) == 0
+    assert "https://app.example/hooks" in capsys.readouterr().out
+    assert main(["--config", str(config), "events", "redeliver", "evt_nope"]) == 1
+    assert "[event_not_found]" in capsys.readouterr().err
