@@ -390,6 +390,32 @@ def _cmd_spool_drain(args: argparse.Namespace) -> int:
     return EXIT_OK if left == 0 else EXIT_FAILED
 
 
+def _cmd_events_list(args: argparse.Namespace) -> int:
+    if _store_absent(_settings(args)):
+        deliveries: list[dict[str, Any]] = []
+    else:
+        deliveries = _services(args).event_log.list(state=args.state, event_id=args.id, hostname=args.domain,
+                                                    limit=args.limit)
+    if args.json:
+        _print_json({"deliveries": deliveries})
+        return EXIT_OK
+    for d in deliveries:
+        detail = d["last_error"] or ""
+        if d["state"] == "pending" and d["next_attempt_at"]:
+            detail = f"next {d['next_attempt_at']} {detail}".rstrip()
+        print(f"{d['occurred_at']} {d['id']} {d['type']:<21} {d['hostname']:<30} {d['state']:<9} "
+              f"attempts={d['attempts']} {d['endpoint']} {detail}".rstrip())
+    print(f"{len(deliveries)} listed")
+    return EXIT_OK
+
+
+def _cmd_events_redeliver(args: argparse.Namespace) -> int:
+    deliveries = _services(args).event_log.redeliver(args.id)
+    print(f"event {args.id} is due again for {len(deliveries)} endpoint(s): "
+          + ", ".join(d["endpoint"] for d in deliveries) + "; a running `edgeproxy serve` sends it within seconds")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -539,6 +565,21 @@ def _parser() -> argparse.ArgumentParser:
     slist.set_defaults(func=_cmd_spool_list)
     _command(ssub, "drain", help="send spooled requests to the relay now (exit 0 when empty)").set_defaults(
         func=_cmd_spool_drain)
+
+    events = _command(sub, "events", help="lifecycle webhooks: recent deliveries, redeliver one")
+    events.set_defaults(func=_usage(events))
+    esub = events.add_subparsers(dest="action", metavar="ACTION")
+    elist = _command(esub, "list", help="recent deliveries, newest first (as GET /v1/events)")
+    elist.add_argument("--state", choices=("pending", "delivered", "dead"), help="only deliveries in this state")
+    elist.add_argument("--domain", metavar="HOST", help="only events of this domain")
+    elist.add_argument("--id", metavar="EVENT_ID", help="only this event")
+    elist.add_argument("--limit", type=int, default=100, help="list at most N deliveries (default 100, max 1000)")
+    elist.add_argument("--json", action="store_true", help="print the deliveries as JSON")
+    elist.set_defaults(func=_cmd_events_list)
+    eredo = _command(esub, "redeliver", help="send an event again to every endpoint it was for, now "
+                                             "(as POST /v1/events/{id}/redeliver)")
+    eredo.add_argument("id", help="the event id (evt_..., the webhook-id header)")
+    eredo.set_defaults(func=_cmd_events_redeliver)
 
     demo = _command(sub, "demo", help="run the whole flow locally against Pebble")
     demo.add_argument("--keep", action="store_true", help="after the round trip keep serving until Ctrl-C, and keep the state directory "

@@ -159,6 +159,9 @@ class Metrics:
         self.alert_deliveries = Counter(
             "edgeproxy_alert_deliveries", "Alert deliveries by sink and result", ["sink", "result"],
             registry=registry)
+        self.webhook_attempts = Counter(
+            "edgeproxy_webhook_attempts", "Lifecycle webhook delivery attempts by outcome (delivered, retry, "
+            "dead: dead-lettered past events.horizon)", ["outcome"], registry=registry)
 
     def observe_relay(self, status: int, seconds: float, error: str | None) -> None:
         self.relay_latency.observe(seconds)
@@ -166,6 +169,10 @@ class Metrics:
 
     def observe_delivery(self, sink: str, ok: bool) -> None:
         self.alert_deliveries.labels(sink, "ok" if ok else "failed").inc()
+
+    def observe_webhook(self, state: str) -> None:
+        """One lifecycle webhook attempt; ``state`` is the outbox row's new state."""
+        self.webhook_attempts.labels({"pending": "retry"}.get(state, state)).inc()
 
 
 class StatsCounter(_Counter[str]):
@@ -274,6 +281,7 @@ class StateCollector(Collector):
         cert_expiries: Callable[[], Iterable[dt.datetime]],
         spool_stats: Callable[[], tuple[int, float] | None] | None = None,
         failing_probes: Callable[[], int] | None = None,
+        outbox_counts: Callable[[], Mapping[str, int]] | None = None,
         warn_days: float = 14.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
     ) -> None:
@@ -281,6 +289,7 @@ class StateCollector(Collector):
         self.cert_expiries = cert_expiries
         self.spool_stats = spool_stats
         self.failing_probes = failing_probes
+        self.outbox_counts = outbox_counts  # webhook outbox rows by state; a GROUP BY
         self.warn_days = warn_days
         self.clock = clock
 
@@ -310,6 +319,14 @@ class StateCollector(Collector):
         if self.failing_probes is not None:
             yield GaugeMetricFamily("edgeproxy_probes_failing", "Domains whose last probe failed",
                                     value=self.failing_probes())
+        if self.outbox_counts is not None:
+            outbox = GaugeMetricFamily("edgeproxy_webhook_outbox", "Lifecycle webhook deliveries in the outbox "
+                                       "by state (dead: dead-lettered, see `edgeproxy events list`)",
+                                       labels=["state"])
+            counts = self.outbox_counts()
+            for state in ("pending", "delivered", "dead"):
+                outbox.add_metric([state], counts.get(state, 0))
+            yield outbox
 
 
 def scrape_registry(state: Collector | None, local: CollectorRegistry | None = None) -> CollectorRegistry:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 from .config import Settings
@@ -29,6 +30,8 @@ from .config import Settings
 if TYPE_CHECKING:
     from .edge.certstore import CertStore
     from .control.monitor import Prober
+    from .control.webhooks import Attempt, EventLog, WebhookDeliverer
+    from .control.lifecycle import LifecycleEvents
     from .control.registry import Registry
     from .edge.relay import HttpRelay, Observe
     from .control.renew import Issuer, RenewalService
@@ -73,7 +76,33 @@ class Services:
     def registry(self) -> Registry:
         from .control.registry import Registry
 
-        return Registry(self.storage, self.settings)
+        return Registry(self.storage, self.settings, events=self.lifecycle)
+
+    @functools.cached_property
+    def lifecycle(self) -> LifecycleEvents:
+        """Which state changes emit which webhook events, for ``events.endpoints``."""
+        from .control.lifecycle import LifecycleEvents
+        from .control.registry import domain_view
+
+        settings = self.settings
+        return LifecycleEvents(settings.events.endpoints, lambda record, cert: domain_view(record, cert, settings))
+
+    @functools.cached_property
+    def event_log(self) -> EventLog:
+        """Recent webhook deliveries and redelivery (admin API and CLI)."""
+        from .control.webhooks import EventLog
+
+        return EventLog(self.storage)
+
+    def webhooks(self, *, on_dead: Callable[[Attempt], Awaitable[None]] | None = None,
+                 on_attempt: Callable[[Attempt], None] | None = None) -> WebhookDeliverer:
+        """The outbox deliverer ``serve`` runs once per node (``on_dead``: the operator
+        alert; ``on_attempt``: metrics)."""
+        from .control.webhooks import WebhookDeliverer
+
+        return WebhookDeliverer(self.storage, self.settings.events, events=self.lifecycle,
+                                warn_days=self.settings.monitor.cert_warn_days, on_dead=on_dead,
+                                on_attempt=on_attempt)
 
     @functools.cached_property
     def tokens(self) -> TokenStore:
@@ -103,7 +132,8 @@ class Services:
         """A renewal service over ``issuer`` (default :attr:`issuer`; ``serve`` wraps it to count orders)."""
         from .control.renew import RenewalService
 
-        return RenewalService.from_settings(self.storage, self.certstore, issuer or self.issuer, self.settings)
+        return RenewalService.from_settings(self.storage, self.certstore, issuer or self.issuer, self.settings,
+                                            events=self.lifecycle)
 
     def prober(self, *, connect: str | None = None, port: int | None = None) -> Prober:
         from .control.monitor import Prober

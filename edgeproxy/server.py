@@ -52,6 +52,7 @@ from .storage.base import Storage
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
     from .control.monitor import MonitorService, SpoolStats
     from .control.renew import Issuer
+    from .control.webhooks import Attempt
 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
 
@@ -159,7 +160,7 @@ class _Listener:
 def _load_primary_modules() -> None:
     """Import what only the primary uses (``EdgeNode._start_primary``)."""
     for module in ("control.acme_client", "control.admin", "control.monitor", "control.registry", "control.renew",
-                   "control.tokens"):
+                   "control.tokens", "control.webhooks", "control.lifecycle"):
         importlib.import_module(f"{__package__}.{module}")
 
 
@@ -315,8 +316,14 @@ class EdgeNode:
         admin = create_admin_app(self.services.registry, self.services.tokens,
                                  on_registered=lambda _h: self._wake_soon(),
                                  last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
-                                 spool_status=self._spool_status, replay=self._replay)
+                                 spool_status=self._spool_status, replay=self._replay,
+                                 event_log=self.services.event_log)
         background.append(asyncio.create_task(monitor.run_forever(self.stop)))
+        if self.settings.events.endpoints:
+            # Once per node (the primary); nodes sharing a PostgreSQL store share the
+            # outbox, each row claimed by one of them at a time.
+            deliverer = self.services.webhooks(on_dead=self._webhook_dead, on_attempt=self._webhook_attempt)
+            background.append(asyncio.create_task(deliverer.run_forever(self.stop)))
         renewer = self.services.renewal(CountingIssuer(self.services.issuer, self.metrics))
         r = self.settings.renew
         background.append(asyncio.create_task(
@@ -351,12 +358,22 @@ class EdgeNode:
         )
         return self.monitor
 
+    async def _webhook_dead(self, attempt: Attempt) -> None:
+        from .control.webhooks import dead_letter_alert
+
+        if self.monitor is not None:
+            await self.monitor.dispatcher.dispatch([dead_letter_alert(attempt, datetime.now(timezone.utc))])
+
+    def _webhook_attempt(self, attempt: Attempt) -> None:
+        self.metrics.observe_webhook(attempt.state)
+
     def _metrics_renderer(self, monitor: MonitorService) -> Callable[[], tuple[bytes, str]]:
         state = StateCollector(
             domain_counts=self.storage.count_domains_by_status,
             cert_expiries=self.certstore.expiries,
             spool_stats=self._spool,
             failing_probes=lambda: sum(1 for r in list(monitor.results.values()) if not r.ok),
+            outbox_counts=self.storage.count_deliveries_by_state,
             warn_days=self.settings.monitor.cert_warn_days,
         )
 

@@ -50,6 +50,10 @@ __all__ = [
     "DOMAIN_STATUSES",
     "CertificateVisitor",
     "leaf_der_of",
+    "Delivery",
+    "DELIVERY_STATES",
+    "EventOutbox",
+    "OutboxEvent",
 ]
 
 # pending_dns: waiting for the customer's DNS record; issuing: an order is due or
@@ -218,6 +222,112 @@ class ProbeRecord:
     consecutive_failures: int
 
 
+# -- lifecycle webhooks: the durable outbox -------------------------------------
+
+#: pending: waiting for (or in) delivery; delivered: the receiver answered 2xx;
+#: dead: retried until the horizon, given up (``redeliver`` makes it pending again).
+DELIVERY_STATES = ("pending", "delivered", "dead")
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """One lifecycle event for one endpoint, as appended to the outbox.
+
+    ``event_id`` is the Standard Webhooks ``webhook-id``: the same for every
+    endpoint and every attempt (receivers deduplicate on it). ``payload`` is the
+    JSON body exactly as it will be signed and sent."""
+
+    event_id: str
+    endpoint: str  # the endpoint's URL
+    event_type: str
+    hostname: str
+    occurred_at: datetime
+    payload: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An outbox row: one event for one endpoint and where its delivery stands."""
+
+    seq: int  # append order; per (endpoint, hostname) the delivery order
+    event_id: str
+    endpoint: str
+    event_type: str
+    hostname: str
+    occurred_at: datetime
+    payload: str
+    state: str  # one of DELIVERY_STATES
+    attempts: int
+    next_attempt_at: datetime
+    horizon_from: datetime  # retries stop (dead letter) a horizon after this; reset by redeliver
+    last_error: str | None = None
+    last_status: int | None = None  # the receiver's last HTTP status (None: no answer)
+    delivered_at: datetime | None = None
+
+
+class EventOutbox(Protocol):
+    """The lifecycle-webhook outbox. Contract:
+
+    - Appending: ``events`` given to ``add_domain``/``update_domain``/
+      ``remove_domain``/``save_certificate`` are appended in the same
+      transaction as the change (a crash never keeps one without the other);
+      ``append_events`` appends on its own. Appending is idempotent per
+      ``(event_id, endpoint)``: a second append of the pair changes nothing (that is
+      how ``certificate.expiring`` fires once per certificate). A new row is
+      ``pending``, due at once, ``horizon_from = occurred_at``.
+    - Order: ``claim_deliveries`` only ever hands out the oldest pending row
+      (lowest ``seq``) of each ``(endpoint, hostname)``, so a domain's events reach
+      an endpoint in append order; a delivered or dead row no longer holds back the
+      ones after it.
+    - One deliverer per row: a claim is a lease (``claimed_by`` until
+      ``now + lease_seconds``); concurrent claimers (threads, processes, nodes on
+      one PostgreSQL) never get the same row while the lease runs. A crashed
+      deliverer's rows are claimable again once the lease expires, so delivery is
+      at least once.
+    - ``record_attempt`` only counts when ``owner`` still holds the claim; it
+      releases the claim. Times are tz-aware UTC; ``now`` is passed in.
+    """
+
+    def append_events(self, events: Sequence[OutboxEvent]) -> int:
+        """Append outside any state change; returns how many rows were new."""
+        ...
+
+    def claim_deliveries(self, owner: str, now: datetime, lease_seconds: float, limit: int) -> list[Delivery]:
+        """Claim up to ``limit`` due heads of line (pending, ``next_attempt_at <= now``,
+        unclaimed or lease expired), ordered by seq."""
+        ...
+
+    def record_attempt(self, seq: int, owner: str, now: datetime, *, state: str, next_attempt_at: datetime,
+                       error: str | None, status: int | None) -> bool:
+        """Count one attempt of row ``seq``: its new ``state``, when to try next,
+        the error and HTTP status (None, None on success), ``delivered_at = now`` when
+        delivered; releases the claim. False (nothing changed) when ``owner`` no
+        longer holds it."""
+        ...
+
+    def list_deliveries(self, *, state: str | None = None, event_id: str | None = None,
+                        hostname: str | None = None, limit: int = 100) -> list[Delivery]:
+        """Rows matching the filters given, newest (highest seq) first."""
+        ...
+
+    def redeliver_event(self, event_id: str, now: datetime) -> int:
+        """Make every row of ``event_id`` pending and due at ``now`` with a fresh
+        horizon (``horizon_from = now``); returns how many rows (0: unknown id)."""
+        ...
+
+    def count_deliveries_by_state(self) -> dict[str, int]:
+        """state -> how many rows; absent states have none."""
+        ...
+
+    def prune_deliveries(self, before: datetime) -> int:
+        """Delete delivered and dead rows that occurred before ``before``; returns how many."""
+        ...
+
+    def expiring_certificates(self, before: datetime) -> list[tuple[str, str]]:
+        """``(hostname, serial)`` of the stored certificates with ``not_after < before``, by hostname."""
+        ...
+
+
 # -- role protocols: what each part of edgeproxy needs from the store -------------------
 # A consumer types its parameter with the smallest role it uses (the spool's
 # replayer needs a FailedRequestLog, not a Storage); ``Storage`` is all of them,
@@ -227,7 +337,11 @@ class ProbeRecord:
 class DomainStore(Protocol):
     """The registry of custom domains and their issuance state."""
 
-    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
+    # ``events`` on the four state changes (add, update, remove, save certificate):
+    # lifecycle webhook deliveries appended to the outbox IN THE SAME TRANSACTION as
+    # the change (both or neither are committed; see ``EventOutbox``).
+    def add_domain(self, hostname: str, status: str, now: datetime,
+                   events: Sequence[OutboxEvent] = ()) -> DomainRecord:
         """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
         ...
 
@@ -279,11 +393,12 @@ class DomainStore(Protocol):
         error_message: str | None = None,
         next_attempt_at: datetime | None = None,
         attempts: int = 0,
+        events: Sequence[OutboxEvent] = (),
     ) -> DomainRecord:
         """Replace the mutable fields. Raises ``DomainNotFound`` if absent."""
         ...
 
-    def remove_domain(self, hostname: str) -> bool:
+    def remove_domain(self, hostname: str, events: Sequence[OutboxEvent] = ()) -> bool:
         """Delete the domain with its certificate, key and challenges in one
         transaction. Returns False (and changes nothing) if it was not registered."""
         ...
@@ -292,7 +407,7 @@ class DomainStore(Protocol):
 class CertificateStore(Protocol):
     """Key + chain pairs, one per domain (deleted with the domain)."""
 
-    def save_certificate(self, cert: CertificateRecord) -> None:
+    def save_certificate(self, cert: CertificateRecord, events: Sequence[OutboxEvent] = ()) -> None:
         """Store key + chain + metadata atomically (a reader sees the old pair or
         the new pair, never a mix, even after a crash). Replaces any previous one.
         Raises ``DomainNotFound`` if the domain was removed meanwhile."""
@@ -476,7 +591,7 @@ class MonitorLedger(Protocol):
 
 
 class Storage(DomainStore, CertificateStore, ChallengeStore, AccountStore, ChangeFeed, LeaseStore,
-              IssuanceLedger, FailedRequestLog, MonitorLedger, Protocol):
+              IssuanceLedger, FailedRequestLog, MonitorLedger, EventOutbox, Protocol):
     """Everything edgeproxy persists. One instance per process; thread-safe."""
 
     def close(self) -> None:

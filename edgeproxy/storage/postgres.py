@@ -255,6 +255,32 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        6,
+        (
+            # The lifecycle-webhook outbox (EventOutbox in storage/base.py).
+            """CREATE TABLE event_outbox (
+                seq             BIGSERIAL PRIMARY KEY,
+                event_id        TEXT NOT NULL,
+                endpoint        TEXT NOT NULL,
+                event_type      TEXT NOT NULL,
+                hostname        TEXT COLLATE "C" NOT NULL,
+                occurred_at     TIMESTAMPTZ NOT NULL,
+                payload         TEXT NOT NULL,
+                state           TEXT NOT NULL,
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at TIMESTAMPTZ NOT NULL,
+                horizon_from    TIMESTAMPTZ NOT NULL,
+                claimed_by      TEXT,
+                claimed_until   TIMESTAMPTZ,
+                last_error      TEXT,
+                last_status     INTEGER,
+                delivered_at    TIMESTAMPTZ,
+                UNIQUE (event_id, endpoint)
+            )""",
+            "CREATE INDEX event_outbox_line ON event_outbox (state, endpoint, hostname, seq)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

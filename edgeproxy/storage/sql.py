@@ -45,8 +45,10 @@ from edgeproxy.storage.base import (
     CertificateVisitor,
     ChallengeRecord,
     DomainRecord,
+    Delivery,
     FailedRequestRecord,
     FiringAlert,
+    OutboxEvent,
     ProbeRecord,
     StatusEvent,
     leaf_der_of,
@@ -66,6 +68,8 @@ _DOMAIN_COLUMNS = (
 _CERT_COLUMNS = "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at"
 _ALERT_COLUMNS = "key, kind, severity, summary, details_json, since, last_sent"
 _PROBE_COLUMNS = "hostname, checked_at, ok, result_json, consecutive_failures"
+_OUTBOX_COLUMNS = ("seq, event_id, endpoint, event_type, hostname, occurred_at, payload, state, attempts, "
+                   "next_attempt_at, horizon_from, last_error, last_status, delivered_at")
 _FAILED_COLUMNS = (
     "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
     "received_at, logged_at, delivered_at"
@@ -259,7 +263,8 @@ class SqlStorage:
 
     # -- domains -----------------------------------------------------------------------
 
-    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
+    def add_domain(self, hostname: str, status: str, now: datetime,
+                   events: Sequence[OutboxEvent] = ()) -> DomainRecord:
         _check_status(status)
         stamp = self._ts(now)
         with self._write(f"add domain {hostname}") as conn:
@@ -271,6 +276,7 @@ class SqlStorage:
             if not rows:
                 raise DomainExists(f"{hostname} is already registered")
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         return self._domain(rows[0])
 
     def get_domain(self, hostname: str) -> DomainRecord | None:
@@ -328,6 +334,7 @@ class SqlStorage:
         error_message: str | None = None,
         next_attempt_at: datetime | None = None,
         attempts: int = 0,
+        events: Sequence[OutboxEvent] = (),
     ) -> DomainRecord:
         _check_status(status)
         params = (status, self._ts(now), error_code, error_message, self._ts_opt(next_attempt_at), attempts,
@@ -342,9 +349,10 @@ class SqlStorage:
             if not rows:
                 raise DomainNotFound(f"{hostname} is not registered")
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         return self._domain(rows[0])
 
-    def remove_domain(self, hostname: str) -> bool:
+    def remove_domain(self, hostname: str, events: Sequence[OutboxEvent] = ()) -> bool:
         with self._write(f"remove domain {hostname}") as conn:
             if not conn.execute("DELETE FROM domains WHERE hostname = ? RETURNING hostname", (hostname,)).fetchall():
                 return False
@@ -353,12 +361,13 @@ class SqlStorage:
             for table in ("certificates", "challenges", "status_history", "ari_state", "probe_results"):
                 conn.execute(f"DELETE FROM {table} WHERE hostname = ?", (hostname,))
             self._append_change(conn, hostname)
+            self._insert_outbox(conn, events)
         self._after_remove(hostname)
         return True
 
     # -- certificates ------------------------------------------------------------------
 
-    def save_certificate(self, cert: CertificateRecord) -> None:
+    def save_certificate(self, cert: CertificateRecord, events: Sequence[OutboxEvent] = ()) -> None:
         params = (
             cert.hostname, bytes(cert.key_pem), bytes(cert.chain_pem), self._ts(cert.not_before),
             self._ts(cert.not_after), cert.serial, cert.issuer, self._ts(cert.created_at),
@@ -380,6 +389,7 @@ class SqlStorage:
                 params,
             )
             self._append_change(conn, cert.hostname)
+            self._insert_outbox(conn, events)
 
     def get_certificate(self, hostname: str) -> CertificateRecord | None:
         row = self._one(f"read the certificate of {hostname}",
@@ -750,3 +760,101 @@ class SqlStorage:
         rows = self._all("read failing probes",
                          "SELECT hostname, consecutive_failures FROM probe_results WHERE consecutive_failures > 0")
         return {str(row[0]): int(row[1]) for row in rows}
+
+    # -- lifecycle-webhook outbox (EventOutbox) ------------------------------------------
+
+    def _delivery(self, row: Any) -> Delivery:
+        return Delivery(seq=int(row[0]), event_id=row[1], endpoint=row[2], event_type=row[3], hostname=row[4],
+                        occurred_at=self._dt(row[5]), payload=row[6], state=row[7], attempts=int(row[8]),
+                        next_attempt_at=self._dt(row[9]), horizon_from=self._dt(row[10]), last_error=row[11],
+                        last_status=row[12], delivered_at=self._dt_opt(row[13]))
+
+    def _insert_outbox(self, conn: Connection, events: Sequence[OutboxEvent]) -> int:
+        """Append ``events`` inside the caller's write transaction; returns how many were new."""
+        added = 0
+        for event in events:
+            stamp = self._ts(event.occurred_at)
+            added += conn.execute(
+                "INSERT INTO event_outbox (event_id, endpoint, event_type, hostname, occurred_at, payload, state, "
+                "attempts, next_attempt_at, horizon_from) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?) "
+                "ON CONFLICT (event_id, endpoint) DO NOTHING",
+                (event.event_id, event.endpoint, event.event_type, event.hostname, stamp, event.payload, stamp,
+                 stamp),
+            ).rowcount
+        return added
+
+    def append_events(self, events: Sequence[OutboxEvent]) -> int:
+        if not events:
+            return 0
+        with self._write("append lifecycle events") as conn:
+            return self._insert_outbox(conn, events)
+
+    def claim_deliveries(self, owner: str, now: datetime, lease_seconds: float, limit: int) -> list[Delivery]:
+        stamp = self._ts(now)
+        until = self._ts(now + timedelta(seconds=lease_seconds))
+        claimed: list[Delivery] = []
+        with self._write("claim webhook deliveries") as conn:
+            # Only the oldest pending row of each (endpoint, hostname) is a head of line:
+            # a domain's events reach an endpoint in order.
+            heads = conn.execute(
+                "SELECT o.seq FROM event_outbox o WHERE o.state = 'pending' AND o.next_attempt_at <= ? "
+                "AND (o.claimed_until IS NULL OR o.claimed_until <= ?) "
+                "AND o.seq = (SELECT MIN(p.seq) FROM event_outbox p WHERE p.state = 'pending' "
+                "AND p.endpoint = o.endpoint AND p.hostname = o.hostname) ORDER BY o.seq LIMIT ?",
+                (stamp, stamp, limit),
+            ).fetchall()
+            for (seq,) in heads:
+                # Conditional on the lease still being free: a concurrent claimer
+                # (another node on PostgreSQL) that took it first wins, we skip it.
+                rows = conn.execute(
+                    "UPDATE event_outbox SET claimed_by = ?, claimed_until = ? WHERE seq = ? AND state = 'pending' "
+                    f"AND (claimed_until IS NULL OR claimed_until <= ?) RETURNING {_OUTBOX_COLUMNS}",
+                    (owner, until, seq, stamp),
+                ).fetchall()
+                claimed.extend(self._delivery(row) for row in rows)
+        return claimed
+
+    def record_attempt(self, seq: int, owner: str, now: datetime, *, state: str, next_attempt_at: datetime,
+                       error: str | None, status: int | None) -> bool:
+        with self._write(f"record webhook delivery attempt {seq}") as conn:
+            return conn.execute(
+                "UPDATE event_outbox SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+                "last_status = ?, delivered_at = COALESCE(?, delivered_at), claimed_by = NULL, claimed_until = NULL "
+                "WHERE seq = ? AND claimed_by = ?",
+                (state, self._ts(next_attempt_at), error, status,
+                 self._ts(now) if state == "delivered" else None, seq, owner),
+            ).rowcount == 1
+
+    def list_deliveries(self, *, state: str | None = None, event_id: str | None = None,
+                        hostname: str | None = None, limit: int = 100) -> list[Delivery]:
+        where, params = ["1 = 1"], []
+        for column, value in (("state", state), ("event_id", event_id), ("hostname", hostname)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        rows = self._all("list webhook deliveries",
+                         f"SELECT {_OUTBOX_COLUMNS} FROM event_outbox WHERE {' AND '.join(where)} "
+                         "ORDER BY seq DESC LIMIT ?", [*params, max(0, limit)])
+        return [self._delivery(row) for row in rows]
+
+    def redeliver_event(self, event_id: str, now: datetime) -> int:
+        with self._write(f"redeliver event {event_id}") as conn:
+            return int(conn.execute(
+                "UPDATE event_outbox SET state = 'pending', next_attempt_at = ?, horizon_from = ? WHERE event_id = ?",
+                (self._ts(now), self._ts(now), event_id),
+            ).rowcount)
+
+    def count_deliveries_by_state(self) -> dict[str, int]:
+        rows = self._all("count webhook deliveries", "SELECT state, COUNT(*) FROM event_outbox GROUP BY state")
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    def prune_deliveries(self, before: datetime) -> int:
+        with self._write("prune webhook deliveries") as conn:
+            return int(conn.execute("DELETE FROM event_outbox WHERE state <> 'pending' AND occurred_at < ?",
+                                    (self._ts(before),)).rowcount)
+
+    def expiring_certificates(self, before: datetime) -> list[tuple[str, str]]:
+        rows = self._all("list expiring certificates",
+                         "SELECT hostname, serial FROM certificates WHERE not_after < ? ORDER BY hostname",
+                         (self._ts(before),))
+        return [(str(row[0]), str(row[1])) for row in rows]

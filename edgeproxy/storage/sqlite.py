@@ -174,6 +174,29 @@ _MONITOR_SCHEMA = (
         consecutive_failures INTEGER NOT NULL
     )""",
 )
+# The lifecycle-webhook outbox (storage.base.EventOutbox), additive like the tables above.
+_SCHEMA_OUTBOX = (
+    """CREATE TABLE IF NOT EXISTS event_outbox (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id        TEXT NOT NULL,
+        endpoint        TEXT NOT NULL,
+        event_type      TEXT NOT NULL,
+        hostname        TEXT NOT NULL,
+        occurred_at     TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        horizon_from    TEXT NOT NULL,
+        claimed_by      TEXT,
+        claimed_until   TEXT,
+        last_error      TEXT,
+        last_status     INTEGER,
+        delivered_at    TEXT,
+        UNIQUE (event_id, endpoint)
+    )""",
+    "CREATE INDEX IF NOT EXISTS event_outbox_line ON event_outbox(state, endpoint, hostname, seq)",
+)
 # Indexes for the renewal loop's due query and the registration limits.
 # Additive like the tables above (CREATE INDEX IF NOT EXISTS on every open), so an
 # existing file gets them on its first open by this version, and an older
@@ -299,7 +322,7 @@ class SqliteStorage(SqlStorage):
         with self._write("create the schema") as tx:
             for statement in _SCHEMA_V1 + _FAILED_LOG_SCHEMA:
                 tx.execute(statement)
-            for statement in _SCHEMA_RENEW + _SCHEMA_INDEXES + _MONITOR_SCHEMA:
+            for statement in _SCHEMA_RENEW + _SCHEMA_INDEXES + _MONITOR_SCHEMA + _SCHEMA_OUTBOX:
                 tx.execute(statement)
             if not any(row[1] == "leaf_der" for row in tx.execute("PRAGMA table_info(certificates)")):
                 tx.execute(_LEAF_DER_COLUMN)
