@@ -51,7 +51,7 @@ from .routes import route_table
 from .storage.base import AriState
 
 if TYPE_CHECKING:  # renew pulls in dnspython and tldextract: not needed to count
-    from .renew import IssuedPair, Issuer
+    from .issuers import IssuedPair, Issuer
 
 __all__ = [
     "CONTENT_TYPE",

@@ -17,6 +17,7 @@ recorded by ``CertStore.sni_callback`` lands in ``scope["extensions"]["tls"]``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import gc
 import importlib
@@ -316,7 +317,8 @@ class EdgeNode:
                                  last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
                                  spool_status=self._spool_status, replay=self._replay)
         background.append(asyncio.create_task(monitor.run_forever(self.stop)))
-        renewer = self.services.renewal(CountingIssuer(self.services.issuer, self.metrics))
+        renewer = self.services.renewal([dataclasses.replace(ca, issuer=CountingIssuer(ca.issuer, self.metrics))
+                                         for ca in self.services.issuers])
         r = self.settings.renew
         background.append(asyncio.create_task(
             renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))
