@@ -458,8 +458,9 @@ class RenewalService:
 
     def _rest(self, hostname: str, ca: CaIssuer) -> tuple[dt.datetime, str] | None:
         """Until when ``ca`` must not be asked for ``hostname`` (its Retry-After), or None."""
-        now = self.clock()
-        ends = self.storage.events_since(RATE_LIMITED_REST, f"{hostname} {ca.directory}", now)
+        # A rest dated ``until`` is over at ``until`` (the ledger's "since" is inclusive).
+        after = self.clock() + dt.timedelta(microseconds=1)
+        ends = self.storage.events_since(RATE_LIMITED_REST, f"{hostname} {ca.directory}", after)
         if not ends:
             return None
         until = max(ends)
@@ -467,9 +468,9 @@ class RenewalService:
 
     def _down(self) -> frozenset[str]:
         """Directories of the CAs that had an outage within ``issuers.OUTAGE_REST``: asked last."""
-        now = self.clock()
+        after = self.clock() + dt.timedelta(microseconds=1)
         return frozenset(ca.directory for ca in self.issuers
-                         if len(self.issuers) > 1 and self.storage.events_since(OUTAGE_REST_UNTIL, ca.directory, now))
+                         if len(self.issuers) > 1 and self.storage.events_since(OUTAGE_REST_UNTIL, ca.directory, after))
 
     def _order(self, record: DomainRecord, cert: CertificateRecord | None, replaces: str | None,
                caa: tuple[tuple[int, str, str], ...]) -> str:
