@@ -728,6 +728,11 @@ class AcmeIssuer:
                 log.info("updated ACME account %s contact to %s", regr.uri, self.email)
             else:
                 log.debug("reusing ACME account %s", regr.uri)
+            if regr.body.external_account_binding is not None:
+                # A CA may echo the binding in the account object (Pebble does); it
+                # only matters when the account is created, and josepy cannot
+                # serialize it back (a plain frozendict field), so it is not kept.
+                regr = regr.update(body=regr.body.update(external_account_binding=None))
             if record.registration_json != regr.json_dumps():
                 self.storage.save_account(AccountRecord(self.directory_url, record.key_pem, regr.json_dumps()))
             self._account = _Account(jwk, alg, regr)
