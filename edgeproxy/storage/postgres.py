@@ -247,26 +247,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         5,
         (
-            # Which configured ACME CA issued a certificate, and why not the
-            # preferred one (issuer fallback); NULL = unknown (saved before). The
-            # same columns as sqlite.py's _ISSUER_COLUMNS. A node still on older
-            # code upserts a renewed chain without them: the trigger (the leaf_der
-            # trigger's condition) clears them, so that certificate is never
-            # credited to the CA of the previous one.
+            # Which configured ACME CA issued a certificate and why not the
+            # preferred one (issuer fallback), and the serial they were recorded
+            # for: a node still on older code upserts a renewed chain without
+            # them, and a serial that no longer matches reads as "unknown". The
+            # same statements as sqlite.py's _ISSUER_COLUMNS.
             "ALTER TABLE certificates ADD COLUMN acme_directory TEXT",
             "ALTER TABLE certificates ADD COLUMN fallback_reason TEXT",
-            """CREATE FUNCTION certificates_issuer_stale() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                NEW.acme_directory := NULL;
-                NEW.fallback_reason := NULL;
-                RETURN NEW;
-            END $$""",
-            # Named to sort before certificates_leaf_der_stale: BEFORE triggers fire
-            # in name order, and that one sets NEW.leaf_der to NULL.
-            """CREATE TRIGGER certificates_issuer_stale BEFORE UPDATE OF chain_pem ON certificates
-            FOR EACH ROW WHEN (NEW.leaf_der IS NOT NULL AND NEW.leaf_der IS NOT DISTINCT FROM OLD.leaf_der
-                               AND NEW.chain_pem IS DISTINCT FROM OLD.chain_pem)
-            EXECUTE FUNCTION certificates_issuer_stale()""",
+            "ALTER TABLE certificates ADD COLUMN acme_serial TEXT",
         ),
     ),
 )
@@ -278,7 +266,7 @@ _DOMAIN_COLUMNS = (
 )
 _CERT_COLUMNS = (
     "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at, acme_directory, "
-    "fallback_reason"
+    "fallback_reason, acme_serial"
 )
 
 _FAILED_COLUMNS = (
@@ -368,8 +356,10 @@ def _certificate(row: Any) -> CertificateRecord:
         serial=row[5],
         issuer=row[6],
         created_at=_utc(row[7]),
-        acme_directory=row[8] or "",
-        fallback_reason=row[9] or "",
+        # Only when recorded for this very certificate: an older edgeproxy's upsert
+        # renews the chain and serial without knowing these columns.
+        acme_directory=(row[8] or "") if row[10] == row[5] else "",
+        fallback_reason=(row[9] or "") if row[10] == row[5] else "",
     )
 
 
@@ -728,6 +718,7 @@ class PostgresStorage:
             _ts(cert.created_at),
             cert.acme_directory or None,
             cert.fallback_reason or None,
+            cert.serial if cert.acme_directory else None,
             leaf_der_of(cert.chain_pem),
         )
         with self._tx(f"save the certificate of {cert.hostname}") as conn:
@@ -739,12 +730,13 @@ class PostgresStorage:
                 raise DomainNotFound(f"{cert.hostname} is not registered (removed meanwhile?)")
             conn.execute(
                 f"INSERT INTO certificates ({_CERT_COLUMNS}, leaf_der) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
                 "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
                 "not_after = excluded.not_after, serial = excluded.serial, "
                 "issuer = excluded.issuer, created_at = excluded.created_at, "
                 "acme_directory = excluded.acme_directory, fallback_reason = excluded.fallback_reason, "
+                "acme_serial = excluded.acme_serial, "
                 "leaf_der = excluded.leaf_der",
                 params,
             )

@@ -209,22 +209,16 @@ _LEAF_DER_TRIGGER = """CREATE TRIGGER IF NOT EXISTS certificates_leaf_der_stale
         UPDATE certificates SET leaf_der = NULL WHERE hostname = NEW.hostname;
     END"""
 
-# Which configured ACME CA issued a certificate, and why not the preferred one
-# (issuer fallback). Added like leaf_der: ADD COLUMN on open, old rows read NULL
-# ("unknown"); postgres.py has the same statements as its migration 5. An older
-# edgeproxy's upsert changes the chain without knowing these columns: the trigger
-# (the leaf_der trigger's condition: the chain changed, the DER did not) clears
-# them, so a certificate it renewed is never credited to the CA of the previous one.
+# Which configured ACME CA issued a certificate, why not the preferred one (issuer
+# fallback), and the serial they were recorded for: an older edgeproxy's upsert
+# renews the chain and serial without knowing these columns, and a serial that no
+# longer matches reads as "unknown". Added like leaf_der (ADD COLUMN on open, old
+# rows read NULL); postgres.py has the same statements as its migration 5.
 _ISSUER_COLUMNS = (
     "ALTER TABLE certificates ADD COLUMN acme_directory TEXT",
     "ALTER TABLE certificates ADD COLUMN fallback_reason TEXT",
+    "ALTER TABLE certificates ADD COLUMN acme_serial TEXT",
 )
-_ISSUER_TRIGGER = """CREATE TRIGGER IF NOT EXISTS certificates_issuer_stale
-    AFTER UPDATE OF chain_pem ON certificates
-    WHEN NEW.leaf_der IS NOT NULL AND NEW.leaf_der IS OLD.leaf_der AND NEW.chain_pem IS NOT OLD.chain_pem
-    BEGIN
-        UPDATE certificates SET acme_directory = NULL, fallback_reason = NULL WHERE hostname = NEW.hostname;
-    END"""
 
 _FAILED_COLUMNS = (
     "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
@@ -260,7 +254,7 @@ _DOMAIN_COLUMNS = (
 )
 _CERT_COLUMNS = (
     "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at, acme_directory, "
-    "fallback_reason"
+    "fallback_reason, acme_serial"
 )
 
 # os.umask is process-wide: serialize our brief changes of it.
@@ -326,8 +320,10 @@ def _certificate(row: Any) -> CertificateRecord:
         serial=row[5],
         issuer=row[6],
         created_at=_dt(row[7]),
-        acme_directory=row[8] or "",
-        fallback_reason=row[9] or "",
+        # Only when recorded for this very certificate: an older edgeproxy's upsert
+        # renews the chain and serial without knowing these columns.
+        acme_directory=(row[8] or "") if row[10] == row[5] else "",
+        fallback_reason=(row[9] or "") if row[10] == row[5] else "",
     )
 
 
@@ -470,7 +466,6 @@ class SqliteStorage:
             if not any(row[1] == "acme_directory" for row in tx.execute("PRAGMA table_info(certificates)")):
                 for statement in _ISSUER_COLUMNS:
                     tx.execute(statement)
-            tx.execute(_ISSUER_TRIGGER)
             version = tx.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             if version is None:
                 tx.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -752,6 +747,7 @@ class SqliteStorage:
             _ts(cert.created_at),
             cert.acme_directory or None,
             cert.fallback_reason or None,
+            cert.serial if cert.acme_directory else None,
             leaf_der_of(cert.chain_pem),
         )
         with self._write(f"save the certificate of {cert.hostname}") as conn:
@@ -760,12 +756,13 @@ class SqliteStorage:
             ).fetchone():
                 raise DomainNotFound(f"{cert.hostname} is not registered (removed meanwhile?)")
             conn.execute(
-                f"INSERT INTO certificates ({_CERT_COLUMNS}, leaf_der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO certificates ({_CERT_COLUMNS}, leaf_der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
                 "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
                 "not_after = excluded.not_after, serial = excluded.serial, "
                 "issuer = excluded.issuer, created_at = excluded.created_at, "
                 "acme_directory = excluded.acme_directory, fallback_reason = excluded.fallback_reason, "
+                "acme_serial = excluded.acme_serial, "
                 "leaf_der = excluded.leaf_der",
                 params,
             )
