@@ -61,7 +61,7 @@ _DIRECTORY_SHORTCUTS = {"production": LETSENCRYPT_PRODUCTION, "staging": LETSENC
 
 @dataclass(frozen=True)
 class IssuerSettings:
-    """One ``[[acme.issuers]]`` entry: an ACME CA tried in list order for each new order
+    """One `[[acme.issuers]]` entry: an ACME CA, tried in list order for each new order
     (README: several certificate authorities)."""
 
     directory: str = ""  # the CA's ACME directory URL (required); "production"/"staging": Let's Encrypt
@@ -70,8 +70,8 @@ class IssuerSettings:
     eab_kid: str = ""  # external account binding key id, for CAs that require one (RFC 8555 section 7.3.4)
     eab_hmac_key_file: str = ""  # file holding the EAB MAC key (base64url, as the CA hands it out)
     profile: str = ""  # optional ACME profile (e.g. "shortlived")
-    # CAA issuer names this CA answers to (RFC 8659): a domain whose CAA records name none
-    # of them is never ordered from this CA.
+    # CAA issuer names this CA answers to (RFC 8659; required): a domain whose CAA records
+    # name none of them is never ordered from this CA.
     caa_identities: tuple[str, ...] = ()
 
 
