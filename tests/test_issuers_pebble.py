@@ -259,3 +259,30 @@ def test_caa_allowing_no_configured_ca_waits_before_any_order(edge: Edge) -> Non
         assert (len(cas.one.log_text()), len(cas.two.log_text())) == logs
     finally:
         cas.dns.clear_caa("nobody.test")
+
+
+def test_a_ca_requiring_eab_refuses_an_account_without_it_with_a_clear_error(cas: CAs, tmp_path: Path) -> None:
+    from edgeproxy.acme_client import AcmeIssuer
+    from edgeproxy.errors import IssuanceError
+    from edgeproxy.storage.sqlite import SqliteStorage
+
+    storage = SqliteStorage(str(tmp_path / "no-eab.db"))
+    try:
+        storage.add_domain("noeab.fallback.test", "issuing", dt.datetime.now(UTC))
+        plain = AcmeIssuer(storage=storage, directory_url=cas.two.directory_url, ca_bundle=str(cas.two.ca_bundle_path),
+                           timeout=10)
+        with pytest.raises(IssuanceError) as info:
+            plain.issue("noeab.fallback.test")
+        assert info.value.code == "acme_account" and "eab_kid" in str(info.value)
+        bad_key = tmp_path / "bad.key"
+        bad_key.write_bytes(b"\xff\xfe not base64")
+        other = SqliteStorage(str(tmp_path / "bad-eab.db"))
+        wrong = AcmeIssuer(storage=other, directory_url=cas.two.directory_url,
+                           ca_bundle=str(cas.two.ca_bundle_path), timeout=10, eab_kid=EAB_KID,
+                           eab_hmac_key_file=str(bad_key))
+        with pytest.raises(IssuanceError) as info:
+            wrong.issue("noeab.fallback.test")
+        assert info.value.code == "acme_account" and "eab_hmac_key_file" in str(info.value)
+        other.close()
+    finally:
+        storage.close()
