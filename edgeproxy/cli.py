@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .errors import DomainNotFound, EdgeproxyError
-from .keys import generate_master_key, rotate
+from .control.keys import generate_master_key, rotate
 from .node import Services
 from .storage import migrate_storage, open_storage
 from .storage.copy import copy_store
 
 if TYPE_CHECKING:  # registry pulls in dnspython and tldextract; `serve` does not need them first
-    from .registry import Registry
+    from .control.registry import Registry
 
 __all__ = ["main"]
 
@@ -76,7 +76,7 @@ def _not_registered(raw_hostname: str) -> DomainNotFound:
 
 
 def _cmd_domains_add(args: argparse.Namespace) -> int:
-    from .registry import admit_hostname
+    from .control.registry import admit_hostname
 
     # Every check that needs no storage first: a refused name creates no database.
     admit_hostname(args.hostname, _settings(args))
@@ -137,7 +137,7 @@ def _cmd_domains_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_renew(args: argparse.Namespace) -> int:
-    from .registry import domain_view
+    from .control.registry import domain_view
 
     services = _services(args)
     settings, storage, registry = services.settings, services.storage, services.registry
@@ -216,7 +216,7 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokens_create(args: argparse.Namespace) -> int:
-    from .registry import utcnow
+    from .control.registry import utcnow
     token = _services(args).tokens.create(args.name, utcnow())
     print(token)
     print(f"token {args.name!r} created; it is shown once and stored only as a hash", file=sys.stderr)
@@ -239,14 +239,14 @@ def _cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import exit_code, format_findings, run_doctor
+    from .control.doctor import exit_code, format_findings, run_doctor
 
     findings = run_doctor(_settings(args), network=not args.offline)
     print(format_findings(f for f in findings if f.level != "ok" or args.verbose))
     return exit_code(findings, strict=args.strict)
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .domains import normalize_hostname
-    from .monitor import PROBED_STATUSES, Prober, probe_hosts
+    from .control.domains import normalize_hostname
+    from .control.monitor import PROBED_STATUSES, Prober, probe_hosts
 
     services = _services(args)
     if args.domain:
@@ -273,7 +273,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_alert_test(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from .monitor import AlertDispatcher, build_sinks, build_test_alert
+    from .control.monitor import AlertDispatcher, build_sinks, build_test_alert
 
     settings = _settings(args)
     sinks = build_sinks(settings)
@@ -290,7 +290,7 @@ def _cmd_alert_test(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from .spool import ReplayFilters, move_refusals, replay_failed, spool_path
+    from .edge.spool import ReplayFilters, move_refusals, replay_failed, spool_path
 
     services = _services(args)
     settings, storage = services.settings, services.storage
@@ -366,7 +366,7 @@ def _cmd_spool_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_spool_drain(args: argparse.Namespace) -> int:
-    from .spool import Replayer
+    from .edge.spool import Replayer
 
     services = _services(args)
     settings, spool = services.settings, services.spool

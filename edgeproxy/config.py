@@ -232,7 +232,7 @@ class ProxySettings:
     # parse) on the native path. 100,000 names are never all kept at once.
     tls_context_cache: int = 1024
     # Opt-in accelerator, off by default: serve each name's certificate per connection
-    # through the libssl of Python's ssl module via ctypes (edgeproxy/tlsnative.py),
+    # through the libssl of Python's ssl module via ctypes (edgeproxy/edge/tlsnative.py),
     # which reads CPython's private _ssl object layout, so a mistake there is a crash
     # or memory corruption, not an exception. ~6x cheaper per cache miss than building
     # an SSLContext (100,000 names at random: ~0.9-1.0 of the 1-name handshake rate,

@@ -39,19 +39,20 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Mu
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .addresses import normalize_ip
+from .rules.addresses import normalize_ip
 from .config import RoutesSettings
 from .errors import IssuanceError
-from .routes import route_table
+from .prometheus_adapter import use_multiprocess_values
+from .rules.routes import route_table
 from .storage.base import AriState
 
 if TYPE_CHECKING:  # renew pulls in dnspython and tldextract: not needed to count
-    from .issuers import IssuedPair, Issuer
+    from .control.issuers import IssuedPair, Issuer
 
 __all__ = [
     "CONTENT_TYPE",
@@ -120,7 +121,7 @@ def enable_multiprocess(directory: str) -> None:
     """Switch this process (and the workers it spawns later) to multiprocess metrics in
     ``directory``. Call before any ``Metrics`` is created."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    use_multiprocess_values()
 
 
 def multiprocess_dir() -> str | None:

@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Literal
 from .config import Settings
 
 if TYPE_CHECKING:
-    from .certstore import CertStore
-    from .monitor import Prober
-    from .registry import Registry
-    from .relay import HttpRelay, Observe
-    from .issuers import CaIssuer, Issuer
-    from .renew import RenewalService
-    from .spool import RefusalLog, Spool, SpoolingRelay
+    from .edge.certstore import CertStore
+    from .control.monitor import Prober
+    from .control.registry import Registry
+    from .edge.relay import HttpRelay, Observe
+    from .control.issuers import CaIssuer, Issuer
+    from .control.renew import RenewalService
+    from .edge.spool import RefusalLog, Spool, SpoolingRelay
     from .storage import Storage
-    from .tokens import TokenStore
+    from .control.tokens import TokenStore
 
 __all__ = ["Role", "Services"]
 
@@ -67,25 +67,25 @@ class Services:
     def storage(self) -> Storage:
         if self._storage is not None:
             return self._storage
-        from .keys import open_store
+        from .control.keys import open_store
 
         return open_store(self.settings)
 
     @functools.cached_property
     def registry(self) -> Registry:
-        from .registry import Registry
+        from .control.registry import Registry
 
         return Registry(self.storage, self.settings)
 
     @functools.cached_property
     def tokens(self) -> TokenStore:
-        from .tokens import TokenStore
+        from .control.tokens import TokenStore
 
         return TokenStore(self.settings.admin, create_bootstrap=self.role == "primary")
 
     @functools.cached_property
     def certstore(self) -> CertStore:
-        from .certstore import CertStore
+        from .edge.certstore import CertStore
 
         proxy = self.settings.proxy
         return CertStore(self.storage, proxy.tls_context_cache, native=proxy.tls_native,
@@ -96,9 +96,9 @@ class Services:
         """The CAs in order of preference (``config.acme_issuers``), one ACME client
         each; their accounts are stored per directory URL. A given ``issuer`` stands
         in for the first CA (the one-CA setup of tests)."""
-        from .acme_client import AcmeIssuer
+        from .control.acme_client import AcmeIssuer
         from .config import acme_issuers
-        from .issuers import CaIssuer
+        from .control.issuers import CaIssuer
 
         built: list[CaIssuer] = []
         for i, ca in enumerate(acme_issuers(self.settings)):
@@ -119,13 +119,13 @@ class Services:
 
     def renewal(self, issuers: Sequence[CaIssuer] | None = None) -> RenewalService:
         """A renewal service over ``issuers`` (default :attr:`issuers`; ``serve`` wraps each to count orders)."""
-        from .renew import RenewalService
+        from .control.renew import RenewalService
 
         return RenewalService.from_settings(self.storage, self.certstore, tuple(issuers or self.issuers),
                                             self.settings)
 
     def prober(self, *, connect: str | None = None, port: int | None = None) -> Prober:
-        from .monitor import Prober
+        from .control.monitor import Prober
 
         return Prober.from_settings(self.settings, connect=connect, port=port)
 
@@ -134,7 +134,7 @@ class Services:
     def relay(self) -> HttpRelay:
         """The relay client (``upstream.relay``): passthrough routes, the replayer and
         ``edgeproxy replay`` use it directly; event routes through :attr:`events`."""
-        from .relay import HttpRelay
+        from .edge.relay import HttpRelay
 
         return HttpRelay(self.settings.upstream.relay, self.settings.upstream, stats=self.stats,
                          observe=self._observe_relay)
@@ -142,20 +142,20 @@ class Services:
     @functools.cached_property
     def spool(self) -> Spool:
         """This node's spool file (every process of a node writes the same one)."""
-        from .spool import Spool, spool_path
+        from .edge.spool import Spool, spool_path
 
         return Spool(spool_path(self.settings), max_bytes=self.settings.spool.max_bytes)
 
     @functools.cached_property
     def refusals(self) -> RefusalLog:
-        from .spool import RefusalLog
+        from .edge.spool import RefusalLog
 
         return RefusalLog(self.spool, self.settings.failed_log.refusals_per_domain_hour, stats=self.stats)
 
     @functools.cached_property
     def events(self) -> SpoolingRelay:
         """What event routes send through: the spool as a decorator over :attr:`relay`."""
-        from .spool import SpoolingRelay
+        from .edge.spool import SpoolingRelay
 
         return SpoolingRelay(self.relay, self.spool, self.storage, refusals=self.refusals,
                              ip_retention=self.settings.privacy.ip_retention, stats=self.stats)

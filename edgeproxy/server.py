@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry
 
-from . import tlspolicy
+from .edge import tlspolicy
 from .sockets import ROLES, check_inherited, inherited_sockets
 from .hypercorn_adapter import ASGIWrapper, EdgeTCPServer, WorkerContext, absolute_form, edge_config
 from .config import Settings, parse_hostport
@@ -46,13 +46,13 @@ from .metrics import (
     multiprocess_dir, render, sample_total, scrape_registry,
 )
 from .node import Services
-from .proxy import EdgeProxy, Site
-from .spool import Replayer, ReplayFilters, move_refusals, prune_loop, replay_failed
+from .edge.proxy import EdgeProxy, Site
+from .edge.spool import Replayer, ReplayFilters, move_refusals, prune_loop, replay_failed
 from .storage.base import Storage
 
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
-    from .monitor import MonitorService, SpoolStats
-    from .renew import Issuer
+    from .control.monitor import MonitorService, SpoolStats
+    from .control.issuers import Issuer
 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
 
@@ -159,7 +159,8 @@ class _Listener:
 
 def _load_primary_modules() -> None:
     """Import what only the primary uses (``EdgeNode._start_primary``)."""
-    for module in ("acme_client", "admin", "monitor", "registry", "renew", "tokens"):
+    for module in ("control.acme_client", "control.admin", "control.monitor", "control.registry", "control.renew",
+                   "control.tokens"):
         importlib.import_module(f"{__package__}.{module}")
 
 
@@ -201,8 +202,8 @@ class EdgeNode:
         self.monitor: MonitorService | None = None
         self._config = edge_config()
         # A drain waits for requests in flight at least as long as a relay call can
-        # take: it then either answers or times out and is spooled (SpoolingForwarder),
-        # never cut off mid-call (issue 17). systemd's TimeoutStopSec (30 s) is above it.
+        # take: it then either answers or times out and is spooled (SpoolingRelay),
+        # never cut off mid-call. systemd's TimeoutStopSec (30 s) is above it.
         upstream = settings.upstream
         self._config.graceful_timeout = max(self._config.graceful_timeout,
                                             upstream.connect_timeout + upstream.timeout + 1.0)
@@ -309,7 +310,7 @@ class EdgeNode:
         """The primary's share: admin API, probes, issuance and renewal, replay,
         pruning. Imported here, after the public listeners are up: nothing on the
         public path needs FastAPI or the ACME client."""
-        from .admin import create_admin_app
+        from .control.admin import create_admin_app
 
         monitor = self._monitor()
         admin = create_admin_app(self.services.registry, self.services.tokens,
@@ -338,7 +339,7 @@ class EdgeNode:
         return self.spool_stats() if self.spool_stats is not None else None
 
     def _monitor(self) -> MonitorService:
-        from .monitor import AlertDispatcher, MonitorService, Prober, build_sinks
+        from .control.monitor import AlertDispatcher, MonitorService, Prober, build_sinks
 
         alerts = self.settings.alerts
         dispatcher = AlertDispatcher(build_sinks(self.settings), retries=alerts.retries,

@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from edgeproxy.admin import create_admin_app
+from edgeproxy.control.admin import create_admin_app
 from edgeproxy.config import AdminSettings, load_settings
 from edgeproxy.devtools.refdocs import openapi_document
-from edgeproxy.registry import Registry
+from edgeproxy.control.registry import Registry
 from edgeproxy.storage import open_storage
-from edgeproxy.tokens import TokenStore
+from edgeproxy.control.tokens import TokenStore
 
 TOKEN = "fuzz-token-0123456789abcdef"
 SCHEMA = schemathesis.openapi.from_dict(openapi_document())

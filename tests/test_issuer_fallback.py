@@ -23,14 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeproxy.acme_client import classify_problem
-from edgeproxy.certstore import CertStore
+from edgeproxy.control.acme_client import classify_problem
+from edgeproxy.edge.certstore import CertStore
 from edgeproxy.errors import IssuanceError, RetryClass
-from edgeproxy.issuers import (
+from edgeproxy.control.issuers import (
     CAUSE_CAA, CAUSE_OUTAGE, CAUSE_RATE_LIMITED, OUTAGE_REST, STICKY_RENEWAL, CaIssuer, fallback_cause,
     order_issuers,
 )
-from edgeproxy.renew import CERT_NAMES, FAILED_VALIDATION, ORDER, RenewalService, RenewPolicy
+from edgeproxy.control.renew import CERT_NAMES, FAILED_VALIDATION, ORDER, RenewalService, RenewPolicy
 from edgeproxy.storage.base import AriState
 from edgeproxy.storage.sqlite import SqliteStorage
 

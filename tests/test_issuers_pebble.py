@@ -28,10 +28,10 @@ from cryptography import x509
 
 from edgeproxy.config import Settings, acme_issuers, load_settings
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
-from edgeproxy.issuers import OUTAGE_REST
+from edgeproxy.control.issuers import OUTAGE_REST
 from edgeproxy.node import Services
-from edgeproxy.registry import domain_view
-from edgeproxy.renew import RenewalService
+from edgeproxy.control.registry import domain_view
+from edgeproxy.control.renew import RenewalService
 
 EDGE = "edge.example.net"
 UTC = dt.timezone.utc
@@ -262,7 +262,7 @@ def test_caa_allowing_no_configured_ca_waits_before_any_order(edge: Edge) -> Non
 
 
 def test_a_ca_requiring_eab_refuses_an_account_without_it_with_a_clear_error(cas: CAs, tmp_path: Path) -> None:
-    from edgeproxy.acme_client import AcmeIssuer
+    from edgeproxy.control.acme_client import AcmeIssuer
     from edgeproxy.errors import IssuanceError
     from edgeproxy.storage.sqlite import SqliteStorage
 

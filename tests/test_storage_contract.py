@@ -37,6 +37,7 @@ from edgeproxy.errors import (
     StorageError,
     StorageUnavailable,
 )
+from edgeproxy.storage.base import FiringAlert, ProbeRecord
 from edgeproxy.storage import (
     AccountRecord,
     CertificateRecord,
@@ -666,6 +667,51 @@ def test_prune_and_a_reader_that_fell_behind(store: Storage) -> None:
         sq.prune_changes(-1)
 
 
+# -- monitor state (alerts firing, last probes) ----------------------------------------
+
+
+def _firing(key: str, at: datetime, summary: str = "down") -> FiringAlert:
+    return FiringAlert(key, "probe_failing", "critical", summary, '{"hostname": "a.example"}', at, at)
+
+
+def test_alert_claims_trigger_once_resend_after_interval_and_release_once(store: Storage) -> None:
+    assert store.claim_alert(_firing("probe:a.example", NOW), resend_after=600) == "trigger"
+    # The same alert again, too soon (a second node, a restart): nobody sends.
+    assert store.claim_alert(_firing("probe:a.example", NOW + timedelta(seconds=599)), resend_after=600) is None
+    later = NOW + timedelta(seconds=600)
+    assert store.claim_alert(replace(_firing("probe:a.example", later, "still down"), since=later),
+                             resend_after=600) == "resend"
+    [firing] = store.firing_alerts()
+    assert (firing.summary, firing.since, firing.last_sent) == ("still down", NOW, later)  # since kept
+    assert store.release_alert("probe:a.example") == firing
+    assert store.release_alert("probe:a.example") is None  # resolved once
+    assert store.firing_alerts() == []
+
+
+def test_concurrent_claims_of_one_alert_page_exactly_once(store: Storage) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: store.claim_alert(_firing("spool:age", NOW), resend_after=60),
+                                range(16)))
+    assert answers.count("trigger") == 1 and answers.count(None) == 15
+
+
+def test_probe_results_are_kept_per_domain_and_go_with_it(store: Storage) -> None:
+    store.add_domain("a.example", "active", NOW)
+    store.add_domain("b.example", "active", NOW)
+    store.save_probes([ProbeRecord("a.example", NOW, False, '{"ok": false}', 2),
+                       ProbeRecord("b.example", NOW, True, '{"ok": true}', 0),
+                       ProbeRecord("gone.example", NOW, True, "{}", 0)])  # removed meanwhile: not kept
+    assert store.get_probe("a.example") == ProbeRecord("a.example", NOW, False, '{"ok": false}', 2)
+    assert store.get_probe("gone.example") is None
+    assert store.probe_failures() == {"a.example": 2}
+    store.save_probes([ProbeRecord("a.example", NOW + timedelta(minutes=5), True, '{"ok": true}', 0)])
+    assert store.probe_failures() == {}
+    assert store.get_probe("a.example").checked_at == NOW + timedelta(minutes=5)  # type: ignore[union-attr]
+    store.remove_domain("a.example")
+    assert store.get_probe("a.example") is None
+    assert store.get_probe("b.example") is not None
+
+
 # -- persistence and concurrency -------------------------------------------------------
 
 
@@ -831,7 +877,7 @@ def test_sqlite_files_are_private_whatever_the_umask(db_path: str) -> None:
 
 
 def test_sqlite_pragmas_and_schema_version(sq: SqliteStorage, db_path: str) -> None:
-    conn = sq._conn()
+    conn = sq._file.connection()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -859,7 +905,7 @@ def test_sqlite_adds_leaf_der_to_an_older_file_whose_rows_read_none(db_path: str
     raw.close()
     s = SqliteStorage(db_path)
     try:
-        conn = s._conn()
+        conn = s._file.connection()
         assert "leaf_der" in {row[1] for row in conn.execute("PRAGMA table_info(certificates)")}
         assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'").fetchone() == (1,)
         assert _scan_leaf_der(s, "old.example") is None
@@ -888,7 +934,7 @@ def test_sqlite_adds_the_acme_ca_columns_to_an_older_file(db_path: str) -> None:
     raw.close()
     s = SqliteStorage(db_path)
     try:
-        columns = {row[1] for row in s._conn().execute("PRAGMA table_info(certificates)")}
+        columns = {row[1] for row in s._file.connection().execute("PRAGMA table_info(certificates)")}
         assert {"acme_directory", "fallback_reason", "acme_serial"} <= columns
         record = s.get_certificate("old.example")
         assert record is not None and (record.acme_directory, record.fallback_reason) == ("", "")
@@ -896,7 +942,7 @@ def test_sqlite_adds_the_acme_ca_columns_to_an_older_file(db_path: str) -> None:
         again = s.get_certificate("old.example")
         assert again is not None and again.acme_directory == "https://ca.test/dir"
         SqliteStorage(db_path).close()  # opening again adds nothing twice
-        assert s._conn().execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert s._file.connection().execute("SELECT version FROM schema_version").fetchall() == [(1,)]
     finally:
         s.close()
 
@@ -905,7 +951,7 @@ def test_sqlite_remove_leaves_no_key_bytes_in_the_files(sq: SqliteStorage, db_pa
     secret = os.urandom(24).hex().encode()
     sq.add_domain("a.example", "active", NOW)
     sq.save_certificate(replace(cert("a.example"), key_pem=b"KEY-" + secret * 100))
-    sq._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    sq._file.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     assert secret in Path(db_path).read_bytes()  # the scan below can see it
     assert sq.remove_domain("a.example") is True
     for suffix in ("", "-wal"):
@@ -922,7 +968,7 @@ def test_sqlite_prunes_opportunistically(db_path: str) -> None:
         s.add_domain("x.example", "pending_dns", NOW)
         for _ in range(11):
             s.update_domain("x.example", NOW, status="issuing")
-        rows = s._conn().execute("SELECT seq FROM changes ORDER BY seq").fetchall()
+        rows = s._file.connection().execute("SELECT seq FROM changes ORDER BY seq").fetchall()
         assert rows == [(10,), (11,), (12,)]
         assert s.changes_since(1) == (12, ["x.example"])
         assert s.changes_since(9) == (12, ["x.example"] * 3)
@@ -999,7 +1045,7 @@ def _use_inherited(s: SqliteStorage, parent_conn: sqlite3.Connection, results: A
     try:
         s.add_domain("child.example", "pending_dns", NOW)
         # Never the connection opened before fork (sqlite.org/howtocorrupt.html 2.6).
-        results.put(s._conn() is not parent_conn and s.get_domain("child.example") is not None)
+        results.put(s._file.connection() is not parent_conn and s.get_domain("child.example") is not None)
     except BaseException as exc:
         results.put(repr(exc))
 
@@ -1011,7 +1057,7 @@ def test_sqlite_instance_inherited_through_fork_opens_its_own_connection(
     fork = multiprocessing.get_context("fork")
     sq.add_domain("parent.example", "pending_dns", NOW)
     results = fork.Queue()
-    proc = fork.Process(target=_use_inherited, args=(sq, sq._conn(), results))
+    proc = fork.Process(target=_use_inherited, args=(sq, sq._file.connection(), results))
     proc.start()
     try:
         assert results.get(timeout=30) is True
@@ -1030,7 +1076,7 @@ def test_sqlite_thread_connections_are_reaped(sq: SqliteStorage) -> None:
     t = threading.Thread(target=sq.list_domains)
     t.start()
     t.join()
-    assert len(sq._conns) <= 2  # the main thread's, and at most the last dead one
+    assert len(sq._file._conns) <= 2  # the main thread's, and at most the last dead one
 
 
 # -- open_storage ----------------------------------------------------------------------
@@ -1221,7 +1267,7 @@ def test_failed_log_is_idempotent_per_key_and_marks_delivered_once(store: Storag
 
 
 def test_failed_log_pruned_after_retention_with_the_clock_passed_in(store: Storage) -> None:
-    from edgeproxy.spool import prune_failed_log
+    from edgeproxy.edge.spool import prune_failed_log
 
     store.log_failed_request(failed("old", logged=NOW - timedelta(days=90, seconds=1)))
     store.log_failed_request(failed("edge", logged=NOW - timedelta(days=90)))

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .. import config
-from ..admin import create_admin_app
+from ..control.admin import create_admin_app
 from ..config import AdminSettings, IssuerSettings, RouteSettings, Settings
-from ..registry import Registry
+from ..control.registry import Registry
 from ..storage import open_storage
-from ..tokens import TokenStore
+from ..control.tokens import TokenStore
 
 __all__ = [
     "EXTRA_DOCS",

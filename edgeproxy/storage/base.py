@@ -36,6 +36,17 @@ __all__ = [
     "SpoolStats",
     "SpoolStore",
     "Storage",
+    "DomainStore",
+    "CertificateStore",
+    "ChallengeStore",
+    "AccountStore",
+    "ChangeFeed",
+    "LeaseStore",
+    "IssuanceLedger",
+    "FailedRequestLog",
+    "MonitorLedger",
+    "FiringAlert",
+    "ProbeRecord",
     "DOMAIN_STATUSES",
     "CertificateVisitor",
     "leaf_der_of",
@@ -181,10 +192,47 @@ class FailedRequestRecord:
 
 
 
-class Storage(Protocol):
-    """Everything edgeproxy persists. One instance per process; thread-safe."""
+# -- monitor state: what is firing, each domain's last probe -----------------------
 
-    # -- domains ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FiringAlert:
+    """An operator alert that is firing, as every node of the edge sees it.
+
+    ``details_json`` is the alert's details as JSON text; ``since`` when it
+    started firing; ``last_sent`` when a trigger for it last went to the sinks.
+    """
+
+    key: str
+    kind: str
+    severity: str
+    summary: str
+    details_json: str
+    since: datetime
+    last_sent: datetime
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """A domain's last acceptance probe: ``result_json`` is ``ProbeResult.to_json()``
+    as text; ``consecutive_failures`` counts failed rounds up to this one (0 when ok)."""
+
+    hostname: str
+    checked_at: datetime
+    ok: bool
+    result_json: str
+    consecutive_failures: int
+
+
+# -- role protocols: what each part of edgeproxy needs from the store -------------------
+# A consumer types its parameter with the smallest role it uses (the spool's
+# replayer needs a FailedRequestLog, not a Storage); ``Storage`` is all of them,
+# what both backends implement and tests/test_storage_contract.py checks.
+
+
+class DomainStore(Protocol):
+    """The registry of custom domains and their issuance state."""
+
     def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
         """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
         ...
@@ -246,7 +294,10 @@ class Storage(Protocol):
         transaction. Returns False (and changes nothing) if it was not registered."""
         ...
 
-    # -- certificates -----------------------------------------------------------
+
+class CertificateStore(Protocol):
+    """Key + chain pairs, one per domain (deleted with the domain)."""
+
     def save_certificate(self, cert: CertificateRecord) -> None:
         """Store key + chain + metadata atomically (a reader sees the old pair or
         the new pair, never a mix, even after a crash). Replaces any previous one.
@@ -256,7 +307,10 @@ class Storage(Protocol):
     def get_certificate(self, hostname: str) -> CertificateRecord | None:
         ...
 
-    # -- HTTP-01 challenges -------------------------------------------------------
+
+class ChallengeStore(Protocol):
+    """HTTP-01 tokens published while an order validates (the :80 listener reads them)."""
+
     def put_challenge(self, challenge: ChallengeRecord) -> None:
         """Publish a token (idempotent: same token overwrites)."""
         ...
@@ -268,7 +322,10 @@ class Storage(Protocol):
         """Idempotent."""
         ...
 
-    # -- ACME accounts ----------------------------------------------------------
+
+class AccountStore(Protocol):
+    """One ACME account per directory URL."""
+
     def get_account(self, directory_url: str) -> AccountRecord | None:
         ...
 
@@ -280,14 +337,20 @@ class Storage(Protocol):
         """Every stored account, ordered by directory URL (``storage copy`` moves them all)."""
         ...
 
-    # -- change feed ----------------------------------------------------------------
+
+class ChangeFeed(Protocol):
+    """Which hostnames changed, for every worker's in-memory certificate map."""
+
     def changes_since(self, seq: int) -> tuple[int, list[str]]:
         """Hostnames whose domain or certificate changed after ``seq``, and the
         newest seq. Workers poll this to refresh their in-memory maps; a
         hostname may appear more than once. ``changes_since(0)`` lists all."""
         ...
 
-    # -- locks ------------------------------------------------------------------------
+
+class LeaseStore(Protocol):
+    """Named leases with an expiry: one renewal loop, one replayer per node set."""
+
     def try_lock(self, name: str, owner: str, ttl_seconds: float, now: datetime) -> bool:
         """Take or extend a lease. True if ``owner`` now holds ``name`` until
         ``now + ttl``; False if another owner holds an unexpired lease. An
@@ -298,11 +361,10 @@ class Storage(Protocol):
         """Release if held by ``owner``; otherwise do nothing."""
         ...
 
-    def close(self) -> None:
-        ...
 
-    # == rate-budget ledger and status history ============================
-    # Additive tables (CREATE TABLE IF NOT EXISTS); schema_version is unchanged.
+class IssuanceLedger(Protocol):
+    """What issuance remembers besides the certificate: rate budgets, each
+    domain's status history, ARI state (RFC 9773)."""
 
     def record_event(self, kind: str, key: str, at: datetime) -> None:
         """Append one ledger entry (e.g. kind="order", key=<ACME directory>). Not
@@ -332,7 +394,11 @@ class Storage(Protocol):
     def get_ari(self, hostname: str) -> AriState | None:
         ...
 
-    # -- failed-request log (kept ``failed_log.retention_days``) ------------
+
+class FailedRequestLog(Protocol):
+    """Requests the relay or the edge refused, kept ``failed_log.retention_days``
+    with everything ``edgeproxy replay`` needs to send them again."""
+
     def log_failed_request(self, record: FailedRequestRecord) -> int:
         """Store a refused request; returns its id. Idempotent per
         ``idempotency_key``: logging the same key again (a replay refused once
@@ -375,6 +441,54 @@ class Storage(Protocol):
     def prune_failed_requests(self, before: datetime) -> int:
         """Delete records logged before ``before``; returns how many."""
         ...
+
+class MonitorLedger(Protocol):
+    """The monitor's memory, shared by restarts and by every node: which operator
+    alerts are firing (so a restart or a second node never pages again for one
+    already announced) and each domain's last probe (rows go with the domain)."""
+
+    def firing_alerts(self) -> list[FiringAlert]:
+        """Every firing alert, ordered by key."""
+        ...
+
+    def claim_alert(self, alert: FiringAlert, resend_after: float) -> str | None:
+        """Atomically decide who sends a trigger for ``alert.key`` at ``alert.last_sent``.
+
+        ``"trigger"`` when the key was not firing (it is stored, ``since`` =
+        ``alert.since``); ``"resend"`` when it was and its last send is at least
+        ``resend_after`` seconds before ``alert.last_sent`` (summary, details and
+        ``last_sent`` are updated, ``since`` kept); None when another caller sent
+        it more recently than that (nothing changes). Of several nodes claiming
+        the same key at once, exactly one gets a non-None answer."""
+        ...
+
+    def release_alert(self, key: str) -> FiringAlert | None:
+        """Stop ``key`` firing; returns what was stored, or None when it was not firing
+        (another node resolved it first: only the caller that gets the record sends
+        the resolve)."""
+        ...
+
+    def save_probes(self, records: Sequence[ProbeRecord]) -> None:
+        """Insert or replace the last probe of each record's domain, in one transaction."""
+        ...
+
+    def get_probe(self, hostname: str) -> ProbeRecord | None:
+        """The domain's last probe, or None (never probed, or removed)."""
+        ...
+
+    def probe_failures(self) -> dict[str, int]:
+        """hostname -> consecutive failures, for the domains whose last probe failed."""
+        ...
+
+
+class Storage(DomainStore, CertificateStore, ChallengeStore, AccountStore, ChangeFeed, LeaseStore,
+              IssuanceLedger, FailedRequestLog, MonitorLedger, Protocol):
+    """Everything edgeproxy persists. One instance per process; thread-safe."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent; any later call raises ``StorageError``."""
+        ...
+
 
 # -- the spool file: records and its contract (implemented by storage/spoolfile.py) ---------
 

@@ -34,10 +34,10 @@ from typing import Any, cast
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .config import Settings, StorageSettings, acme_issuers
-from .errors import ConfigError, EdgeproxyError
-from .storage import open_storage
-from .storage.base import AccountRecord, CertificateRecord, CertificateVisitor, Storage
+from ..config import Settings, StorageSettings, acme_issuers
+from ..errors import ConfigError, EdgeproxyError
+from ..storage import open_storage
+from ..storage.base import AccountRecord, CertificateRecord, CertificateVisitor, Storage
 
 __all__ = [
     "SealedKeyError",

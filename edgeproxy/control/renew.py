@@ -31,15 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from .certstore import CertStore
-from .config import Settings, acme_issuers
+from ..edge.certstore import CertStore
+from ..config import Settings, acme_issuers
 from .domains import DNS_CAA_FORBIDS, DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
-from .errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
+from ..errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
 from .issuers import (
     CAUSE_OUTAGE, CAUSE_RATE_LIMITED, CaIssuer, IssuedPair, Issuer, fallback_cause, fallback_reason,
     order_issuers, rest_until,
 )
-from .storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
+from ..storage.base import CertificateRecord, DomainRecord, LeaseStore, StatusEvent, Storage
 
 __all__ = [
     "Budget",
@@ -172,7 +172,7 @@ class LeaseKeeper:
     and the worst case is a second node ordering the same name once.
     """
 
-    def __init__(self, storage: Storage, name: str, owner: str, ttl: float,
+    def __init__(self, storage: LeaseStore, name: str, owner: str, ttl: float,
                  clock: Callable[[], dt.datetime]) -> None:
         self.storage, self.name, self.owner, self.ttl, self.clock = storage, name, owner, ttl, clock
         self._stop = threading.Event()

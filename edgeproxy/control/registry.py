@@ -16,11 +16,11 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from .config import Settings
+from ..config import Settings
 from .domains import normalize_hostname, registered_domain, validate_hostname
-from .errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, LimitReached
-from .routes import site_routes
-from .storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
+from ..errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, LimitReached
+from ..rules.routes import site_routes
+from ..storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
 
 __all__ = ["Registry", "admit_hostname", "utcnow"]
 

@@ -50,8 +50,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from . import tlsnative, tlspolicy
-from .errors import StorageError, StorageUnavailable
-from .storage.base import CertificateRecord, CertificateVisitor, Storage, leaf_der_of
+from ..errors import StorageError, StorageUnavailable
+from ..storage.base import CertificateRecord, CertificateVisitor, Storage, leaf_der_of
 
 __all__ = [
     "CertStore",

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from .errors import (
+from ..errors import (
     DomainExists,
     DomainNotFound,
     EdgeproxyError,
@@ -33,7 +33,7 @@ from .errors import (
     StorageUnavailable,
 )
 from .registry import Registry
-from .spool import ReplayFilters
+from ..edge.spool import ReplayFilters
 from .tokens import TokenStore
 
 __all__ = ["create_admin_app"]

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .domains import caa_allows
-from .errors import IssuanceError, RetryClass
-from .storage.base import AriState, CertificateRecord
+from ..errors import IssuanceError, RetryClass
+from ..storage.base import AriState, CertificateRecord
 
 __all__ = [
     "CAUSE_CAA",
