@@ -494,8 +494,9 @@ class RenewalService:
             ca_replaces = replaces if current is not None and ca.directory == current.directory else None
             rest = self._rest(hostname, ca)
             budget = self._budget_wait(hostname, ca, exempt=ca_replaces is not None)
-            if rest is not None or budget is not None:
-                until, message = rest or budget  # type: ignore[misc]
+            skip = rest or budget
+            if skip is not None:
+                until, message = skip
                 waits.append((until, "acme_rate_limited" if rest else "rate_budget", message))
                 notes[ca.directory] = message
                 continue
