@@ -208,7 +208,9 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
         print("edgeproxy: storage.key_encryption_key_file is not set: nothing to seal with", file=sys.stderr)
         return EXIT_FAILED
     store = Services(settings).storage
-    count = rotate(store, [settings.acme.directory], progress=lambda what: print(f"resealed {what}"))
+    # Every stored account: each configured CA's, and those of CAs no longer configured.
+    directories = [a.directory_url for a in store.list_accounts()]
+    count = rotate(store, directories, progress=lambda what: print(f"resealed {what}"))
     print(f"{count} private key(s) sealed under the current master key; previous_key_files can now be dropped")
     return EXIT_OK
 

@@ -27,6 +27,7 @@ from .errors import ConfigError
 
 __all__ = [
     "AcmeSettings",
+    "IssuerSettings",
     "AdminSettings",
     "DnsSettings",
     "DomainsSettings",
@@ -49,6 +50,7 @@ __all__ = [
     "StorageSettings",
     "TlsSettings",
     "UpstreamSettings",
+    "acme_issuers",
     "load_settings",
     "parse_hostport",
     "LETSENCRYPT_PRODUCTION",
@@ -61,12 +63,31 @@ _DIRECTORY_SHORTCUTS = {"production": LETSENCRYPT_PRODUCTION, "staging": LETSENC
 
 
 @dataclass(frozen=True)
+class IssuerSettings:
+    """One `[[acme.issuers]]` entry: an ACME CA, tried in list order for each new order
+    (README: several certificate authorities)."""
+
+    directory: str = ""  # the CA's ACME directory URL (required); "production"/"staging": Let's Encrypt
+    email: str = ""  # contact address for this CA's account (optional)
+    ca_bundle: str = ""  # extra CA file to trust for this ACME server
+    eab_kid: str = ""  # external account binding key id, for CAs that require one (RFC 8555 section 7.3.4)
+    eab_hmac_key_file: str = ""  # file holding the EAB MAC key (base64url, as the CA hands it out)
+    profile: str = ""  # optional ACME profile (e.g. "shortlived")
+    # CAA issuer names this CA answers to (RFC 8659; required): a domain whose CAA records
+    # name none of them is never ordered from this CA.
+    caa_identities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AcmeSettings:
     directory: str = LETSENCRYPT_PRODUCTION
     email: str = ""
     ca_bundle: str = ""  # extra CA file to trust for the ACME server (Pebble in tests)
     profile: str = ""  # optional ACME profile (e.g. "shortlived")
     timeout: float = 90.0  # seconds one order may take end to end
+    # Several CAs in order of preference ([[acme.issuers]]); when set, replaces directory,
+    # email, ca_bundle and profile above (and dns.caa_identities as their CAA identity).
+    issuers: tuple[IssuerSettings, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -457,7 +478,7 @@ def _build_section(cls: type[Any], name: str, values: Mapping[str, Any], env: Ma
     return cls(**kwargs)
 
 
-_TABLES: Final[dict[str, type[Any]]] = {"RouteSettings": RouteSettings,
+_TABLES: Final[dict[str, type[Any]]] = {"RouteSettings": RouteSettings, "IssuerSettings": IssuerSettings,
                                          "EventEndpointSettings": EventEndpointSettings}
 _ROUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 
@@ -523,6 +544,42 @@ def _validate_events(events: EventsSettings) -> None:
                           "events.expiring_check_interval must be positive")
 
 
+def _validate_issuers(issuers: tuple[IssuerSettings, ...]) -> tuple[IssuerSettings, ...]:
+    """Each issuer complete and distinct (accounts are stored per directory URL);
+    directory shortcuts expanded."""
+    seen: set[str] = set()
+    out: list[IssuerSettings] = []
+    for i, issuer in enumerate(issuers):
+        where = f"acme.issuers[{i}]"
+        directory = _DIRECTORY_SHORTCUTS.get(issuer.directory, issuer.directory)
+        if not directory.startswith(("https://", "http://")):
+            raise ConfigError(f"{where}: directory must be the CA's ACME directory URL, got {issuer.directory!r}")
+        if directory in seen:
+            raise ConfigError(f"{where}: the directory {directory} is listed twice (one account per CA)")
+        seen.add(directory)
+        if issuer.ca_bundle and not Path(issuer.ca_bundle).is_file():
+            raise ConfigError(f"{where}: ca_bundle: no such file {issuer.ca_bundle!r}")
+        if bool(issuer.eab_kid) != bool(issuer.eab_hmac_key_file):
+            raise ConfigError(f"{where}: external account binding needs both eab_kid and eab_hmac_key_file")
+        if issuer.eab_hmac_key_file and not Path(issuer.eab_hmac_key_file).is_file():
+            raise ConfigError(f"{where}: eab_hmac_key_file: no such file {issuer.eab_hmac_key_file!r}")
+        if not [c for c in issuer.caa_identities if c.strip()]:
+            raise ConfigError(f"{where}: caa_identities must name the CAA issuer name(s) of {directory} "
+                              '(RFC 8659), e.g. ["letsencrypt.org"]')
+        out.append(dataclasses.replace(issuer, directory=directory))
+    return tuple(out)
+
+
+def acme_issuers(settings: Settings) -> tuple[IssuerSettings, ...]:
+    """The CAs to order from, in order of preference: ``[[acme.issuers]]`` when set, else
+    the one issuer ``[acme]`` describes, with ``dns.caa_identities`` as its CAA identity."""
+    acme = settings.acme
+    if acme.issuers:
+        return acme.issuers
+    return (IssuerSettings(directory=acme.directory, email=acme.email, ca_bundle=acme.ca_bundle,
+                           profile=acme.profile, caa_identities=settings.dns.caa_identities),)
+
+
 def _validate(settings: Settings) -> Settings:
     for what in ("http", "https", "admin"):
         address = getattr(settings.listen, what)
@@ -569,6 +626,9 @@ def _validate(settings: Settings) -> Settings:
         settings = dataclasses.replace(settings, acme=dataclasses.replace(settings.acme, directory=directory))
     if settings.acme.ca_bundle and not Path(settings.acme.ca_bundle).is_file():
         raise ConfigError(f"acme.ca_bundle: no such file {settings.acme.ca_bundle!r}")
+    if settings.acme.issuers:
+        settings = dataclasses.replace(settings, acme=dataclasses.replace(
+            settings.acme, issuers=_validate_issuers(settings.acme.issuers)))
     if settings.monitor.ca_bundle and not Path(settings.monitor.ca_bundle).is_file():
         raise ConfigError(f"monitor.ca_bundle: no such file {settings.monitor.ca_bundle!r}")
     if settings.log.format not in ("json", "text"):

@@ -52,7 +52,7 @@ from .rules.routes import route_table
 from .storage.base import AriState
 
 if TYPE_CHECKING:  # renew pulls in dnspython and tldextract: not needed to count
-    from .control.renew import IssuedPair, Issuer
+    from .control.issuers import IssuedPair, Issuer
 
 __all__ = [
     "CONTENT_TYPE",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from .config import Settings
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from .control.lifecycle import LifecycleEvents
     from .control.registry import Registry
     from .edge.relay import HttpRelay, Observe
-    from .control.renew import Issuer, RenewalService
+    from .control.issuers import CaIssuer, Issuer
+    from .control.renew import RenewalService
     from .edge.spool import RefusalLog, Spool, SpoolingRelay
     from .storage import Storage
     from .control.tokens import TokenStore
@@ -119,21 +120,37 @@ class Services:
                          policy=self.settings.tls.policy)
 
     @functools.cached_property
-    def issuer(self) -> Issuer:
-        if self._issuer is not None:
-            return self._issuer
+    def issuers(self) -> tuple[CaIssuer, ...]:
+        """The CAs in order of preference (``config.acme_issuers``), one ACME client
+        each; their accounts are stored per directory URL. A given ``issuer`` stands
+        in for the first CA (the one-CA setup of tests)."""
         from .control.acme_client import AcmeIssuer
+        from .config import acme_issuers
+        from .control.issuers import CaIssuer
 
-        acme = self.settings.acme
-        return AcmeIssuer(storage=self.storage, directory_url=acme.directory, email=acme.email,
-                          ca_bundle=acme.ca_bundle, profile=acme.profile, timeout=acme.timeout)
+        built: list[CaIssuer] = []
+        for i, ca in enumerate(acme_issuers(self.settings)):
+            issuer: Issuer
+            if i == 0 and self._issuer is not None:
+                issuer = self._issuer
+            else:
+                issuer = AcmeIssuer(storage=self.storage, directory_url=ca.directory, email=ca.email,
+                                    ca_bundle=ca.ca_bundle, profile=ca.profile, timeout=self.settings.acme.timeout,
+                                    eab_kid=ca.eab_kid, eab_hmac_key_file=ca.eab_hmac_key_file)
+            built.append(CaIssuer(ca.directory, tuple(ca.caa_identities), issuer))
+        return tuple(built)
 
-    def renewal(self, issuer: Issuer | None = None) -> RenewalService:
-        """A renewal service over ``issuer`` (default :attr:`issuer`; ``serve`` wraps it to count orders)."""
+    @property
+    def issuer(self) -> Issuer:
+        """The first (preferred) CA's client."""
+        return self.issuers[0].issuer
+
+    def renewal(self, issuers: Sequence[CaIssuer] | None = None) -> RenewalService:
+        """A renewal service over ``issuers`` (default :attr:`issuers`; ``serve`` wraps each to count orders)."""
         from .control.renew import RenewalService
 
-        return RenewalService.from_settings(self.storage, self.certstore, issuer or self.issuer, self.settings,
-                                            events=self.lifecycle)
+        return RenewalService.from_settings(self.storage, self.certstore, tuple(issuers or self.issuers),
+                                            self.settings, events=self.lifecycle)
 
     def prober(self, *, connect: str | None = None, port: int | None = None) -> Prober:
         from .control.monitor import Prober

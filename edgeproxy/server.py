@@ -17,6 +17,7 @@ recorded by ``CertStore.sni_callback`` lands in ``scope["extensions"]["tls"]``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import gc
 import importlib
@@ -51,7 +52,7 @@ from .storage.base import Storage
 
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
     from .control.monitor import MonitorService, SpoolStats
-    from .control.renew import Issuer
+    from .control.issuers import Issuer
     from .control.webhooks import Attempt
 
 __all__ = ["bind_socket", "serve", "EdgeNode"]
@@ -324,7 +325,8 @@ class EdgeNode:
             # outbox, each row claimed by one of them at a time.
             deliverer = self.services.webhooks(on_dead=self._webhook_dead, on_attempt=self._webhook_attempt)
             background.append(asyncio.create_task(deliverer.run_forever(self.stop)))
-        renewer = self.services.renewal(CountingIssuer(self.services.issuer, self.metrics))
+        renewer = self.services.renewal([dataclasses.replace(ca, issuer=CountingIssuer(ca.issuer, self.metrics))
+                                         for ca in self.services.issuers])
         r = self.settings.renew
         background.append(asyncio.create_task(
             renewer.run_forever(self.stop, self.wake, interval=r.interval, jitter=r.jitter, poll=r.poll)))

@@ -78,3 +78,64 @@ def test_bad_config_gives_clear_error(tmp_path: Path, text: str, env: dict[str, 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "nope.toml", env={})
+
+
+# -- several ACME CAs ([[acme.issuers]]) -------------------------------------------------------
+
+import json  # noqa: E402
+
+from edgeproxy.config import IssuerSettings, acme_issuers  # noqa: E402
+
+
+def test_acme_alone_is_the_one_issuer_shorthand() -> None:
+    settings = load_settings(None, env={"EDGEPROXY_ACME_DIRECTORY": "staging", "EDGEPROXY_ACME_EMAIL": "a@b.example",
+                                        "EDGEPROXY_DNS_CAA_IDENTITIES": "letsencrypt.org,example.net"})
+    (only,) = acme_issuers(settings)
+    assert only == IssuerSettings(directory="https://acme-staging-v02.api.letsencrypt.org/directory",
+                                  email="a@b.example", caa_identities=("letsencrypt.org", "example.net"))
+
+
+def test_issuers_from_the_file_replace_acme_and_the_environment_replaces_the_list(tmp_path: Path) -> None:
+    key = tmp_path / "eab.key"
+    key.write_text("c2VjcmV0\n")
+    path = tmp_path / "edge.toml"
+    path.write_text(f"""
+[acme]
+directory = "https://ignored.example/dir"
+[[acme.issuers]]
+directory = "production"
+email = "ops@example.org"
+caa_identities = ["letsencrypt.org"]
+[[acme.issuers]]
+directory = "https://acme.zerossl.com/v2/DV90"
+eab_kid = "kid-1"
+eab_hmac_key_file = "{key}"
+profile = "classic"
+caa_identities = ["sectigo.com", "zerossl.com"]
+""")
+    first, second = acme_issuers(load_settings(path, env={}))
+    assert first.directory == "https://acme-v02.api.letsencrypt.org/directory" and first.email == "ops@example.org"
+    assert (second.eab_kid, second.eab_hmac_key_file, second.profile) == ("kid-1", str(key), "classic")
+    assert second.caa_identities == ("sectigo.com", "zerossl.com")
+    override = json.dumps([{"directory": "staging", "caa_identities": ["letsencrypt.org"]}])
+    (only,) = acme_issuers(load_settings(path, env={"EDGEPROXY_ACME_ISSUERS": override}))
+    assert only.directory.startswith("https://acme-staging-v02")
+
+
+@pytest.mark.parametrize(
+    ("entries", "needle"),
+    [
+        ([{"directory": "not a url", "caa_identities": ["x"]}], "directory must be the CA's ACME directory URL"),
+        ([{"directory": "staging", "caa_identities": ["x"]}] * 2, "listed twice"),
+        ([{"directory": "staging"}], "caa_identities must name"),
+        ([{"directory": "staging", "caa_identities": ["x"], "eab_kid": "k"}], "needs both eab_kid"),
+        ([{"directory": "staging", "caa_identities": ["x"], "eab_kid": "k", "eab_hmac_key_file": "/nonexistent"}],
+         "eab_hmac_key_file: no such file"),
+        ([{"directory": "staging", "caa_identities": ["x"], "ca_bundle": "/nonexistent"}], "ca_bundle: no such file"),
+        ([{"directory": "staging", "caa_identities": ["x"], "colour": "red"}], "unknown key(s) colour"),
+    ],
+)
+def test_bad_issuers_are_clear_config_errors(entries: list[dict[str, object]], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={"EDGEPROXY_ACME_ISSUERS": json.dumps(entries)})
+    assert needle in str(info.value)

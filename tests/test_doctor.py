@@ -355,3 +355,20 @@ def test_every_recipe_is_clean_for_doctor(tmp_path: Path) -> None:
     for settings in recipe_settings(tmp_path):
         routes = [f for f in check_names(settings) if f.check.startswith("routes.")]
         assert routes and [f for f in routes if f.level != "ok"] == [], routes
+
+
+def test_every_configured_ca_directory_is_checked() -> None:
+    from edgeproxy.config import IssuerSettings
+
+    def directory(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/dir":
+            return httpx.Response(200, json={"newNonce": "n", "newAccount": "a", "newOrder": "o"})
+        return httpx.Response(503)
+
+    issuers = (IssuerSettings(directory="https://one.example.com/dir", caa_identities=("one.example",)),
+               IssuerSettings(directory="https://two.example.com/down", caa_identities=("two.example",)))
+    found = check_acme(Settings(acme=AcmeSettings(issuers=issuers)), network=True,
+                       transport=httpx.MockTransport(directory))
+    assert levels(found, "acme.issuers[0] directory") == ["ok"]
+    assert levels(found, "acme.issuers[1] directory") == ["error"]
+    assert levels(found, "acme.directory") == []  # replaced by the list: not checked

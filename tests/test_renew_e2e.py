@@ -124,7 +124,7 @@ def test_cron_and_loop_started_together_order_once_per_name(stack: tuple[EdgeCon
         since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
         assert len(storage.events_since(ORDER, config.acme_directory, since)) == len(names), out
         for name in names:
-            assert len(storage.events_since(CERT_NAMES, name, since)) == 1, name
+            assert len(storage.events_since(CERT_NAMES, f"{name} {config.acme_directory}", since)) == 1, name
     finally:
         storage.close()
     print(f"cron issued {len(cron_issued)}, the serve loop {len(names) - len(cron_issued)}")

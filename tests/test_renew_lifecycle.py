@@ -272,7 +272,9 @@ def test_sixth_failed_validation_within_an_hour_is_never_sent(stack: Stack) -> N
         assert name in result.failed, attempt
         assert result.failed[name].code == "acme_unauthorized"
     assert stack.issuer.calls.count(name) == 5
-    failures = stack.storage.events_since(FAILED_VALIDATION, name, stack.clock() - dt.timedelta(hours=1))
+    # Budgets are kept per CA: "<name> <directory URL>".
+    failures = stack.storage.events_since(FAILED_VALIDATION, f"{name} {stack.service.policy.account}",
+                                          stack.clock() - dt.timedelta(hours=1))
     assert len(failures) == 5
 
     result = stack.run(name, force=True)  # even an operator's forced retry respects the budget
@@ -294,7 +296,8 @@ def test_exhausted_registered_domain_budget_queues_the_order(
         stack.add(name)
     result = stack.run(first, second)
     assert sorted(result.issued) == [first, second]
-    assert len(stack.storage.events_since(CERT_DOMAIN, "shop-budget.test", stack.clock() - dt.timedelta(days=7))) == 2
+    assert len(stack.storage.events_since(CERT_DOMAIN, f"shop-budget.test {stack.service.policy.account}",
+                                          stack.clock() - dt.timedelta(days=7))) == 2
     orders = len(stack.storage.events_since(ORDER, stack.service.policy.account, stack.clock() - dt.timedelta(hours=3)))
     result = stack.run(third)
     assert third in result.waiting and third not in stack.issuer.calls

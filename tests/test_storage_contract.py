@@ -472,6 +472,47 @@ def test_a_chain_upserted_without_the_der_clears_the_stale_der(url: str, store: 
     assert _scan_leaf_der(store, "a.example") == der
 
 
+def test_certificate_records_the_acme_ca_that_issued_it_and_why(store: Storage) -> None:
+    """Issuer fallback: the configured CA (its directory URL) and the reason it was not
+    the first one travel with the certificate, replaced with it, "" when not given."""
+    store.add_domain("a.example", "active", NOW)
+    first = replace(cert("a.example", 1), acme_directory="https://ca-two.test/dir",
+                    fallback_reason="https://ca-one.test/dir: outage (acme_unreachable): down")
+    store.save_certificate(first)
+    assert store.get_certificate("a.example") == first
+    renewed = replace(cert("a.example", 2), acme_directory="https://ca-one.test/dir")
+    store.save_certificate(renewed)
+    got = store.get_certificate("a.example")
+    assert got == renewed and got is not None and got.fallback_reason == ""
+    store.save_certificate(cert("a.example", 3))  # imported, or a CA we do not know
+    got = store.get_certificate("a.example")
+    assert got is not None and (got.acme_directory, got.fallback_reason) == ("", "")
+
+
+def test_a_chain_upserted_by_an_older_edgeproxy_is_not_credited_to_the_previous_ca(
+        url: str, store: Storage) -> None:
+    """A node still on the release before issuer fallback renews a certificate: its
+    upsert leaves the CA columns alone, and they must not describe the new chain."""
+    store.add_domain("a.example", "active", NOW)
+    chain, _der = _pem_chain("a.example", 1)
+    store.save_certificate(replace(cert("a.example"), chain_pem=chain, acme_directory="https://ca-two.test/dir",
+                                   fallback_reason="https://ca-one.test/dir: caa (acme_caa): no"))
+    renewed, der = _pem_chain("a.example", 2)
+    # The upsert of the release before issuer fallback, verbatim.
+    _raw_write(url, "INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, "
+               "created_at, leaf_der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+               "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
+               "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
+               "not_after = excluded.not_after, serial = excluded.serial, "
+               "issuer = excluded.issuer, created_at = excluded.created_at, "
+               "leaf_der = excluded.leaf_der",
+               ("a.example", b"KEY-00000002-", renewed, "2025-03-01T12:00:02.000000Z",
+                "2025-05-30T12:00:02.000000Z", "2", "CN=x", "2025-03-01T12:00:02.000000Z", der))
+    got = store.get_certificate("a.example")
+    assert got is not None and got.chain_pem == renewed and got.serial == "2"
+    assert (got.acme_directory, got.fallback_reason) == ("", "")
+
+
 # -- challenges ------------------------------------------------------------------------
 
 
@@ -1015,6 +1056,34 @@ def test_sqlite_adds_leaf_der_to_an_older_file_whose_rows_read_none(db_path: str
         assert _scan_leaf_der(s, "old.example") == der
         SqliteStorage(db_path).close()  # opening again adds nothing twice
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    finally:
+        s.close()
+
+
+def test_sqlite_adds_the_acme_ca_columns_to_an_older_file(db_path: str) -> None:
+    """A file of the release before issuer fallback gets the columns on open (no
+    schema_version bump); its certificates read as from an unknown CA."""
+    SqliteStorage(db_path).close()
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    for column in ("acme_directory", "fallback_reason", "acme_serial"):
+        raw.execute(f"ALTER TABLE certificates DROP COLUMN {column}")
+    raw.execute("INSERT INTO domains (hostname, status, created_at, updated_at) VALUES "
+                "('old.example', 'active', '2025-03-01T12:00:00.000000Z', '2025-03-01T12:00:00.000000Z')")
+    raw.execute("INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, "
+                "created_at) VALUES ('old.example', X'00', X'01', '2025-03-01T12:00:00.000000Z', "
+                "'2025-05-30T12:00:00.000000Z', '1', 'CN=x', '2025-03-01T12:00:00.000000Z')")
+    raw.close()
+    s = SqliteStorage(db_path)
+    try:
+        columns = {row[1] for row in s._file.connection().execute("PRAGMA table_info(certificates)")}
+        assert {"acme_directory", "fallback_reason", "acme_serial"} <= columns
+        record = s.get_certificate("old.example")
+        assert record is not None and (record.acme_directory, record.fallback_reason) == ("", "")
+        s.save_certificate(replace(record, acme_directory="https://ca.test/dir"))
+        again = s.get_certificate("old.example")
+        assert again is not None and again.acme_directory == "https://ca.test/dir"
+        SqliteStorage(db_path).close()  # opening again adds nothing twice
+        assert s._file.connection().execute("SELECT version FROM schema_version").fetchall() == [(1,)]
     finally:
         s.close()
 

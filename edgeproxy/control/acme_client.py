@@ -287,8 +287,8 @@ _RULES: dict[str, _Rule] = {
     ),
     "externalAccountRequired": _Rule(
         "acme_account", RetryClass.TRANSIENT,
-        "The CA requires external account binding, which edgeproxy does not support ({detail}); "
-        "the operator must configure a different acme.directory.",
+        "The CA requires external account binding ({detail}); the operator must set eab_kid and "
+        "eab_hmac_key_file on this CA's [[acme.issuers]] entry.",
     ),
     "invalidContact": _Rule(
         "acme_invalid_contact", RetryClass.TRANSIENT,
@@ -539,12 +539,18 @@ class AcmeIssuer:
         profile: str = "",
         timeout: float = 90.0,
         user_agent: str = "edgeproxy",
+        eab_kid: str = "",
+        eab_hmac_key_file: str = "",
     ) -> None:
         self.storage = storage
         self.directory_url = directory_url
         self.email = email.strip()
         self.ca_bundle = ca_bundle
         self.profile = profile
+        # External account binding (RFC 8555 section 7.3.4): sent once, when the
+        # account is created; the MAC key file is read only then.
+        self.eab_kid = eab_kid
+        self.eab_hmac_key_file = eab_hmac_key_file
         self.timeout = timeout
         self.user_agent = user_agent
         self._lock = threading.Lock()
@@ -722,6 +728,11 @@ class AcmeIssuer:
                 log.info("updated ACME account %s contact to %s", regr.uri, self.email)
             else:
                 log.debug("reusing ACME account %s", regr.uri)
+            if regr.body.external_account_binding is not None:
+                # A CA may echo the binding in the account object (Pebble does); it
+                # only matters when the account is created, and josepy cannot
+                # serialize it back (a plain frozendict field), so it is not kept.
+                regr = regr.update(body=regr.body.update(external_account_binding=None))
             if record.registration_json != regr.json_dumps():
                 self.storage.save_account(AccountRecord(self.directory_url, record.key_pem, regr.json_dumps()))
             self._account = _Account(jwk, alg, regr)
@@ -748,8 +759,18 @@ class AcmeIssuer:
             raise
 
     def _register(self, client: acme_lib.ClientV2) -> messages.RegistrationResource:
-        """Create the account, agreeing to the CA's terms of service (RFC 8555 section 7.3)."""
-        new = messages.NewRegistration.from_data(email=self.email or None, terms_of_service_agreed=True)
+        """Create the account, agreeing to the CA's terms of service (RFC 8555 section 7.3),
+        bound to the operator's account at the CA when ``eab_kid`` is set (section 7.3.4)."""
+        binding = None
+        if self.eab_kid:
+            key = client.net.key
+            if key is None:  # pragma: no cover - _get_account sets it before registering
+                raise AssertionError("the account key is not loaded")
+            binding = messages.ExternalAccountBinding.from_data(
+                account_public_key=key.public_key(), kid=self.eab_kid,
+                hmac_key=self._eab_hmac_key(), directory=client.directory)
+        new = messages.NewRegistration.from_data(email=self.email or None, terms_of_service_agreed=True,
+                                                 external_account_binding=binding)
         try:
             return client.new_account(new)
         except acme_errors.ConflictError as conflict:
@@ -757,6 +778,20 @@ class AcmeIssuer:
             # lost): fetch it rather than failing.
             existing = messages.RegistrationResource(uri=conflict.location, body=new)
             return client.query_registration(existing)
+
+    def _eab_hmac_key(self) -> str:
+        """The EAB MAC key: base64url as CAs hand it out (padding and whitespace tolerated)."""
+        try:
+            text = open(self.eab_hmac_key_file, encoding="ascii").read().strip()
+            base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise IssuanceError(
+                f"Cannot read the external account binding key of {self.directory_url} from "
+                f"{self.eab_hmac_key_file!r} ({exc}); the operator must fix eab_hmac_key_file "
+                "(the base64url MAC key the CA gave with eab_kid).",
+                code="acme_account", retry=RetryClass.TRANSIENT,
+            ) from exc
+        return text.rstrip("=")
 
     # -- the order ----------------------------------------------------------------------
     def _order_profile(self, directory: messages.Directory) -> str | None:

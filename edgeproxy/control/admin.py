@@ -59,8 +59,14 @@ class ErrorResponse(BaseModel):
 class CertificateOut(BaseModel):
     not_before: str | None
     not_after: str | None
-    issuer: str
+    issuer: str = Field(..., description="The leaf's issuer (RFC 4514 distinguished name)")
     serial: str
+    acme_directory: str | None = Field(
+        ..., description="The ACME directory URL of the configured CA that issued it (acme.issuers); "
+                         "null for a certificate saved before edgeproxy recorded it")
+    fallback_reason: str | None = Field(
+        ..., description="Why it is not from the first configured CA, per CA that was skipped or failed "
+                         "(CAA, outage, rate limit); null when it is from the first CA")
 
 
 class DnsRecord(BaseModel):

@@ -463,20 +463,32 @@ def _url_findings(where: str, url: str) -> tuple[list[Finding], bool]:
 
 
 def check_acme(settings: Settings, *, network: bool, transport: httpx.BaseTransport | None = None) -> list[Finding]:
-    where = "acme.directory"
-    directory = settings.acme.directory
+    """Every configured CA's directory (``[[acme.issuers]]``, else ``[acme]``)."""
+    if not settings.acme.issuers:
+        return _check_directory(settings.acme.directory, settings.acme.ca_bundle, "acme.directory", "acme.ca_bundle",
+                                network=network, transport=transport)
+    findings: list[Finding] = []
+    for i, ca in enumerate(settings.acme.issuers):
+        where = f"acme.issuers[{i}]"
+        findings += _check_directory(ca.directory, ca.ca_bundle, f"{where} directory", f"{where} ca_bundle",
+                                     network=network, transport=transport)
+    return findings
+
+
+def _check_directory(directory: str, ca_bundle: str, where: str, bundle_where: str, *, network: bool,
+                     transport: httpx.BaseTransport | None) -> list[Finding]:
     findings, usable = _url_findings(where, directory)
     if directory == LETSENCRYPT_STAGING:
         findings.append(Finding("warning", where, "Let's Encrypt staging: browsers do not trust its certificates"))
     verify: ssl.SSLContext | bool = True
-    if settings.acme.ca_bundle:
+    if ca_bundle:
         try:
-            certs = x509.load_pem_x509_certificates(Path(settings.acme.ca_bundle).read_bytes())
+            certs = x509.load_pem_x509_certificates(Path(ca_bundle).read_bytes())
         except (OSError, ValueError) as exc:
-            findings.append(Finding("error", "acme.ca_bundle", f"{settings.acme.ca_bundle}: no PEM certificates ({exc})"))
+            findings.append(Finding("error", bundle_where, f"{ca_bundle}: no PEM certificates ({exc})"))
             return findings
-        findings.append(Finding("ok", "acme.ca_bundle", f"{len(certs)} certificate(s)"))
-        verify = ssl.create_default_context(cafile=settings.acme.ca_bundle)
+        findings.append(Finding("ok", bundle_where, f"{len(certs)} certificate(s)"))
+        verify = ssl.create_default_context(cafile=ca_bundle)
     if not (network and usable):
         return findings
     try:

@@ -20,6 +20,7 @@ to send instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import re
@@ -676,6 +677,9 @@ class DnsVerdict:
     code: str
     message: str
     definitive: bool = True
+    # The relevant CAA RRset as (flags, tag, value), empty when the name has none: which
+    # of several CAs it allows is decided per CA (``issuers.order_issuers``).
+    caa: tuple[tuple[int, str, str], ...] = ()
 
 
 def _record_to_add(hostname: str, cname_target: str, edge_ips: Sequence[str]) -> str:
@@ -810,25 +814,28 @@ class DnsChecker:
                                     cname_target=self.cname_target, edge_ips=self.edge_ips)
         if not verdict.ok:
             return verdict
-        return self._check_caa(hostname) or verdict
+        refused, records = self._check_caa(hostname)
+        return refused or dataclasses.replace(verdict, caa=records)
 
-    def _check_caa(self, hostname: str) -> DnsVerdict | None:
+    def _check_caa(self, hostname: str) -> tuple[DnsVerdict | None, tuple[tuple[int, str, str], ...]]:
+        """(a refusing verdict or None, the relevant CAA RRset). ``ca_identities`` are
+        every configured CA's: the name is refused only when CAA allows none of them."""
         for name in caa_lookup_names(hostname):
             rrsets = self._answer(name, "CAA")
             if rrsets is None:
                 # RFC 8659 section 3: a CA must not issue when the CAA lookup fails.
                 return DnsVerdict(False, DNS_UNAVAILABLE,
                                   f"CAA lookup of {name} failed (SERVFAIL or timeout); we check again later",
-                                  definitive=False)
-            records = [
+                                  definitive=False), ()
+            records = tuple(
                 (int(r.flags), r.tag.decode(), r.value.decode())
                 for rrset in rrsets if rrset.rdtype == dns.rdatatype.CAA for r in rrset
-            ]
+            )
             if records:  # the closest non-empty RRset is the relevant one
                 if caa_allows(records, self.ca_identities):
-                    return None
+                    return None, records
                 wanted = self.ca_identities[0] if self.ca_identities else "letsencrypt.org"
                 return DnsVerdict(False, DNS_CAA_FORBIDS,
                                   f"the CAA records of {name} do not allow {wanted} to issue for {hostname}; "
-                                  f'the customer must add {name}. CAA 0 issue "{wanted}"')
-        return None
+                                  f'the customer must add {name}. CAA 0 issue "{wanted}"', caa=records), records
+        return None, ()

@@ -34,7 +34,7 @@ from typing import Any, cast
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..config import Settings, StorageSettings
+from ..config import Settings, StorageSettings, acme_issuers
 from ..errors import ConfigError, EdgeproxyError
 from ..storage import open_storage
 from ..storage.base import AccountRecord, CertificateRecord, CertificateVisitor, OutboxEvent, Storage
@@ -219,7 +219,8 @@ def open_store(settings: Settings, *, check: bool = True) -> Storage:
         )
     store = cast(Storage, SealedStorage(open_storage(settings.storage.url, auto_migrate=settings.storage.auto_migrate), ring))
     if check:
-        verify(store, settings.acme.directory)
+        for ca in acme_issuers(settings):
+            verify(store, ca.directory)
     return store
 
 

@@ -213,6 +213,8 @@ def domain_view(record: DomainRecord, cert: CertificateRecord | None, settings: 
             "not_after": _iso(cert.not_after),
             "issuer": cert.issuer,
             "serial": cert.serial,
+            "acme_directory": cert.acme_directory or None,
+            "fallback_reason": cert.fallback_reason or None,
         }
     return {
         "hostname": record.hostname,

@@ -29,18 +29,23 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import cast
 
 from ..edge.certstore import CertStore
-from ..config import Settings
-from .domains import DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
+from ..config import Settings, acme_issuers
+from .domains import DNS_CAA_FORBIDS, DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
 from ..errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
+from .issuers import (
+    CAUSE_OUTAGE, CAUSE_RATE_LIMITED, CaIssuer, IssuedPair, Issuer, fallback_cause, fallback_reason,
+    order_issuers, rest_until,
+)
 from .lifecycle import LifecycleEvents
 from .lifecycle import status_event_type as lifecycle_type
-from ..storage.base import AriState, CertificateRecord, DomainRecord, LeaseStore, OutboxEvent, StatusEvent, Storage
+from ..storage.base import CertificateRecord, DomainRecord, LeaseStore, OutboxEvent, StatusEvent, Storage
 
 __all__ = [
     "Budget",
+    "CaIssuer",
     "Issuer",
     "IssuedPair",
     "LeaseKeeper",
@@ -69,30 +74,15 @@ _LEDGER_KEEP = dt.timedelta(days=8)  # longest budget window (7 days) plus slack
 # What the 5-second poll between full passes picks up: names without a certificate yet.
 _NEW_WORK_STATUSES = ("issuing", "pending_dns", "failing")
 
-# Ledger kinds (Storage.record_event); each is one of Let's Encrypt's limits.
+# Ledger kinds (Storage.record_event); each is one of Let's Encrypt's limits, kept per
+# CA: ORDER is keyed by the CA's directory URL, the others by "<name> <directory URL>".
+# Entries recorded before the key named the CA (a bare name) count against every CA
+# until they leave their window (at most 7 days).
 ORDER, CERT_DOMAIN, CERT_NAMES, FAILED_VALIDATION = "order", "cert_domain", "cert_names", "failed_validation"
-
-
-class IssuedPair(Protocol):
-    @property
-    def key_pem(self) -> bytes: ...
-
-    @property
-    def chain_pem(self) -> bytes: ...
-
-
-class Issuer(Protocol):
-    """The seam around the CA: ``acme_client.AcmeIssuer`` in production, a fake in unit tests."""
-
-    def issue(self, hostname: str, replaces: str | None = None) -> IssuedPair:
-        """Blocking. Returns a key and chain for ``hostname`` or raises ``IssuanceError``.
-        ``replaces``: the ARI identifier of the certificate being renewed (RFC 9773 section 5)."""
-        ...
-
-    def renewal_info(self, hostname: str, chain_pem: bytes) -> AriState:
-        """Blocking. The CA's renewal window for the leaf of ``chain_pem`` (RFC 9773),
-        ``renew_at=None`` when it offers no ARI; raises ``IssuanceError``."""
-        ...
+# A CA left alone after it failed (issuers.rest_until), recorded as a ledger entry
+# dated when the rest ends: per "<hostname> <directory>" after a rate limit, per
+# directory after an outage. Shared by every process and node like the budgets.
+RATE_LIMITED_REST, OUTAGE_REST_UNTIL = "ca_rate_limited", "ca_outage"
 
 
 # -- pure maths ------------------------------------------------------------------------------
@@ -225,6 +215,10 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _iso(when: dt.datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
 class _Waiting(Exception):
     """Internal: the domain waits (DNS or budget); the record already says why."""
 
@@ -240,7 +234,7 @@ class RenewalService:
         self,
         storage: Storage,
         certstore: CertStore,
-        issuer: Issuer,
+        issuer: Issuer | Sequence[CaIssuer],
         *,
         clock: Callable[[], dt.datetime] = _utcnow,
         concurrency: int = 4,
@@ -254,12 +248,20 @@ class RenewalService:
         # written in the same transaction as the change that emits them.
         self.events = events
         self.certstore = certstore
-        self.issuer = issuer
         self.clock = clock
         self.concurrency = concurrency
         self.lock_ttl = lock_ttl
         self.policy = policy or RenewPolicy()
         self.dns = dns
+        # The CAs in order of preference (``[[acme.issuers]]``); one bare issuer is
+        # the one-CA setup, named by ``policy.account`` and answering to the DNS
+        # pre-check's CAA identities.
+        if isinstance(issuer, (list, tuple)):
+            if not issuer:
+                raise ValueError("RenewalService needs at least one issuer")
+            self.issuers: tuple[CaIssuer, ...] = tuple(issuer)
+        else:
+            self.issuers = (CaIssuer(self.policy.account, dns.ca_identities if dns else (), cast(Issuer, issuer)),)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._in_flight = 0
         self._in_flight_peak = 0
@@ -267,14 +269,16 @@ class RenewalService:
 
     @classmethod
     def from_settings(
-        cls, storage: Storage, certstore: CertStore, issuer: Issuer, settings: Settings,
+        cls, storage: Storage, certstore: CertStore, issuer: Issuer | Sequence[CaIssuer], settings: Settings,
         *, clock: Callable[[], dt.datetime] = _utcnow, events: LifecycleEvents | None = None,
     ) -> RenewalService:
         dns = None
         if settings.dns.check:
+            # A name is refused before any order only when its CAA allows none of the CAs.
+            identities = tuple(dict.fromkeys(c for ca in acme_issuers(settings) for c in ca.caa_identities))
             dns = DnsChecker(
                 cname_target=settings.dns.cname_target, edge_ips=settings.dns.edge_ips,
-                resolver=settings.dns.resolver, ca_identities=settings.dns.caa_identities,
+                resolver=settings.dns.resolver, ca_identities=identities,
                 timeout=settings.dns.timeout,
             )
         return cls(storage, certstore, issuer, clock=clock, concurrency=settings.renew.concurrency,
@@ -333,14 +337,10 @@ class RenewalService:
                 if record.status == "moved":
                     record = self._recheck_moved(record, cert)  # raises _Waiting unless an order is due
                 replaces = self._ari_gate(record, cert, force) if cert is not None else None
-                self._precheck(record, cert)
-                if replaces is None:  # ARI-claimed renewals are exempt from the CA's limits
-                    self._check_budgets(record, cert)
-                else:
-                    self._check_budgets(record, cert, kinds=(FAILED_VALIDATION,))
+                caa = self._precheck(record, cert)
+                return self._order(record, cert, replaces, caa)
             except _Waiting as waiting:
                 return waiting.outcome
-            return self._order(record, cert, replaces)
         except DomainNotFound:
             return "skipped"  # removed while we were ordering; storage refused the save
         finally:
@@ -380,9 +380,12 @@ class RenewalService:
         next check stored on the domain."""
         now = self.clock()
         state = self.storage.get_ari(record.hostname)
-        if state is None or state.serial != cert.serial or state.next_poll <= now:
+        ca = self._issuer_of(cert)
+        if ca is None:
+            state = None  # its CA is no longer configured: nobody to ask, the backstop decides
+        elif state is None or state.serial != cert.serial or state.next_poll <= now:
             try:
-                state = self.issuer.renewal_info(record.hostname, cert.chain_pem)
+                state = ca.issuer.renewal_info(record.hostname, cert.chain_pem)
                 self.storage.save_ari(state)
             except IssuanceError as exc:
                 log.warning("ARI for %s unavailable (%s); using the backstop", record.hostname, exc)
@@ -399,14 +402,23 @@ class RenewalService:
                   error_message=record.error_message, next_attempt_at=next_check, attempts=record.attempts)
         raise _Waiting("skipped", "not due yet")
 
-    def _precheck(self, record: DomainRecord, cert: CertificateRecord | None) -> None:
+    def _issuer_of(self, cert: CertificateRecord) -> CaIssuer | None:
+        """The configured CA that issued ``cert``: the first one for a certificate saved
+        before edgeproxy recorded its CA (there was only one then); None when its CA
+        is no longer configured."""
+        if not cert.acme_directory:
+            return self.issuers[0]
+        return next((ca for ca in self.issuers if ca.directory == cert.acme_directory), None)
+
+    def _precheck(self, record: DomainRecord, cert: CertificateRecord | None) -> tuple[tuple[int, str, str], ...]:
         """DNS/CAA before any order: a name that does not point at us would only
-        burn the CA's failed-validation budget."""
+        burn the CA's failed-validation budget. Returns the relevant CAA RRset
+        (which CAs the order may ask)."""
         if self.dns is None:
-            return
+            return ()
         verdict = self.dns.check(record.hostname)
         if verdict.ok:
-            return
+            return verdict.caa
         now = self.clock()
         if cert is not None and verdict.definitive and verdict.code in (DNS_MISSING, DNS_ELSEWHERE):
             # The customer took the name away: keep serving the valid certificate,
@@ -424,69 +436,136 @@ class RenewalService:
                   next_attempt_at=now + retry_delay(attempts, bounds, now), attempts=attempts)
         raise _Waiting("waiting", f"{verdict.code}: {verdict.message}")
 
-    def _budgets(self, hostname: str) -> list[tuple[Budget, str]]:
+    def _budgets(self, hostname: str, ca: CaIssuer) -> list[tuple[Budget, str, str]]:
+        """``(budget, key, legacy key)`` of one CA: the legacy key is the one used
+        before budgets were kept per CA ("" when the key did not change)."""
         try:
             domain = registered_domain(hostname, extra_suffixes=self.policy.extra_suffixes)
         except InvalidHostname:
             domain = hostname
-        p = self.policy
+        p, d = self.policy, ca.directory
         return [
-            (Budget(ORDER, p.orders_per_3h, dt.timedelta(hours=3), "new orders per account per 3 hours"), p.account),
+            (Budget(ORDER, p.orders_per_3h, dt.timedelta(hours=3), f"new orders per account per 3 hours at {d}"),
+             d, ""),
             (Budget(CERT_DOMAIN, p.certs_per_domain, dt.timedelta(days=7),
-                    f"certificates for {domain} per 7 days"), domain),
+                    f"certificates for {domain} per 7 days from {d}"), f"{domain} {d}", domain),
             (Budget(CERT_NAMES, p.duplicate_certs, dt.timedelta(days=7),
-                    f"duplicate certificates for {hostname} per 7 days"), hostname),
+                    f"duplicate certificates for {hostname} per 7 days from {d}"), f"{hostname} {d}", hostname),
             (Budget(FAILED_VALIDATION, p.failed_validations, dt.timedelta(hours=1),
-                    f"failed validations for {hostname} per hour"), hostname),
+                    f"failed validations for {hostname} per hour at {d}"), f"{hostname} {d}", hostname),
         ]
 
-    def _check_budgets(
-        self, record: DomainRecord, cert: CertificateRecord | None, kinds: tuple[str, ...] | None = None
-    ) -> None:
-        """Refuse an order that would exceed one of the CA's limits: it waits on the
-        domain with ``error.code = "rate_budget"`` and never reaches the CA."""
+    def _budget_wait(self, hostname: str, ca: CaIssuer, exempt: bool) -> tuple[dt.datetime, str] | None:
+        """When one more order from ``ca`` fits its budgets again and why, or None if
+        it fits now. ``exempt``: an ARI-claimed renewal (``replaces``), which counts
+        against failed validations only."""
         now = self.clock()
-        for budget, key in self._budgets(record.hostname):
-            if kinds is not None and budget.kind not in kinds:
+        for budget, key, legacy in self._budgets(hostname, ca):
+            if exempt and budget.kind != FAILED_VALIDATION:
                 continue
             events = self.storage.events_since(budget.kind, key, now - budget.window)
+            if legacy:
+                events += self.storage.events_since(budget.kind, legacy, now - budget.window)
             until = budget_wait(events, budget.limit, budget.window, now)
-            if until is None:
-                continue
-            message = (f"rate budget reached: {budget.limit} {budget.label}; the next attempt is at "
-                       f"{until.isoformat().replace('+00:00', 'Z')} (nothing was sent to the CA)")
-            self._set(record, now, status=record.status if record.status != "pending_dns" else "issuing",
-                      error_code="rate_budget", error_message=message, next_attempt_at=until,
-                      attempts=record.attempts)
-            log.warning("%s: %s", record.hostname, message)
-            raise _Waiting("waiting", f"rate_budget: {message}")
+            if until is not None:
+                return until, (f"rate budget reached: {budget.limit} {budget.label}; the next attempt is at "
+                               f"{_iso(until)} (nothing was sent to the CA)")
+        return None
 
-    def _order(self, record: DomainRecord, cert: CertificateRecord | None, replaces: str | None = None) -> str:
+    def _rest(self, hostname: str, ca: CaIssuer) -> tuple[dt.datetime, str] | None:
+        """Until when ``ca`` must not be asked for ``hostname`` (its Retry-After), or None."""
+        # A rest dated ``until`` is over at ``until`` (the ledger's "since" is inclusive).
+        after = self.clock() + dt.timedelta(microseconds=1)
+        ends = self.storage.events_since(RATE_LIMITED_REST, f"{hostname} {ca.directory}", after)
+        if not ends:
+            return None
+        until = max(ends)
+        return until, f"rate-limited {hostname} until {_iso(until)} (its Retry-After)"
+
+    def _down(self) -> frozenset[str]:
+        """Directories of the CAs that had an outage within ``issuers.OUTAGE_REST``: asked last."""
+        after = self.clock() + dt.timedelta(microseconds=1)
+        return frozenset(ca.directory for ca in self.issuers
+                         if len(self.issuers) > 1 and self.storage.events_since(OUTAGE_REST_UNTIL, ca.directory, after))
+
+    def _order(self, record: DomainRecord, cert: CertificateRecord | None, replaces: str | None,
+               caa: tuple[tuple[int, str, str], ...]) -> str:
+        """One order, walking the CAs: the first one the domain's CAA allows (the
+        current certificate's CA first), the next one after an outage, a rate limit
+        or ``caa`` (``issuers.fallback_cause``), never after anything else. A CA
+        whose budget is spent or that rate-limited this name is skipped. Raises
+        ``_Waiting`` when every CA was skipped, ``IssuanceError`` (recorded) when
+        none issued."""
         hostname = record.hostname
         renewing = cert is not None
-        record = self._set(
-            record, self.clock(), status="renewing" if renewing else "issuing",
-            error_code=record.error_code, error_message=record.error_message,
-            next_attempt_at=record.next_attempt_at, attempts=record.attempts,
-        )
-        self.storage.record_event(ORDER, self.policy.account, self.clock())
-        try:
-            pair = self.issuer.issue(hostname, replaces=replaces) if replaces else self.issuer.issue(hostname)
-            saved = self.certstore.save(hostname, pair.key_pem, pair.chain_pem, self.clock(),
-                                        events=self._certificate_events(record, renewing))
-        except IssuanceError as exc:
-            if exc.retry is RetryClass.CUSTOMER:
-                self.storage.record_event(FAILED_VALIDATION, hostname, self.clock())
-            self._record_failure(record, cert, exc, renewing)
-            raise
+        current = self._issuer_of(cert) if cert is not None else None
+        candidates, forbidden = order_issuers(self.issuers, caa, current.directory if current else "", self._down())
+        notes: dict[str, str] = {
+            ca.directory: f"the CAA records of {hostname} do not name {' or '.join(ca.caa_identities) or 'it'}"
+            for ca in forbidden}
+        waits: list[tuple[dt.datetime, str, str]] = []  # (until, error code, message)
+        failures: list[IssuanceError] = []
+        started = False
+        for ca in candidates:
+            ca_replaces = replaces if current is not None and ca.directory == current.directory else None
+            rest = self._rest(hostname, ca)
+            budget = self._budget_wait(hostname, ca, exempt=ca_replaces is not None)
+            skip = rest or budget
+            if skip is not None:
+                until, message = skip
+                waits.append((until, "acme_rate_limited" if rest else "rate_budget", message))
+                notes[ca.directory] = message
+                continue
+            if not started:
+                record = self._set(
+                    record, self.clock(), status="renewing" if renewing else "issuing",
+                    error_code=record.error_code, error_message=record.error_message,
+                    next_attempt_at=record.next_attempt_at, attempts=record.attempts,
+                )
+                started = True
+            self.storage.record_event(ORDER, ca.directory, self.clock())
+            try:
+                pair = ca.issuer.issue(hostname, replaces=ca_replaces) if ca_replaces else ca.issuer.issue(hostname)
+            except IssuanceError as exc:
+                if exc.retry is RetryClass.CUSTOMER:
+                    self.storage.record_event(FAILED_VALIDATION, f"{hostname} {ca.directory}", self.clock())
+                cause = fallback_cause(exc) if len(self.issuers) > 1 else None
+                if cause is None:
+                    error = self._with_notes(exc, notes)
+                    self._record_failure(record, cert, error, renewing)
+                    if error is exc:
+                        raise
+                    raise error from exc
+                self._rest_after(hostname, ca, cause, exc)
+                notes[ca.directory] = f"{cause} ({exc.code}): {exc}"
+                failures.append(exc)
+                log.warning("order for %s at %s failed (%s: %s); trying the next CA", hostname, ca.directory,
+                            cause, exc.code)
+                continue
+            return self._issued(record, cert, ca, pair, notes, renewing)
+        if failures:
+            error = self._every_ca_failed(failures, notes)
+            self._record_failure(record, cert, error, renewing)
+            raise error
+        self._wait_for_ca(record, cert, waits, notes)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _issued(self, record: DomainRecord, cert: CertificateRecord | None, ca: CaIssuer, pair: IssuedPair,
+                notes: dict[str, str], renewing: bool) -> str:
+        hostname = record.hostname
+        reason = fallback_reason(self.issuers, ca.directory, notes, cert)
+        saved = self.certstore.save(hostname, pair.key_pem, pair.chain_pem, self.clock(),
+                                    acme_directory=ca.directory, fallback_reason=reason,
+                                    events=self._certificate_events(record, renewing))
         now = self.clock()
-        for budget, key in self._budgets(hostname):
+        for budget, key, _legacy in self._budgets(hostname, ca):
             if budget.kind in (CERT_DOMAIN, CERT_NAMES):
                 self.storage.record_event(budget.kind, key, now)
         # The next look is the backstop, or sooner to ask the CA's ARI (at least twice a day).
         next_at = min(renewal_time(saved.not_before, saved.not_after), now + _ARI_POLL)
         self._set(record, now, status="active", next_attempt_at=next_at)
-        log.info("certificate for %s issued, serial %s, valid until %s", hostname, saved.serial, saved.not_after)
+        log.info("certificate for %s issued by %s, serial %s, valid until %s%s", hostname, ca.directory,
+                 saved.serial, saved.not_after, f" ({reason})" if reason else "")
         return "issued"
 
     def _certificate_events(
@@ -499,6 +578,53 @@ class RenewalService:
             return None
         kind = "certificate.renewed" if renewing else "certificate.issued"
         return lambda saved: events.build(kind, record, saved, saved.created_at)
+
+    def _rest_after(self, hostname: str, ca: CaIssuer, cause: str, exc: IssuanceError) -> None:
+        until = rest_until(cause, exc, self.clock())
+        if until is None:
+            return
+        if cause == CAUSE_RATE_LIMITED:
+            self.storage.record_event(RATE_LIMITED_REST, f"{hostname} {ca.directory}", until)
+        elif cause == CAUSE_OUTAGE:
+            self.storage.record_event(OUTAGE_REST_UNTIL, ca.directory, until)
+
+    @staticmethod
+    def _with_notes(exc: IssuanceError, notes: dict[str, str]) -> IssuanceError:
+        """``exc`` as is, or, when other CAs were skipped or failed first, with why."""
+        if not notes:
+            return exc
+        others = "; ".join(f"{d}: {n}" for d, n in notes.items())
+        return IssuanceError(f"{exc} (other CAs: {others})", code=exc.code, retry=exc.retry,
+                             retry_after=exc.retry_after, acme_type=exc.acme_type)
+
+    @staticmethod
+    def _every_ca_failed(failures: list[IssuanceError], notes: dict[str, str]) -> IssuanceError:
+        """One error for an order no CA could serve: the last CA's code and class, every
+        CA's reason, and the CAs' Retry-After when each of them sent one (the earliest)."""
+        last = failures[-1]
+        retry_afters = [f.retry_after for f in failures if f.retry_after is not None]
+        retry_after = min(retry_afters) if len(retry_afters) == len(failures) else None
+        if len(notes) == 1:
+            return last
+        others = "; ".join(f"{d}: {n}" for d, n in notes.items())
+        return IssuanceError(f"No CA issued the certificate: {others}", code=last.code, retry=last.retry,
+                             retry_after=retry_after, acme_type=last.acme_type)
+
+    def _wait_for_ca(self, record: DomainRecord, cert: CertificateRecord | None,
+                     waits: list[tuple[dt.datetime, str, str]], notes: dict[str, str]) -> None:
+        """Every CA was skipped (budget spent, rate-limited, or forbidden by CAA): the
+        domain waits, nothing was sent to a CA. Raises ``_Waiting``."""
+        now = self.clock()
+        if waits:
+            until, code, _message = min(waits)
+            message = waits[0][2] if len(notes) == 1 else "; ".join(f"{d}: {n}" for d, n in notes.items())
+        else:  # every CA forbidden by CAA (the pre-check passes on any CA's identity)
+            until, code = now + retry_delay(record.attempts + 1, None, now), DNS_CAA_FORBIDS
+            message = "; ".join(f"{d}: {n}" for d, n in notes.items())
+        self._set(record, now, status=record.status if record.status != "pending_dns" else "issuing",
+                  error_code=code, error_message=message, next_attempt_at=until, attempts=record.attempts)
+        log.warning("%s: %s", record.hostname, message)
+        raise _Waiting("waiting", f"{code}: {message}")
 
     def _record_failure(
         self, record: DomainRecord, cert: CertificateRecord | None, exc: IssuanceError, renewing: bool

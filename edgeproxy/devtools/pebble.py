@@ -112,10 +112,11 @@ def _fqdn(host: str) -> str:
 class _Process:
     """One child process in its own process group, its output in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str],
+                 append: bool = False) -> None:
         self.name = name
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "ab" if append else "wb")
         try:
             # A new session makes pid == process-group id, so stop() can kill
             # the whole group without touching any process we did not start.
@@ -538,9 +539,14 @@ class Pebble(_ManagedServer):
     - ``domain_blocklist``: config ``domainBlocklist`` (orders for these names
       fail with ``rejectedIdentifier``).
     - ``strict``: run with ``-strict`` (upcoming breaking changes enabled).
+    - ``eab_keys``: config ``externalAccountMACKeys`` (key id -> base64url MAC
+      key) with ``externalAccountBindingRequired: true``: new accounts without a
+      valid binding are refused with ``externalAccountRequired``.
     - ``extra_env``: any further ``PEBBLE_*`` variables.
 
     Pebble 2.4 has no ARI, no ACME profiles, no rate limits and no CAA checks.
+    ``halt()`` stops the process and ``resume()`` starts it again on the same
+    ports (the same directory URL and HTTPS identity; a new CA state): a CA outage.
     """
 
     _name = "pebble"
@@ -559,6 +565,7 @@ class Pebble(_ManagedServer):
         va_sleep_max: int | None = None,
         domain_blocklist: Sequence[str] = (),
         strict: bool = False,
+        eab_keys: Mapping[str, str] | None = None,
         extra_env: Mapping[str, str] | None = None,
         workdir: str | os.PathLike[str] | None = None,
         start_timeout: float = 20.0,
@@ -574,6 +581,7 @@ class Pebble(_ManagedServer):
         self.va_sleep_max = va_sleep_max
         self.domain_blocklist = tuple(domain_blocklist)
         self.strict = strict
+        self.eab_keys = dict(eab_keys or {})
         self.extra_env = dict(extra_env or {})
         self.start_timeout = start_timeout
         self._workdir_arg = workdir
@@ -612,8 +620,10 @@ class Pebble(_ManagedServer):
             # Only dialled for TLS-ALPN-01, which edgeproxy never answers.
             "tlsPort": self.tls_port if self.tls_port is not None else _free_tcp_port(),
             "ocspResponderURL": "",
-            "externalAccountBindingRequired": False,
+            "externalAccountBindingRequired": bool(self.eab_keys),
         }
+        if self.eab_keys:
+            conf["externalAccountMACKeys"] = dict(self.eab_keys)
         if self.domain_blocklist:
             conf["domainBlocklist"] = list(self.domain_blocklist)
         if self.validity_seconds is not None:
@@ -637,16 +647,46 @@ class Pebble(_ManagedServer):
 
         def spawn() -> _Process:
             self._listen_port, self._management_port = _free_tcp_port(), _free_tcp_port()
-            config_path = workdir.path / "pebble-config.json"
-            config_path.write_text(json.dumps(self._config(cert_path, key_path), indent=2))
-            argv = [binary, "-config", str(config_path)]
-            if self.dns_server:
-                argv += ["-dnsserver", self.dns_server]
-            if self.strict:
-                argv += ["-strict"]
-            return _Process("pebble", argv, workdir.path / "pebble.log", self.environment())
+            return self._spawn(binary, cert_path, key_path, append=False)
 
         return self._launch(spawn)
+
+    def _spawn(self, binary: str, cert_path: Path, key_path: Path, *, append: bool) -> _Process:
+        assert self._workdir is not None
+        workdir = self._workdir
+        config_path = workdir.path / "pebble-config.json"
+        config_path.write_text(json.dumps(self._config(cert_path, key_path), indent=2))
+        argv = [binary, "-config", str(config_path)]
+        if self.dns_server:
+            argv += ["-dnsserver", self.dns_server]
+        if self.strict:
+            argv += ["-strict"]
+        return _Process("pebble", argv, workdir.path / "pebble.log", self.environment(), append=append)
+
+    _halted = False
+
+    def halt(self) -> None:
+        """Stop the process, keeping the ports, workdir and HTTPS identity for
+        ``resume()``: clients now get connection refused (a CA outage)."""
+        self._require_running()
+        assert self._proc is not None
+        self._proc.stop()
+        self._halted = True
+
+    def resume(self) -> None:
+        """Start again after ``halt()`` on the same ports (same ``directory_url``);
+        Pebble's state is new (accounts, orders, roots), as after any restart."""
+        if not self._halted or self._workdir is None:
+            raise HarnessError("pebble.resume() without halt()")
+        workdir = self._workdir.path
+        proc = self._spawn(_require(PEBBLE_BINARY), workdir / "https-cert.pem", workdir / "https-key.pem",
+                           append=True)
+        self._proc, self._halted = proc, False
+        try:
+            self._wait_ready(proc)
+        except HarnessError:
+            self.stop()
+            raise
 
     def _wait_ready(self, proc: _Process) -> None:
         """Poll the directory and the root until both answer over verified HTTPS."""

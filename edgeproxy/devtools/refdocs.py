@@ -27,7 +27,7 @@ from typing import Any, get_type_hints
 
 from .. import config
 from ..control.admin import create_admin_app
-from ..config import AdminSettings, EventEndpointSettings, RouteSettings, Settings
+from ..config import AdminSettings, EventEndpointSettings, IssuerSettings, RouteSettings, Settings
 from ..control.registry import Registry
 from ..storage import open_storage
 from ..control.tokens import TokenStore
@@ -134,7 +134,8 @@ def _toml(value: Any) -> str:
 
 # Arrays of tables ([[section.key]]): documented in a subsection of their own.
 _TABLE_ARRAYS: dict[str, type[Any]] = {"tuple[RouteSettings, ...]": RouteSettings,
-                                       "tuple[EventEndpointSettings, ...]": EventEndpointSettings}
+                                       "tuple[EventEndpointSettings, ...]": EventEndpointSettings,
+                                       "tuple[IssuerSettings, ...]": IssuerSettings}
 
 
 def _type_name(annotation: Any) -> str:
@@ -146,9 +147,10 @@ def _type_name(annotation: Any) -> str:
 
 def _table_array_markdown(section: str, key: str, cls: type[Any]) -> list[str]:
     comments = _comments(cls)
-    out = [f"### [[{section}.{key}]]", "", (cls.__doc__ or "").strip(),
-           f"Set the whole array in the environment as JSON: `EDGEPROXY_{section.upper()}_{key.upper()}=[{{"
-           + ", ".join(f'"{f.name}": ...' for f in dataclasses.fields(cls)[:3]) + "}]`.", "",
+    example = ", ".join(f'"{f.name}": ...' for f in dataclasses.fields(cls)[:3])
+    out = [f"### [[{section}.{key}]]", "", " ".join((cls.__doc__ or "").split()),
+           f"Set the whole array in the environment as JSON: `EDGEPROXY_{section.upper()}_{key.upper()}="
+           f'[{{{example}}}]`.', "",
            "| key | type | default | description |", "| --- | --- | --- | --- |"]
     defaults = cls()
     for f in dataclasses.fields(cls):

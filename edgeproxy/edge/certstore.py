@@ -78,7 +78,8 @@ def certificate_metadata(chain_pem: bytes) -> tuple[dt.datetime, dt.datetime, st
     )
 
 
-def record_from_pem(hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime) -> CertificateRecord:
+def record_from_pem(hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime, *,
+                    acme_directory: str = "", fallback_reason: str = "") -> CertificateRecord:
     """Build the record that storage saves as one atomic unit."""
     not_before, not_after, serial, issuer = certificate_metadata(chain_pem)
     return CertificateRecord(
@@ -90,6 +91,8 @@ def record_from_pem(hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.dat
         serial=serial,
         issuer=issuer,
         created_at=now,
+        acme_directory=acme_directory,
+        fallback_reason=fallback_reason,
     )
 
 
@@ -370,11 +373,14 @@ class CertStore:
         return self.fallback_context
 
     # -- keeping in step with storage --------------------------------------------------
-    def save(self, hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime,
+    def save(self, hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime, *,
+             acme_directory: str = "", fallback_reason: str = "",
              events: Callable[[CertificateRecord], Sequence[OutboxEvent]] | None = None) -> CertificateRecord:
-        """Persist a freshly issued pair (blocking). Other workers see it on their next refresh.
+        """Persist a freshly issued pair (blocking), with the ACME CA that issued it and
+        why that CA (``CertificateRecord``). Other workers see it on their next refresh.
         ``events(record)``: lifecycle events written in the same transaction as the certificate."""
-        record = record_from_pem(hostname, key_pem, chain_pem, now)
+        record = record_from_pem(hostname, key_pem, chain_pem, now, acme_directory=acme_directory,
+                                 fallback_reason=fallback_reason)
         build_context(chain_pem, key_pem)  # refuse a pair that does not load before storing it
         self.storage.save_certificate(record, events=events(record) if events is not None else ())
         # Serve it from this process at once: the renewal loop marks the domain

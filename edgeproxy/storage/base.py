@@ -87,6 +87,12 @@ class CertificateRecord:
     serial: str  # hex, lowercase
     issuer: str  # RFC 4514 string of the leaf's issuer
     created_at: datetime
+    # The configured ACME CA (its directory URL) that issued it; "" when unknown
+    # (saved before edgeproxy recorded it, or imported).
+    acme_directory: str = ""
+    # Why it does not come from the first CA the domain's CAA allows ("" when it
+    # does): the order that moved the domain to this CA (``issuers.FallbackNote``).
+    fallback_reason: str = ""
 
 
 #: ``visit(hostname, key_pem, chain_pem, leaf_der, not_after, serial)``: what a

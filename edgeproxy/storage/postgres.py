@@ -281,6 +281,19 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX event_outbox_line ON event_outbox (state, endpoint, hostname, seq)",
         ),
     ),
+    (
+        7,
+        (
+            # Which configured ACME CA issued a certificate and why not the
+            # preferred one (issuer fallback), and the serial they were recorded
+            # for: a node still on older code upserts a renewed chain without
+            # them, and a serial that no longer matches reads as "unknown". The
+            # same statements as sqlite.py's _ISSUER_COLUMNS.
+            "ALTER TABLE certificates ADD COLUMN acme_directory TEXT",
+            "ALTER TABLE certificates ADD COLUMN fallback_reason TEXT",
+            "ALTER TABLE certificates ADD COLUMN acme_serial TEXT",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

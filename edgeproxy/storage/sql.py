@@ -65,7 +65,10 @@ _IN_CHUNK = 500
 _DOMAIN_COLUMNS = (
     "hostname, status, created_at, updated_at, error_code, error_message, next_attempt_at, attempts"
 )
-_CERT_COLUMNS = "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at"
+_CERT_COLUMNS = (
+    "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at, acme_directory, "
+    "fallback_reason, acme_serial"
+)
 _ALERT_COLUMNS = "key, kind, severity, summary, details_json, since, last_sent"
 _PROBE_COLUMNS = "hostname, checked_at, ok, result_json, consecutive_failures"
 _OUTBOX_COLUMNS = ("seq, event_id, endpoint, event_type, hostname, occurred_at, payload, state, attempts, "
@@ -259,6 +262,10 @@ class SqlStorage:
         return CertificateRecord(
             hostname=row[0], key_pem=bytes(row[1]), chain_pem=bytes(row[2]), not_before=self._dt(row[3]),
             not_after=self._dt(row[4]), serial=row[5], issuer=row[6], created_at=self._dt(row[7]),
+            # The issuing CA only when recorded for this very certificate (acme_serial):
+            # an older edgeproxy's upsert renews chain and serial without these columns.
+            acme_directory=(row[8] or "") if row[10] == row[5] else "",
+            fallback_reason=(row[9] or "") if row[10] == row[5] else "",
         )
 
     # -- domains -----------------------------------------------------------------------
@@ -371,6 +378,7 @@ class SqlStorage:
         params = (
             cert.hostname, bytes(cert.key_pem), bytes(cert.chain_pem), self._ts(cert.not_before),
             self._ts(cert.not_after), cert.serial, cert.issuer, self._ts(cert.created_at),
+            cert.acme_directory or None, cert.fallback_reason or None, cert.serial if cert.acme_directory else None,
             leaf_der_of(cert.chain_pem),
         )
         with self._write(f"save the certificate of {cert.hostname}") as conn:
@@ -380,12 +388,13 @@ class SqlStorage:
                             (cert.hostname,)).fetchone() is None:
                 raise DomainNotFound(f"{cert.hostname} is not registered (removed meanwhile?)")
             conn.execute(
-                f"INSERT INTO certificates ({_CERT_COLUMNS}, leaf_der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO certificates ({_CERT_COLUMNS}, leaf_der) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
                 "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
                 "not_after = excluded.not_after, serial = excluded.serial, "
                 "issuer = excluded.issuer, created_at = excluded.created_at, "
-                "leaf_der = excluded.leaf_der",
+                "acme_directory = excluded.acme_directory, fallback_reason = excluded.fallback_reason, "
+                "acme_serial = excluded.acme_serial, leaf_der = excluded.leaf_der",
                 params,
             )
             self._append_change(conn, cert.hostname)

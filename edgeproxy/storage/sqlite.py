@@ -223,6 +223,17 @@ _LEAF_DER_TRIGGER = """CREATE TRIGGER IF NOT EXISTS certificates_leaf_der_stale
         UPDATE certificates SET leaf_der = NULL WHERE hostname = NEW.hostname;
     END"""
 
+# Which configured ACME CA issued a certificate, why not the preferred one (issuer
+# fallback), and the serial they were recorded for: an older edgeproxy's upsert
+# renews the chain and serial without knowing these columns, and a serial that no
+# longer matches reads as "unknown". Added like leaf_der below (ADD COLUMN on open,
+# old rows read NULL); postgres.py has the same statements as its migration 7.
+_ISSUER_COLUMNS = (
+    "ALTER TABLE certificates ADD COLUMN acme_directory TEXT",
+    "ALTER TABLE certificates ADD COLUMN fallback_reason TEXT",
+    "ALTER TABLE certificates ADD COLUMN acme_serial TEXT",
+)
+
 # os.umask is process-wide: serialize our brief changes of it.
 _UMASK_LOCK = threading.Lock()
 
@@ -327,6 +338,9 @@ class SqliteStorage(SqlStorage):
             if not any(row[1] == "leaf_der" for row in tx.execute("PRAGMA table_info(certificates)")):
                 tx.execute(_LEAF_DER_COLUMN)
             tx.execute(_LEAF_DER_TRIGGER)
+            if not any(row[1] == "acme_directory" for row in tx.execute("PRAGMA table_info(certificates)")):
+                for statement in _ISSUER_COLUMNS:
+                    tx.execute(statement)
             version = tx.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
             if version is None:
                 tx.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
