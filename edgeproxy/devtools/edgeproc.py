@@ -207,9 +207,9 @@ class EdgeProcess:
             time.sleep(0.1)
         raise RuntimeError(f"edgeproxy did not become ready in {timeout}s:\n{self.log_text()[-4000:]}")
 
-    def admin(self) -> httpx.Client:
+    def admin(self, timeout: float = 10.0) -> httpx.Client:
         token = self.config.token_file.read_text().strip()
-        return self.admin_client({"Authorization": f"Bearer {token}"})
+        return self.admin_client({"Authorization": f"Bearer {token}"}, timeout=timeout)
 
     def wait_status(self, hostname: str, status: str = "active", timeout: float = 60.0) -> dict[str, Any]:
         """Poll the admin API until ``hostname`` reaches ``status``; fail fast on ``failing``."""
