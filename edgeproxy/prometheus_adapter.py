@@ -23,7 +23,7 @@ def _check() -> None:
     missing = [name for name in ("ValueClass", "MultiProcessValue") if not hasattr(values, name)]
     if missing:
         raise ImportError(
-            f"prometheus_client {getattr(values, '__name__', '')} lacks {', '.join(missing)}: edgeproxy's "
+            f"prometheus_client lacks {', '.join(missing)}: edgeproxy's "
             "multiprocess metrics rely on them (edgeproxy/prometheus_adapter.py); install the locked version")
 
 

@@ -32,6 +32,12 @@ Design notes:
   sends the RFC 9773 section 5 ``replaces`` field, which the library's
   ``NewOrder`` lacks (``_ReplacingNewOrder``), only to CAs that offer ARI, and
   falls back to a plain order if the CA refuses the replacement.
+- The acme library's private API, used in one place (``_new_order``, for
+  ``replaces``): ``ClientV2._post``, ``_post_as_get`` and
+  ``_authzr_from_response``. ``_check()`` verifies at import time that they
+  still exist, so an acme upgrade that renames one fails at start-up with its
+  name, not in the middle of a renewal; installs come from the hash-locked
+  ``requirements.lock``.
 """
 
 from __future__ import annotations
@@ -74,6 +80,20 @@ __all__ = [
 ]
 
 log = logging.getLogger("edgeproxy.acme")
+
+# The acme library's private names this module relies on (see the module docstring).
+_PRIVATE_ACME = {acme_lib.ClientV2: ("_post", "_post_as_get", "_authzr_from_response")}
+
+
+def _check() -> None:
+    missing = [f"{owner.__name__}.{name}" for owner, names in _PRIVATE_ACME.items() for name in names
+               if not callable(getattr(owner, name, None))]
+    if missing:
+        raise ImportError(f"the installed acme library lacks {', '.join(missing)}, which edgeproxy's "
+                          "ARI renewal orders use (control/acme_client.py); install the locked version")
+
+
+_check()
 
 ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
 
