@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # imported where used: the public listeners start before the 
     from .monitor import MonitorService, SpoolStats
     from .renew import Issuer
 
-__all__ = ["bind_socket", "serve", "EdgeNode"]
+__all__ = ["bind_socket", "default_workers", "serve", "EdgeNode"]
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -466,9 +466,19 @@ def listening_sockets(settings: Settings, environ: MutableMapping[str, str] | No
     return sockets
 
 
-def serve(settings: Settings, workers: int = 1) -> None:
-    """Run the edge: ``workers`` processes serve the public listeners; the parent
-    is one of them and also serves the admin API and the issuance loop."""
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask, as nginx's
+    ``worker_processes auto``; a container's cpuset shows here, a CFS quota does not)."""
+    return len(os.sched_getaffinity(0))
+
+
+def serve(settings: Settings, workers: int | None = None) -> None:
+    """Run the edge: ``workers`` processes (default: ``default_workers()``) serve the
+    public listeners; the parent is one of them and also serves the admin API and runs
+    the issuance loop, the spool's replayer and the pruning: once per node, whatever
+    the worker count."""
+    if workers is None:
+        workers = default_workers()
     if workers < 1:
         raise ValueError("workers must be at least 1")
     setup_logging(settings.log, level=logging.getLogger().level or logging.INFO)
