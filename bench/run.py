@@ -520,6 +520,30 @@ def start_timed(config: EdgeConfig, name: str, workers: int) -> tuple[EdgeProces
     return edge, t1 - t0, rss_kb(edge.proc.pid)
 
 
+def scenario_memory(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, workers: int) -> None:
+    """d'. The whole process tree at the default worker count, 100,000 certificates: RSS and PSS
+    once every worker serves (PSS charges each shared page once across the tree)."""
+    n = 100_000
+    state = work / f"edge-{n}-w{workers}"
+    fixtures.install_db(n, state)
+    config = edge_config(state, origin, relay_port)
+    edge, startup, _ = start_timed(config, fixtures.host(random.randrange(n)), workers)
+    try:
+        assert edge.proc is not None
+        # Every worker has loaded its map once the tree is idle again (settle), and a
+        # request on a fresh connection has reached at least one of them.
+        settle(edge.proc.pid)
+        mem = memory_kb(edge.proc.pid)
+        t.add(f"d'. start-up to first HTTPS 200, {n:,} certs, {workers} workers (default) (s)", "", {"s": startup},
+              None, key="s")
+        t.add(f"d'. process tree RSS, {n:,} certs, {workers} workers, {mem['processes']} processes (MB)", "",
+              {"mb": mem["rss"] / 1024}, None, key="mb")
+        t.add(f"d'. process tree PSS, {n:,} certs, {workers} workers (MB)", "<= 400 MB",
+              {"mb": mem["pss"] / 1024}, None, key="mb")
+    finally:
+        edge.stop()
+
+
 def scenario_cd(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, seconds: float, workers: int,
                 only: set[str], repeats: int) -> None:
     for n in (10_000, 100_000):
@@ -635,6 +659,8 @@ def main() -> None:
                     scenario_ab(t, work, origin, relay_port, args.seconds, args.also_workers, only & {"a", "b"},
                                 args.repeats, candidates=False, ceiling_workers=ceiling_workers,
                                 label=f", edge {args.also_workers} workers, ceiling {ceiling_workers}")
+            if "d" in only:
+                scenario_memory(t, work, origin, relay_port, default_workers())
             if only & {"c", "d"}:
                 scenario_cd(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
             if "e" in only:

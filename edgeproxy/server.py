@@ -50,6 +50,7 @@ from .spool import Replayer, ReplayFilters, move_refusals, prune_loop, replay_fa
 from .storage.base import Storage
 
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
+    from .certstore import CertMap
     from .monitor import MonitorService, SpoolStats
     from .renew import Issuer
 
@@ -173,6 +174,7 @@ class EdgeNode:
         primary: bool,
         storage: Storage | None = None,
         issuer: Issuer | None = None,
+        certmap: CertMap | None = None,
     ) -> None:
         self.settings = settings
         self.sockets = sockets
@@ -185,7 +187,7 @@ class EdgeNode:
         # Everything else comes from the composition root, counting into these metrics.
         self.services = Services(settings, role="primary" if primary else "worker", storage=storage,
                                  issuer=issuer, stats=StatsCounter(self.metrics),
-                                 observe_relay=self.metrics.observe_relay)
+                                 observe_relay=self.metrics.observe_relay, certmap=certmap)
         self.storage = self.services.storage
         self.certstore = self.services.certstore
         # The data path, one way: proxy -> spool -> relay client. Every worker spools
@@ -423,10 +425,12 @@ def _run(settings: Settings, main: Callable[[], Coroutine[Any, Any, None]]) -> N
     asyncio.run(main())
 
 
-def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int) -> None:
-    """Entry point of an extra worker process (spawned, so nothing is shared but sockets)."""
+def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int,
+                 certmap: CertMap | None = None) -> None:
+    """Entry point of an extra worker process: forked at start-up with the parent's
+    ``certmap``, or spawned (a replacement for a worker that died: it loads its own)."""
     setup_logging(settings.log)
-    node = EdgeNode(settings, sockets, primary=False)
+    node = EdgeNode(settings, sockets, primary=False, certmap=certmap)
 
     async def orphan_guard() -> None:
         # A parent killed with SIGKILL cannot stop us: leave when it is gone.
@@ -500,18 +504,64 @@ def serve(settings: Settings, workers: int | None = None) -> None:
             sock.close()
 
 
+def _forked_worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int,
+                        certmap: CertMap) -> None:
+    """A worker forked at start-up: it keeps the public listeners only."""
+    for role, sock in sockets.items():
+        if role not in ("http", "https"):
+            sock.close()  # the admin listener is the parent's alone
+    gc.enable()
+    _worker_main(settings, {k: sockets[k] for k in ("http", "https")}, parent, certmap)
+
+
+def _preload(settings: Settings) -> CertMap:
+    """Every certificate, loaded once before the workers fork (memory: every worker
+    would otherwise hold its own copy of the ~1 KB per name).
+
+    Runs before any event loop or thread exists in this process, with its own
+    storage connection, closed again: nothing that cannot cross a fork does."""
+    services = Services(settings, role="worker")
+    try:
+        certstore = services.certstore
+        certstore.refresh_blocking()
+        return certstore.snapshot()
+    finally:
+        services.storage.close()
+
+
 def _serve(settings: Settings, sockets: dict[str, socket.socket], public: dict[str, socket.socket],
            workers: int) -> None:
     spawn = multiprocessing.get_context("spawn")
     children: list[Any] = []
+    certmap: CertMap | None = None
+    if workers > 1:
+        # Load before fork, share by copy-on-write (issue 20: 100,000 certificates and
+        # 2 workers: the tree's PSS 454 -> see bench/README.md). gc.disable() until
+        # the fork leaves no freed holes between the map's objects; gc.freeze() moves
+        # them out of the collector's generations, so no child's collection writes to
+        # their headers (a write would copy the page into that child).
+        gc.disable()
+        certmap = _preload(settings)
+        from .certstore import CertStore
+
+        CertStore.trim_memory()
+        gc.freeze()
+        fork = multiprocessing.get_context("fork")
+        for _ in range(workers - 1):
+            proc = fork.Process(target=_forked_worker_main, args=(settings, sockets, os.getpid(), certmap),
+                                daemon=True)
+            proc.start()
+            children.append(proc)
+        gc.enable()
 
     def start_child() -> Any:
+        # A replacement for a worker that died is spawned, not forked: this process
+        # then runs an event loop and threads, which a fork must not copy.
         proc = spawn.Process(target=_worker_main, args=(settings, public, os.getpid()), daemon=True)
         proc.start()
         return proc
 
-    children = [start_child() for _ in range(workers - 1)]
-    node = EdgeNode(settings, sockets, primary=True)
+    node = EdgeNode(settings, sockets, primary=True, certmap=certmap)
 
     async def supervise() -> None:
         while not node.stop.is_set():
