@@ -37,7 +37,10 @@ from prometheus_client import CollectorRegistry
 
 from . import tlspolicy
 from .sockets import ROLES, check_inherited, inherited_sockets
-from .hypercorn_adapter import ASGIWrapper, EdgeTCPServer, WorkerContext, absolute_form, edge_config
+from .h1fast import FastConnections
+from .hypercorn_adapter import (
+    DRAIN_FIRST_REQUEST_GRACE, ASGIWrapper, EdgeTCPServer, WorkerContext, absolute_form, edge_config,
+)
 from .config import Settings, parse_hostport
 from .logs import setup_logging
 from .metrics import (
@@ -209,6 +212,7 @@ class EdgeNode:
                                             upstream.connect_timeout + upstream.timeout + 1.0)
         self._context = WorkerContext(None)
         self._listeners: list[_Listener] = []
+        self._fast: FastConnections | None = None
 
     # -- the two functions the proxy sees -----------------------------------------------
     def _resolve(self, host: str) -> Site | None:
@@ -297,11 +301,21 @@ class EdgeNode:
 
     async def _listen(self, listener: _Listener) -> None:
         ssl_context = self.certstore.server_context() if listener.tls else None
-        listener.server = await asyncio.start_server(
-            self._callback(listener), sock=listener.sock, ssl=ssl_context,
-            ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
-            backlog=1024,
-        )
+        if listener.tls and self.settings.proxy.http1_fast_path:
+            # Simple HTTP/1.1 requests on the lean path; it hands the rest to hypercorn.
+            self._fast = FastConnections(
+                cast(Any, listener.app), self._callback(listener), lambda: self._config.response_headers("h11"),
+                listener.tasks.add, keep_alive_timeout=self._config.keep_alive_timeout,
+                read_timeout=self._config.read_timeout or 60.0, first_request_grace=DRAIN_FIRST_REQUEST_GRACE)
+            listener.server = await asyncio.get_running_loop().create_server(
+                self._fast.protocol, sock=listener.sock, ssl=ssl_context,
+                ssl_handshake_timeout=self._config.ssl_handshake_timeout, backlog=1024)
+        else:
+            listener.server = await asyncio.start_server(
+                self._callback(listener), sock=listener.sock, ssl=ssl_context,
+                ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
+                backlog=1024,
+            )
         name = listener.sock.getsockname()
         where = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
         log.info("pid %d serving %s on %s", os.getpid(), listener.name, where)
@@ -384,6 +398,8 @@ class EdgeNode:
             if listener.server is not None:
                 listener.server.close()
         await self._context.terminated.set()  # tells keep-alive connections to finish
+        if self._fast is not None:
+            self._fast.drain()
         # Drain. A connection accepted just before close() is still in
         # its TLS handshake and has no task yet: give handshakes a moment to finish
         # and register, then wait for every connection task until graceful_timeout.
