@@ -440,14 +440,17 @@ def default_workers() -> int:
 
 
 def scenario_caddy(rows: list[dict[str, Any]], work: Path, origin: ScriptOrigin, relay_port: int, seconds: float,
-                   repeats: int, workers: int) -> None:
-    """The edge at its default worker count against Caddy (all cores, its default), runs alternated."""
+                   repeats: int, workers: int, proxy: dict[str, Any] | None = None, label: str = "",
+                   scenarios: frozenset[str] = frozenset({"get", "file", "post", "beacon", "handshakes"})) -> None:
+    """The edge at its default worker count against Caddy (all cores, its default), runs alternated.
+
+    ``proxy``: extra ``[proxy]`` settings of the edge (a candidate measured against the same Caddy)."""
     if not caddy_available():
         raise SystemExit("caddy is not installed: `make caddy` (Debian's package, its service kept stopped)")
-    state = work / "edge-caddy"
+    state = work / f"edge-caddy{len(rows)}"
     fixtures.install_db(1, state)
     chain, key = fixtures.chain_and_key(0, work / "caddy")
-    config = edge_config(state, origin, relay_port)
+    config = edge_config(state, origin, relay_port, {"proxy": proxy} if proxy else None)
     post = b'{"type":"pageview","url":"https://shop.example/","ts":1700000000000}'
     api = "/api/v1/m/collect"
     beacon = "/api/v1/m/media.gif?kind=pageview&hostname=www.shop.example&path=%2Fcart&ts=1700000000000"
@@ -483,22 +486,27 @@ def scenario_caddy(rows: list[dict[str, Any]], work: Path, origin: ScriptOrigin,
             settle(edge.proc.pid)
             e_pid, c_pid, port = edge.proc.pid, caddy.pid, config.https_port
             t = CaddyTable(rows)
-            label = f"edge {workers} workers (default), Caddy GOMAXPROCS={os.cpu_count()}"
-            e, c = alternate(lambda: wrk(caddy_port, "/js/app.js", seconds, pid=c_pid),
-                             lambda: wrk(port, "/js/app.js", seconds, pid=e_pid), repeats)
-            t.add(f"script GET ({len(body)} B gzip), Caddy reverse_proxy to the origin; {label}", ">= 1.0", e, c)
-            e, c = alternate(lambda: wrk(caddy_port, "/static/js/app.js", seconds, pid=c_pid),
-                             lambda: wrk(port, "/js/app.js", seconds, pid=e_pid), repeats)
-            t.add("script GET, Caddy file_server precompressed gzip", "(perspective)", e, c)
-            e, c = alternate(lambda: wrk(caddy_port, api, seconds, body=post, pid=c_pid),
-                             lambda: wrk(port, api, seconds, body=post, pid=e_pid), repeats)
-            t.add("API POST forwarded to the same relay", ">= 0.75; CPU <= 1.5x", e, c)
-            e, c = alternate(lambda: wrk(caddy_port, beacon, seconds, pid=c_pid),
-                             lambda: wrk(port, beacon, seconds, pid=e_pid), repeats)
-            t.add("GET beacon forwarded to the same relay", ">= 0.75; CPU <= 1.5x", e, c)
-            e, c = alternate(lambda: handshakes(caddy_port, 1, seconds, pid=c_pid),
-                             lambda: handshakes(port, 1, seconds, pid=e_pid), repeats)
-            t.add("new TLS handshakes/s, 1 name (client-bound)", "(perspective)", e, c, key="rate")
+            label = label or f"edge {workers} workers (default), Caddy GOMAXPROCS={os.cpu_count()}"
+            if "get" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, "/js/app.js", seconds, pid=c_pid),
+                                 lambda: wrk(port, "/js/app.js", seconds, pid=e_pid), repeats)
+                t.add(f"script GET ({len(body)} B gzip), Caddy reverse_proxy to the origin; {label}", ">= 1.0", e, c)
+            if "file" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, "/static/js/app.js", seconds, pid=c_pid),
+                                 lambda: wrk(port, "/js/app.js", seconds, pid=e_pid), repeats)
+                t.add(f"script GET, Caddy file_server precompressed gzip; {label}", "(perspective)", e, c)
+            if "post" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, api, seconds, body=post, pid=c_pid),
+                                 lambda: wrk(port, api, seconds, body=post, pid=e_pid), repeats)
+                t.add(f"API POST forwarded to the same relay; {label}", ">= 0.75; CPU <= 1.5x", e, c)
+            if "beacon" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, beacon, seconds, pid=c_pid),
+                                 lambda: wrk(port, beacon, seconds, pid=e_pid), repeats)
+                t.add(f"GET beacon forwarded to the same relay; {label}", ">= 0.75; CPU <= 1.5x", e, c)
+            if "handshakes" in scenarios:
+                e, c = alternate(lambda: handshakes(caddy_port, 1, seconds, pid=c_pid),
+                                 lambda: handshakes(port, 1, seconds, pid=e_pid), repeats)
+                t.add(f"new TLS handshakes/s, 1 name (client-bound); {label}", "(perspective)", e, c, key="rate")
             mem_e, mem_c = memory_kb(e_pid), memory_kb(c_pid)
             print(f"memory after the runs: edge tree {mem_e['processes']} processes RSS {mem_e['rss'] / 1024:.0f} MB "
                   f"PSS {mem_e['pss'] / 1024:.0f} MB; Caddy RSS {mem_c['rss'] / 1024:.0f} MB "
@@ -631,6 +639,8 @@ def main() -> None:
                         help="repeat a and b with this many edge workers (0: skip), against the 1-worker ceiling "
                              "and against a ceiling with as many workers")
     parser.add_argument("--repeats", type=int, default=2, help="alternating ceiling/edge runs per scenario")
+    parser.add_argument("--caddy-candidates", type=int, default=1,
+                        help="also measure the edge without its HTTP/1.1 fast path against Caddy (0: skip)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     for n in (1, 10_000, 100_000):
@@ -648,6 +658,11 @@ def main() -> None:
             if "caddy" in only:
                 print(f"\n## against Caddy (load average {os.getloadavg()[0]:.2f})\n\n{CaddyTable.HEADER}", flush=True)
                 scenario_caddy(t.rows, work, origin, relay_port, args.seconds, args.repeats, default_workers())
+                if args.caddy_candidates:
+                    # What the lean HTTP/1.1 path buys: the same edge with hypercorn for everything.
+                    scenario_caddy(t.rows, work, origin, relay_port, args.seconds, args.repeats, default_workers(),
+                                   proxy={"http1_fast_path": False}, label="candidate: proxy.http1_fast_path = false",
+                                   scenarios=frozenset({"get", "post", "beacon"}))
                 print(f"\n## against the bare hypercorn ceiling\n\n{Table.HEADER}", flush=True)
             if only & {"a", "b", "c"}:
                 scenario_ab(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)

@@ -82,13 +82,14 @@ class FastConnections:
 
     ``app`` is the listener's ASGI app; ``handoff`` the stream callback hypercorn
     runs a connection with; ``response_headers`` hypercorn's own ``date`` and
-    ``server`` headers (``edge_config().response_headers``); ``track`` registers
-    each app task with the listener, so a drain waits for it."""
+    ``server`` headers (``edge_config().response_headers``); ``tasks`` the
+    listener's set of running connection tasks, which a drain waits for: each
+    app task is in it while it runs."""
 
     app: ASGIApp
     handoff: Handoff
     response_headers: Callable[[], list[tuple[bytes, bytes]]]
-    track: Callable[[asyncio.Task[None]], None]
+    tasks: set[asyncio.Task[None]]
     keep_alive_timeout: float = 30.0
     read_timeout: float = 60.0
     first_request_grace: float = 2.0
@@ -249,7 +250,9 @@ class FastHTTP1(asyncio.Protocol):
             self.closing = True
         self.busy = True
         task = self.loop.create_task(self._run(method, request))
-        self.shared.track(task)
+        tasks = self.shared.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _parse_head(self, head: bytes) -> tuple[_Request, httptools.HttpRequestParser, int]:
         if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):

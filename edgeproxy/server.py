@@ -305,7 +305,7 @@ class EdgeNode:
             # Simple HTTP/1.1 requests on the lean path; it hands the rest to hypercorn.
             self._fast = FastConnections(
                 cast(Any, listener.app), self._callback(listener), lambda: self._config.response_headers("h11"),
-                listener.tasks.add, keep_alive_timeout=self._config.keep_alive_timeout,
+                listener.tasks, keep_alive_timeout=self._config.keep_alive_timeout,
                 read_timeout=self._config.read_timeout or 60.0, first_request_grace=DRAIN_FIRST_REQUEST_GRACE)
             listener.server = await asyncio.get_running_loop().create_server(
                 self._fast.protocol, sock=listener.sock, ssl=ssl_context,
