@@ -168,7 +168,8 @@ class FastHTTP1(asyncio.Protocol):
         self.server = _address(transport.get_extra_info("sockname"))
         self.shared.open.add(self)
         self.last_data = self.loop.time()
-        self.timer = self.loop.call_later(self.shared.keep_alive_timeout, self._check_timeout)
+        self.timer = self.loop.call_later(min(self.shared.keep_alive_timeout, self.shared.read_timeout),
+                                          self._check_timeout)
         if self.shared.draining:
             self.drain()
 
@@ -368,23 +369,26 @@ class FastHTTP1(asyncio.Protocol):
             self._close()
 
     def _check_timeout(self) -> None:
+        """Fires at least every min(keep_alive_timeout, read_timeout): a connection
+        that goes from idle to half a request is then held to the read timeout."""
         if self.gone:
             return
+        shared = self.shared
+        period = min(shared.keep_alive_timeout, shared.read_timeout)
         waited = self.loop.time() - self.last_data
         if self.busy:
-            limit = self.shared.read_timeout  # the app's own timeouts bound a request
-            waited = 0.0
+            limit, waited = period, 0.0  # the app's own timeouts bound a request
         elif self.buf:
-            limit = self.shared.read_timeout  # a request under way: slowloris
+            limit = shared.read_timeout  # a request under way: slowloris
         else:
-            limit = self.shared.keep_alive_timeout
+            limit = shared.keep_alive_timeout
         if waited >= limit:
             if self.buf and self.transport is not None:
                 self.transport.abort()
             else:
                 self._close()
             return
-        self.timer = self.loop.call_later(limit - waited, self._check_timeout)
+        self.timer = self.loop.call_later(min(limit - waited, period), self._check_timeout)
 
     def _close(self) -> None:
         if not self.gone and self.transport is not None:
