@@ -266,8 +266,8 @@ class FastHTTP1(asyncio.Protocol):
             raise _NotSimple from exc  # (HttpParserUpgrade is not an HttpParserError)
         if parser.get_http_version() != "1.1" or parser.get_method() not in _METHODS:
             raise _NotSimple
-        if not request.url.startswith(b"/"):
-            raise _NotSimple  # absolute-form, authority-form, asterisk-form
+        if not request.url.startswith(b"/") or not request.url.isascii():
+            raise _NotSimple  # absolute-form, authority-form, asterisk-form; h11 judges raw bytes
         hosts = 0
         length = -1
         if len(request.headers) > MAX_HEADERS:
