@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 UV     := $(VENV)/bin/uv
 
-# Reproducible installs (issue 16): exact pins, every file checked against its hash.
+# Reproducible installs: exact pins, every file checked against its hash.
 #   requirements.lock      runtime dependencies (the Dockerfile installs this one)
 #   requirements-dev.lock  runtime + the test and bench extras (make deps/test/bench, so CI)
 # Both also pin pyproject's [build-system] requires, so the project itself is built
@@ -57,7 +57,7 @@ pebble:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble; \
 	fi
 
-# The PostgreSQL tests (issue 6) run against a real server and are never skipped:
+# The PostgreSQL tests run against a real server and are never skipped:
 # start the machine's cluster if it is installed but stopped, then fail loudly
 # unless 127.0.0.1:5432 accepts the test user. EDGEPROXY_TEST_PG_URL overrides.
 PG_TEST_URL ?= $(or $(EDGEPROXY_TEST_PG_URL),postgresql://postgres@127.0.0.1:5432/test)
@@ -81,7 +81,7 @@ systemd-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
 	fi
 
-# The real-browser test (issue 15 section 5, tests/test_browser.py) drives Debian's headless
+# The real-browser test (tests/test_browser.py) drives Debian's headless
 # chromium; certutil (libnss3-tools) puts Pebble's per-run root into a throwaway NSS
 # database, so no certificate error is ever ignored.
 chromium:
@@ -116,7 +116,7 @@ test: deps postgres
 # docs/configuration.md and docs/admin-api.md are generated; tests/test_docs.py fails when stale.
 docs: $(STAMP)
 	$(PY) -m edgeproxy.devtools.refdocs
-# Issue 3: spool/forward/replay benchmark (loopback, about a minute); numbers go into README.
+# Spool/forward/replay benchmark (loopback, about a minute); numbers go into README.
 bench-spool: $(STAMP)
 	$(PY) bench/spool_bench.py
 
@@ -143,7 +143,7 @@ caddy:
 		exit $$rc; \
 	fi
 
-# Benchmarks (issue 8, issue 20): loopback only, ~10 minutes; NOT part of `make test`.
+# Benchmarks: loopback only, ~10 minutes; NOT part of `make test`.
 # wrk comes from Debian; py-spy/pyinstrument (bench extra, in the dev lock) for bench/profile.py.
 bench: deps caddy
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }

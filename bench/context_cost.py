@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
 
-from edgeproxy import tlspolicy  # noqa: E402
-from edgeproxy.certstore import ALPN_PROTOCOLS, CertStore, build_context  # noqa: E402
+from edgeproxy.edge import tlspolicy  # noqa: E402
+from edgeproxy.edge.certstore import ALPN_PROTOCOLS, CertStore, build_context  # noqa: E402
 
 
 def rss_kb() -> int:

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgeproxy.certstore import CertStore
+from edgeproxy.edge.certstore import CertStore
 from edgeproxy.config import DomainsSettings, Settings
-from edgeproxy.registry import Registry
-from edgeproxy.renew import RenewalService, is_due
+from edgeproxy.control.registry import Registry
+from edgeproxy.control.renew import RenewalService, is_due
 from edgeproxy.storage.base import DomainRecord
 from edgeproxy.storage.sqlite import SqliteStorage, _ts
 

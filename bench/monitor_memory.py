@@ -38,7 +38,7 @@ from typing import Any
 
 from edgeproxy.config import Settings
 from edgeproxy.metrics import StateCollector, render, scrape_registry
-from edgeproxy.monitor import (
+from edgeproxy.control.monitor import (
     PROBED_STATUSES, Alert, AlertDispatcher, MonitorService, ProbeResult, Step, conditions, increase_over)
 from edgeproxy.storage import Storage, open_storage
 

@@ -35,10 +35,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeproxy.acme_client import AcmeIssuer
-from edgeproxy.certstore import CertStore
+from edgeproxy.control.acme_client import AcmeIssuer
+from edgeproxy.edge.certstore import CertStore
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
-from edgeproxy.renew import RenewalService, RenewPolicy
+from edgeproxy.control.renew import RenewalService, RenewPolicy
 from edgeproxy.storage.sqlite import SqliteStorage
 
 UTC = dt.timezone.utc

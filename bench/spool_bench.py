@@ -77,9 +77,9 @@ def edge_main(port: int, relay_url: str, state: str) -> None:
     from hypercorn.config import Config
 
     from edgeproxy.config import load_settings
-    from edgeproxy.proxy import EdgeProxy, Site
-    from edgeproxy.relay import HttpRelay
-    from edgeproxy.spool import Spool, SpoolingRelay, spool_path
+    from edgeproxy.edge.proxy import EdgeProxy, Site
+    from edgeproxy.edge.relay import HttpRelay
+    from edgeproxy.edge.spool import Spool, SpoolingRelay, spool_path
     from edgeproxy.storage import open_storage
 
     # The proxy logs every failed relay call: a per-request line would measure the terminal.
@@ -204,8 +204,8 @@ async def measured(name: str, proc: psutil.Process | None, run: Callable[[], Awa
 
 async def bench(total: int, paced_seconds: float) -> int:
     from edgeproxy.config import load_settings
-    from edgeproxy.proxy import EdgeProxy
-    from edgeproxy.spool import Replayer, Spool
+    from edgeproxy.edge.proxy import EdgeProxy
+    from edgeproxy.edge.spool import Replayer, Spool
 
     spawn = multiprocessing.get_context("spawn")
     relay_port, edge_a, edge_b, dead_port = free_port(), free_port(), free_port(), free_port()

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .tlspolicy import arrange_openssl_conf
+from .edge.tlspolicy import arrange_openssl_conf
 
 __all__ = ["main"]
 

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .errors import DomainNotFound, EdgeproxyError
-from .keys import generate_master_key, rotate
+from .control.keys import generate_master_key, rotate
 from .node import Services
 from .storage import migrate_storage, open_storage
 from .storage.copy import copy_store
 
 if TYPE_CHECKING:  # registry pulls in dnspython and tldextract; `serve` does not need them first
-    from .registry import Registry
+    from .control.registry import Registry
 
 __all__ = ["main"]
 
@@ -76,7 +76,7 @@ def _not_registered(raw_hostname: str) -> DomainNotFound:
 
 
 def _cmd_domains_add(args: argparse.Namespace) -> int:
-    from .registry import admit_hostname
+    from .control.registry import admit_hostname
 
     # Every check that needs no storage first: a refused name creates no database.
     admit_hostname(args.hostname, _settings(args))
@@ -137,7 +137,7 @@ def _cmd_domains_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_renew(args: argparse.Namespace) -> int:
-    from .registry import domain_view
+    from .control.registry import domain_view
 
     services = _services(args)
     settings, storage, registry = services.settings, services.storage, services.registry
@@ -214,7 +214,7 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokens_create(args: argparse.Namespace) -> int:
-    from .registry import utcnow
+    from .control.registry import utcnow
     token = _services(args).tokens.create(args.name, utcnow())
     print(token)
     print(f"token {args.name!r} created; it is shown once and stored only as a hash", file=sys.stderr)
@@ -237,14 +237,14 @@ def _cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import exit_code, format_findings, run_doctor
+    from .control.doctor import exit_code, format_findings, run_doctor
 
     findings = run_doctor(_settings(args), network=not args.offline)
     print(format_findings(f for f in findings if f.level != "ok" or args.verbose))
     return exit_code(findings, strict=args.strict)
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .domains import normalize_hostname
-    from .monitor import PROBED_STATUSES, Prober, probe_hosts
+    from .control.domains import normalize_hostname
+    from .control.monitor import PROBED_STATUSES, Prober, probe_hosts
 
     services = _services(args)
     if args.domain:
@@ -271,7 +271,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_alert_test(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from .monitor import AlertDispatcher, build_sinks, build_test_alert
+    from .control.monitor import AlertDispatcher, build_sinks, build_test_alert
 
     settings = _settings(args)
     sinks = build_sinks(settings)
@@ -288,7 +288,7 @@ def _cmd_alert_test(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from .spool import ReplayFilters, move_refusals, replay_failed, spool_path
+    from .edge.spool import ReplayFilters, move_refusals, replay_failed, spool_path
 
     services = _services(args)
     settings, storage = services.settings, services.storage
@@ -364,7 +364,7 @@ def _cmd_spool_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_spool_drain(args: argparse.Namespace) -> int:
-    from .spool import Replayer
+    from .edge.spool import Replayer
 
     services = _services(args)
     settings, spool = services.settings, services.spool
@@ -388,6 +388,32 @@ def _cmd_spool_drain(args: argparse.Namespace) -> int:
     print(f"{totals.delivered} delivered, {totals.refused} moved to the failed-request log, "
           f"{totals.dead} dead-lettered, {left} left in the spool")
     return EXIT_OK if left == 0 else EXIT_FAILED
+
+
+def _cmd_events_list(args: argparse.Namespace) -> int:
+    if _store_absent(_settings(args)):
+        deliveries: list[dict[str, Any]] = []
+    else:
+        deliveries = _services(args).event_log.list(state=args.state, event_id=args.id, hostname=args.domain,
+                                                    limit=args.limit)
+    if args.json:
+        _print_json({"deliveries": deliveries})
+        return EXIT_OK
+    for d in deliveries:
+        detail = d["last_error"] or ""
+        if d["state"] == "pending" and d["next_attempt_at"]:
+            detail = f"next {d['next_attempt_at']} {detail}".rstrip()
+        print(f"{d['occurred_at']} {d['id']} {d['type']:<21} {d['hostname']:<30} {d['state']:<9} "
+              f"attempts={d['attempts']} {d['endpoint']} {detail}".rstrip())
+    print(f"{len(deliveries)} listed")
+    return EXIT_OK
+
+
+def _cmd_events_redeliver(args: argparse.Namespace) -> int:
+    deliveries = _services(args).event_log.redeliver(args.id)
+    print(f"event {args.id} is due again for {len(deliveries)} endpoint(s): "
+          + ", ".join(d["endpoint"] for d in deliveries) + "; a running `edgeproxy serve` sends it within seconds")
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -540,6 +566,21 @@ def _parser() -> argparse.ArgumentParser:
     slist.set_defaults(func=_cmd_spool_list)
     _command(ssub, "drain", help="send spooled requests to the relay now (exit 0 when empty)").set_defaults(
         func=_cmd_spool_drain)
+
+    events = _command(sub, "events", help="lifecycle webhooks: recent deliveries, redeliver one")
+    events.set_defaults(func=_usage(events))
+    esub = events.add_subparsers(dest="action", metavar="ACTION")
+    elist = _command(esub, "list", help="recent deliveries, newest first (as GET /v1/events)")
+    elist.add_argument("--state", choices=("pending", "delivered", "dead"), help="only deliveries in this state")
+    elist.add_argument("--domain", metavar="HOST", help="only events of this domain")
+    elist.add_argument("--id", metavar="EVENT_ID", help="only this event")
+    elist.add_argument("--limit", type=int, default=100, help="list at most N deliveries (default 100, max 1000)")
+    elist.add_argument("--json", action="store_true", help="print the deliveries as JSON")
+    elist.set_defaults(func=_cmd_events_list)
+    eredo = _command(esub, "redeliver", help="send an event again to every endpoint it was for, now "
+                                             "(as POST /v1/events/{id}/redeliver)")
+    eredo.add_argument("id", help="the event id (evt_..., the webhook-id header)")
+    eredo.set_defaults(func=_cmd_events_redeliver)
 
     demo = _command(sub, "demo", help="run the whole flow locally against Pebble")
     demo.add_argument("--keep", action="store_true", help="after the round trip keep serving until Ctrl-C, and keep the state directory "

@@ -30,6 +30,9 @@ __all__ = [
     "AdminSettings",
     "DnsSettings",
     "DomainsSettings",
+    "EVENT_TYPES",
+    "EventEndpointSettings",
+    "EventsSettings",
     "ListenSettings",
     "LogSettings",
     "AlertSettings",
@@ -211,7 +214,7 @@ class ProxySettings:
     # parse) on the native path. 100,000 names are never all kept at once.
     tls_context_cache: int = 1024
     # Opt-in accelerator, off by default: serve each name's certificate per connection
-    # through the libssl of Python's ssl module via ctypes (edgeproxy/tlsnative.py),
+    # through the libssl of Python's ssl module via ctypes (edgeproxy/edge/tlsnative.py),
     # which reads CPython's private _ssl object layout, so a mistake there is a crash
     # or memory corruption, not an exception. ~6x cheaper per cache miss than building
     # an SSLContext (100,000 names at random: ~0.9-1.0 of the 1-name handshake rate,
@@ -297,6 +300,39 @@ class RenewSettings:
     failed_validations: int = 5  # failed validations per hostname per hour
 
 
+# -- lifecycle webhooks ------------------------------------------------------------------
+EVENT_TYPES: Final = (
+    "domain.registered", "domain.active", "domain.failing", "domain.moved", "domain.removed",
+    "certificate.issued", "certificate.renewed", "certificate.expiring",
+)
+
+
+@dataclass(frozen=True)
+class EventEndpointSettings:
+    """One ``[[events.endpoints]]`` entry: where lifecycle events are sent, signed."""
+
+    url: str = ""  # the http(s) URL the vendor's app receives events on (POST, JSON)
+    # File holding the Standard Webhooks secret ("whsec_" + base64 of 24-64 random bytes).
+    secret_file: str = ""
+    types: tuple[str, ...] = ()  # event types this endpoint receives; empty = all
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    """Lifecycle webhooks: a durable outbox in storage, delivered at least once,
+    signed per the Standard Webhooks spec, retried with exponential backoff."""
+
+    # The endpoints ([[events.endpoints]]); none: no event is recorded at all.
+    endpoints: tuple[EventEndpointSettings, ...] = ()
+    timeout: float = 10.0  # seconds per delivery attempt
+    backoff_base: float = 5.0  # seconds before the first retry; doubled per failed attempt
+    backoff_cap: float = 3600.0  # longest wait (s) between two attempts
+    horizon: float = 259200.0  # seconds (3 days) of retries before an event is dead-lettered (and alerted)
+    poll_interval: float = 1.0  # seconds between outbox scans when idle
+    retention_days: float = 30.0  # delivered and dead-lettered events kept this long (events list), then pruned
+    expiring_check_interval: float = 3600.0  # seconds between scans for certificates crossing monitor.cert_warn_days
+
+
 # -- spool, failed-request log, privacy ---------------------------------
 @dataclass(frozen=True)
 class SpoolSettings:
@@ -344,6 +380,7 @@ class Settings:
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     failed_log: FailedLogSettings = field(default_factory=FailedLogSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
 
 
 def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
@@ -426,7 +463,8 @@ def _build_section(cls: type[Any], name: str, values: Mapping[str, Any], env: Ma
     return cls(**kwargs)
 
 
-_TABLES: Final[dict[str, type[Any]]] = {"RouteSettings": RouteSettings}
+_TABLES: Final[dict[str, type[Any]]] = {"RouteSettings": RouteSettings,
+                                         "EventEndpointSettings": EventEndpointSettings}
 _ROUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 
 
@@ -467,6 +505,30 @@ def _validate_routes(routes: RoutesSettings) -> None:
         raise ConfigError("routes.route: the table needs at least one script route (the snippet loads it)")
 
 
+def _validate_events(events: EventsSettings) -> None:
+    urls: set[str] = set()
+    for i, endpoint in enumerate(events.endpoints):
+        where = f"events.endpoints[{i}]"
+        if not endpoint.url.startswith(("https://", "http://")):
+            raise ConfigError(f"{where}: url must be an http(s) URL, got {endpoint.url!r}")
+        if endpoint.url in urls:
+            raise ConfigError(f"{where}: the url {endpoint.url!r} is listed twice")
+        urls.add(endpoint.url)
+        if not endpoint.secret_file:
+            raise ConfigError(f"{where}: secret_file is required (a file holding the whsec_... signing secret)")
+        unknown = [t for t in endpoint.types if t not in EVENT_TYPES]
+        if unknown:
+            raise ConfigError(f"{where}: unknown event type(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(EVENT_TYPES)}")
+    if events.timeout <= 0 or events.backoff_base <= 0 or events.backoff_cap < events.backoff_base:
+        raise ConfigError("events.timeout and events.backoff_base must be positive, "
+                          "events.backoff_cap at least events.backoff_base")
+    if events.horizon <= 0 or events.poll_interval <= 0 or events.retention_days <= 0 \
+            or events.expiring_check_interval <= 0:
+        raise ConfigError("events.horizon, events.poll_interval, events.retention_days and "
+                          "events.expiring_check_interval must be positive")
+
+
 def _validate(settings: Settings) -> Settings:
     for what in ("http", "https", "admin"):
         address = getattr(settings.listen, what)
@@ -483,6 +545,7 @@ def _validate(settings: Settings) -> Settings:
     if settings.routes.script_path.rstrip("/") == settings.routes.api_path.rstrip("/"):
         raise ConfigError("routes.script_path and routes.api_path must differ")
     _validate_routes(settings.routes)
+    _validate_events(settings.events)
     unknown_ip_headers = set(settings.upstream.client_ip_headers) - {"x-forwarded-for", "forwarded", "x-real-ip"}
     if unknown_ip_headers:
         raise ConfigError(f"upstream.client_ip_headers: unknown {sorted(unknown_ip_headers)}; "

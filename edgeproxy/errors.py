@@ -22,6 +22,7 @@ __all__ = [
     "InvalidHostname",
     "DomainExists",
     "DomainNotFound",
+    "EventNotFound",
     "LimitReached",
     "StorageError",
     "StorageUnavailable",
@@ -71,6 +72,12 @@ class DomainNotFound(EdgeproxyError):
     """The hostname is not registered (HTTP 404)."""
 
     code = "domain_not_found"
+
+
+class EventNotFound(EdgeproxyError):
+    """No lifecycle-webhook delivery of that event id is in the outbox (unknown, or pruned)."""
+
+    code = "event_not_found"
 
 
 class LimitReached(EdgeproxyError):

@@ -8,7 +8,7 @@ writes the response itself; and the hand-off of the connection to hypercorn
 (``server.py``'s connection callback) the moment anything is not simple.
 
 Why: hypercorn + h11 + asyncio streams were ~45 % of the edge's CPU per
-forwarded event and the script GET (py-spy, bench/README.md, issue 20): a
+forwarded event and the script GET (py-spy, bench/README.md, "Against Caddy"): a
 Task, a queue, events and a stream per request. This path is a dict of
 callbacks and one ``transport.write`` per response.
 

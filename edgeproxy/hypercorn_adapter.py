@@ -201,8 +201,8 @@ class EdgeTCPServer(TCPServer):
 
     hypercorn wraps every ``reader.read()`` in ``asyncio.wait_for`` when
     ``read_timeout`` is set: a new Task and timer per read, which cost plain
-    hypercorn about a quarter of its keep-alive throughput on 2 cores (issue 8,
-    bench/README.md). Here one timer per connection checks, when it fires,
+    hypercorn about a quarter of its keep-alive throughput on 2 cores
+    (bench/README.md). Here one timer per connection checks, when it fires,
     whether anything arrived during the last ``read_timeout`` seconds and re-arms
     itself if so; a connection silent that long is aborted, which ends the read
     loop as hypercorn's timeout does (the app sees a disconnect). Unlike
@@ -215,7 +215,7 @@ class EdgeTCPServer(TCPServer):
     connection's task group waits for the idle timer, i.e. ``keep_alive_timeout``
     (30 s), before it closes. Every such connection kept its task, TLS objects
     and buffers for those 30 s: about 40 KB each, 1 GB at 1,000 new connections
-    per second (issue 8 found it as RSS growing by ~200 MB per 5 s of
+    per second (measured as RSS growing by ~200 MB per 5 s of
     handshakes). Once the read loop ends the peer is gone, so we stop the idle
     timer there; a request still in flight still runs to its end.
     """

@@ -39,19 +39,20 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Mu
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .addresses import normalize_ip
+from .rules.addresses import normalize_ip
 from .config import RoutesSettings
 from .errors import IssuanceError
-from .routes import route_table
+from .prometheus_adapter import use_multiprocess_values
+from .rules.routes import route_table
 from .storage.base import AriState
 
 if TYPE_CHECKING:  # renew pulls in dnspython and tldextract: not needed to count
-    from .renew import IssuedPair, Issuer
+    from .control.renew import IssuedPair, Issuer
 
 __all__ = [
     "CONTENT_TYPE",
@@ -120,7 +121,7 @@ def enable_multiprocess(directory: str) -> None:
     """Switch this process (and the workers it spawns later) to multiprocess metrics in
     ``directory``. Call before any ``Metrics`` is created."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    use_multiprocess_values()
 
 
 def multiprocess_dir() -> str | None:
@@ -158,6 +159,9 @@ class Metrics:
         self.alert_deliveries = Counter(
             "edgeproxy_alert_deliveries", "Alert deliveries by sink and result", ["sink", "result"],
             registry=registry)
+        self.webhook_attempts = Counter(
+            "edgeproxy_webhook_attempts", "Lifecycle webhook delivery attempts by outcome (delivered, retry, "
+            "dead: dead-lettered past events.horizon)", ["outcome"], registry=registry)
 
     def observe_relay(self, status: int, seconds: float, error: str | None) -> None:
         self.relay_latency.observe(seconds)
@@ -165,6 +169,10 @@ class Metrics:
 
     def observe_delivery(self, sink: str, ok: bool) -> None:
         self.alert_deliveries.labels(sink, "ok" if ok else "failed").inc()
+
+    def observe_webhook(self, state: str) -> None:
+        """One lifecycle webhook attempt; ``state`` is the outbox row's new state."""
+        self.webhook_attempts.labels({"pending": "retry"}.get(state, state)).inc()
 
 
 class StatsCounter(_Counter[str]):
@@ -273,6 +281,7 @@ class StateCollector(Collector):
         cert_expiries: Callable[[], Iterable[dt.datetime]],
         spool_stats: Callable[[], tuple[int, float] | None] | None = None,
         failing_probes: Callable[[], int] | None = None,
+        outbox_counts: Callable[[], Mapping[str, int]] | None = None,
         warn_days: float = 14.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
     ) -> None:
@@ -280,6 +289,7 @@ class StateCollector(Collector):
         self.cert_expiries = cert_expiries
         self.spool_stats = spool_stats
         self.failing_probes = failing_probes
+        self.outbox_counts = outbox_counts  # webhook outbox rows by state; a GROUP BY
         self.warn_days = warn_days
         self.clock = clock
 
@@ -309,6 +319,14 @@ class StateCollector(Collector):
         if self.failing_probes is not None:
             yield GaugeMetricFamily("edgeproxy_probes_failing", "Domains whose last probe failed",
                                     value=self.failing_probes())
+        if self.outbox_counts is not None:
+            outbox = GaugeMetricFamily("edgeproxy_webhook_outbox", "Lifecycle webhook deliveries in the outbox "
+                                       "by state (dead: dead-lettered, see `edgeproxy events list`)",
+                                       labels=["state"])
+            counts = self.outbox_counts()
+            for state in ("pending", "delivered", "dead"):
+                outbox.add_metric([state], counts.get(state, 0))
+            yield outbox
 
 
 def scrape_registry(state: Collector | None, local: CollectorRegistry | None = None) -> CollectorRegistry:

@@ -22,19 +22,22 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 from .config import Settings
 
 if TYPE_CHECKING:
-    from .certstore import CertMap, CertStore
-    from .monitor import Prober
-    from .registry import Registry
-    from .relay import HttpRelay, Observe
-    from .renew import Issuer, RenewalService
-    from .spool import RefusalLog, Spool, SpoolingRelay
+    from .edge.certstore import CertMap, CertStore
+    from .control.monitor import Prober
+    from .control.webhooks import Attempt, EventLog, WebhookDeliverer
+    from .control.lifecycle import LifecycleEvents
+    from .control.registry import Registry
+    from .edge.relay import HttpRelay, Observe
+    from .control.renew import Issuer, RenewalService
+    from .edge.spool import RefusalLog, Spool, SpoolingRelay
     from .storage import Storage
-    from .tokens import TokenStore
+    from .control.tokens import TokenStore
 
 __all__ = ["Role", "Services"]
 
@@ -67,25 +70,51 @@ class Services:
     def storage(self) -> Storage:
         if self._storage is not None:
             return self._storage
-        from .keys import open_store
+        from .control.keys import open_store
 
         return open_store(self.settings)
 
     @functools.cached_property
     def registry(self) -> Registry:
-        from .registry import Registry
+        from .control.registry import Registry
 
-        return Registry(self.storage, self.settings)
+        return Registry(self.storage, self.settings, events=self.lifecycle)
+
+    @functools.cached_property
+    def lifecycle(self) -> LifecycleEvents:
+        """Which state changes emit which webhook events, for ``events.endpoints``."""
+        from .control.lifecycle import LifecycleEvents
+        from .control.registry import domain_view
+
+        settings = self.settings
+        return LifecycleEvents(settings.events.endpoints, lambda record, cert: domain_view(record, cert, settings))
+
+    @functools.cached_property
+    def event_log(self) -> EventLog:
+        """Recent webhook deliveries and redelivery (admin API and CLI)."""
+        from .control.webhooks import EventLog
+
+        return EventLog(self.storage)
+
+    def webhooks(self, *, on_dead: Callable[[Attempt], Awaitable[None]] | None = None,
+                 on_attempt: Callable[[Attempt], None] | None = None) -> WebhookDeliverer:
+        """The outbox deliverer ``serve`` runs once per node (``on_dead``: the operator
+        alert; ``on_attempt``: metrics)."""
+        from .control.webhooks import WebhookDeliverer
+
+        return WebhookDeliverer(self.storage, self.settings.events, events=self.lifecycle,
+                                warn_days=self.settings.monitor.cert_warn_days, on_dead=on_dead,
+                                on_attempt=on_attempt)
 
     @functools.cached_property
     def tokens(self) -> TokenStore:
-        from .tokens import TokenStore
+        from .control.tokens import TokenStore
 
         return TokenStore(self.settings.admin, create_bootstrap=self.role == "primary")
 
     @functools.cached_property
     def certstore(self) -> CertStore:
-        from .certstore import CertStore
+        from .edge.certstore import CertStore
 
         proxy = self.settings.proxy
         return CertStore(self.storage, proxy.tls_context_cache, native=proxy.tls_native,
@@ -95,7 +124,7 @@ class Services:
     def issuer(self) -> Issuer:
         if self._issuer is not None:
             return self._issuer
-        from .acme_client import AcmeIssuer
+        from .control.acme_client import AcmeIssuer
 
         acme = self.settings.acme
         return AcmeIssuer(storage=self.storage, directory_url=acme.directory, email=acme.email,
@@ -103,12 +132,13 @@ class Services:
 
     def renewal(self, issuer: Issuer | None = None) -> RenewalService:
         """A renewal service over ``issuer`` (default :attr:`issuer`; ``serve`` wraps it to count orders)."""
-        from .renew import RenewalService
+        from .control.renew import RenewalService
 
-        return RenewalService.from_settings(self.storage, self.certstore, issuer or self.issuer, self.settings)
+        return RenewalService.from_settings(self.storage, self.certstore, issuer or self.issuer, self.settings,
+                                            events=self.lifecycle)
 
     def prober(self, *, connect: str | None = None, port: int | None = None) -> Prober:
-        from .monitor import Prober
+        from .control.monitor import Prober
 
         return Prober.from_settings(self.settings, connect=connect, port=port)
 
@@ -117,7 +147,7 @@ class Services:
     def relay(self) -> HttpRelay:
         """The relay client (``upstream.relay``): passthrough routes, the replayer and
         ``edgeproxy replay`` use it directly; event routes through :attr:`events`."""
-        from .relay import HttpRelay
+        from .edge.relay import HttpRelay
 
         return HttpRelay(self.settings.upstream.relay, self.settings.upstream, stats=self.stats,
                          observe=self._observe_relay)
@@ -125,20 +155,20 @@ class Services:
     @functools.cached_property
     def spool(self) -> Spool:
         """This node's spool file (every process of a node writes the same one)."""
-        from .spool import Spool, spool_path
+        from .edge.spool import Spool, spool_path
 
         return Spool(spool_path(self.settings), max_bytes=self.settings.spool.max_bytes)
 
     @functools.cached_property
     def refusals(self) -> RefusalLog:
-        from .spool import RefusalLog
+        from .edge.spool import RefusalLog
 
         return RefusalLog(self.spool, self.settings.failed_log.refusals_per_domain_hour, stats=self.stats)
 
     @functools.cached_property
     def events(self) -> SpoolingRelay:
         """What event routes send through: the spool as a decorator over :attr:`relay`."""
-        from .spool import SpoolingRelay
+        from .edge.spool import SpoolingRelay
 
         return SpoolingRelay(self.relay, self.spool, self.storage, refusals=self.refusals,
                              ip_retention=self.settings.privacy.ip_retention, stats=self.stats)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry
 
-from . import tlspolicy
+from .edge import tlspolicy
 from .sockets import ROLES, check_inherited, inherited_sockets
 from .h1fast import FastConnections
 from .hypercorn_adapter import (
@@ -48,14 +48,15 @@ from .metrics import (
     multiprocess_dir, render, sample_total, scrape_registry,
 )
 from .node import Services
-from .proxy import EdgeProxy, Site
-from .spool import Replayer, ReplayFilters, move_refusals, prune_loop, replay_failed
+from .edge.proxy import EdgeProxy, Site
+from .edge.spool import Replayer, ReplayFilters, move_refusals, prune_loop, replay_failed
 from .storage.base import Storage
 
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
-    from .certstore import CertMap
-    from .monitor import MonitorService, SpoolStats
-    from .renew import Issuer
+    from .edge.certstore import CertMap
+    from .control.monitor import MonitorService, SpoolStats
+    from .control.renew import Issuer
+    from .control.webhooks import Attempt
 
 __all__ = ["bind_socket", "default_workers", "serve", "EdgeNode"]
 
@@ -162,7 +163,8 @@ class _Listener:
 
 def _load_primary_modules() -> None:
     """Import what only the primary uses (``EdgeNode._start_primary``)."""
-    for module in ("acme_client", "admin", "monitor", "registry", "renew", "tokens"):
+    for module in ("control.acme_client", "control.admin", "control.monitor", "control.registry", "control.renew",
+                   "control.tokens", "control.webhooks", "control.lifecycle"):
         importlib.import_module(f"{__package__}.{module}")
 
 
@@ -205,8 +207,8 @@ class EdgeNode:
         self.monitor: MonitorService | None = None
         self._config = edge_config()
         # A drain waits for requests in flight at least as long as a relay call can
-        # take: it then either answers or times out and is spooled (SpoolingForwarder),
-        # never cut off mid-call (issue 17). systemd's TimeoutStopSec (30 s) is above it.
+        # take: it then either answers or times out and is spooled (SpoolingRelay),
+        # never cut off mid-call. systemd's TimeoutStopSec (30 s) is above it.
         upstream = settings.upstream
         self._config.graceful_timeout = max(self._config.graceful_timeout,
                                             upstream.connect_timeout + upstream.timeout + 1.0)
@@ -324,14 +326,20 @@ class EdgeNode:
         """The primary's share: admin API, probes, issuance and renewal, replay,
         pruning. Imported here, after the public listeners are up: nothing on the
         public path needs FastAPI or the ACME client."""
-        from .admin import create_admin_app
+        from .control.admin import create_admin_app
 
         monitor = self._monitor()
         admin = create_admin_app(self.services.registry, self.services.tokens,
                                  on_registered=lambda _h: self._wake_soon(),
                                  last_check=monitor.last_check, metrics=self._metrics_renderer(monitor),
-                                 spool_status=self._spool_status, replay=self._replay)
+                                 spool_status=self._spool_status, replay=self._replay,
+                                 event_log=self.services.event_log)
         background.append(asyncio.create_task(monitor.run_forever(self.stop)))
+        if self.settings.events.endpoints:
+            # Once per node (the primary); nodes sharing a PostgreSQL store share the
+            # outbox, each row claimed by one of them at a time.
+            deliverer = self.services.webhooks(on_dead=self._webhook_dead, on_attempt=self._webhook_attempt)
+            background.append(asyncio.create_task(deliverer.run_forever(self.stop)))
         renewer = self.services.renewal(CountingIssuer(self.services.issuer, self.metrics))
         r = self.settings.renew
         background.append(asyncio.create_task(
@@ -352,7 +360,7 @@ class EdgeNode:
         return self.spool_stats() if self.spool_stats is not None else None
 
     def _monitor(self) -> MonitorService:
-        from .monitor import AlertDispatcher, MonitorService, Prober, build_sinks
+        from .control.monitor import AlertDispatcher, MonitorService, Prober, build_sinks
 
         alerts = self.settings.alerts
         dispatcher = AlertDispatcher(build_sinks(self.settings), retries=alerts.retries,
@@ -366,12 +374,22 @@ class EdgeNode:
         )
         return self.monitor
 
+    async def _webhook_dead(self, attempt: Attempt) -> None:
+        from .control.webhooks import dead_letter_alert
+
+        if self.monitor is not None:
+            await self.monitor.dispatcher.dispatch([dead_letter_alert(attempt, datetime.now(timezone.utc))])
+
+    def _webhook_attempt(self, attempt: Attempt) -> None:
+        self.metrics.observe_webhook(attempt.state)
+
     def _metrics_renderer(self, monitor: MonitorService) -> Callable[[], tuple[bytes, str]]:
         state = StateCollector(
             domain_counts=self.storage.count_domains_by_status,
             cert_expiries=self.certstore.expiries,
             spool_stats=self._spool,
             failing_probes=lambda: sum(1 for r in list(monitor.results.values()) if not r.ok),
+            outbox_counts=self.storage.count_deliveries_by_state,
             warn_days=self.settings.monitor.cert_warn_days,
         )
 
@@ -551,14 +569,14 @@ def _serve(settings: Settings, sockets: dict[str, socket.socket], public: dict[s
     children: list[Any] = []
     certmap: CertMap | None = None
     if workers > 1:
-        # Load before fork, share by copy-on-write (issue 20: 100,000 certificates and
-        # 2 workers: the tree's PSS 454 -> see bench/README.md). gc.disable() until
+        # Load before fork, share by copy-on-write (100,000 certificates and 2 workers:
+        # the tree's PSS 454 -> 378-382 MB, bench/README.md). gc.disable() until
         # the fork leaves no freed holes between the map's objects; gc.freeze() moves
         # them out of the collector's generations, so no child's collection writes to
         # their headers (a write would copy the page into that child).
         gc.disable()
         certmap = _preload(settings)
-        from .certstore import CertStore
+        from .edge.certstore import CertStore
 
         CertStore.trim_memory()
         gc.freeze()

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from edgeproxy.acme_client import AcmeIssuer, classify_problem, parse_retry_after
-from edgeproxy.certstore import certificate_metadata
+from edgeproxy.control.acme_client import AcmeIssuer, classify_problem, parse_retry_after
+from edgeproxy.edge.certstore import certificate_metadata
 from edgeproxy.devtools.pebble import ChallTestSrv
 from edgeproxy.errors import IssuanceError, RetryClass
 from edgeproxy.storage.base import AccountRecord, CertificateRecord, ChallengeRecord, DomainRecord

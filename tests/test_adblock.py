@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from edgeproxy.admin import create_admin_app
-from edgeproxy.tokens import TokenStore
+from edgeproxy.control.admin import create_admin_app
+from edgeproxy.control.tokens import TokenStore
 from edgeproxy.config import AdminSettings, Settings, StorageSettings, UpstreamSettings
-from edgeproxy.proxy import EdgeProxy, Site
-from edgeproxy.registry import Registry
+from edgeproxy.edge.proxy import EdgeProxy, Site
+from edgeproxy.control.registry import Registry
 from edgeproxy.storage import open_storage
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -211,7 +211,7 @@ def recipe_settings(tmp_path: Path) -> list[Settings]:
 
 def recipe_urls(settings: Settings) -> list[tuple[str, str, str]]:
     """(page, url, type) for each route's path and each of its samples."""
-    from edgeproxy.routes import configured_routes
+    from edgeproxy.rules.routes import configured_routes
 
     requests = []
     for route in configured_routes(settings.routes):

@@ -27,14 +27,15 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.checks import positive_data_acceptance
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
-from edgeproxy.admin import create_admin_app
+from edgeproxy.control.admin import create_admin_app
 from edgeproxy.config import AdminSettings, load_settings
 from edgeproxy.devtools.refdocs import openapi_document
-from edgeproxy.registry import Registry
+from edgeproxy.control.registry import Registry
 from edgeproxy.storage import open_storage
-from edgeproxy.tokens import TokenStore
+from edgeproxy.control.tokens import TokenStore
+from edgeproxy.control.webhooks import EventLog
 
 TOKEN = "fuzz-token-0123456789abcdef"
 SCHEMA = schemathesis.openapi.from_dict(openapi_document())
@@ -53,7 +54,7 @@ def admin_app() -> Iterator[FastAPI]:
             tokens = TokenStore(AdminSettings(str(state / "token"), str(state / "tokens.json")))
             # The optional routes too, as openapi_document() and `serve` build them.
             app = create_admin_app(registry, tokens, last_check=lambda _host: None,
-                                   metrics=lambda: (b"", "text/plain"))
+                                   metrics=lambda: (b"", "text/plain"), event_log=EventLog(registry.storage))
             # The document the cases come from is the one this app serves.
             assert app.openapi() == SCHEMA.raw_schema
             # Requests go to the app in-process (ASGI): the schema picks the transport,
@@ -106,7 +107,14 @@ def test_admin_api_with_token(admin_app: FastAPI, operation: Any) -> None:
         # positive_data_acceptance is excluded: a schema-valid hostname can still be
         # one we must refuse (an IP literal, a public suffix: 422 with the reason),
         # and those rules are not expressible in JSON Schema.
-        case.validate_response(response, excluded_checks=[positive_data_acceptance])
+        excluded = [positive_data_acceptance]
+        if any(p.location == "query" for p in operation.iter_parameters()):
+            # A schema-violating query value (an object, null, an extra key with a null
+            # value) often serializes to a valid query string (empty, or left out), so
+            # "negative" cases that are valid on the wire get answered 200. The route's own
+            # query validation is tested with real requests in tests/test_webhooks.py.
+            excluded.append(negative_data_rejection)
+        case.validate_response(response, excluded_checks=excluded)
 
     _fuzz(operation, 60, check)
 

@@ -18,7 +18,7 @@ from aiosmtpd.controller import Controller
 
 from edgeproxy.cli import main as cli_main
 from edgeproxy.devtools.edgeproc import free_port
-from edgeproxy.monitor import (
+from edgeproxy.control.monitor import (
     Alert,
     AlertDispatcher,
     PagerDutySink,

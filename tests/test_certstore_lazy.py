@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeproxy.certstore import CertStore, record_from_pem
-from edgeproxy.tlsnative import handshake
-from edgeproxy.keys import SealedStorage, generate_master_key, load_keyring
+from edgeproxy.edge.certstore import CertStore, record_from_pem
+from edgeproxy.edge.tlsnative import handshake
+from edgeproxy.control.keys import SealedStorage, generate_master_key, load_keyring
 from edgeproxy.config import StorageSettings
 from edgeproxy.storage.base import Storage, leaf_der_of
 from edgeproxy.storage.sqlite import SqliteStorage
@@ -219,7 +219,7 @@ def test_bulk_scan_matches_point_reads_and_sealed_storage_opens_keys(tmp_path: P
 
 
 def test_material_round_trips_through_the_packed_form() -> None:
-    from edgeproxy.certstore import _Codec
+    from edgeproxy.edge.certstore import _Codec
     codec = _Codec()
     key_pem, chain = _pair("p.example.test")
     got_chain, got_key = codec.unpack(codec.pack(key_pem, chain))
@@ -240,11 +240,11 @@ def test_refresh_uses_the_stored_leaf_der_and_decodes_only_rows_without_it(
     """Issue 8: rows saved with leaf_der are loaded without decoding the PEM leaf;
     rows from before it (leaf_der NULL) still load, by decoding, and serve the
     right certificate."""
-    import edgeproxy.certstore as certstore
+    import edgeproxy.edge.certstore as certstore
 
     for i in range(6):
         _register(storage, f"n{i}.example.test", serial=10 + i)
-    raw = storage._conn()
+    raw = storage._file.connection()
     raw.execute("UPDATE certificates SET leaf_der = NULL WHERE hostname IN ('n1.example.test', 'n4.example.test')")
     decoded: list[bytes] = []
 
@@ -268,7 +268,7 @@ def test_a_chain_renewed_by_an_older_edgeproxy_is_served_whole(storage: SqliteSt
     leaf (the handshake would fail, or serve the old certificate)."""
     _register(storage, "r.example.test", serial=5)
     key_pem, chain = _pair("r.example.test", serial=6)
-    storage._conn().execute(  # the pre-issue-8 upsert, verbatim
+    storage._file.connection().execute(  # the pre-issue-8 upsert, verbatim
         "INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
         "chain_pem = excluded.chain_pem, not_before = excluded.not_before, not_after = excluded.not_after, "

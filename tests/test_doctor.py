@@ -28,7 +28,7 @@ from edgeproxy.config import (
     load_settings,
 )
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
-from edgeproxy.doctor import (
+from edgeproxy.control.doctor import (
     Finding,
     check_acme,
     check_listeners,
@@ -40,9 +40,9 @@ from edgeproxy.doctor import (
     exit_code,
     trigger_words_in,
 )
-from edgeproxy.keys import generate_master_key
+from edgeproxy.control.keys import generate_master_key
 from edgeproxy.storage import open_storage
-from edgeproxy.tokens import TokenStore
+from edgeproxy.control.tokens import TokenStore
 
 
 def levels(findings: list[Finding], check: str) -> list[str]:
@@ -321,7 +321,7 @@ def test_command_exit_codes(tmp_path: Path) -> None:
 
 
 def test_tls_native_path_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgeproxy import tlsnative
+    from edgeproxy.edge import tlsnative
     from edgeproxy.config import ProxySettings
     opted_in = Settings(proxy=ProxySettings(tls_native=True))
     findings = check_tls(opted_in)

@@ -1,4 +1,4 @@
-"""Hostname normalization and validation (edgeproxy.domains, the pure top half).
+"""Hostname normalization and validation (edgeproxy.control.domains, the pure top half).
 
 A table of hostile and odd inputs with the exact verdict for each, the extra-suffix
 and own-zone rules, registered_domain, the "PSL snapshot only, no I/O" guarantee,
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy import domains
-from edgeproxy.domains import HOSTNAME_ERRORS, normalize_hostname, registered_domain, validate_hostname
+from edgeproxy.control import domains
+from edgeproxy.control.domains import HOSTNAME_ERRORS, normalize_hostname, registered_domain, validate_hostname
 from edgeproxy.errors import ConfigError, EdgeproxyError, InvalidHostname
 
 try:
@@ -391,7 +391,7 @@ def test_psl_snapshot_only_no_network_no_cache(monkeypatch: pytest.MonkeyPatch, 
 
 def test_module_does_not_import_forbidden_libraries() -> None:
     code = (
-        "import sys, edgeproxy.domains as d; d.validate_hostname('a.example.com');"
+        "import sys, edgeproxy.control.domains as d; d.validate_hostname('a.example.com');"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'acme', 'httpx', 'hypercorn'});"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -31,7 +31,7 @@ def test_a_contract_the_code_breaks_is_reported(tmp_path: Path) -> None:
     config = tmp_path / "contracts.ini"
     config.write_text("[importlinter]\nroot_package = edgeproxy\n\n"
                       "[importlinter:contract:proxy-without-relay]\nname = proxy without relay\n"
-                      "type = forbidden\nsource_modules = edgeproxy.proxy\nforbidden_modules = edgeproxy.relay\n")
+                      "type = forbidden\nsource_modules = edgeproxy.edge.proxy\nforbidden_modules = edgeproxy.edge.relay\n")
     run = lint("--config", str(config))
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "edgeproxy.proxy -> edgeproxy.relay" in run.stdout
+    assert "edgeproxy.edge.proxy -> edgeproxy.edge.relay" in run.stdout

@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from edgeproxy import server
-from edgeproxy.addresses import normalize_ip
+from edgeproxy.rules.addresses import normalize_ip
 from edgeproxy.config import load_settings
-from edgeproxy.doctor import check_ipv6
-from edgeproxy.proxy import EdgeProxy, ForwardRequest, ForwardResult
-from edgeproxy.spool import reduce_ip
+from edgeproxy.control.doctor import check_ipv6
+from edgeproxy.edge.proxy import EdgeProxy, ForwardRequest, ForwardResult
+from edgeproxy.edge.spool import reduce_ip
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess, free_port
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
 from test_proxy import SHOP, SITES, call, make_env, make_settings

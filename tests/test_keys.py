@@ -15,7 +15,7 @@ from edgeproxy.config import StorageSettings
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess, verified_client
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
 from edgeproxy.errors import ConfigError
-from edgeproxy.keys import SealedKeyError, SealedStorage, generate_master_key, load_keyring
+from edgeproxy.control.keys import SealedKeyError, SealedStorage, generate_master_key, load_keyring
 from edgeproxy.storage.base import CertificateRecord, Storage
 from edgeproxy.storage.sqlite import SqliteStorage
 

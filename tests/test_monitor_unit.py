@@ -14,7 +14,7 @@ import pytest
 
 from edgeproxy.config import Settings, load_settings
 from edgeproxy.errors import ConfigError
-from edgeproxy.monitor import (
+from edgeproxy.control.monitor import (
     MIN_PROBE_RATE,
     Alert,
     AlertDispatcher,
@@ -150,18 +150,18 @@ def test_monitor_rounds_alert_on_stuck_domain_spool_hook_and_relay_4xx_burst(tmp
     sink = RecordingSink()
     service = MonitorService(settings, storage, Prober.from_settings(settings), AlertDispatcher([sink], retries=1),
                              spool_stats=lambda: spool[0], relay_4xx_total=lambda: relay_total[0],
-                             clock=lambda: T0)
+                             clock=lambda: T0, node="edge-1")
 
     def round_() -> list[tuple[str, str]]:
         return sorted((a.key, a.action) for a in asyncio.run(service.run_round()))
 
     assert round_() == [("stuck:stuck.example.test", "trigger")]
     spool[0], relay_total[0] = (500, 10.0), 10.0
-    assert round_() == [("relay:4xx", "trigger"), ("spool:depth", "trigger")]
-    assert round_() == [("relay:4xx", "resolve")]  # no new 4xx since the last round
+    assert round_() == [("relay:4xx@edge-1", "trigger"), ("spool:depth@edge-1", "trigger")]
+    assert round_() == [("relay:4xx@edge-1", "resolve")]  # no new 4xx since the last round
     spool[0] = (0, 0.0)
     storage.remove_domain("stuck.example.test")
-    assert round_() == [("spool:depth", "resolve"), ("stuck:stuck.example.test", "resolve")]
+    assert round_() == [("spool:depth@edge-1", "resolve"), ("stuck:stuck.example.test", "resolve")]
     assert round_() == []
     assert [a.action for a in sink.alerts] == ["trigger"] * 3 + ["resolve"] * 3
     storage.close()
@@ -372,7 +372,7 @@ class OldRound:
             domains = [d for d in domains if d.status == "failing" or f"stuck:{d.hostname}" in self.state.firing]
         conds = conditions(results=results, domains=domains, failing_since=self.failing_since, now=now,
                            settings=self.settings, spool=spool, consecutive_failures=self.consecutive_failures,
-                           firing=self.state.firing if self.filtered else None)
+                           firing=self.state.firing if self.filtered else None, node="edge-1")
         return self.state.evaluate(conds, now)
 
 
@@ -385,7 +385,7 @@ def test_alerts_are_the_same_from_statuses_and_firing_filter_as_from_every_recor
     sticking, recovering, being removed and re-added, probes failing and recovering and
     certificates expiring, every alert (summary, details, resent flag) is what the old
     every-record round sent."""
-    monkeypatch.setattr("edgeproxy.monitor._GET_EACH_MAX", get_each_max)
+    monkeypatch.setattr("edgeproxy.control.monitor._GET_EACH_MAX", get_each_max)
     base = Settings()
     settings = dataclasses.replace(
         base,
@@ -398,7 +398,7 @@ def test_alerts_are_the_same_from_statuses_and_firing_filter_as_from_every_recor
     now = [T0]
     spool = [(0, 0.0)]
     service = MonitorService(settings, storage, prober, AlertDispatcher([]),  # type: ignore[arg-type]
-                             spool_stats=lambda: spool[0], clock=lambda: now[0])
+                             spool_stats=lambda: spool[0], clock=lambda: now[0], node="edge-1")
     old = [OldRound(settings, storage, prober, reduced=r, filtered=f) for r in (False, True) for f in (False, True)]
 
     def status(host: str, value: str, *, error: str | None = None) -> None:
@@ -462,7 +462,7 @@ def test_alerts_are_the_same_from_statuses_and_firing_filter_as_from_every_recor
     assert (7, "stuck:d", "trigger", False, False) in seen and (9, "stuck:d", "resolve", False, False) in seen
     assert [(n, action) for n, key, action, _, _ in seen if key == "stuck:f"] == [(9, "trigger"), (10, "resolve")]
     assert (7, "probe:k", "resolve", False, True) in seen
-    assert (9, "probe:c", "trigger", False, False) in seen and (10, "spool:depth", "resolve", False, False) in seen
+    assert (9, "probe:c", "trigger", False, False) in seen and (10, "spool:depth@edge-1", "resolve", False, False) in seen
     assert sent[0][-1] == []
 
 
@@ -499,7 +499,7 @@ def test_round_fetches_records_only_for_failing_or_stuck_domains(tmp_path: Path,
         built.append(len(out))
         return out
 
-    monkeypatch.setattr("edgeproxy.monitor.conditions", counting_conditions)
+    monkeypatch.setattr("edgeproxy.control.monitor.conditions", counting_conditions)
     assert [(a.key, a.action) for a in asyncio.run(service.run_round())] == [("stuck:stuck.example.test", "trigger")]
     assert fetched == ["stuck.example.test"] and built == [1]
     storage.update_domain("stuck.example.test", T0, status="active")
@@ -536,3 +536,61 @@ def test_metrics_count_domains_by_status_without_reading_records(tmp_path: Path,
     assert lines == ['edgeproxy_domains{status="active"} 5.0', 'edgeproxy_domains{status="failing"} 1.0',
                      'edgeproxy_domains{status="pending_dns"} 1.0']
     storage.close()
+
+
+# -- alert state and probes in the store: restarts and second nodes -------------------
+
+
+def _service(settings: Settings, storage: Storage, prober: ScriptedProber, sink: RecordingSink, node: str,
+             now: list[dt.datetime], spool: list[tuple[int, float]]) -> MonitorService:
+    return MonitorService(settings, storage, prober, AlertDispatcher([sink], retries=1),  # type: ignore[arg-type]
+                          spool_stats=lambda: spool[0], clock=lambda: now[0], node=node)
+
+
+def _settings() -> Settings:
+    base = Settings()
+    return dataclasses.replace(
+        base, monitor=dataclasses.replace(base.monitor, interval=0.0, fail_after=2, spool_max_depth=100),
+        alerts=dataclasses.replace(base.alerts, resend_interval=3600.0))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_restart_and_second_node_do_not_page_again_and_resolve_once(
+        tmp_path: Path, request: pytest.FixtureRequest, backend: str) -> None:
+    """Two nodes share a store; one restarts mid-outage. A failing domain pages once in all,
+    its resolve is sent once, and each node's spool alert stays that node's."""
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else f"sqlite://{tmp_path}/edge.db"
+    storage_a, storage_b = open_storage(url), open_storage(url)
+    storage_a.add_domain("a.example.test", "active", T0)
+    settings, prober, now = _settings(), ScriptedProber(), [T0]
+    spool_a, spool_b = [(0, 0.0)], [(0, 0.0)]
+    sink_a, sink_b = RecordingSink(), RecordingSink()
+    node_a = _service(settings, storage_a, prober, sink_a, "edge-a", now, spool_a)
+    node_b = _service(settings, storage_b, prober, sink_b, "edge-b", now, spool_b)
+
+    def rounds(*nodes: MonitorService) -> None:
+        for node in nodes:
+            asyncio.run(node.run_round())
+        now[0] += dt.timedelta(seconds=60)
+        prober.now = now[0]
+
+    prober.plan = {"a.example.test": (False, 60.0)}
+    rounds(node_a)  # one failure: below fail_after
+    assert sink_a.alerts == []
+    spool_a[0] = (500, 1.0)
+    rounds(node_a, node_b)  # a's second failure fires; b, starting, counts on from the store: firing already
+    assert [(x.key, x.action) for x in sink_a.alerts] == [("probe:a.example.test", "trigger"),
+                                                          ("spool:depth@edge-a", "trigger")]
+    assert sink_b.alerts == []
+    # b's spool is fine: it never resolves a's spool alert.
+    node_a = _service(settings, open_storage(url), prober, sink_a, "edge-a", now, spool_a)  # restart
+    assert node_a.last_check("a.example.test")["ok"] is False  # type: ignore[index]  # from the store
+    rounds(node_a, node_b, node_a)
+    assert len(sink_a.alerts) == 2 and sink_b.alerts == []
+    prober.plan, spool_a[0] = {}, (0, 0.0)
+    rounds(node_b, node_a)
+    assert [(x.key, x.action) for x in sink_b.alerts] == [("probe:a.example.test", "resolve")]
+    assert [(x.key, x.action) for x in sink_a.alerts[2:]] == [("spool:depth@edge-a", "resolve")]
+    assert storage_a.firing_alerts() == []
+    storage_a.close()
+    storage_b.close()

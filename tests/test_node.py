@@ -36,7 +36,7 @@ def test_a_command_builds_only_what_it_touches(tmp_path: Path) -> None:
         f"s = Services(load_settings(env={{'EDGEPROXY_STORAGE_URL': 'sqlite://{tmp_path}/edge.db', "
         f"'EDGEPROXY_SPOOL_PATH': '{tmp_path}/spool.db'}}))\n"
         "assert s.registry.list() == []\n"
-        "assert 'acme' not in sys.modules and 'edgeproxy.acme_client' not in sys.modules, 'ACME loaded'\n"
+        "assert 'acme' not in sys.modules and 'edgeproxy.control.acme_client' not in sys.modules, 'ACME loaded'\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

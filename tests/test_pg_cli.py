@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from edgeproxy.keys import KeyRing, SealedStorage, generate_master_key, load_keyring
+from edgeproxy.control.keys import KeyRing, SealedStorage, generate_master_key, load_keyring
 from edgeproxy.config import StorageSettings
 from edgeproxy.storage import (
     AccountRecord,

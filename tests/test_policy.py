@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeproxy.proxy import forward_headers, parse_trusted_hops, visitor_ip
-from edgeproxy.ratelimit import TokenBuckets
+from edgeproxy.edge.proxy import forward_headers, parse_trusted_hops, visitor_ip
+from edgeproxy.rules.ratelimit import TokenBuckets
 from test_proxy import SHOP, call, make_env
 
 TRUSTED = parse_trusted_hops(["10.0.0.0/8", "2001:db8::1"])

@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
-from edgeproxy import proxy as proxy_module
-from edgeproxy import scripts as scripts_module
+from edgeproxy.edge import proxy as proxy_module
+from edgeproxy.edge import scripts as scripts_module
 from edgeproxy.config import ProxySettings, RoutesSettings, Settings, UpstreamSettings
 from edgeproxy.errors import ConfigError
-from edgeproxy.proxy import (
+from edgeproxy.edge.proxy import (
     EdgeProxy,
     ForwardRequest,
     Site,

@@ -29,7 +29,7 @@ from markdown_it import MarkdownIt
 
 from edgeproxy.cli import _parser
 from edgeproxy.config import Settings
-from edgeproxy.registry import admit_hostname
+from edgeproxy.control.registry import admit_hostname
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-from edgeproxy.admin import create_admin_app
+from edgeproxy.control.admin import create_admin_app
 from edgeproxy.config import AdminSettings, DomainsSettings, Settings
 from edgeproxy.errors import ConfigError, DomainExists, InvalidHostname, LimitReached
-from edgeproxy.registry import Registry
+from edgeproxy.control.registry import Registry
 from edgeproxy.storage.sqlite import SqliteStorage
-from edgeproxy.tokens import TokenStore
+from edgeproxy.control.tokens import TokenStore
 
 
 class Clock:

@@ -22,11 +22,11 @@ import aiohttp
 import httpx
 import pytest
 
-from edgeproxy import relay as relay_module
+from edgeproxy.edge import relay as relay_module
 from edgeproxy.config import ProxySettings, RoutesSettings, Settings, UpstreamSettings
 from edgeproxy.devtools.pebble import _write_https_identity
 from edgeproxy.devtools.upstreams import RecordingRelay
-from edgeproxy.proxy import EdgeProxy, ForwardRequest, ForwardResult, Site
+from edgeproxy.edge.proxy import EdgeProxy, ForwardRequest, ForwardResult, Site
 
 SHOP = "shop.example.test"
 MIB = 1024 * 1024

@@ -27,7 +27,7 @@ from cryptography import x509
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
-from edgeproxy.renew import CERT_NAMES, ORDER
+from edgeproxy.control.renew import CERT_NAMES, ORDER
 from edgeproxy.storage.sqlite import SqliteStorage
 
 pytestmark = pytest.mark.e2e

@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from edgeproxy.acme_client import AcmeIssuer, IssuedCertificate
-from edgeproxy.certstore import CertStore
+from edgeproxy.control.acme_client import AcmeIssuer, IssuedCertificate
+from edgeproxy.edge.certstore import CertStore
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
-from edgeproxy.domains import DnsChecker
+from edgeproxy.control.domains import DnsChecker
 from edgeproxy.errors import IssuanceError
-from edgeproxy.renew import CERT_DOMAIN, FAILED_VALIDATION, ORDER, RenewalService, RenewPolicy, renewal_time
+from edgeproxy.control.renew import CERT_DOMAIN, FAILED_VALIDATION, ORDER, RenewalService, RenewPolicy, renewal_time
 from edgeproxy.storage.base import AriState
 from edgeproxy.storage.sqlite import SqliteStorage
 
@@ -433,7 +433,7 @@ class AriFront:
 def test_ari_window_decides_and_the_renewal_order_carries_replaces(
     pebble: tuple[Pebble, Responder, SqliteStorage], dns_server: ChallTestSrv
 ) -> None:
-    from edgeproxy.acme_client import ari_cert_id
+    from edgeproxy.control.acme_client import ari_cert_id
 
     ca, _responder, storage = pebble
     front = AriFront(ca)

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from edgeproxy.renew import backoff, is_due, renewal_time
+from edgeproxy.control.renew import backoff, is_due, renewal_time
 from edgeproxy.storage.base import DomainRecord
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
@@ -47,8 +47,8 @@ def test_is_due() -> None:
 
 from typing import Any  # noqa: E402
 
-from edgeproxy.domains import caa_allows, caa_lookup_names, evaluate_pointing  # noqa: E402
-from edgeproxy.renew import budget_wait, retry_delay  # noqa: E402
+from edgeproxy.control.domains import caa_allows, caa_lookup_names, evaluate_pointing  # noqa: E402
+from edgeproxy.control.renew import budget_wait, retry_delay  # noqa: E402
 
 
 def test_budget_wait_sliding_window() -> None:
@@ -110,8 +110,8 @@ def test_evaluate_pointing() -> None:
 
 from pathlib import Path  # noqa: E402
 
-from edgeproxy.certstore import CertStore  # noqa: E402
-from edgeproxy.renew import RenewalService  # noqa: E402
+from edgeproxy.edge.certstore import CertStore  # noqa: E402
+from edgeproxy.control.renew import RenewalService  # noqa: E402
 from edgeproxy.storage.sqlite import SqliteStorage  # noqa: E402
 
 

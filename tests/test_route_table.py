@@ -19,10 +19,10 @@ import pytest
 from edgeproxy.config import (ProxySettings, RouteSettings, RoutesSettings, Settings, UpstreamSettings,
                               load_settings)
 from edgeproxy.errors import ConfigError
-from edgeproxy.proxy import EdgeProxy, ForwardRequest, ForwardResult, Site
-from edgeproxy.relay import HttpRelay
-from edgeproxy.routes import route_table, site_routes
-from edgeproxy.spool import (RefusalLog, Replayer, ReplayFilters, Spool, SpoolingRelay, acknowledgement,
+from edgeproxy.edge.proxy import EdgeProxy, ForwardRequest, ForwardResult, Site
+from edgeproxy.edge.relay import HttpRelay
+from edgeproxy.rules.routes import route_table, site_routes
+from edgeproxy.edge.spool import (RefusalLog, Replayer, ReplayFilters, Spool, SpoolingRelay, acknowledgement,
                              move_refusals, replay_failed)
 from edgeproxy.storage import open_storage
 
@@ -479,7 +479,7 @@ def test_unknown_paths_and_hosts_never_reach_an_upstream() -> None:
 
 
 def probe_script_step(conf: Settings, body: bytes) -> tuple[bool, str]:
-    from edgeproxy.monitor import Prober
+    from edgeproxy.control.monitor import Prober
 
     prober = Prober.from_settings(conf)
     step = prober._script_step(SHOP, httpx.Response(200, content=body,

@@ -13,13 +13,13 @@ from test_adblock import PAGE, check
 from test_proxy import OTHER, SHOP, SITES, Upstreams, call, make_settings
 
 from edgeproxy.config import RoutesSettings, Settings, load_settings
-from edgeproxy.doctor import trigger_words_in
+from edgeproxy.control.doctor import trigger_words_in
 from edgeproxy.errors import ConfigError
 from edgeproxy.metrics import _route
-from edgeproxy.monitor import Prober
-from edgeproxy.proxy import EdgeProxy
-from edgeproxy.registry import html_snippet
-from edgeproxy.routes import SiteRoutes, site_routes
+from edgeproxy.control.monitor import Prober
+from edgeproxy.edge.proxy import EdgeProxy
+from edgeproxy.control.registry import html_snippet
+from edgeproxy.rules.routes import SiteRoutes, site_routes
 
 SECRET = "s3cret-for-tests-0123456789"
 RANDOM = RoutesSettings(randomize=True, randomize_secret=SECRET)

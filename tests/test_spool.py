@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from edgeproxy.config import Settings, SpoolSettings, load_settings
-from edgeproxy.proxy import ForwardRequest, ForwardResult
-from edgeproxy.spool import (
+from edgeproxy.edge.proxy import ForwardRequest, ForwardResult
+from edgeproxy.edge.spool import (
     Replayer,
     ReplayFilters,
     Spool,
@@ -324,9 +324,9 @@ def test_replayer_moves_newly_refused_entries_to_the_failed_log(tmp_path: Path) 
 
 def test_replay_failed_sends_each_once_and_a_second_run_nothing(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgeproxy.spool
+    import edgeproxy.edge.spool
 
-    monkeypatch.setattr(edgeproxy.spool, "_REPLAY_PAGE", 5)  # several pages: streamed, never all in memory
+    monkeypatch.setattr(edgeproxy.edge.spool, "_REPLAY_PAGE", 5)  # several pages: streamed, never all in memory
     store = open_storage(f"sqlite://{tmp_path}/edge.db")
     spool = Spool(str(tmp_path / "spool.db"), max_bytes=10**9)
     fwd = SpoolingRelay(FakeRelay(401), spool, store)

@@ -37,6 +37,7 @@ from edgeproxy.errors import (
     StorageError,
     StorageUnavailable,
 )
+from edgeproxy.storage.base import FiringAlert, ProbeRecord
 from edgeproxy.storage import (
     AccountRecord,
     CertificateRecord,
@@ -46,6 +47,7 @@ from edgeproxy.storage import (
     sqlite_path_from_url,
 )
 from edgeproxy.devtools.pgharness import temp_schema
+from edgeproxy.storage.base import OutboxEvent
 from edgeproxy.storage.sqlite import SqliteStorage
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -625,6 +627,51 @@ def test_prune_and_a_reader_that_fell_behind(store: Storage) -> None:
         sq.prune_changes(-1)
 
 
+# -- monitor state (alerts firing, last probes) ----------------------------------------
+
+
+def _firing(key: str, at: datetime, summary: str = "down") -> FiringAlert:
+    return FiringAlert(key, "probe_failing", "critical", summary, '{"hostname": "a.example"}', at, at)
+
+
+def test_alert_claims_trigger_once_resend_after_interval_and_release_once(store: Storage) -> None:
+    assert store.claim_alert(_firing("probe:a.example", NOW), resend_after=600) == "trigger"
+    # The same alert again, too soon (a second node, a restart): nobody sends.
+    assert store.claim_alert(_firing("probe:a.example", NOW + timedelta(seconds=599)), resend_after=600) is None
+    later = NOW + timedelta(seconds=600)
+    assert store.claim_alert(replace(_firing("probe:a.example", later, "still down"), since=later),
+                             resend_after=600) == "resend"
+    [firing] = store.firing_alerts()
+    assert (firing.summary, firing.since, firing.last_sent) == ("still down", NOW, later)  # since kept
+    assert store.release_alert("probe:a.example") == firing
+    assert store.release_alert("probe:a.example") is None  # resolved once
+    assert store.firing_alerts() == []
+
+
+def test_concurrent_claims_of_one_alert_page_exactly_once(store: Storage) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda i: store.claim_alert(_firing("spool:age", NOW), resend_after=60),
+                                range(16)))
+    assert answers.count("trigger") == 1 and answers.count(None) == 15
+
+
+def test_probe_results_are_kept_per_domain_and_go_with_it(store: Storage) -> None:
+    store.add_domain("a.example", "active", NOW)
+    store.add_domain("b.example", "active", NOW)
+    store.save_probes([ProbeRecord("a.example", NOW, False, '{"ok": false}', 2),
+                       ProbeRecord("b.example", NOW, True, '{"ok": true}', 0),
+                       ProbeRecord("gone.example", NOW, True, "{}", 0)])  # removed meanwhile: not kept
+    assert store.get_probe("a.example") == ProbeRecord("a.example", NOW, False, '{"ok": false}', 2)
+    assert store.get_probe("gone.example") is None
+    assert store.probe_failures() == {"a.example": 2}
+    store.save_probes([ProbeRecord("a.example", NOW + timedelta(minutes=5), True, '{"ok": true}', 0)])
+    assert store.probe_failures() == {}
+    assert store.get_probe("a.example").checked_at == NOW + timedelta(minutes=5)  # type: ignore[union-attr]
+    store.remove_domain("a.example")
+    assert store.get_probe("a.example") is None
+    assert store.get_probe("b.example") is not None
+
+
 # -- persistence and concurrency -------------------------------------------------------
 
 
@@ -747,6 +794,146 @@ def test_sigkill_during_saves_leaves_a_consistent_pair(url: str) -> None:
             raw.close()
 
 
+# -- lifecycle-webhook outbox (EventOutbox) ------------------------------------------------
+
+
+def _event(hostname: str, n: int, endpoint: str = "https://app.example/hook", *, at: datetime = NOW,
+           event_id: str | None = None) -> OutboxEvent:
+    return OutboxEvent(event_id or f"evt_{hostname}_{n}", endpoint, "domain.active", hostname, at,
+                       f'{{"n":{n},"hostname":"{hostname}"}}')
+
+
+def test_outbox_rows_are_written_with_each_state_change(store: Storage) -> None:
+    store.add_domain("a.example.com", "issuing", NOW, events=[_event("a.example.com", 1)])
+    store.update_domain("a.example.com", NOW, status="active", events=[_event("a.example.com", 2)])
+    store.save_certificate(cert("a.example.com"), events=[_event("a.example.com", 3)])
+    assert store.remove_domain("a.example.com", events=[_event("a.example.com", 4)])
+    rows = store.list_deliveries()
+    assert [r.event_id for r in rows] == [f"evt_a.example.com_{n}" for n in (4, 3, 2, 1)]  # newest first
+    first = rows[-1]
+    assert (first.state, first.attempts, first.next_attempt_at, first.horizon_from) == ("pending", 0, NOW, NOW)
+    assert first.payload == '{"n":1,"hostname":"a.example.com"}' and first.occurred_at == NOW
+    assert store.count_deliveries_by_state() == {"pending": 4}
+
+
+def test_a_refused_state_change_writes_no_event(store: Storage) -> None:
+    store.add_domain("a.example.com", "issuing", NOW)
+    with pytest.raises(DomainExists):
+        store.add_domain("a.example.com", "issuing", NOW, events=[_event("a.example.com", 1)])
+    with pytest.raises(DomainNotFound):
+        store.update_domain("b.example.com", NOW, status="active", events=[_event("b.example.com", 2)])
+    with pytest.raises(DomainNotFound):
+        store.save_certificate(cert("b.example.com"), events=[_event("b.example.com", 3)])
+    assert not store.remove_domain("b.example.com", events=[_event("b.example.com", 4)])
+    assert store.list_deliveries() == []
+
+
+def test_append_is_idempotent_per_event_and_endpoint(store: Storage) -> None:
+    assert store.append_events([_event("a.example.com", 1), _event("a.example.com", 1, "https://other/")]) == 2
+    assert store.append_events([_event("a.example.com", 1)]) == 0
+    assert store.append_events([]) == 0
+    assert len(store.list_deliveries()) == 2
+
+
+def test_claims_hand_out_one_head_of_line_per_endpoint_and_domain(store: Storage) -> None:
+    store.append_events([_event("a.example.com", n) for n in (1, 2, 3)] + [_event("b.example.com", 1)]
+                        + [_event("a.example.com", 9, "https://other/")])
+    heads = store.claim_deliveries("me", NOW, 60, 10)
+    assert [h.event_id for h in heads] == ["evt_a.example.com_1", "evt_b.example.com_1", "evt_a.example.com_9"]
+    # Claimed rows are not handed out again, and nothing behind them is either.
+    assert store.claim_deliveries("me", NOW, 60, 10) == []
+    a1 = heads[0]
+    assert store.record_attempt(a1.seq, "me", NOW, state="delivered", next_attempt_at=NOW, error=None, status=200)
+    assert [h.event_id for h in store.claim_deliveries("me", NOW, 60, 10)] == ["evt_a.example.com_2"]
+
+
+def test_a_retried_head_holds_its_domain_back_and_a_dead_one_does_not(store: Storage) -> None:
+    store.append_events([_event("a.example.com", n) for n in (1, 2)])
+    (a1,) = store.claim_deliveries("me", NOW, 60, 10)
+    later = NOW + timedelta(minutes=5)
+    assert store.record_attempt(a1.seq, "me", NOW, state="pending", next_attempt_at=later, error="HTTP 503: down",
+                                status=503)
+    assert store.claim_deliveries("me", NOW + timedelta(minutes=1), 60, 10) == []  # a1 not due; a2 waits
+    (again,) = store.claim_deliveries("me", later, 60, 10)
+    assert (again.event_id, again.attempts, again.last_status, again.last_error) == (
+        "evt_a.example.com_1", 1, 503, "HTTP 503: down")
+    assert store.record_attempt(again.seq, "me", later, state="dead", next_attempt_at=later, error="gone",
+                                status=None)
+    assert [d.event_id for d in store.claim_deliveries("me", later, 60, 10)] == ["evt_a.example.com_2"]
+    assert store.count_deliveries_by_state() == {"pending": 1, "dead": 1}
+    assert [d.event_id for d in store.list_deliveries(state="dead")] == ["evt_a.example.com_1"]
+
+
+def test_a_claim_is_a_lease(store: Storage) -> None:
+    store.append_events([_event("a.example.com", 1)])
+    (mine,) = store.claim_deliveries("node-a", NOW, 30, 10)
+    assert store.claim_deliveries("node-b", NOW + timedelta(seconds=29), 30, 10) == []
+    # node-a crashed: once its lease runs out, node-b gets the row, and node-a's late answer no longer counts.
+    (theirs,) = store.claim_deliveries("node-b", NOW + timedelta(seconds=30), 30, 10)
+    assert theirs.seq == mine.seq
+    assert not store.record_attempt(mine.seq, "node-a", NOW, state="delivered", next_attempt_at=NOW, error=None,
+                                    status=200)
+    assert store.record_attempt(theirs.seq, "node-b", NOW, state="delivered", next_attempt_at=NOW, error=None,
+                                status=204)
+    (done,) = store.list_deliveries()
+    assert (done.state, done.attempts, done.delivered_at, done.last_status) == ("delivered", 1, NOW, 204)
+
+
+def test_concurrent_claimers_never_share_a_row(url: str) -> None:
+    with open_storage(url) as setup:
+        setup.append_events([_event(f"h{n}.example.com", 1) for n in range(60)])
+    stores = [open_storage(url) for _ in range(4)]
+    try:
+        def claim_all(i: int) -> list[int]:
+            got: list[int] = []
+            while True:
+                batch = stores[i].claim_deliveries(f"owner-{i}", NOW, 60, 3)
+                if not batch:
+                    return got
+                got.extend(d.seq for d in batch)
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(claim_all, range(4)))
+    finally:
+        for s in stores:
+            s.close()
+    claimed = [seq for r in results for seq in r]
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+
+
+def test_redeliver_makes_an_event_due_again_with_a_fresh_horizon(store: Storage) -> None:
+    store.append_events([_event("a.example.com", 1), _event("a.example.com", 1, "https://other/")])
+    for d in store.claim_deliveries("me", NOW, 60, 10):
+        store.record_attempt(d.seq, "me", NOW, state="delivered" if d.endpoint == "https://other/" else "dead",
+                             next_attempt_at=NOW, error=None, status=200)
+    later = NOW + timedelta(days=1)
+    assert store.redeliver_event("evt_a.example.com_1", later) == 2
+    assert store.redeliver_event("evt_unknown", later) == 0
+    rows = store.list_deliveries(event_id="evt_a.example.com_1")
+    assert {(r.state, r.next_attempt_at, r.horizon_from) for r in rows} == {("pending", later, later)}
+    assert len(store.claim_deliveries("me", later, 60, 10)) == 2
+
+
+def test_prune_keeps_pending_rows(store: Storage) -> None:
+    store.append_events([_event("a.example.com", 1), _event("b.example.com", 1),
+                         _event("c.example.com", 1, at=NOW + timedelta(days=2))])
+    for d in store.claim_deliveries("me", NOW + timedelta(days=2), 60, 10):
+        if d.hostname != "b.example.com":
+            store.record_attempt(d.seq, "me", NOW, state="delivered", next_attempt_at=NOW, error=None, status=200)
+    assert store.prune_deliveries(NOW + timedelta(days=1)) == 1  # a: delivered and old; b pending; c recent
+    assert sorted(d.hostname for d in store.list_deliveries()) == ["b.example.com", "c.example.com"]
+    assert [d.hostname for d in store.list_deliveries(hostname="c.example.com", limit=5)] == ["c.example.com"]
+
+
+def test_expiring_certificates(store: Storage) -> None:
+    for host, n in (("b.example.com", 1), ("a.example.com", 2), ("c.example.com", 3)):
+        store.add_domain(host, "active", NOW)
+        store.save_certificate(cert(host, n))
+    assert store.expiring_certificates(NOW + timedelta(days=90, seconds=3)) == [("a.example.com", "2"),
+                                                                               ("b.example.com", "1")]
+    assert store.expiring_certificates(NOW) == []
+
+
 # =====================================================================================
 # Part 2: what only the SQLite backend promises
 # =====================================================================================
@@ -790,7 +977,7 @@ def test_sqlite_files_are_private_whatever_the_umask(db_path: str) -> None:
 
 
 def test_sqlite_pragmas_and_schema_version(sq: SqliteStorage, db_path: str) -> None:
-    conn = sq._conn()
+    conn = sq._file.connection()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -818,7 +1005,7 @@ def test_sqlite_adds_leaf_der_to_an_older_file_whose_rows_read_none(db_path: str
     raw.close()
     s = SqliteStorage(db_path)
     try:
-        conn = s._conn()
+        conn = s._file.connection()
         assert "leaf_der" in {row[1] for row in conn.execute("PRAGMA table_info(certificates)")}
         assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'").fetchone() == (1,)
         assert _scan_leaf_der(s, "old.example") is None
@@ -836,7 +1023,7 @@ def test_sqlite_remove_leaves_no_key_bytes_in_the_files(sq: SqliteStorage, db_pa
     secret = os.urandom(24).hex().encode()
     sq.add_domain("a.example", "active", NOW)
     sq.save_certificate(replace(cert("a.example"), key_pem=b"KEY-" + secret * 100))
-    sq._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    sq._file.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     assert secret in Path(db_path).read_bytes()  # the scan below can see it
     assert sq.remove_domain("a.example") is True
     for suffix in ("", "-wal"):
@@ -853,7 +1040,7 @@ def test_sqlite_prunes_opportunistically(db_path: str) -> None:
         s.add_domain("x.example", "pending_dns", NOW)
         for _ in range(11):
             s.update_domain("x.example", NOW, status="issuing")
-        rows = s._conn().execute("SELECT seq FROM changes ORDER BY seq").fetchall()
+        rows = s._file.connection().execute("SELECT seq FROM changes ORDER BY seq").fetchall()
         assert rows == [(10,), (11,), (12,)]
         assert s.changes_since(1) == (12, ["x.example"])
         assert s.changes_since(9) == (12, ["x.example"] * 3)
@@ -930,7 +1117,7 @@ def _use_inherited(s: SqliteStorage, parent_conn: sqlite3.Connection, results: A
     try:
         s.add_domain("child.example", "pending_dns", NOW)
         # Never the connection opened before fork (sqlite.org/howtocorrupt.html 2.6).
-        results.put(s._conn() is not parent_conn and s.get_domain("child.example") is not None)
+        results.put(s._file.connection() is not parent_conn and s.get_domain("child.example") is not None)
     except BaseException as exc:
         results.put(repr(exc))
 
@@ -942,7 +1129,7 @@ def test_sqlite_instance_inherited_through_fork_opens_its_own_connection(
     fork = multiprocessing.get_context("fork")
     sq.add_domain("parent.example", "pending_dns", NOW)
     results = fork.Queue()
-    proc = fork.Process(target=_use_inherited, args=(sq, sq._conn(), results))
+    proc = fork.Process(target=_use_inherited, args=(sq, sq._file.connection(), results))
     proc.start()
     try:
         assert results.get(timeout=30) is True
@@ -961,7 +1148,7 @@ def test_sqlite_thread_connections_are_reaped(sq: SqliteStorage) -> None:
     t = threading.Thread(target=sq.list_domains)
     t.start()
     t.join()
-    assert len(sq._conns) <= 2  # the main thread's, and at most the last dead one
+    assert len(sq._file._conns) <= 2  # the main thread's, and at most the last dead one
 
 
 # -- open_storage ----------------------------------------------------------------------
@@ -1152,7 +1339,7 @@ def test_failed_log_is_idempotent_per_key_and_marks_delivered_once(store: Storag
 
 
 def test_failed_log_pruned_after_retention_with_the_clock_passed_in(store: Storage) -> None:
-    from edgeproxy.spool import prune_failed_log
+    from edgeproxy.edge.spool import prune_failed_log
 
     store.log_failed_request(failed("old", logged=NOW - timedelta(days=90, seconds=1)))
     store.log_failed_request(failed("edge", logged=NOW - timedelta(days=90)))

@@ -1,4 +1,4 @@
-"""The native certificate path (edgeproxy/tlsnative.py, issue 8): every key encoding we
+"""The native certificate path (edgeproxy/edge/tlsnative.py, issue 8): every key encoding we
 may hold is served with its whole chain, a client that verifies against the root
 accepts it, bad material is refused with a clear error and leaves OpenSSL's error
 queue clean, and the path turns itself off where its checks fail."""
@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from edgeproxy import tlsnative
-from edgeproxy.certstore import CertStore, build_context, load_native, make_fallback_pair
+from edgeproxy.edge import tlsnative
+from edgeproxy.edge.certstore import CertStore, build_context, load_native, make_fallback_pair
 from edgeproxy.storage.sqlite import SqliteStorage
 
 NOW = dt.datetime.now(dt.timezone.utc)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy import tlspolicy
-from edgeproxy.certstore import build_context, make_fallback_pair
+from edgeproxy.edge import tlspolicy
+from edgeproxy.edge.certstore import build_context, make_fallback_pair
 from edgeproxy.config import load_settings
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin

@@ -14,7 +14,7 @@ import pytest
 from conftest import Stack
 from edgeproxy.config import AdminSettings
 from edgeproxy.errors import EdgeproxyError
-from edgeproxy.tokens import TokenStore
+from edgeproxy.control.tokens import TokenStore
 
 NOW = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeproxy.certstore import record_from_pem
+from edgeproxy.edge.certstore import record_from_pem
 from edgeproxy.storage.sqlite import SqliteStorage
 
 

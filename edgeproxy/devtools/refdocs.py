@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .. import config
-from ..admin import create_admin_app
-from ..config import AdminSettings, RouteSettings, Settings
-from ..registry import Registry
+from ..control.admin import create_admin_app
+from ..config import AdminSettings, EventEndpointSettings, RouteSettings, Settings
+from ..control.registry import Registry
 from ..storage import open_storage
-from ..tokens import TokenStore
+from ..control.tokens import TokenStore
+from ..control.webhooks import EventLog
 
 __all__ = [
     "EXTRA_DOCS",
@@ -132,7 +133,8 @@ def _toml(value: Any) -> str:
 
 
 # Arrays of tables ([[section.key]]): documented in a subsection of their own.
-_TABLE_ARRAYS: dict[str, type[Any]] = {"tuple[RouteSettings, ...]": RouteSettings}
+_TABLE_ARRAYS: dict[str, type[Any]] = {"tuple[RouteSettings, ...]": RouteSettings,
+                                       "tuple[EventEndpointSettings, ...]": EventEndpointSettings}
 
 
 def _type_name(annotation: Any) -> str:
@@ -145,8 +147,8 @@ def _type_name(annotation: Any) -> str:
 def _table_array_markdown(section: str, key: str, cls: type[Any]) -> list[str]:
     comments = _comments(cls)
     out = [f"### [[{section}.{key}]]", "", (cls.__doc__ or "").strip(),
-           f"Set the whole array in the environment as JSON: `EDGEPROXY_{section.upper()}_{key.upper()}="
-           '[{"name": ..., "kind": ..., "path": ...}]`.', "",
+           f"Set the whole array in the environment as JSON: `EDGEPROXY_{section.upper()}_{key.upper()}=[{{"
+           + ", ".join(f'"{f.name}": ...' for f in dataclasses.fields(cls)[:3]) + "}]`.", "",
            "| key | type | default | description |", "| --- | --- | --- | --- |"]
     defaults = cls()
     for f in dataclasses.fields(cls):
@@ -207,7 +209,8 @@ def openapi_document() -> dict[str, Any]:
             admin = AdminSettings(token_file=f"{tmp}/token", tokens_file=f"{tmp}/tokens.json")
             # The optional routes too (/metrics), as `serve` mounts them.
             app = create_admin_app(Registry(storage, Settings()), TokenStore(admin, create_bootstrap=True),
-                                   last_check=lambda _host: None, metrics=lambda: (b"", "text/plain"))
+                                   last_check=lambda _host: None, metrics=lambda: (b"", "text/plain"),
+                                   event_log=EventLog(storage))
             document: dict[str, Any] = app.openapi()
         finally:
             storage.close()

@@ -36,9 +36,24 @@ __all__ = [
     "SpoolStats",
     "SpoolStore",
     "Storage",
+    "DomainStore",
+    "CertificateStore",
+    "ChallengeStore",
+    "AccountStore",
+    "ChangeFeed",
+    "LeaseStore",
+    "IssuanceLedger",
+    "FailedRequestLog",
+    "MonitorLedger",
+    "FiringAlert",
+    "ProbeRecord",
     "DOMAIN_STATUSES",
     "CertificateVisitor",
     "leaf_der_of",
+    "Delivery",
+    "DELIVERY_STATES",
+    "EventOutbox",
+    "OutboxEvent",
 ]
 
 # pending_dns: waiting for the customer's DNS record; issuing: an order is due or
@@ -175,11 +190,158 @@ class FailedRequestRecord:
 
 
 
-class Storage(Protocol):
-    """Everything edgeproxy persists. One instance per process; thread-safe."""
+# -- monitor state: what is firing, each domain's last probe -----------------------
 
-    # -- domains ----------------------------------------------------------------
-    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
+
+@dataclass(frozen=True)
+class FiringAlert:
+    """An operator alert that is firing, as every node of the edge sees it.
+
+    ``details_json`` is the alert's details as JSON text; ``since`` when it
+    started firing; ``last_sent`` when a trigger for it last went to the sinks.
+    """
+
+    key: str
+    kind: str
+    severity: str
+    summary: str
+    details_json: str
+    since: datetime
+    last_sent: datetime
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    """A domain's last acceptance probe: ``result_json`` is ``ProbeResult.to_json()``
+    as text; ``consecutive_failures`` counts failed rounds up to this one (0 when ok)."""
+
+    hostname: str
+    checked_at: datetime
+    ok: bool
+    result_json: str
+    consecutive_failures: int
+
+
+# -- lifecycle webhooks: the durable outbox -------------------------------------
+
+#: pending: waiting for (or in) delivery; delivered: the receiver answered 2xx;
+#: dead: retried until the horizon, given up (``redeliver`` makes it pending again).
+DELIVERY_STATES = ("pending", "delivered", "dead")
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """One lifecycle event for one endpoint, as appended to the outbox.
+
+    ``event_id`` is the Standard Webhooks ``webhook-id``: the same for every
+    endpoint and every attempt (receivers deduplicate on it). ``payload`` is the
+    JSON body exactly as it will be signed and sent."""
+
+    event_id: str
+    endpoint: str  # the endpoint's URL
+    event_type: str
+    hostname: str
+    occurred_at: datetime
+    payload: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An outbox row: one event for one endpoint and where its delivery stands."""
+
+    seq: int  # append order; per (endpoint, hostname) the delivery order
+    event_id: str
+    endpoint: str
+    event_type: str
+    hostname: str
+    occurred_at: datetime
+    payload: str
+    state: str  # one of DELIVERY_STATES
+    attempts: int
+    next_attempt_at: datetime
+    horizon_from: datetime  # retries stop (dead letter) a horizon after this; reset by redeliver
+    last_error: str | None = None
+    last_status: int | None = None  # the receiver's last HTTP status (None: no answer)
+    delivered_at: datetime | None = None
+
+
+class EventOutbox(Protocol):
+    """The lifecycle-webhook outbox. Contract:
+
+    - Appending: ``events`` given to ``add_domain``/``update_domain``/
+      ``remove_domain``/``save_certificate`` are appended in the same
+      transaction as the change (a crash never keeps one without the other);
+      ``append_events`` appends on its own. Appending is idempotent per
+      ``(event_id, endpoint)``: a second append of the pair changes nothing (that is
+      how ``certificate.expiring`` fires once per certificate). A new row is
+      ``pending``, due at once, ``horizon_from = occurred_at``.
+    - Order: ``claim_deliveries`` only ever hands out the oldest pending row
+      (lowest ``seq``) of each ``(endpoint, hostname)``, so a domain's events reach
+      an endpoint in append order; a delivered or dead row no longer holds back the
+      ones after it.
+    - One deliverer per row: a claim is a lease (``claimed_by`` until
+      ``now + lease_seconds``); concurrent claimers (threads, processes, nodes on
+      one PostgreSQL) never get the same row while the lease runs. A crashed
+      deliverer's rows are claimable again once the lease expires, so delivery is
+      at least once.
+    - ``record_attempt`` only counts when ``owner`` still holds the claim; it
+      releases the claim. Times are tz-aware UTC; ``now`` is passed in.
+    """
+
+    def append_events(self, events: Sequence[OutboxEvent]) -> int:
+        """Append outside any state change; returns how many rows were new."""
+        ...
+
+    def claim_deliveries(self, owner: str, now: datetime, lease_seconds: float, limit: int) -> list[Delivery]:
+        """Claim up to ``limit`` due heads of line (pending, ``next_attempt_at <= now``,
+        unclaimed or lease expired), ordered by seq."""
+        ...
+
+    def record_attempt(self, seq: int, owner: str, now: datetime, *, state: str, next_attempt_at: datetime,
+                       error: str | None, status: int | None) -> bool:
+        """Count one attempt of row ``seq``: its new ``state``, when to try next,
+        the error and HTTP status (None, None on success), ``delivered_at = now`` when
+        delivered; releases the claim. False (nothing changed) when ``owner`` no
+        longer holds it."""
+        ...
+
+    def list_deliveries(self, *, state: str | None = None, event_id: str | None = None,
+                        hostname: str | None = None, limit: int = 100) -> list[Delivery]:
+        """Rows matching the filters given, newest (highest seq) first."""
+        ...
+
+    def redeliver_event(self, event_id: str, now: datetime) -> int:
+        """Make every row of ``event_id`` pending and due at ``now`` with a fresh
+        horizon (``horizon_from = now``); returns how many rows (0: unknown id)."""
+        ...
+
+    def count_deliveries_by_state(self) -> dict[str, int]:
+        """state -> how many rows; absent states have none."""
+        ...
+
+    def prune_deliveries(self, before: datetime) -> int:
+        """Delete delivered and dead rows that occurred before ``before``; returns how many."""
+        ...
+
+    def expiring_certificates(self, before: datetime) -> list[tuple[str, str]]:
+        """``(hostname, serial)`` of the stored certificates with ``not_after < before``, by hostname."""
+        ...
+
+
+# -- role protocols: what each part of edgeproxy needs from the store -------------------
+# A consumer types its parameter with the smallest role it uses (the spool's
+# replayer needs a FailedRequestLog, not a Storage); ``Storage`` is all of them,
+# what both backends implement and tests/test_storage_contract.py checks.
+
+
+class DomainStore(Protocol):
+    """The registry of custom domains and their issuance state."""
+
+    # ``events`` on the four state changes (add, update, remove, save certificate):
+    # lifecycle webhook deliveries appended to the outbox IN THE SAME TRANSACTION as
+    # the change (both or neither are committed; see ``EventOutbox``).
+    def add_domain(self, hostname: str, status: str, now: datetime,
+                   events: Sequence[OutboxEvent] = ()) -> DomainRecord:
         """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
         ...
 
@@ -231,17 +393,21 @@ class Storage(Protocol):
         error_message: str | None = None,
         next_attempt_at: datetime | None = None,
         attempts: int = 0,
+        events: Sequence[OutboxEvent] = (),
     ) -> DomainRecord:
         """Replace the mutable fields. Raises ``DomainNotFound`` if absent."""
         ...
 
-    def remove_domain(self, hostname: str) -> bool:
+    def remove_domain(self, hostname: str, events: Sequence[OutboxEvent] = ()) -> bool:
         """Delete the domain with its certificate, key and challenges in one
         transaction. Returns False (and changes nothing) if it was not registered."""
         ...
 
-    # -- certificates -----------------------------------------------------------
-    def save_certificate(self, cert: CertificateRecord) -> None:
+
+class CertificateStore(Protocol):
+    """Key + chain pairs, one per domain (deleted with the domain)."""
+
+    def save_certificate(self, cert: CertificateRecord, events: Sequence[OutboxEvent] = ()) -> None:
         """Store key + chain + metadata atomically (a reader sees the old pair or
         the new pair, never a mix, even after a crash). Replaces any previous one.
         Raises ``DomainNotFound`` if the domain was removed meanwhile."""
@@ -250,7 +416,10 @@ class Storage(Protocol):
     def get_certificate(self, hostname: str) -> CertificateRecord | None:
         ...
 
-    # -- HTTP-01 challenges -------------------------------------------------------
+
+class ChallengeStore(Protocol):
+    """HTTP-01 tokens published while an order validates (the :80 listener reads them)."""
+
     def put_challenge(self, challenge: ChallengeRecord) -> None:
         """Publish a token (idempotent: same token overwrites)."""
         ...
@@ -262,7 +431,10 @@ class Storage(Protocol):
         """Idempotent."""
         ...
 
-    # -- ACME accounts ----------------------------------------------------------
+
+class AccountStore(Protocol):
+    """One ACME account per directory URL."""
+
     def get_account(self, directory_url: str) -> AccountRecord | None:
         ...
 
@@ -274,14 +446,20 @@ class Storage(Protocol):
         """Every stored account, ordered by directory URL (``storage copy`` moves them all)."""
         ...
 
-    # -- change feed ----------------------------------------------------------------
+
+class ChangeFeed(Protocol):
+    """Which hostnames changed, for every worker's in-memory certificate map."""
+
     def changes_since(self, seq: int) -> tuple[int, list[str]]:
         """Hostnames whose domain or certificate changed after ``seq``, and the
         newest seq. Workers poll this to refresh their in-memory maps; a
         hostname may appear more than once. ``changes_since(0)`` lists all."""
         ...
 
-    # -- locks ------------------------------------------------------------------------
+
+class LeaseStore(Protocol):
+    """Named leases with an expiry: one renewal loop, one replayer per node set."""
+
     def try_lock(self, name: str, owner: str, ttl_seconds: float, now: datetime) -> bool:
         """Take or extend a lease. True if ``owner`` now holds ``name`` until
         ``now + ttl``; False if another owner holds an unexpired lease. An
@@ -292,11 +470,10 @@ class Storage(Protocol):
         """Release if held by ``owner``; otherwise do nothing."""
         ...
 
-    def close(self) -> None:
-        ...
 
-    # == rate-budget ledger and status history ============================
-    # Additive tables (CREATE TABLE IF NOT EXISTS); schema_version is unchanged.
+class IssuanceLedger(Protocol):
+    """What issuance remembers besides the certificate: rate budgets, each
+    domain's status history, ARI state (RFC 9773)."""
 
     def record_event(self, kind: str, key: str, at: datetime) -> None:
         """Append one ledger entry (e.g. kind="order", key=<ACME directory>). Not
@@ -326,7 +503,11 @@ class Storage(Protocol):
     def get_ari(self, hostname: str) -> AriState | None:
         ...
 
-    # -- failed-request log (kept ``failed_log.retention_days``) ------------
+
+class FailedRequestLog(Protocol):
+    """Requests the relay or the edge refused, kept ``failed_log.retention_days``
+    with everything ``edgeproxy replay`` needs to send them again."""
+
     def log_failed_request(self, record: FailedRequestRecord) -> int:
         """Store a refused request; returns its id. Idempotent per
         ``idempotency_key``: logging the same key again (a replay refused once
@@ -369,6 +550,54 @@ class Storage(Protocol):
     def prune_failed_requests(self, before: datetime) -> int:
         """Delete records logged before ``before``; returns how many."""
         ...
+
+class MonitorLedger(Protocol):
+    """The monitor's memory, shared by restarts and by every node: which operator
+    alerts are firing (so a restart or a second node never pages again for one
+    already announced) and each domain's last probe (rows go with the domain)."""
+
+    def firing_alerts(self) -> list[FiringAlert]:
+        """Every firing alert, ordered by key."""
+        ...
+
+    def claim_alert(self, alert: FiringAlert, resend_after: float) -> str | None:
+        """Atomically decide who sends a trigger for ``alert.key`` at ``alert.last_sent``.
+
+        ``"trigger"`` when the key was not firing (it is stored, ``since`` =
+        ``alert.since``); ``"resend"`` when it was and its last send is at least
+        ``resend_after`` seconds before ``alert.last_sent`` (summary, details and
+        ``last_sent`` are updated, ``since`` kept); None when another caller sent
+        it more recently than that (nothing changes). Of several nodes claiming
+        the same key at once, exactly one gets a non-None answer."""
+        ...
+
+    def release_alert(self, key: str) -> FiringAlert | None:
+        """Stop ``key`` firing; returns what was stored, or None when it was not firing
+        (another node resolved it first: only the caller that gets the record sends
+        the resolve)."""
+        ...
+
+    def save_probes(self, records: Sequence[ProbeRecord]) -> None:
+        """Insert or replace the last probe of each record's domain, in one transaction."""
+        ...
+
+    def get_probe(self, hostname: str) -> ProbeRecord | None:
+        """The domain's last probe, or None (never probed, or removed)."""
+        ...
+
+    def probe_failures(self) -> dict[str, int]:
+        """hostname -> consecutive failures, for the domains whose last probe failed."""
+        ...
+
+
+class Storage(DomainStore, CertificateStore, ChallengeStore, AccountStore, ChangeFeed, LeaseStore,
+              IssuanceLedger, FailedRequestLog, MonitorLedger, EventOutbox, Protocol):
+    """Everything edgeproxy persists. One instance per process; thread-safe."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent; any later call raises ``StorageError``."""
+        ...
+
 
 # -- the spool file: records and its contract (implemented by storage/spoolfile.py) ---------
 

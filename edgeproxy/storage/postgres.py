@@ -1,12 +1,14 @@
 """The multi-node storage backend: one PostgreSQL database shared by every edge node.
 
-Owns: the PostgreSQL schema, its versioned migrations, and every SQL statement of
-the shared backend. Implements :class:`edgeproxy.storage.base.Storage` exactly;
-the contract (concurrency, not-found, idempotency) lives in the docstrings of
-``base.py`` and is checked by ``tests/test_storage_contract.py``, which runs the
-same tests against this backend and SQLite.
+Owns: the PostgreSQL schema and its versioned migrations, the connection pool
+and transactions, the mapping of psycopg errors, the change feed's sequence
+numbers and notifications. Every query and upsert of the ``Storage`` contract
+is shared with SQLite in ``storage.sql`` (``?`` placeholders become ``%s``
+here); the contract (concurrency, not-found, idempotency) lives in the
+docstrings of ``base.py`` and is checked on both backends by
+``tests/test_storage_contract.py``.
 Must not import: ``acme``, ``httpx``, ``hypercorn``, or any other edgeproxy
-module except ``errors`` and ``storage.base``.
+module except ``errors`` and ``storage.base``/``storage.sql``.
 
 Choices (and why):
 
@@ -66,14 +68,11 @@ Choices (and why):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from types import TracebackType
 from typing import Any
 
 import psycopg
@@ -82,19 +81,8 @@ import psycopg.errors
 import psycopg.sql
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from edgeproxy.errors import DomainExists, DomainNotFound, StorageError, StorageUnavailable
-from edgeproxy.storage.base import (
-    DOMAIN_STATUSES,
-    AccountRecord,
-    AriState,
-    CertificateRecord,
-    CertificateVisitor,
-    ChallengeRecord,
-    DomainRecord,
-    FailedRequestRecord,
-    StatusEvent,
-    leaf_der_of,
-)
+from edgeproxy.errors import StorageError, StorageUnavailable
+from edgeproxy.storage.sql import POSTGRES, Connection, Cursor, SqlStorage
 
 __all__ = ["PostgresStorage", "SCHEMA_VERSION", "MIGRATIONS", "NOTIFY_CHANNEL"]
 
@@ -244,21 +232,60 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             EXECUTE FUNCTION certificates_leaf_der_stale()""",
         ),
     ),
+    (
+        5,
+        (
+            # The monitor's state (storage.base.MonitorLedger): shared by every node,
+            # so a second node or a restart never pages again for a firing alert.
+            """CREATE TABLE monitor_alerts (
+                key          TEXT PRIMARY KEY,
+                kind         TEXT NOT NULL,
+                severity     TEXT NOT NULL,
+                summary      TEXT NOT NULL,
+                details_json TEXT NOT NULL,
+                since        TIMESTAMPTZ NOT NULL,
+                last_sent    TIMESTAMPTZ NOT NULL
+            )""",
+            """CREATE TABLE probe_results (
+                hostname             TEXT COLLATE "C" PRIMARY KEY REFERENCES domains(hostname) ON DELETE CASCADE,
+                checked_at           TIMESTAMPTZ NOT NULL,
+                ok                   BOOLEAN NOT NULL,
+                result_json          TEXT NOT NULL,
+                consecutive_failures INTEGER NOT NULL
+            )""",
+        ),
+    ),
+    (
+        6,
+        (
+            # The lifecycle-webhook outbox (EventOutbox in storage/base.py).
+            """CREATE TABLE event_outbox (
+                seq             BIGSERIAL PRIMARY KEY,
+                event_id        TEXT NOT NULL,
+                endpoint        TEXT NOT NULL,
+                event_type      TEXT NOT NULL,
+                hostname        TEXT COLLATE "C" NOT NULL,
+                occurred_at     TIMESTAMPTZ NOT NULL,
+                payload         TEXT NOT NULL,
+                state           TEXT NOT NULL,
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at TIMESTAMPTZ NOT NULL,
+                horizon_from    TIMESTAMPTZ NOT NULL,
+                claimed_by      TEXT,
+                claimed_until   TIMESTAMPTZ,
+                last_error      TEXT,
+                last_status     INTEGER,
+                delivered_at    TIMESTAMPTZ,
+                UNIQUE (event_id, endpoint)
+            )""",
+            "CREATE INDEX event_outbox_line ON event_outbox (state, endpoint, hostname, seq)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_DOMAIN_COLUMNS = (
-    "hostname, status, created_at, updated_at, error_code, error_message, next_attempt_at, attempts"
-)
-_CERT_COLUMNS = "hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, created_at"
 
-_FAILED_COLUMNS = (
-    "id, idempotency_key, domain, method, target, headers_json, body, client, status, origin, "
-    "received_at, logged_at, delivered_at"
-)
-
-_MAX_UTC = datetime.max.replace(tzinfo=timezone.utc)
 
 # TCP keepalives on every connection: a peer that vanished without a RST (a
 # partition, a dead load balancer) is detected in about a minute instead of the
@@ -266,27 +293,6 @@ _MAX_UTC = datetime.max.replace(tzinfo=timezone.utc)
 # connection, which otherwise only ever waits.
 _KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
-
-def _failed_filters(since: datetime | None, until: datetime | None, domain: str | None, status: int | None,
-                    delivered: bool | None) -> tuple[list[str], list[Any]]:
-    """WHERE terms (constant SQL fragments) and their parameters for the failed-request log."""
-    where = ["TRUE"]
-    params: list[Any] = []
-    if since is not None:
-        where.append("received_at >= %s")
-        params.append(_ts(since))
-    if until is not None:
-        where.append("received_at < %s")
-        params.append(_ts(until))
-    if domain is not None:
-        where.append("domain = %s")
-        params.append(domain)
-    if status is not None:
-        where.append("status = %s")
-        params.append(status)
-    if delivered is not None:
-        where.append("delivered_at IS NOT NULL" if delivered else "delivered_at IS NULL")
-    return where, params
 
 # Errors that say "try again later" rather than "this is broken".
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -296,56 +302,6 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     psycopg.errors.LockNotAvailable,
     psycopg.errors.QueryCanceled,  # statement_timeout
 )
-
-
-def _ts(value: datetime) -> datetime:
-    """An aware datetime, as UTC (naive ones are refused: the contract is tz-aware UTC)."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value!r}: storage needs timezone-aware UTC times")
-    return value.astimezone(timezone.utc)
-
-
-def _ts_opt(value: datetime | None) -> datetime | None:
-    return None if value is None else _ts(value)
-
-
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc)
-
-
-def _utc_opt(value: datetime | None) -> datetime | None:
-    return None if value is None else _utc(value)
-
-
-def _domain(row: Any) -> DomainRecord:
-    return DomainRecord(
-        hostname=row[0],
-        status=row[1],
-        created_at=_utc(row[2]),
-        updated_at=_utc(row[3]),
-        error_code=row[4],
-        error_message=row[5],
-        next_attempt_at=_utc_opt(row[6]),
-        attempts=row[7],
-    )
-
-
-def _certificate(row: Any) -> CertificateRecord:
-    return CertificateRecord(
-        hostname=row[0],
-        key_pem=bytes(row[1]),
-        chain_pem=bytes(row[2]),
-        not_before=_utc(row[3]),
-        not_after=_utc(row[4]),
-        serial=row[5],
-        issuer=row[6],
-        created_at=_utc(row[7]),
-    )
-
-
-def _check_status(status: str) -> None:
-    if status not in DOMAIN_STATUSES:
-        raise ValueError(f"unknown domain status {status!r}; expected one of {DOMAIN_STATUSES}")
 
 
 def _describe_url(url: str) -> str:
@@ -360,7 +316,24 @@ def _describe_url(url: str) -> str:
     return f"PostgreSQL {host}:{port}/{dbname}"
 
 
-class PostgresStorage:
+class _Statements:
+    """A psycopg connection that takes the shared statements' ``?`` placeholders."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor:
+        return self.raw.execute(POSTGRES.sql(sql), params)
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> None:
+        # psycopg pipelines the statements: one round trip for the batch, not one each.
+        with self.raw.cursor() as cursor:
+            cursor.executemany(POSTGRES.sql(sql), params)
+
+
+class PostgresStorage(SqlStorage):
     """:class:`~edgeproxy.storage.base.Storage` on a PostgreSQL database.
 
     Thread-safe (a pool of up to ``max_connections`` connections per process)
@@ -372,8 +345,7 @@ class PostgresStorage:
     ``keep_changes`` is how many change-feed rows opportunistic pruning keeps.
     """
 
-    #: Opportunistic pruning runs when a new change's seq is a multiple of this.
-    PRUNE_EVERY = 256
+    dialect = POSTGRES
 
     def __init__(
         self,
@@ -491,9 +463,52 @@ class PostgresStorage:
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield conn
 
-    def _one(self, action: str, sql: str, params: tuple[Any, ...]) -> Any:
+    # -- the hooks of storage.sql ------------------------------------------------------
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[Connection]:
+        with self._tx(action) as conn:
+            yield _Statements(conn)
+
+    @contextmanager
+    def _read(self, action: str) -> Iterator[Connection]:
+        with self._tx(action, snapshot=True) as conn:
+            yield _Statements(conn)
+
+    @contextmanager
+    def _query(self, action: str) -> Iterator[Connection]:
         with self._conn(action) as conn:
-            return conn.execute(sql, params).fetchone()
+            yield _Statements(conn)
+
+    def _append_change(self, conn: Connection, hostname: str) -> None:
+        """Record a change inside the caller's transaction (see the module
+        docstring for why the seq comes from a locked counter row)."""
+        row = conn.execute(
+            "UPDATE feed_state SET last_seq = last_seq + 1 WHERE id = 1 RETURNING last_seq"
+        ).fetchone()
+        if row is None:
+            raise StorageError(f"{self.where}: the feed_state row is missing; run `edgeproxy migrate`")
+        seq = int(row[0])
+        conn.execute("INSERT INTO changes (seq, hostname) VALUES (?, ?)", (seq, hostname))
+        # Delivered at COMMIT, and only if it commits; the payload is informative.
+        conn.execute(f"SELECT pg_notify({_CHANNEL_SQL}, ?)", (str(seq),))
+        self._prune_after(conn, seq)
+
+    def _feed_position(self, conn: Connection) -> tuple[int, int]:
+        row = conn.execute("SELECT last_seq, pruned_through FROM feed_state WHERE id = 1").fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def _lock_feed(self, conn: Connection) -> None:
+        conn.execute("SELECT 1 FROM feed_state WHERE id = 1 FOR UPDATE")
+
+    def _stream(self, conn: Connection, sql: str, params: Sequence[Any]) -> Iterator[Any]:
+        """A server-side cursor, 256 rows a round trip: 100,000 certificates are
+        never in the client's memory at once."""
+        assert isinstance(conn, _Statements)
+        with conn.raw.cursor(name="edgeproxy_stream") as cursor:
+            cursor.itersize = 256
+            cursor.execute(POSTGRES.sql(sql), params)
+            yield from cursor
 
     # -- schema ------------------------------------------------------------------------
 
@@ -556,349 +571,6 @@ class PostgresStorage:
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
         return before, SCHEMA_VERSION
 
-    # -- domains -----------------------------------------------------------------------
-
-    def add_domain(self, hostname: str, status: str, now: datetime) -> DomainRecord:
-        """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
-        _check_status(status)
-        stamp = _ts(now)
-        with self._tx(f"add domain {hostname}") as conn:
-            row = conn.execute(
-                f"INSERT INTO domains (hostname, status, created_at, updated_at, attempts) "
-                f"VALUES (%s, %s, %s, %s, 0) ON CONFLICT (hostname) DO NOTHING "
-                f"RETURNING {_DOMAIN_COLUMNS}",
-                (hostname, status, stamp, stamp),
-            ).fetchone()
-            if row is None:
-                raise DomainExists(f"{hostname} is already registered")
-            self._append_change(conn, hostname)
-        return _domain(row)
-
-    def get_domain(self, hostname: str) -> DomainRecord | None:
-        """The domain, or None when it is not registered."""
-        row = self._one(
-            f"read domain {hostname}",
-            f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE hostname = %s",
-            (hostname,),
-        )
-        return None if row is None else _domain(row)
-
-    def list_domains(self) -> list[DomainRecord]:
-        """All domains, ordered by hostname (byte order, like SQLite)."""
-        with self._conn("list domains") as conn:
-            rows = conn.execute(f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY hostname").fetchall()
-        return [_domain(row) for row in rows]
-
-    def due_domains(
-        self, now: datetime, statuses: Sequence[str] | None = None, limit: int | None = None
-    ) -> list[DomainRecord]:
-        """Domains with ``next_attempt_at <= now`` (NULL is never due), with a status
-        in ``statuses`` when given, the most overdue first (ties by hostname, byte
-        order), at most ``limit``. A range scan of ``domains_next_attempt``."""
-        sql = f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE next_attempt_at <= %s"
-        params: list[Any] = [_ts(now)]
-        if statuses is not None:
-            if not statuses:
-                return []
-            sql += " AND status = ANY(%s)"  # one array parameter
-            params.append(list(statuses))
-        sql += " ORDER BY next_attempt_at, hostname"
-        if limit is not None:
-            sql += " LIMIT %s"
-            params.append(max(0, limit))
-        with self._conn("list due domains") as conn:
-            rows = conn.execute(sql, params).fetchall()
-        return [_domain(row) for row in rows]
-
-    def count_domains(self) -> int:
-        """How many domains are registered."""
-        row = self._one("count domains", "SELECT COUNT(*) FROM domains", ())
-        return int(row[0])
-
-    def domain_statuses(self) -> list[tuple[str, str]]:
-        """``(hostname, status)`` of every domain, ordered by hostname (byte order, like SQLite)."""
-        with self._conn("list domain statuses") as conn:
-            rows = conn.execute("SELECT hostname, status FROM domains ORDER BY hostname").fetchall()
-        return [(str(row[0]), str(row[1])) for row in rows]
-
-    def count_domains_by_status(self) -> dict[str, int]:
-        """status -> how many domains have it; statuses no domain has are absent."""
-        with self._conn("count domains by status") as conn:
-            rows = conn.execute("SELECT status, COUNT(*) FROM domains GROUP BY status").fetchall()
-        return {str(row[0]): int(row[1]) for row in rows}
-
-    def domain_created_times_since(self, since: datetime) -> list[datetime]:
-        """``created_at`` of the domains registered at or after ``since``, oldest first."""
-        with self._conn("list recent registrations") as conn:
-            rows = conn.execute(
-                "SELECT created_at FROM domains WHERE created_at >= %s ORDER BY created_at", (_ts(since),)
-            ).fetchall()
-        return [_utc(row[0]) for row in rows]
-
-    def update_domain(
-        self,
-        hostname: str,
-        now: datetime,
-        *,
-        status: str,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        next_attempt_at: datetime | None = None,
-        attempts: int = 0,
-    ) -> DomainRecord:
-        """Replace the mutable fields. Raises ``DomainNotFound`` if absent."""
-        _check_status(status)
-        params = (status, _ts(now), error_code, error_message, _ts_opt(next_attempt_at), attempts)
-        with self._tx(f"update domain {hostname}") as conn:
-            row = conn.execute(
-                "UPDATE domains SET status = %s, updated_at = %s, error_code = %s, "
-                "error_message = %s, next_attempt_at = %s, attempts = %s "
-                f"WHERE hostname = %s RETURNING {_DOMAIN_COLUMNS}",
-                (*params, hostname),
-            ).fetchone()
-            if row is None:
-                raise DomainNotFound(f"{hostname} is not registered")
-            self._append_change(conn, hostname)
-        return _domain(row)
-
-    def remove_domain(self, hostname: str) -> bool:
-        """Delete the domain with its certificate, key and challenges in one
-        transaction. Returns False (and changes nothing) if it was not registered.
-
-        The key's bytes are not overwritten on disk (no secure_delete in
-        PostgreSQL): see the module docstring and seal keys on shared stores."""
-        with self._tx(f"remove domain {hostname}") as conn:
-            gone = conn.execute(
-                "DELETE FROM domains WHERE hostname = %s RETURNING hostname", (hostname,)
-            ).fetchone()
-            if gone is None:
-                return False
-            # The certificate goes by ON DELETE CASCADE; said again for clarity.
-            conn.execute("DELETE FROM certificates WHERE hostname = %s", (hostname,))
-            conn.execute("DELETE FROM challenges WHERE hostname = %s", (hostname,))
-            conn.execute("DELETE FROM status_history WHERE hostname = %s", (hostname,))
-            conn.execute("DELETE FROM ari_state WHERE hostname = %s", (hostname,))
-            self._append_change(conn, hostname)
-        return True
-
-    # -- certificates ------------------------------------------------------------------
-
-    def save_certificate(self, cert: CertificateRecord) -> None:
-        """Store key + chain + metadata atomically (a reader sees the old pair or
-        the new pair, never a mix, even after a crash). Replaces any previous one.
-        Raises ``DomainNotFound`` if the domain was removed meanwhile."""
-        params = (
-            cert.hostname,
-            bytes(cert.key_pem),
-            bytes(cert.chain_pem),
-            _ts(cert.not_before),
-            _ts(cert.not_after),
-            cert.serial,
-            cert.issuer,
-            _ts(cert.created_at),
-            leaf_der_of(cert.chain_pem),
-        )
-        with self._tx(f"save the certificate of {cert.hostname}") as conn:
-            # FOR KEY SHARE: a concurrent remove_domain waits for this commit (and
-            # then deletes the certificate too) instead of racing past it.
-            if conn.execute(
-                "SELECT 1 FROM domains WHERE hostname = %s FOR KEY SHARE", (cert.hostname,)
-            ).fetchone() is None:
-                raise DomainNotFound(f"{cert.hostname} is not registered (removed meanwhile?)")
-            conn.execute(
-                f"INSERT INTO certificates ({_CERT_COLUMNS}, leaf_der) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
-                "chain_pem = excluded.chain_pem, not_before = excluded.not_before, "
-                "not_after = excluded.not_after, serial = excluded.serial, "
-                "issuer = excluded.issuer, created_at = excluded.created_at, "
-                "leaf_der = excluded.leaf_der",
-                params,
-            )
-            self._append_change(conn, cert.hostname)
-
-    def get_certificate(self, hostname: str) -> CertificateRecord | None:
-        """The key + chain pair for ``hostname`` (one row, so never a mix), or None."""
-        row = self._one(
-            f"read the certificate of {hostname}",
-            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE hostname = %s",
-            (hostname,),
-        )
-        return None if row is None else _certificate(row)
-
-    def scan_certificates(self, hostnames: Sequence[str], visit: CertificateVisitor) -> set[str]:
-        """Which of ``hostnames`` are registered; and, in the same snapshot,
-        ``visit(hostname, key_pem, chain_pem, leaf_der, not_after, serial)`` for each
-        of them that has a certificate, one row at a time (``leaf_der`` is None for
-        rows saved without it: see ``CertificateVisitor``).
-
-        Not part of the ``Storage`` protocol (the certstore uses it when present,
-        ): one array parameter instead of a query per name, and a
-        server-side cursor, so 100,000 certificates are never in memory at once."""
-        names = sorted(set(hostnames))
-        if not names:
-            return set()
-        with self._tx("read certificates in bulk", snapshot=True) as conn:
-            registered = {
-                row[0] for row in conn.execute("SELECT hostname FROM domains WHERE hostname = ANY(%s)", (names,))
-            }
-            with conn.cursor(name="edgeproxy_scan_certificates") as cursor:
-                cursor.itersize = 256
-                cursor.execute(
-                    "SELECT hostname, key_pem, chain_pem, leaf_der, not_after, serial FROM certificates "
-                    "WHERE hostname = ANY(%s)", (names,),
-                )
-                for hostname, key_pem, chain_pem, leaf_der, not_after, serial in cursor:
-                    if hostname in registered:
-                        visit(hostname, bytes(key_pem), bytes(chain_pem), None if leaf_der is None else bytes(leaf_der),
-                              _utc(not_after), serial)
-        return registered
-
-    # -- HTTP-01 challenges ------------------------------------------------------------
-
-    def put_challenge(self, challenge: ChallengeRecord) -> None:
-        """Publish a token (idempotent: same token overwrites)."""
-        params = (
-            challenge.token,
-            challenge.key_authorization,
-            challenge.hostname,
-            _ts(challenge.expires_at),
-        )
-        with self._conn(f"publish challenge token for {challenge.hostname}") as conn:
-            conn.execute(
-                "INSERT INTO challenges (token, key_authorization, hostname, expires_at) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (token) DO UPDATE SET "
-                "key_authorization = excluded.key_authorization, "
-                "hostname = excluded.hostname, expires_at = excluded.expires_at",
-                params,
-            )
-
-    def get_challenge(self, token: str) -> ChallengeRecord | None:
-        """The token as published (expired or not: the caller compares with ``now``), or None."""
-        row = self._one(
-            "read a challenge token",
-            "SELECT token, key_authorization, hostname, expires_at FROM challenges WHERE token = %s",
-            (token,),
-        )
-        if row is None:
-            return None
-        return ChallengeRecord(
-            token=row[0], key_authorization=row[1], hostname=row[2], expires_at=_utc(row[3])
-        )
-
-    def delete_challenge(self, token: str) -> None:
-        """Idempotent."""
-        with self._conn("delete a challenge token") as conn:
-            conn.execute("DELETE FROM challenges WHERE token = %s", (token,))
-
-    # -- ACME accounts -----------------------------------------------------------------
-
-    def get_account(self, directory_url: str) -> AccountRecord | None:
-        """The account for ``directory_url``, or None."""
-        row = self._one(
-            "read the ACME account",
-            "SELECT directory_url, key_pem, registration_json FROM accounts WHERE directory_url = %s",
-            (directory_url,),
-        )
-        if row is None:
-            return None
-        return AccountRecord(directory_url=row[0], key_pem=bytes(row[1]), registration_json=row[2])
-
-    def list_accounts(self) -> list[AccountRecord]:
-        """Every stored ACME account, ordered by directory URL."""
-        with self._conn("list ACME accounts") as conn:
-            rows = conn.execute(
-                "SELECT directory_url, key_pem, registration_json FROM accounts ORDER BY directory_url"
-            ).fetchall()
-        return [AccountRecord(r[0], bytes(r[1]), r[2]) for r in rows]
-
-    def save_account(self, account: AccountRecord) -> None:
-        """Insert or replace the account for ``account.directory_url``."""
-        with self._conn("save the ACME account") as conn:
-            conn.execute(
-                "INSERT INTO accounts (directory_url, key_pem, registration_json) VALUES (%s, %s, %s) "
-                "ON CONFLICT (directory_url) DO UPDATE SET key_pem = excluded.key_pem, "
-                "registration_json = excluded.registration_json",
-                (account.directory_url, bytes(account.key_pem), account.registration_json),
-            )
-
-    # -- change feed -------------------------------------------------------------------
-
-    def _append_change(self, conn: psycopg.Connection[Any], hostname: str) -> None:
-        """Record a change inside the caller's transaction (see the module
-        docstring for why the seq comes from a locked counter row)."""
-        row = conn.execute(
-            "UPDATE feed_state SET last_seq = last_seq + 1 WHERE id = 1 RETURNING last_seq"
-        ).fetchone()
-        if row is None:
-            raise StorageError(f"{self.where}: the feed_state row is missing; run `edgeproxy migrate`")
-        seq = int(row[0])
-        conn.execute("INSERT INTO changes (seq, hostname) VALUES (%s, %s)", (seq, hostname))
-        # Delivered at COMMIT, and only if it commits; the payload is informative.
-        conn.execute(f"SELECT pg_notify({_CHANNEL_SQL}, %s)", (str(seq),))
-        if self.PRUNE_EVERY > 0 and seq % self.PRUNE_EVERY == 0:
-            self._prune(conn, self._keep_changes)
-
-    @staticmethod
-    def _newest(conn: psycopg.Connection[Any]) -> tuple[int, int]:
-        """(newest seq, pruned_through) in the caller's transaction."""
-        row = conn.execute("SELECT last_seq, pruned_through FROM feed_state WHERE id = 1").fetchone()
-        if row is None:
-            return 0, 0
-        return int(row[0]), int(row[1])
-
-    def _prune(self, conn: psycopg.Connection[Any], keep_last: int) -> int:
-        # Called with feed_state locked (by _append_change or prune_changes).
-        newest, pruned_through = self._newest(conn)
-        cutoff = newest - keep_last
-        if cutoff <= pruned_through:
-            return 0
-        deleted = conn.execute("DELETE FROM changes WHERE seq <= %s", (cutoff,)).rowcount
-        conn.execute("UPDATE feed_state SET pruned_through = %s WHERE id = 1", (cutoff,))
-        return int(deleted)
-
-    def prune_changes(self, keep_last: int) -> int:
-        """Delete all but the newest ``keep_last`` change-feed rows; returns how many
-        were deleted. Not part of the ``Storage`` protocol: pruning also happens on
-        its own (every ``PRUNE_EVERY`` changes, keeping ``keep_changes``)."""
-        if keep_last < 0:
-            raise ValueError("keep_last must be >= 0")
-        with self._tx("prune the change feed") as conn:
-            conn.execute("SELECT 1 FROM feed_state WHERE id = 1 FOR UPDATE")
-            return self._prune(conn, keep_last)
-
-    def changes_since(self, seq: int) -> tuple[int, list[str]]:
-        """Hostnames whose domain or certificate changed after ``seq``, and the
-        newest seq. Workers poll this to refresh their in-memory maps; a
-        hostname may appear more than once. ``changes_since(0)`` lists all.
-
-        Same answers as the SQLite backend: incremental answers in commit
-        order; a full listing (every registered hostname, sorted, then the
-        retained changes newer than ``seq`` that are no longer registered) when
-        ``seq <= 0``, when ``seq`` is older than the pruned part of the feed, or
-        when ``seq`` is newer than the newest change (another database)."""
-        with self._tx("read the change feed", snapshot=True) as conn:
-            newest, pruned_through = self._newest(conn)
-            if 0 < seq <= newest and seq >= pruned_through:
-                rows = conn.execute(
-                    "SELECT hostname FROM changes WHERE seq > %s ORDER BY seq", (seq,)
-                ).fetchall()
-                return newest, [row[0] for row in rows]
-            registered = [
-                row[0] for row in conn.execute("SELECT hostname FROM domains ORDER BY hostname").fetchall()
-            ]
-            since = seq if 0 < seq <= newest else 0
-            recent = conn.execute(
-                "SELECT hostname FROM changes WHERE seq > %s ORDER BY seq", (since,)
-            ).fetchall()
-        seen = set(registered)
-        hostnames = list(registered)
-        for (hostname,) in recent:
-            if hostname not in seen:
-                seen.add(hostname)
-                hostnames.append(hostname)
-        return newest, hostnames
-
     def wait_for_change(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for a change notification from any node.
 
@@ -937,181 +609,6 @@ class PostgresStorage:
             except psycopg.Error as exc:  # it is broken already; nothing to save
                 log.debug("closing the LISTEN connection: %s", exc)
 
-    # -- locks -------------------------------------------------------------------------
-
-    def try_lock(self, name: str, owner: str, ttl_seconds: float, now: datetime) -> bool:
-        """Take or extend a lease. True if ``owner`` now holds ``name`` until
-        ``now + ttl``; False if another owner holds an unexpired lease. An
-        expired lease (crashed holder) is taken over.
-
-        A lease is expired once ``now >= expires_at``."""
-        stamp = _ts(now)
-        try:
-            expires = stamp + timedelta(seconds=ttl_seconds)
-        except OverflowError:
-            expires = _MAX_UTC
-        with self._conn(f"take lock {name}") as conn:
-            # One statement, atomic under concurrency: insert a free lease, or
-            # overwrite one that is ours or expired; a live lease of another owner
-            # makes the WHERE false and nothing is returned.
-            row = conn.execute(
-                "INSERT INTO locks (name, owner, expires_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
-                "expires_at = excluded.expires_at "
-                "WHERE locks.owner = excluded.owner OR locks.expires_at <= %s "
-                "RETURNING 1",
-                (name, owner, expires, stamp),
-            ).fetchone()
-        return row is not None
-
-    def unlock(self, name: str, owner: str) -> None:
-        """Release if held by ``owner``; otherwise do nothing."""
-        with self._conn(f"release lock {name}") as conn:
-            conn.execute("DELETE FROM locks WHERE name = %s AND owner = %s", (name, owner))
-
-    # -- rate-budget ledger, status history, ARI state ------------------------
-
-    def record_event(self, kind: str, key: str, at: datetime) -> None:
-        """Append one ledger entry. Not idempotent: every call counts once."""
-        with self._conn(f"record {kind} event") as conn:
-            conn.execute("INSERT INTO budget_events (kind, key, at) VALUES (%s, %s, %s)", (kind, key, _ts(at)))
-
-    def events_since(self, kind: str, key: str, since: datetime) -> list[datetime]:
-        """Times of the ``kind``/``key`` entries at or after ``since``, oldest first."""
-        with self._conn(f"read {kind} events") as conn:
-            rows = conn.execute(
-                "SELECT at FROM budget_events WHERE kind = %s AND key = %s AND at >= %s ORDER BY at",
-                (kind, key, _ts(since)),
-            ).fetchall()
-        return [_utc(row[0]) for row in rows]
-
-    def prune_events(self, before: datetime) -> int:
-        """Delete ledger entries older than ``before``; returns how many."""
-        with self._conn("prune budget events") as conn:
-            return int(conn.execute("DELETE FROM budget_events WHERE at < %s", (_ts(before),)).rowcount)
-
-    def add_status_event(self, event: StatusEvent) -> None:
-        """Append to a domain's history (deleted with the domain)."""
-        with self._conn(f"record status of {event.hostname}") as conn:
-            conn.execute(
-                "INSERT INTO status_history (hostname, at, status, error_code, message) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (event.hostname, _ts(event.at), event.status, event.error_code, event.message),
-            )
-
-    def status_history(self, hostname: str, limit: int = 100) -> list[StatusEvent]:
-        """The newest ``limit`` entries for ``hostname``, newest first."""
-        with self._conn(f"read the status history of {hostname}") as conn:
-            rows = conn.execute(
-                "SELECT hostname, at, status, error_code, message FROM status_history "
-                "WHERE hostname = %s ORDER BY id DESC LIMIT %s",
-                (hostname, limit),
-            ).fetchall()
-        return [StatusEvent(r[0], _utc(r[1]), r[2], r[3], r[4]) for r in rows]
-
-    def save_ari(self, state: AriState) -> None:
-        """Insert or replace the ARI state of ``state.hostname``."""
-        with self._conn(f"save the ARI state of {state.hostname}") as conn:
-            conn.execute(
-                "INSERT INTO ari_state (hostname, serial, cert_id, renew_at, next_poll, checked_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (hostname) DO UPDATE SET "
-                "serial = excluded.serial, cert_id = excluded.cert_id, renew_at = excluded.renew_at, "
-                "next_poll = excluded.next_poll, checked_at = excluded.checked_at",
-                (state.hostname, state.serial, state.cert_id, _ts_opt(state.renew_at),
-                 _ts(state.next_poll), _ts(state.checked_at)),
-            )
-
-    def get_ari(self, hostname: str) -> AriState | None:
-        row = self._one(
-            f"read the ARI state of {hostname}",
-            "SELECT hostname, serial, cert_id, renew_at, next_poll, checked_at FROM ari_state WHERE hostname = %s",
-            (hostname,),
-        )
-        if row is None:
-            return None
-        return AriState(row[0], row[1], row[2], _utc_opt(row[3]), _utc(row[4]), _utc(row[5]))
-
-    # -- failed-request log ---------------------------------------------------
-
-    def log_failed_request(self, record: FailedRequestRecord) -> int:
-        """Store a refused request; returns its id. Idempotent per ``idempotency_key``
-        (a repeat updates ``status``/``origin``/``logged_at`` and keeps the one row)."""
-        headers = json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in record.headers])
-        with self._conn(f"log failed request {record.idempotency_key}") as conn:
-            row = conn.execute(
-                f"INSERT INTO failed_requests ({_FAILED_COLUMNS.partition(', ')[2]}) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (idempotency_key) DO UPDATE SET status = excluded.status, "
-                "origin = excluded.origin, logged_at = excluded.logged_at RETURNING id",
-                (record.idempotency_key, record.domain, record.method, record.target, headers,
-                 bytes(record.body), record.client, record.status, record.origin, _ts(record.received_at),
-                 _ts(record.logged_at), _ts_opt(record.delivered_at)),
-            ).fetchone()
-        if row is None:  # pragma: no cover - INSERT .. DO UPDATE always returns the row
-            raise StorageError(f"{self.where}: logging failed request {record.idempotency_key} returned no id")
-        return int(row[0])
-
-    def find_failed_requests(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        domain: str | None = None,
-        status: int | None = None,
-        delivered: bool | None = False,
-        limit: int = 1000,
-        after_id: int = 0,
-    ) -> list[FailedRequestRecord]:
-        """Matching records with ``id > after_id``, in arrival (id) order."""
-        where, params = _failed_filters(since, until, domain, status, delivered)
-        where.append("id > %s")
-        params.extend([after_id, limit])
-        with self._conn("find failed requests") as conn:
-            rows = conn.execute(
-                f"SELECT {_FAILED_COLUMNS} FROM failed_requests WHERE {' AND '.join(where)} "
-                "ORDER BY id LIMIT %s", params,
-            ).fetchall()
-        return [
-            FailedRequestRecord(
-                id=int(row[0]), idempotency_key=row[1], domain=row[2], method=row[3], target=row[4],
-                headers=tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(row[5])),
-                body=bytes(row[6]), client=row[7], status=row[8], origin=row[9],
-                received_at=_utc(row[10]), logged_at=_utc(row[11]), delivered_at=_utc_opt(row[12]),
-            )
-            for row in rows
-        ]
-
-    def count_failed_requests(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        domain: str | None = None,
-        status: int | None = None,
-        delivered: bool | None = False,
-    ) -> int:
-        """How many records ``find_failed_requests`` would return without a limit."""
-        where, params = _failed_filters(since, until, domain, status, delivered)
-        row = self._one("count failed requests",
-                        f"SELECT COUNT(*) FROM failed_requests WHERE {' AND '.join(where)}", tuple(params))
-        return int(row[0])
-
-    def mark_failed_delivered(self, ids: list[int], now: datetime) -> int:
-        """Set ``delivered_at = now`` where still unset; returns how many changed."""
-        if not ids:
-            return 0
-        with self._conn("mark failed requests delivered") as conn:
-            # One array parameter: no statement text built from the id count.
-            return int(conn.execute(
-                "UPDATE failed_requests SET delivered_at = %s WHERE delivered_at IS NULL AND id = ANY(%s)",
-                (_ts(now), list(ids)),
-            ).rowcount)
-
-    def prune_failed_requests(self, before: datetime) -> int:
-        """Delete records logged before ``before``; returns how many."""
-        with self._conn("prune failed requests") as conn:
-            return int(conn.execute("DELETE FROM failed_requests WHERE logged_at < %s", (_ts(before),)).rowcount)
-
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
@@ -1127,14 +624,3 @@ class PostgresStorage:
             self._pool.close(timeout=5.0)
         except psycopg.Error as exc:  # closing a pool to a dead server: nothing left to do
             log.debug("closing the pool of %s: %s", self.where, exc)
-
-    def __enter__(self) -> PostgresStorage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -4,9 +4,10 @@ Owns: the durable queue of requests waiting for the relay (``spool``), the
 dead letters, and the requests the edge refused itself (``refused``), in one
 SQLite file per node (``[spool] path``; never the shared store, which may be
 the thing that is down). The policy around it (what to spool, when to replay,
-what a refusal is) lives in ``edgeproxy/spool.py``; :class:`SpoolStore` in
+what a refusal is) lives in ``edgeproxy/edge/spool.py``; :class:`SpoolStore` in
 ``base.py`` is the contract this implements.
-Must not import: anything of ours but ``errors`` and ``private_files``.
+Must not import: anything of ours but ``errors``, ``private_files`` and the
+SQLite engine (``storage.sqlitefile``, shared with ``SqliteStorage``).
 
 Durability (why each choice): WAL + ``synchronous=FULL`` so a committed entry
 survives ``kill -9`` and a power cut (https://sqlite.org/pragma.html#pragma_synchronous);
@@ -26,15 +27,15 @@ import concurrent.futures
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from ..errors import EdgeproxyError
 from ..private_files import private_file, tighten_sqlite
 from .base import Refusal, SpoolEntry, SpoolStats
+from .sqlitefile import SqliteFile
 
 __all__ = ["Refusal", "Spool", "SpoolEntry", "SpoolFull", "SpoolStats", "SpoolUnavailable"]
 
@@ -126,69 +127,24 @@ class Spool:
         # command (serve, replay, spool ...) opens the spool first.
         private_file(path)
         tighten_sqlite(path)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._file = SqliteFile(
+            path, busy_timeout=busy_timeout, pragmas=("synchronous=FULL",),  # fsync at every commit
+            map_error=lambda exc, action: SpoolUnavailable(f"spool {path}: cannot {action}: {exc}"),
+            closed=lambda: SpoolUnavailable(f"spool {path} is closed"),
+        )
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_WriteItem | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._closed = False
         self.commits = 0  # transactions the writer committed (group commit: < puts)
-        conn = self._conn()
-        deadline = time.monotonic() + busy_timeout
-        while True:  # switching to WAL returns SQLITE_BUSY at once while another process opens the file
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                for table in ("spool", "dead_letters"):
-                    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-                    if "method" not in columns:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {_METHOD_COLUMN}")
-                conn.execute("COMMIT")
-                break
-            except sqlite3.OperationalError as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if time.monotonic() >= deadline:
-                    raise SpoolUnavailable(f"cannot open spool {path}: {exc}") from exc
-                time.sleep(0.01)
-
-    # -- connections ------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")  # fsync at every commit: survives power loss
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"cannot open spool {self.path}: {exc}") from exc
-        with self._lock:
-            self._conns.append(conn)
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise SpoolUnavailable(f"spool {self.path} is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-        return conn
-
-    def _tx(self, action: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-                return result
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot {action}: {exc}") from exc
+        self._file.enable_wal()
+        with self._file.write("create the schema") as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            for table in ("spool", "dead_letters"):
+                columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if "method" not in columns:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {_METHOD_COLUMN}")
 
     # -- writing (group commit) -------------------------------------------------------
     async def put(self, entry: SpoolEntry) -> int:
@@ -206,19 +162,17 @@ class Spool:
 
     def take_refusals(self, limit: int) -> list[tuple[int, Refusal]]:
         """The oldest ``limit`` refusals with their ids (blocking)."""
-        try:
-            rows = self._conn().execute(
+        with self._file.query("read refusals") as conn:
+            rows = conn.execute(
                 "SELECT id, idempotency_key, domain, method, target, headers_json, body, client, received_at, "
                 "status, reason FROM refused ORDER BY id LIMIT ?", (limit,)).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
         return [(row[0], Refusal(SpoolEntry(row[1], row[2], row[4], _headers(row[5]), bytes(row[6]), row[7], row[8],
                                             method=row[3]), row[9], row[10])) for row in rows]
 
     def delete_refusals(self, ids: Sequence[int]) -> None:
         if ids:
-            self._tx("delete moved refusals", lambda c: c.execute(
-                f"DELETE FROM refused WHERE id IN ({','.join('?' * len(ids))})", list(ids)))
+            with self._file.write("delete moved refusals") as conn:
+                conn.execute(f"DELETE FROM refused WHERE id IN ({','.join('?' * len(ids))})", list(ids))
 
     def put_many(self, entries: Iterable[SpoolEntry]) -> list[int]:
         """Blocking ``put`` of several entries in one transaction (tests, benchmarks)."""
@@ -228,7 +182,7 @@ class Spool:
             future: concurrent.futures.Future[int] = concurrent.futures.Future()
             futures.append(future)
             items.append((entry, future))
-        self._commit(self._conn(), items)
+        self._commit(items)
 
         return [f.result() for f in futures]
 
@@ -242,7 +196,6 @@ class Spool:
                     self._writer.start()
 
     def _write_loop(self) -> None:
-        conn = self._connect()
         stop = False
         while not stop:
             item = self._queue.get()
@@ -259,13 +212,12 @@ class Spool:
                     stop = True
                     break
                 batch.append(more)
-            self._commit(conn, batch)
+            self._commit(batch)
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_WriteItem]) -> None:
+    def _commit(self, batch: list[_WriteItem]) -> None:
         outcomes: list[tuple[concurrent.futures.Future[int] | None, int | EdgeproxyError]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._file.write("write a batch") as conn:
                 used = int(conn.execute("SELECT bytes FROM spool_meta WHERE id = 1").fetchone()[0])
                 for entry, future in batch:
                     if isinstance(entry, Refusal):
@@ -289,15 +241,9 @@ class Spool:
                     )
                     used += size
                     outcomes.append((future, int(cursor.lastrowid or 0)))
-                conn.execute("COMMIT")
-                self.commits += 1
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
+            self.commits += 1
+        except SpoolUnavailable as error:
             # Nothing of this batch is on disk: every waiter gets the failure (-> 503).
-            error = SpoolUnavailable(f"spool {self.path}: write failed: {exc}")
             outcomes = [(future, error) for _, future in batch]
             if any(isinstance(entry, Refusal) for entry, _ in batch):
                 log.error("refused requests not kept: %s", error)
@@ -313,23 +259,19 @@ class Spool:
     def head(self, limit: int, exclude_domains: Sequence[str] = ()) -> list[SpoolEntry]:
         """The oldest ``limit`` entries (arrival order), skipping ``exclude_domains``."""
         where = f"WHERE domain NOT IN ({','.join('?' * len(exclude_domains))})" if exclude_domains else ""
-        try:
-            rows = self._conn().execute(
+        with self._file.query("read") as conn:
+            rows = conn.execute(
                 f"SELECT id, {_COLUMNS} FROM spool {where} ORDER BY id LIMIT ?", (*exclude_domains, limit),
             ).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
         return [_row_entry(r) for r in rows]
 
     def entries(self, limit: int = 100, domain: str | None = None) -> list[SpoolEntry]:
         if domain is None:
             return self.head(limit)
-        try:
-            rows = self._conn().execute(
+        with self._file.query("read") as conn:
+            rows = conn.execute(
                 f"SELECT id, {_COLUMNS} FROM spool WHERE domain = ? ORDER BY id LIMIT ?", (domain, limit),
             ).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
         return [_row_entry(r) for r in rows]
 
     def delete(self, ids: Sequence[int]) -> None:
@@ -337,45 +279,34 @@ class Spool:
         if not ids:
             return
 
-        def run(conn: sqlite3.Connection) -> None:
-            for start in range(0, len(ids), 500):
+        with self._file.write("delete delivered entries") as conn:
+            for start in range(0, len(ids), 500):  # stay under SQLite's parameter limit
                 chunk = list(ids[start:start + 500])
                 conn.execute(f"DELETE FROM spool WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
-        self._tx("delete delivered entries", run)
-
     def record_failure(self, entry_id: int, error: str) -> None:
-        self._tx("record a failure", lambda c: c.execute(
-            "UPDATE spool SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:500], entry_id)))
+        with self._file.write("record a failure") as conn:
+            conn.execute("UPDATE spool SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                         (error[:500], entry_id))
 
     def dead_letter_older_than(self, cutoff: float, now: float) -> list[SpoolEntry]:
         """Move entries received before ``cutoff`` to ``dead_letters``; returns them."""
 
-        def run(conn: sqlite3.Connection) -> list[SpoolEntry]:
+        with self._file.write("move entries to the dead-letter table") as conn:
             rows = conn.execute(f"SELECT id, {_COLUMNS} FROM spool WHERE received_at < ? ORDER BY id",
                                 (cutoff,)).fetchall()
             if rows:
                 conn.execute(f"INSERT OR REPLACE INTO dead_letters (id, {_COLUMNS}, dead_at) "
                              f"SELECT id, {_COLUMNS}, ? FROM spool WHERE received_at < ?", (now, cutoff))
                 conn.execute("DELETE FROM spool WHERE received_at < ?", (cutoff,))
-            return [_row_entry(r) for r in rows]
-
-        result: list[SpoolEntry] = self._tx("move entries to the dead-letter table", run)
-        return result
+        return [_row_entry(r) for r in rows]
 
     def stats(self, now: float) -> SpoolStats:
-        try:
-            conn = self._conn()
-            conn.execute("BEGIN")
-            try:
-                used, count = conn.execute("SELECT bytes, count FROM spool_meta WHERE id = 1").fetchone()
-                oldest = conn.execute("SELECT MIN(received_at) FROM spool").fetchone()[0]
-                dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-                domains = dict(conn.execute("SELECT domain, COUNT(*) FROM spool GROUP BY domain").fetchall())
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise SpoolUnavailable(f"spool {self.path}: cannot read: {exc}") from exc
+        with self._file.read("read") as conn:
+            used, count = conn.execute("SELECT bytes, count FROM spool_meta WHERE id = 1").fetchone()
+            oldest = conn.execute("SELECT MIN(received_at) FROM spool").fetchone()[0]
+            dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            domains = dict(conn.execute("SELECT domain, COUNT(*) FROM spool GROUP BY domain").fetchall())
         return SpoolStats(
             depth=int(count), bytes=int(used), max_bytes=self.max_bytes,
             oldest_received_at=oldest, oldest_age_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
@@ -398,7 +329,4 @@ class Spool:
         if writer is not None:
             self._queue.put(None)
             writer.join(30)
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            conn.close()
+        self._file.close()

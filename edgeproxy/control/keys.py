@@ -34,10 +34,10 @@ from typing import Any, cast
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .config import Settings, StorageSettings
-from .errors import ConfigError, EdgeproxyError
-from .storage import open_storage
-from .storage.base import AccountRecord, CertificateRecord, CertificateVisitor, Storage
+from ..config import Settings, StorageSettings
+from ..errors import ConfigError, EdgeproxyError
+from ..storage import open_storage
+from ..storage.base import AccountRecord, CertificateRecord, CertificateVisitor, OutboxEvent, Storage
 
 __all__ = [
     "SealedKeyError",
@@ -155,8 +155,9 @@ class SealedStorage:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def save_certificate(self, cert: CertificateRecord) -> None:
-        self._inner.save_certificate(replace(cert, key_pem=self._ring.seal(cert.key_pem, f"cert:{cert.hostname}")))
+    def save_certificate(self, cert: CertificateRecord, events: Sequence[OutboxEvent] = ()) -> None:
+        self._inner.save_certificate(replace(cert, key_pem=self._ring.seal(cert.key_pem, f"cert:{cert.hostname}")),
+                                     events)
 
     def get_certificate(self, hostname: str) -> CertificateRecord | None:
         cert = self._inner.get_certificate(hostname)

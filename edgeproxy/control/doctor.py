@@ -38,12 +38,12 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography import x509
 
-from .config import LETSENCRYPT_STAGING, Settings, parse_hostport
+from ..config import LETSENCRYPT_STAGING, Settings, parse_hostport
 from .domains import normalize_hostname, registered_domain
-from .errors import ConfigError, EdgeproxyError, InvalidHostname
+from ..errors import ConfigError, EdgeproxyError, InvalidHostname
 from .keys import open_store
-from .routes import configured_routes
-from .storage import sqlite_path_from_url
+from ..rules.routes import configured_routes
+from ..storage import sqlite_path_from_url
 from .tokens import TokenStore
 
 __all__ = [
@@ -434,7 +434,7 @@ def check_tls(settings: Settings) -> list[Finding]:
     if not settings.proxy.tls_native:
         return [Finding("ok", "proxy.tls_native",
                         "off (default): one SSLContext per name through Python's public ssl API")]
-    from .certstore import load_native
+    from ..edge.certstore import load_native
 
     if load_native() is None:
         return [Finding("warning", "proxy.tls_native",

@@ -24,8 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import AdminSettings
-from .errors import ConfigError, EdgeproxyError
+from ..config import AdminSettings
+from ..errors import ConfigError, EdgeproxyError
 
 __all__ = ["TokenInfo", "TokenStore", "load_or_create_bootstrap_token"]
 

@@ -20,6 +20,7 @@ this module raises into the edge ("never takes the edge down").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -35,10 +36,10 @@ from typing import Any, Protocol
 
 import httpx
 
-from .config import RoutesSettings, Settings, parse_hostport
-from .routes import SiteRoutes, configured_routes, route_table, site_routes
-from .scripts import Rewriter, script_rules
-from .storage.base import DomainRecord, Storage
+from ..config import RoutesSettings, Settings, parse_hostport
+from ..rules.routes import SiteRoutes, configured_routes, route_table, site_routes
+from ..edge.scripts import Rewriter, script_rules
+from ..storage.base import DomainRecord, FiringAlert, ProbeRecord, Storage
 
 __all__ = [
     "Alert",
@@ -463,6 +464,7 @@ def conditions(
     spool: tuple[int, float] | None = None,
     relay_4xx: float | None = None,
     firing: Container[str] | None = None,
+    node: str = "",
 ) -> list[Condition]:
     """Every condition the monitor tracks, firing or not, for one round.
 
@@ -475,7 +477,13 @@ def conditions(
     ``AlertState.evaluate`` would do nothing with it (it can only resolve a firing
     alert), so the alerts are the same, and a round at 100,000 domains builds a
     handful of conditions, not ~300,000.
+
+    ``node`` names this node in the keys of the conditions only it can see (its
+    spool, its relay counter: ``spool:depth@edge-1``), so nodes sharing a store
+    never resolve each other's; per-domain keys are shared, so a domain that
+    fails is announced once whichever node saw it first.
     """
+    at_node = f"@{node}" if node else ""
     mon = settings.monitor
     out: list[Condition] = []
 
@@ -515,15 +523,15 @@ def conditions(
         ))
     if spool is not None:
         depth, age = spool
-        out.append(Condition("spool:depth", "spool_depth", bool(mon.spool_max_depth) and depth > mon.spool_max_depth,
+        out.append(Condition(f"spool:depth{at_node}", "spool_depth", bool(mon.spool_max_depth) and depth > mon.spool_max_depth,
                              "critical", f"spool holds {depth} events (threshold {mon.spool_max_depth})",
                              {"depth": depth}))
-        out.append(Condition("spool:age", "spool_age", bool(mon.spool_max_age) and age > mon.spool_max_age,
+        out.append(Condition(f"spool:age{at_node}", "spool_age", bool(mon.spool_max_age) and age > mon.spool_max_age,
                              "critical", f"oldest spooled event is {age:.0f}s old (threshold {mon.spool_max_age:.0f}s)",
                              {"age_seconds": age}))
     if relay_4xx is not None and mon.relay_4xx_burst > 0:
         out.append(Condition(
-            "relay:4xx", "relay_4xx_burst", relay_4xx >= mon.relay_4xx_burst, "warning",
+            f"relay:4xx{at_node}", "relay_4xx_burst", relay_4xx >= mon.relay_4xx_burst, "warning",
             f"relay answered 4xx {relay_4xx:.0f} times in {mon.relay_4xx_window:.0f}s "
             f"(threshold {mon.relay_4xx_burst})",
             {"count": relay_4xx, "window_seconds": mon.relay_4xx_window},
@@ -538,7 +546,9 @@ class AlertState:
     - still firing: nothing until ``resend_interval`` has passed since the last send
       (then the trigger is sent again, ``resent=True``);
     - stops firing, or disappears (a domain removed): one ``resolve``.
-    In memory only: after a restart a condition still firing is announced again.
+    Pure: ``MonitorService`` loads ``firing`` from the store before each round and
+    claims each alert in the store before sending it, so a restart or a second
+    node does not announce again what is already firing.
     """
 
     def __init__(self, resend_interval: float) -> None:
@@ -787,8 +797,16 @@ class MonitorService:
     """Probes every served domain each ``monitor.interval``, keeps ``last_check`` per
     domain, and turns each round's conditions into alerts.
 
-    Runs in the primary process only. ``last_check(host)`` is read by the admin API
-    from another thread: it reads one dict entry that the loop replaces whole.
+    Runs in the primary process of each node. What it knows outlives it in the
+    store (``MonitorLedger``): each domain's last probe, and which alerts are
+    firing. Before a round it loads the firing alerts (its own node-local ones
+    and every shared one); before sending, it claims each alert in the store,
+    which answers exactly one claimant: a restart, or a second node that sees
+    the same failing domain, does not page again, and a resolve is sent once.
+    Consecutive probe failures are loaded from the store when the service
+    starts (a restart keeps counting toward ``monitor.fail_after``); from then
+    on each node counts its own rounds. ``last_check(host)`` is read by the admin API from another thread: this
+    node's latest round (one dict the loop replaces whole), else the store.
     """
 
     def __init__(
@@ -803,8 +821,10 @@ class MonitorService:
         on_result: Callable[[ProbeResult], None] | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
         concurrency: int = 8,
+        node: str | None = None,
     ) -> None:
         self.settings = settings
+        self.node = node or socket.gethostname()
         self.storage = storage
         self.prober = prober
         self.dispatcher = dispatcher
@@ -817,11 +837,50 @@ class MonitorService:
         self.results: dict[str, ProbeResult] = {}
         self.failing_since: dict[str, dt.datetime] = {}
         self.consecutive_failures: dict[str, int] = {}
+        self._resumed = False
         self._relay_samples: list[tuple[float, float]] = []
 
     def last_check(self, hostname: str) -> dict[str, Any] | None:
         result = self.results.get(hostname)
-        return None if result is None else result.to_json()
+        if result is not None:
+            return result.to_json()
+        record = self.storage.get_probe(hostname)  # before this node's first round, or another node's probe
+        return None if record is None else dict(json.loads(record.result_json))
+
+    def _load_firing(self) -> None:
+        """``state.firing`` as the store has it: the shared alerts and this node's own
+        (another node's spool or relay alerts are not ours to resolve). Blocking."""
+        mine = f"@{self.node}"
+        self.state.firing = {
+            alert.key: (Condition(alert.key, alert.kind, True, alert.severity, alert.summary,
+                                  json.loads(alert.details_json)), alert.last_sent)
+            for alert in self.storage.firing_alerts() if "@" not in alert.key or alert.key.endswith(mine)
+        }
+        if not self._resumed:  # after a restart, a domain failing for a while stays counted
+            self.consecutive_failures = self.storage.probe_failures()
+            self._resumed = True
+
+    def _claim(self, alerts: Sequence[Alert]) -> list[Alert]:
+        """The alerts this node sends: those the store lets it claim. Blocking."""
+        resend = self.settings.alerts.resend_interval
+        mine: list[Alert] = []
+        for alert in alerts:
+            if alert.action == "resolve":
+                if self.storage.release_alert(alert.key) is not None:
+                    mine.append(alert)
+                continue
+            answer = self.storage.claim_alert(FiringAlert(
+                alert.key, alert.kind, alert.severity, alert.summary, json.dumps(dict(alert.details), default=str),
+                alert.at, alert.at), resend_after=resend)
+            if answer is not None:
+                mine.append(dataclasses.replace(alert, resent=answer == "resend"))
+        return mine
+
+    def _save_probes(self, results: Sequence[ProbeResult]) -> None:
+        self.storage.save_probes([
+            ProbeRecord(r.hostname, r.checked_at, r.ok, json.dumps(r.to_json()),
+                        self.consecutive_failures.get(r.hostname, 0))
+            for r in results])
 
     async def probe_all(self, hostnames: Sequence[str]) -> list[ProbeResult]:
         """One probe per host, ``concurrency`` at a time, their starts spread over
@@ -836,6 +895,7 @@ class MonitorService:
         # built and freed twice a round, and the freed memory stayed fragmented
         # around the hostnames kept for the probes.
         statuses = await asyncio.to_thread(self.storage.domain_statuses)
+        await asyncio.to_thread(self._load_firing)
         now = self.clock()
         failing_now: set[str] = set()
         for host, status in statuses:
@@ -853,6 +913,7 @@ class MonitorService:
         self.consecutive_failures = {
             r.hostname: 0 if r.ok else self.consecutive_failures.get(r.hostname, 0) + 1 for r in results}
         self.results = fresh  # replaced whole: readers in other threads see one round or the other
+        await asyncio.to_thread(self._save_probes, results)
         if self.on_result is not None:
             for result in results:
                 self.on_result(result)
@@ -874,8 +935,9 @@ class MonitorService:
         # Only what may fire or resolve is built (conditions' ``firing``): the same alerts.
         round_conditions = conditions(results=results, domains=domains, failing_since=self.failing_since,
                                       now=self.clock(), settings=self.settings, spool=spool, relay_4xx=relay_4xx,
-                                      consecutive_failures=self.consecutive_failures, firing=self.state.firing)
-        alerts = self.state.evaluate(round_conditions, self.clock())
+                                      consecutive_failures=self.consecutive_failures, firing=self.state.firing,
+                                      node=self.node)
+        alerts = await asyncio.to_thread(self._claim, self.state.evaluate(round_conditions, self.clock()))
         await self.dispatcher.dispatch(alerts)
         return alerts
 

@@ -60,9 +60,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .errors import IssuanceError, RetryClass, StorageError
-from .certstore import certificate_metadata
-from .storage.base import AccountRecord, AriState, ChallengeRecord, Storage
+from ..errors import IssuanceError, RetryClass, StorageError
+from ..edge.certstore import certificate_metadata
+from ..storage.base import AccountRecord, AriState, ChallengeRecord, Storage
 
 __all__ = [
     "AcmeIssuer",

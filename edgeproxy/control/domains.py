@@ -37,7 +37,7 @@ import dns.rrset
 import idna
 import tldextract
 
-from .errors import ConfigError, InvalidHostname
+from ..errors import ConfigError, InvalidHostname
 
 __all__ = [
     "HOSTNAME_ERRORS",

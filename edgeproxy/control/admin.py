@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
@@ -24,17 +24,19 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from .errors import (
+from ..errors import (
     DomainExists,
     DomainNotFound,
     EdgeproxyError,
+    EventNotFound,
     InvalidHostname,
     LimitReached,
     StorageUnavailable,
 )
 from .registry import Registry
-from .spool import ReplayFilters
+from ..edge.spool import ReplayFilters
 from .tokens import TokenStore
+from .webhooks import EventLog
 
 __all__ = ["create_admin_app"]
 
@@ -101,6 +103,27 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+class DeliveryOut(BaseModel):
+    seq: int = Field(..., description="Outbox order; per endpoint and domain, the delivery order")
+    id: str = Field(..., description="The event id (the webhook-id header; the same at every attempt)")
+    type: str = Field(..., description="domain.registered | domain.active | domain.failing | domain.moved | "
+                                       "domain.removed | certificate.issued | certificate.renewed | "
+                                       "certificate.expiring")
+    hostname: str
+    endpoint: str
+    occurred_at: str | None
+    state: str = Field(..., description="pending | delivered | dead (dead-lettered after events.horizon)")
+    attempts: int
+    next_attempt_at: str | None
+    last_status: int | None = Field(..., description="The receiver's last HTTP status (null: no answer)")
+    last_error: str | None
+    delivered_at: str | None
+
+
+class DeliveryList(BaseModel):
+    deliveries: list[DeliveryOut]
+
+
 class ReplayRequest(BaseModel):
     since: str | None = Field(None, description="ISO-8601, or an age such as 12h or 7d")
     until: str | None = None
@@ -142,6 +165,7 @@ def create_admin_app(
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     spool_status: Callable[[], dict[str, Any]] | None = None,
     replay: Callable[[ReplayFilters, bool], Awaitable[dict[str, Any]]] | None = None,
+    event_log: EventLog | None = None,
 ) -> FastAPI:
     """Build the admin app. ``on_registered`` wakes the issuance loop (same process);
     ``last_check`` gives a domain's last probe result; ``metrics`` renders ``/metrics``
@@ -202,7 +226,7 @@ def create_admin_app(
             status = 422
         elif isinstance(exc, DomainExists):
             status = 409
-        elif isinstance(exc, DomainNotFound):
+        elif isinstance(exc, (DomainNotFound, EventNotFound)):
             status = 404
         elif isinstance(exc, StorageUnavailable):
             status = 503
@@ -210,7 +234,7 @@ def create_admin_app(
             if exc.retry_after is None:
                 return _error(403, exc.code, str(exc))
             return _error(429, exc.code, str(exc), {"Retry-After": str(int(exc.retry_after) + 1)})
-        elif exc.code == "bad_time":  # an unreadable --since/--until in POST /v1/replay
+        elif exc.code in ("bad_time", "bad_state"):  # POST /v1/replay's --since/--until, GET /v1/events' state
             status = 400
         if status == 500:
             log.error("admin request failed: %s", exc)
@@ -313,5 +337,29 @@ def create_admin_app(
             filters = ReplayFilters.parse(body.since, body.until, body.domain, body.status,
                                           datetime.now(timezone.utc))
             return await replay_fn(filters, body.dry_run)
+
+    # -- lifecycle webhooks ----------------------------------------------
+    if event_log is not None:
+        log_fn = event_log
+
+        @app.get("/v1/events", response_model=DeliveryList, dependencies=[Depends(require_token)],
+                 responses={400: {"model": ErrorResponse}, 401: _ERRORS[401]},
+                 summary="Recent lifecycle webhook deliveries, newest first (same as `edgeproxy events list`)")
+        def list_events(request: Request, state: Literal["pending", "delivered", "dead"] | None = None,
+                        hostname: str | None = Query(None, min_length=1, max_length=1024),
+                        event_id: str | None = Query(None, alias="id", min_length=1, max_length=200),
+                        limit: int = Query(100, ge=1, le=1000)) -> Any:
+            unknown = sorted(set(request.query_params) - {"state", "hostname", "id", "limit"})
+            if unknown:  # a misspelt filter must not silently list everything
+                return _error(400, "bad_request", f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+                                                  "use state, hostname, id, limit")
+            return {"deliveries": log_fn.list(state=state, event_id=event_id, hostname=hostname, limit=limit)}
+
+        @app.post("/v1/events/{event_id}/redeliver", response_model=DeliveryList,
+                  dependencies=[Depends(require_token)],
+                  responses={401: _ERRORS[401], 404: {"model": ErrorResponse, "description": "No such event"}},
+                  summary="Send an event again to every endpoint it was for, now, with a fresh retry horizon")
+        def redeliver_event(event_id: str) -> dict[str, Any]:
+            return {"deliveries": log_fn.redeliver(event_id)}
 
     return app

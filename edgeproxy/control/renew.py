@@ -31,11 +31,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .certstore import CertStore
-from .config import Settings
+from ..edge.certstore import CertStore
+from ..config import Settings
 from .domains import DNS_ELSEWHERE, DNS_MISSING, DnsChecker, DnsVerdict, registered_domain
-from .errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
-from .storage.base import AriState, CertificateRecord, DomainRecord, StatusEvent, Storage
+from ..errors import DomainNotFound, InvalidHostname, IssuanceError, RetryClass, StorageError
+from .lifecycle import LifecycleEvents
+from .lifecycle import status_event_type as lifecycle_type
+from ..storage.base import AriState, CertificateRecord, DomainRecord, LeaseStore, OutboxEvent, StatusEvent, Storage
 
 __all__ = [
     "Budget",
@@ -182,7 +184,7 @@ class LeaseKeeper:
     and the worst case is a second node ordering the same name once.
     """
 
-    def __init__(self, storage: Storage, name: str, owner: str, ttl: float,
+    def __init__(self, storage: LeaseStore, name: str, owner: str, ttl: float,
                  clock: Callable[[], dt.datetime]) -> None:
         self.storage, self.name, self.owner, self.ttl, self.clock = storage, name, owner, ttl, clock
         self._stop = threading.Event()
@@ -245,8 +247,12 @@ class RenewalService:
         lock_ttl: float = 300.0,
         policy: RenewPolicy | None = None,
         dns: DnsChecker | None = None,
+        events: LifecycleEvents | None = None,
     ) -> None:
         self.storage = storage
+        # Lifecycle webhooks (domain.active/failing/moved/removed, certificate.issued/renewed),
+        # written in the same transaction as the change that emits them.
+        self.events = events
         self.certstore = certstore
         self.issuer = issuer
         self.clock = clock
@@ -262,7 +268,7 @@ class RenewalService:
     @classmethod
     def from_settings(
         cls, storage: Storage, certstore: CertStore, issuer: Issuer, settings: Settings,
-        *, clock: Callable[[], dt.datetime] = _utcnow,
+        *, clock: Callable[[], dt.datetime] = _utcnow, events: LifecycleEvents | None = None,
     ) -> RenewalService:
         dns = None
         if settings.dns.check:
@@ -272,7 +278,8 @@ class RenewalService:
                 timeout=settings.dns.timeout,
             )
         return cls(storage, certstore, issuer, clock=clock, concurrency=settings.renew.concurrency,
-                   lock_ttl=settings.storage.lock_ttl, policy=RenewPolicy.from_settings(settings), dns=dns)
+                   lock_ttl=settings.storage.lock_ttl, policy=RenewPolicy.from_settings(settings), dns=dns,
+                   events=events)
 
     def due(self, now: dt.datetime) -> list[DomainRecord]:
         """The domains ``is_due`` at ``now``, ordered by hostname (as they always were:
@@ -285,9 +292,17 @@ class RenewalService:
         self, record: DomainRecord, now: dt.datetime, *, status: str, error_code: str | None = None,
         error_message: str | None = None, next_attempt_at: dt.datetime | None = None, attempts: int = 0,
     ) -> DomainRecord:
+        events: list[OutboxEvent] = []
+        if self.events is not None and status != record.status:
+            # The record exactly as the update leaves it (every mutable field is replaced).
+            after = DomainRecord(record.hostname, status, record.created_at, now, error_code, error_message,
+                                 next_attempt_at, attempts)
+            if lifecycle_type(record.status, status) is not None:
+                events = self.events.status_change(record.status, after,
+                                                   self.storage.get_certificate(record.hostname), now)
         updated = self.storage.update_domain(
             record.hostname, now, status=status, error_code=error_code, error_message=error_message,
-            next_attempt_at=next_attempt_at, attempts=attempts,
+            next_attempt_at=next_attempt_at, attempts=attempts, events=events,
         )
         if (status, error_code) != (record.status, record.error_code):
             self.storage.add_status_event(StatusEvent(record.hostname, now, status, error_code, error_message))
@@ -348,7 +363,8 @@ class RenewalService:
                      record.updated_at)
         remove_at = since + self.policy.moved_retention
         if now >= remove_at and verdict.definitive:
-            self.storage.remove_domain(record.hostname)
+            gone = self.events.build("domain.removed", record, cert, now) if self.events is not None else []
+            self.storage.remove_domain(record.hostname, events=gone)
             log.warning("%s was moved away for %s: removed with its key and certificate",
                         record.hostname, self.policy.moved_retention)
             raise _Waiting("removed", "removed")
@@ -456,7 +472,8 @@ class RenewalService:
         self.storage.record_event(ORDER, self.policy.account, self.clock())
         try:
             pair = self.issuer.issue(hostname, replaces=replaces) if replaces else self.issuer.issue(hostname)
-            saved = self.certstore.save(hostname, pair.key_pem, pair.chain_pem, self.clock())
+            saved = self.certstore.save(hostname, pair.key_pem, pair.chain_pem, self.clock(),
+                                        events=self._certificate_events(record, renewing))
         except IssuanceError as exc:
             if exc.retry is RetryClass.CUSTOMER:
                 self.storage.record_event(FAILED_VALIDATION, hostname, self.clock())
@@ -471,6 +488,17 @@ class RenewalService:
         self._set(record, now, status="active", next_attempt_at=next_at)
         log.info("certificate for %s issued, serial %s, valid until %s", hostname, saved.serial, saved.not_after)
         return "issued"
+
+    def _certificate_events(
+        self, record: DomainRecord, renewing: bool
+    ) -> Callable[[CertificateRecord], Sequence[OutboxEvent]] | None:
+        """``certificate.issued`` (first certificate) or ``certificate.renewed``, built
+        from the certificate as saved."""
+        events = self.events
+        if events is None:
+            return None
+        kind = "certificate.renewed" if renewing else "certificate.issued"
+        return lambda saved: events.build(kind, record, saved, saved.created_at)
 
     def _record_failure(
         self, record: DomainRecord, cert: CertificateRecord | None, exc: IssuanceError, renewing: bool

@@ -17,7 +17,7 @@ SQLite store, its durability and its group commit):
 - the numbers a metrics endpoint exports: :func:`spool_metrics`.
 
 Must not import: ``acme``, ``hypercorn``, ``proxy``, storage backends (the
-failed-request log goes through the ``Storage`` protocol).
+failed-request log goes through the ``FailedRequestLog`` protocol).
 """
 
 from __future__ import annotations
@@ -35,14 +35,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
-from .addresses import normalize_ip
-from .config import Settings, SpoolSettings
-from .errors import EdgeproxyError, StorageError
-from .ratelimit import TokenBuckets
+from ..rules.addresses import normalize_ip
+from ..config import Settings, SpoolSettings
+from ..errors import EdgeproxyError, StorageError
+from ..rules.ratelimit import TokenBuckets
 from .relay import ForwardRequest, ForwardResult, Relay
-from .storage import FailedRequestRecord, Storage, sqlite_path_from_url
-from .storage.base import SpoolStore
-from .storage.spoolfile import Refusal, Spool, SpoolEntry, SpoolFull, SpoolStats, SpoolUnavailable
+from ..storage import FailedRequestRecord, sqlite_path_from_url
+from ..storage.base import FailedRequestLog
+from ..storage.base import SpoolStore
+from ..storage.spoolfile import Refusal, Spool, SpoolEntry, SpoolFull, SpoolStats, SpoolUnavailable
 
 __all__ = [
     "AlertHook",
@@ -309,7 +310,7 @@ class RefusalLog:
         self.stats["refusal_kept"] += 1
 
 
-async def move_refusals(spool: SpoolStore, storage: Storage, ip_retention: str, now: Callable[[], datetime],
+async def move_refusals(spool: SpoolStore, storage: FailedRequestLog, ip_retention: str, now: Callable[[], datetime],
                         batch: int = 500) -> int:
     """Move the spool file's refusals into the failed-request log (blocking work in
     threads); returns how many moved. A refusal leaves the spool file only once
@@ -346,7 +347,7 @@ class SpoolingRelay:
         self,
         inner: Relay,
         spool: SpoolStore,
-        storage: Storage | None,
+        storage: FailedRequestLog | None,
         *,
         refusals: RefusalLog | None = None,
         ip_retention: str = "full",
@@ -459,7 +460,7 @@ class Replayer:
         relay: Relay,
         settings: SpoolSettings,
         *,
-        storage: Storage | None = None,
+        storage: FailedRequestLog | None = None,
         ip_retention: str = "full",
         alert: AlertHook = log_alert,
         clock: Callable[[], float] = time.time,
@@ -591,7 +592,7 @@ class Replayer:
 # ---------------------------------------------------------------------------------------
 
 
-def prune_failed_log(storage: Storage, now: datetime, retention_days: float) -> int:
+def prune_failed_log(storage: FailedRequestLog, now: datetime, retention_days: float) -> int:
     """Delete failed-request records logged more than ``retention_days`` before ``now``."""
     return storage.prune_failed_requests(now - timedelta(days=retention_days))
 
@@ -638,7 +639,7 @@ failed: ..., or would send)."""
 
 
 async def replay_failed(
-    storage: Storage,
+    storage: FailedRequestLog,
     relay: Relay,
     filters: ReplayFilters,
     *,
@@ -703,7 +704,7 @@ async def replay_failed(
     return summary
 
 
-async def prune_loop(storage: Storage, retention_days: float, stop: asyncio.Event, *,
+async def prune_loop(storage: FailedRequestLog, retention_days: float, stop: asyncio.Event, *,
                      interval: float = 3600.0,
                      now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
     """Prune the failed-request log now and then every ``interval`` seconds until ``stop``."""

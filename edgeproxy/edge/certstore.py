@@ -42,7 +42,7 @@ import ssl
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -51,8 +51,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from . import tlsnative, tlspolicy
-from .errors import StorageError, StorageUnavailable
-from .storage.base import CertificateRecord, CertificateVisitor, Storage, leaf_der_of
+from ..errors import StorageError, StorageUnavailable
+from ..storage.base import CertificateRecord, CertificateVisitor, OutboxEvent, Storage, leaf_der_of
 
 __all__ = [
     "CertMap",
@@ -391,11 +391,13 @@ class CertStore:
         return self.fallback_context
 
     # -- keeping in step with storage --------------------------------------------------
-    def save(self, hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime) -> CertificateRecord:
-        """Persist a freshly issued pair (blocking). Other workers see it on their next refresh."""
+    def save(self, hostname: str, key_pem: bytes, chain_pem: bytes, now: dt.datetime,
+             events: Callable[[CertificateRecord], Sequence[OutboxEvent]] | None = None) -> CertificateRecord:
+        """Persist a freshly issued pair (blocking). Other workers see it on their next refresh.
+        ``events(record)``: lifecycle events written in the same transaction as the certificate."""
         record = record_from_pem(hostname, key_pem, chain_pem, now)
         build_context(chain_pem, key_pem)  # refuse a pair that does not load before storing it
-        self.storage.save_certificate(record)
+        self.storage.save_certificate(record, events=events(record) if events is not None else ())
         # Serve it from this process at once: the renewal loop marks the domain
         # active right after this call, and a client that sees "active" must not
         # get the fallback while we wait for the next change-feed poll. Other

@@ -16,11 +16,12 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from .config import Settings
+from ..config import Settings
 from .domains import normalize_hostname, registered_domain, validate_hostname
-from .errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, LimitReached
-from .routes import site_routes
-from .storage.base import CertificateRecord, DomainRecord, StatusEvent, Storage
+from ..errors import ConfigError, DomainExists, DomainNotFound, InvalidHostname, LimitReached
+from .lifecycle import LifecycleEvents
+from ..rules.routes import site_routes
+from ..storage.base import CertificateRecord, DomainRecord, OutboxEvent, StatusEvent, Storage
 
 __all__ = ["Registry", "admit_hostname", "utcnow"]
 
@@ -75,12 +76,17 @@ def admit_hostname(raw_hostname: str, settings: Settings) -> str:
 
 
 class Registry:
-    """Blocking service functions over a ``Storage`` (call from a thread in async code)."""
+    """Blocking service functions over a ``Storage`` (call from a thread in async code).
 
-    def __init__(self, storage: Storage, settings: Settings, clock: Callable[[], dt.datetime] = utcnow) -> None:
+    ``events``: the lifecycle events a registration or a removal emits
+    (``domain.registered``, ``domain.removed``), written with the change."""
+
+    def __init__(self, storage: Storage, settings: Settings, clock: Callable[[], dt.datetime] = utcnow,
+                 events: LifecycleEvents | None = None) -> None:
         self.storage = storage
         self.settings = settings
         self.clock = clock
+        self.events = events
         self.own_zones = own_zones(settings)
         self.deny = deny_list(settings)
 
@@ -96,7 +102,12 @@ class Registry:
         if self.storage.get_domain(hostname) is not None:  # a duplicate is a 409, whatever the limits say
             raise DomainExists(f"{hostname} is already registered")
         self._check_limits(hostname, now)
-        self.storage.add_domain(hostname, "issuing", now)
+        events: builtins.list[OutboxEvent] = []
+        if self.events is not None:
+            # The record as this call returns it (due now), as GET /v1/domains/{hostname} shows it.
+            events = self.events.build("domain.registered", DomainRecord(hostname, "issuing", now, now,
+                                                                         next_attempt_at=now), None, now)
+        self.storage.add_domain(hostname, "issuing", now, events=events)
         self.storage.add_status_event(StatusEvent(hostname, now, "issuing", None, "registered"))
         return self.storage.update_domain(hostname, now, status="issuing", next_attempt_at=now)
 
@@ -131,7 +142,16 @@ class Registry:
 
     def remove(self, raw_hostname: str) -> None:
         """Delete the domain with its private key, certificate and challenges."""
-        if not self.storage.remove_domain(self._lookup_name(raw_hostname)):
+        hostname = self._lookup_name(raw_hostname)
+        events: builtins.list[OutboxEvent] = []
+        if self.events is not None and self.events.wanted("domain.removed"):
+            # The event carries the domain as it was (read just before; a change in
+            # between only makes the payload one change older).
+            record = self.storage.get_domain(hostname)
+            if record is not None:
+                events = self.events.build("domain.removed", record, self.storage.get_certificate(hostname),
+                                           self.clock())
+        if not self.storage.remove_domain(hostname, events=events):
             raise DomainNotFound(f"{raw_hostname!r} is not registered on this edge")
 
     def retry(self, raw_hostname: str) -> DomainRecord:

@@ -42,13 +42,13 @@ from urllib.parse import quote, unquote_to_bytes
 
 import httpx
 
-from .addresses import normalize_ip
-from .config import Settings
-from .errors import ConfigError
-from .ratelimit import TokenBuckets
+from ..rules.addresses import normalize_ip
+from ..config import Settings
+from ..errors import ConfigError
+from ..rules.ratelimit import TokenBuckets
 from .relay import (ForwardRequest, ForwardResult, HttpRelay, Observe, Relay, connection_tokens,
                     new_http_client, relay_response_headers)
-from .routes import Route, RouteTable, configured_routes, route_table
+from ..rules.routes import Route, RouteTable, configured_routes, route_table
 from .scripts import (AssetCache, Rewriter, ScriptSource, accepts_gzip, content_coding, etag_matches,
                       script_rules)
 

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .config import RouteSettings, RoutesSettings
+from ..config import RouteSettings, RoutesSettings
 
 __all__ = ["Route", "RouteTable", "SiteRoutes", "configured_routes", "placeholder_values", "route_table",
            "site_routes"]

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # imported on first use (start-up time)
     import aiohttp
     import yarl
 
-from .config import UpstreamSettings
+from ..config import UpstreamSettings
 
 __all__ = [
     "ForwardRequest",

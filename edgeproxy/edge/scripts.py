@@ -29,8 +29,8 @@ from typing import Final
 import brotli
 import httpx
 
-from .config import RouteSettings, UpstreamSettings
-from .routes import RouteTable, placeholder_values
+from ..config import RouteSettings, UpstreamSettings
+from ..rules.routes import RouteTable, placeholder_values
 
 __all__ = ["AssetCache", "Asset", "Encoded", "Rewriter", "ScriptSource", "Variant", "accepts_gzip",
            "content_coding", "etag_matches", "script_rules"]
