@@ -513,8 +513,8 @@ def default_workers() -> int:
 def serve(settings: Settings, workers: int | None = None) -> None:
     """Run the edge: ``workers`` processes (default: ``default_workers()``) serve the
     public listeners; the parent is one of them and also serves the admin API and runs
-    the issuance loop, the spool's replayer and the pruning: once per node, whatever
-    the worker count."""
+    the issuance loop, the spool's replayer, the webhook deliverer and the pruning: once
+    per node, whatever the worker count."""
     if workers is None:
         workers = default_workers()
     if workers < 1:
