@@ -21,7 +21,7 @@ LOCK      := requirements.lock
 DEV_LOCK  := requirements-dev.lock
 SCAN_LOCK := requirements-scan.lock
 
-.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps lock pebble chromium systemd-tools docs postgres openssl
+.PHONY: all demo test test-fast lint typecheck bench bench-spool clean deps lock pebble chromium systemd-tools docs postgres openssl caddy
 
 all: test
 
@@ -126,8 +126,25 @@ typecheck: $(STAMP)
 clean:
 	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info
 
-# Benchmarks: loopback only, a few minutes; NOT part of `make test`.
+# Caddy (Debian's 2.6.2) is the bench's second reference: what operators would run instead.
+# Its package enables and starts caddy.service (the default Caddyfile: port 80). The bench
+# never uses that service, it starts its own caddy on free loopback ports, so the install
+# must not leave one running: a policy-rc.d answering 101 ("action forbidden") keeps
+# invoke-rc.d and deb-systemd-invoke from starting it (created only if the host has none,
+# removed afterwards), and on a host running systemd the unit is stopped and disabled too.
+caddy:
+	@if ! command -v caddy >/dev/null; then \
+		echo "installing Debian's caddy package (caddy.service kept from starting: policy-rc.d, then disabled)"; \
+		made=; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
+			chmod 755 /usr/sbin/policy-rc.d; made=1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends caddy; rc=$$?; \
+		if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+		if [ -d /run/systemd/system ]; then systemctl disable --now caddy.service caddy-api.service || true; fi; \
+		exit $$rc; \
+	fi
+
+# Benchmarks: loopback only, ~10 minutes; NOT part of `make test`.
 # wrk comes from Debian; py-spy/pyinstrument (bench extra, in the dev lock) for bench/profile.py.
-bench: deps
+bench: deps caddy
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 	$(PY) bench/run.py

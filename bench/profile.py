@@ -1,4 +1,4 @@
-"""Profile the edge under load with py-spy: ``python bench/profile.py get|post|handshakes [seconds]``.
+"""Profile the edge under load with py-spy: ``python bench/profile.py get|post|beacon|handshakes [seconds]``.
 
 Starts a 1-name edge (100,000 names for ``handshakes``), the fast relay and the
 script origin, runs wrk (``handshakes.py``, a random name per connection)
@@ -42,7 +42,9 @@ def main() -> None:
                 assert edge.proc is not None
                 run.settle(edge.proc.pid)  # the monitor's first round is start-up work, not load
                 body = b'{"type":"pageview"}' if mode == "post" else None
-                path = "/api/v1/m/collect" if mode == "post" else "/js/app.js"
+                path = {"post": "/api/v1/m/collect",
+                        "beacon": "/api/v1/m/media.gif?kind=pageview&hostname=www.shop.example&path=%2Fcart&ts=1"}.get(
+                            mode, "/js/app.js")
                 result: dict[str, object] = {}
                 if mode == "handshakes":
                     load = threading.Thread(target=lambda: result.update(

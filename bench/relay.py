@@ -6,7 +6,14 @@ the loop allows. ``devtools.upstreams.RecordingRelay`` (a ThreadingHTTPServer
 that records every request) is the right relay for tests and far too slow to
 measure the edge against.
 
-Usage: ``python bench/relay.py PORT`` (prints ``ready`` once listening).
+With ``--script BODY HEADERS`` it is instead the fast script origin Caddy's
+``reverse_proxy`` scenario proxies to: every request gets ``200`` with the
+bytes in the file BODY and the header lines in the file HEADERS (the script
+exactly as the edge served it, captured by ``run.py``). The edge fetches its
+origin once and caches; Caddy asks the origin every time, so the origin must
+not be what limits Caddy.
+
+Usage: ``python bench/relay.py PORT [--script BODY HEADERS]`` (prints ``ready`` once listening).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ RESPONSE = (b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\n"
 
 
 class RelayProtocol(asyncio.Protocol):
+    response = RESPONSE
+
     def __init__(self) -> None:
         self.buf = b""
         self.transport: asyncio.Transport | None = None
@@ -45,12 +54,17 @@ class RelayProtocol(asyncio.Protocol):
             if len(self.buf) < total:
                 break
             self.buf = self.buf[total:]
-            out.append(RESPONSE)
+            out.append(self.response)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
 
 
 async def main(port: int) -> None:
+    if len(sys.argv) > 2 and sys.argv[2] == "--script":
+        body = open(sys.argv[3], "rb").read()
+        head = open(sys.argv[4], "rb").read().strip()
+        RelayProtocol.response = (b"HTTP/1.1 200 OK\r\n" + head + b"\r\ncontent-length: "
+                                  + str(len(body)).encode() + b"\r\n\r\n" + body)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(RelayProtocol, "127.0.0.1", port, backlog=1024)
     print("ready", flush=True)

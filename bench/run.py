@@ -38,6 +38,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
+from caddy import CaddySite, available as caddy_available  # noqa: E402
 
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess, free_port, verified_client  # noqa: E402
 from edgeproxy.devtools.upstreams import ScriptOrigin  # noqa: E402
@@ -67,15 +68,9 @@ def bench_script() -> str:
 
 
 def rss_kb(pid: int) -> int:
-    """RSS of a process and its children (workers), in KB."""
+    """RSS of a process and its descendants (workers), in KB."""
     total = 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
+    for p in _family(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -86,14 +81,41 @@ def rss_kb(pid: int) -> int:
 
 
 def _family(pid: int) -> list[int]:
-    try:
-        return [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return [pid]
+    """The process and all its descendants (workers, their helpers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """RSS and PSS of the whole process tree, in KB (``/proc/PID/smaps_rollup``).
+
+    RSS counts a page shared by two workers twice; PSS charges each process its
+    share, so the tree's PSS is what the tree costs the machine."""
+    total = {"rss": 0, "pss": 0, "processes": 0}
+    for p in _family(pid):
+        try:
+            text = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total["processes"] += 1
+        for line in text.splitlines():
+            if line.startswith("Rss:"):
+                total["rss"] += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                total["pss"] += int(line.split()[1])
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (workers)."""
+    """User + system CPU time of a process and its descendants (workers)."""
     total = 0.0
     for p in _family(pid):
         try:
@@ -196,8 +218,10 @@ def _ms(value: str) -> float:
 
 
 def wrk(port: int, path: str, seconds: float, *, body: bytes | None = None, name: str = HOST0,
-        connections: int = CONNECTIONS, warmup: float = 1.0) -> dict[str, Any]:
-    """wrk over TLS keep-alive (HTTP/1.1) with SNI/Host = name: req/s, p50/p99, non-2xx count.
+        connections: int = CONNECTIONS, warmup: float = 1.0, pid: int | None = None) -> dict[str, Any]:
+    """wrk over TLS keep-alive (HTTP/1.1) with SNI/Host = name: req/s, p50/p99, non-2xx count;
+    with ``pid``, also the server's CPU per request (its process tree's ``/proc`` times over
+    the measured run: the figure that survives a shared machine best).
 
     (h2load 1.52 counts hypercorn's HTTP/1.1 answers as failed: hypercorn sends an
     empty reason phrase and h2load then never records the status.)
@@ -213,8 +237,10 @@ def wrk(port: int, path: str, seconds: float, *, body: bytes | None = None, name
         if warmup:
             subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(warmup))}s", "-s", script, url],
                            capture_output=True, timeout=warmup + 60)
+        cpu0 = cpu_seconds(pid) if pid else 0.0
         out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
                               "-s", script, url], capture_output=True, text=True, timeout=seconds + 60).stdout
+        cpu = cpu_seconds(pid) - cpu0 if pid else None
     finally:
         os.unlink(script)
     rps = re.search(r"Requests/sec:\s+([0-9.]+)", out)
@@ -234,17 +260,22 @@ def wrk(port: int, path: str, seconds: float, *, body: bytes | None = None, name
         "requests": requests,
         "non_2xx": non_2xx,
         "socket_errors": errors.group(1) if errors else "",
+        "cpu_ms": 1000 * cpu / good if cpu is not None and good else None,
         "raw": out[-900:],
     }
 
 
-def handshakes(port: int, names: int, seconds: float, zipf: bool = False) -> dict[str, Any]:
+def handshakes(port: int, names: int, seconds: float, zipf: bool = False, pid: int | None = None) -> dict[str, Any]:
     argv = [PY, str(HERE / "handshakes.py"), str(port), str(names), str(seconds)] + (["2", "8", "zipf"] if zipf else [])
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(argv,
                          capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if pid and result.get("rate"):
+        # The client's start-up is inside the window too: per handshake this is an upper bound.
+        result["cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu0) / result["handshakes"]
     return result
 
 
@@ -257,7 +288,7 @@ def mean_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Average of repeated runs (numbers only); the machine is shared, so each pair
     of runs alternates reference and edge and the table shows the mean."""
     out: dict[str, Any] = dict(runs[-1])
-    for key in ("rps", "rate", "p50_ms", "p99_ms"):
+    for key in ("rps", "rate", "p50_ms", "p99_ms", "cpu_ms"):
         values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
         if values:
             out[key] = sum(values) / len(values)
@@ -380,6 +411,109 @@ def scenario_ab(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, sec
     return found
 
 
+class CaddyTable:
+    """Edge against Caddy, same run, same cores: throughput, latency and server CPU per request."""
+
+    HEADER = ("| scenario | edge req/s | edge p50 ms | edge p99 ms | edge CPU ms/req | Caddy req/s | Caddy p50 ms | "
+              "Caddy p99 ms | Caddy CPU ms/req | edge/Caddy req/s | edge/Caddy CPU per req | target |\n"
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def add(self, scenario: str, target: str, edge: dict[str, Any], caddy: dict[str, Any], key: str = "rps") -> None:
+        ratio = edge[key] / caddy[key] if edge.get(key) and caddy.get(key) else None
+        cpu = edge["cpu_ms"] / caddy["cpu_ms"] if edge.get("cpu_ms") and caddy.get("cpu_ms") else None
+        row = {"scenario": scenario, "target": target, "edge": edge, "caddy": caddy, "key": key,
+               "ratio": ratio, "cpu_ratio": cpu}
+        self.rows.append(row)
+        f = Table._fmt
+        print(f"| {scenario} | {f(edge.get(key))} | {f(edge.get('p50_ms'), 2)} | {f(edge.get('p99_ms'), 2)} | "
+              f"{f(edge.get('cpu_ms'), 3)} | {f(caddy.get(key))} | {f(caddy.get('p50_ms'), 2)} | "
+              f"{f(caddy.get('p99_ms'), 2)} | {f(caddy.get('cpu_ms'), 3)} | {f(ratio, 2)} | {f(cpu, 2)} | {target} |",
+              flush=True)
+
+
+def default_workers() -> int:
+    """What ``edgeproxy serve`` starts without ``--workers``: the CPUs this process may use."""
+    return len(os.sched_getaffinity(0))
+
+
+def scenario_caddy(rows: list[dict[str, Any]], work: Path, origin: ScriptOrigin, relay_port: int, seconds: float,
+                   repeats: int, workers: int, proxy: dict[str, Any] | None = None, label: str = "",
+                   scenarios: frozenset[str] = frozenset({"get", "file", "post", "beacon", "handshakes"})) -> None:
+    """The edge at its default worker count against Caddy (all cores, its default), runs alternated.
+
+    ``proxy``: extra ``[proxy]`` settings of the edge (a candidate measured against the same Caddy)."""
+    if not caddy_available():
+        raise SystemExit("caddy is not installed: `make caddy` (Debian's package, its service kept stopped)")
+    state = work / f"edge-caddy{len(rows)}"
+    fixtures.install_db(1, state)
+    chain, key = fixtures.chain_and_key(0, work / "caddy")
+    config = edge_config(state, origin, relay_port, {"proxy": proxy} if proxy else None)
+    post = b'{"type":"pageview","url":"https://shop.example/","ts":1700000000000}'
+    api = "/api/v1/m/collect"
+    beacon = "/api/v1/m/media.gif?kind=pageview&hostname=www.shop.example&path=%2Fcart&ts=1700000000000"
+    with EdgeProcess(config, workers=workers) as edge:
+        assert edge.proc is not None
+        first_https_200(config.https_port, HOST0, time.monotonic() + 20)
+        url = f"https://127.0.0.1:{config.https_port}/js/app.js"
+        with httpx.Client(verify=False, trust_env=False) as client, client.stream(
+                "GET", url, headers={"Host": HOST0, "Accept-Encoding": "gzip"},
+                extensions={"sni_hostname": HOST0}) as r:
+            assert r.status_code == 200 and r.headers.get("content-encoding") == "gzip"
+            keep = [(k, v) for k, v in r.headers.raw if k.lower() not in (b"date", b"server", b"content-length")]
+            body = b"".join(r.iter_raw())
+        import gzip as _gzip
+        (work / "caddy" / "origin-body").write_bytes(body)
+        (work / "caddy" / "origin-headers").write_bytes(b"\r\n".join(k + b": " + v for k, v in keep))
+        origin_port, caddy_port = free_port(), free_port()
+        site = CaddySite(work / "caddy", HOST0, caddy_port, free_port(), chain, key, origin_port, relay_port)
+        caddyfile = site.write(_gzip.decompress(body))
+        with process([PY, str(HERE / "relay.py"), str(origin_port), "--script", str(work / "caddy" / "origin-body"),
+                      str(work / "caddy" / "origin-headers")], work / "origin.log"), \
+                process(site.argv(caddyfile), work / "caddy.log", env=site.env()) as caddy:
+            wait_port(origin_port)
+            wait_port(caddy_port)
+            with httpx.Client(verify=False, trust_env=False) as client:
+                for path in ("/js/app.js", "/static/js/app.js"):
+                    r = client.get(f"https://127.0.0.1:{caddy_port}{path}", extensions={"sni_hostname": HOST0},
+                                   headers={"Host": HOST0, "Accept-Encoding": "gzip"})
+                    assert r.status_code == 200 and r.headers.get("content-encoding") == "gzip", (path, r.headers)
+                r = client.post(f"https://127.0.0.1:{caddy_port}{api}", content=post, extensions={"sni_hostname": HOST0},
+                                headers={"Host": HOST0})
+                assert r.status_code == 202, r.status_code
+            settle(edge.proc.pid)
+            e_pid, c_pid, port = edge.proc.pid, caddy.pid, config.https_port
+            t = CaddyTable(rows)
+            label = label or f"edge {workers} workers (default), Caddy GOMAXPROCS={os.cpu_count()}"
+            if "get" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, "/js/app.js", seconds, pid=c_pid),
+                                 lambda: wrk(port, "/js/app.js", seconds, pid=e_pid), repeats)
+                t.add(f"script GET ({len(body)} B gzip), Caddy reverse_proxy to the origin; {label}", ">= 1.0", e, c)
+            if "file" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, "/static/js/app.js", seconds, pid=c_pid),
+                                 lambda: wrk(port, "/js/app.js", seconds, pid=e_pid), repeats)
+                t.add(f"script GET, Caddy file_server precompressed gzip; {label}", "(perspective)", e, c)
+            if "post" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, api, seconds, body=post, pid=c_pid),
+                                 lambda: wrk(port, api, seconds, body=post, pid=e_pid), repeats)
+                t.add(f"API POST forwarded to the same relay; {label}", ">= 0.75; CPU <= 1.5x", e, c)
+            if "beacon" in scenarios:
+                e, c = alternate(lambda: wrk(caddy_port, beacon, seconds, pid=c_pid),
+                                 lambda: wrk(port, beacon, seconds, pid=e_pid), repeats)
+                t.add(f"GET beacon forwarded to the same relay; {label}", ">= 0.75; CPU <= 1.5x", e, c)
+            if "handshakes" in scenarios:
+                e, c = alternate(lambda: handshakes(caddy_port, 1, seconds, pid=c_pid),
+                                 lambda: handshakes(port, 1, seconds, pid=e_pid), repeats)
+                t.add(f"new TLS handshakes/s, 1 name (client-bound); {label}", "(perspective)", e, c, key="rate")
+            mem_e, mem_c = memory_kb(e_pid), memory_kb(c_pid)
+            print(f"memory after the runs: edge tree {mem_e['processes']} processes RSS {mem_e['rss'] / 1024:.0f} MB "
+                  f"PSS {mem_e['pss'] / 1024:.0f} MB; Caddy RSS {mem_c['rss'] / 1024:.0f} MB "
+                  f"PSS {mem_c['pss'] / 1024:.0f} MB", flush=True)
+            rows.append({"scenario": "memory after the Caddy runs", "edge": mem_e, "caddy": mem_c})
+
+
 def start_timed(config: EdgeConfig, name: str, workers: int) -> tuple[EdgeProcess, float, int]:
     """Start an edge; seconds from exec to the first served HTTPS 200, and RSS then."""
     edge = EdgeProcess(config, workers=workers)
@@ -392,6 +526,30 @@ def start_timed(config: EdgeConfig, name: str, workers: int) -> tuple[EdgeProces
     t1 = first_https_200(config.https_port, name, t0 + 120)
     time.sleep(0.5)
     return edge, t1 - t0, rss_kb(edge.proc.pid)
+
+
+def scenario_memory(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, workers: int) -> None:
+    """d'. The whole process tree at the default worker count, 100,000 certificates: RSS and PSS
+    once every worker serves (PSS charges each shared page once across the tree)."""
+    n = 100_000
+    state = work / f"edge-{n}-w{workers}"
+    fixtures.install_db(n, state)
+    config = edge_config(state, origin, relay_port)
+    edge, startup, _ = start_timed(config, fixtures.host(random.randrange(n)), workers)
+    try:
+        assert edge.proc is not None
+        # Every worker has loaded its map once the tree is idle again (settle), and a
+        # request on a fresh connection has reached at least one of them.
+        settle(edge.proc.pid)
+        mem = memory_kb(edge.proc.pid)
+        t.add(f"d'. start-up to first HTTPS 200, {n:,} certs, {workers} workers (default) (s)", "", {"s": startup},
+              None, key="s")
+        t.add(f"d'. process tree RSS, {n:,} certs, {workers} workers, {mem['processes']} processes (MB)", "",
+              {"mb": mem["rss"] / 1024}, None, key="mb")
+        t.add(f"d'. process tree PSS, {n:,} certs, {workers} workers (MB)", "<= 400 MB",
+              {"mb": mem["pss"] / 1024}, None, key="mb")
+    finally:
+        edge.stop()
 
 
 def scenario_cd(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, seconds: float, workers: int,
@@ -473,13 +631,16 @@ def scenario_e(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, roun
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--only", default="a,b,c,d,e")
+    parser.add_argument("--only", default="caddy,a,b,c,d,e",
+                        help="caddy: the edge at its default worker count against Caddy; a..e: against the ceiling")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--also-workers", type=int, default=2,
                         help="repeat a and b with this many edge workers (0: skip), against the 1-worker ceiling "
                              "and against a ceiling with as many workers")
     parser.add_argument("--repeats", type=int, default=2, help="alternating ceiling/edge runs per scenario")
+    parser.add_argument("--caddy-candidates", type=int, default=1,
+                        help="also measure the edge without its HTTP/1.1 fast path against Caddy (0: skip)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     for n in (1, 10_000, 100_000):
@@ -494,8 +655,18 @@ def main() -> None:
         relay_port = free_port()
         with process([PY, str(HERE / "relay.py"), str(relay_port)], work / "relay.log"):
             wait_port(relay_port)
-            found = scenario_ab(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
-            if args.also_workers:
+            if "caddy" in only:
+                print(f"\n## against Caddy (load average {os.getloadavg()[0]:.2f})\n\n{CaddyTable.HEADER}", flush=True)
+                scenario_caddy(t.rows, work, origin, relay_port, args.seconds, args.repeats, default_workers())
+                if args.caddy_candidates:
+                    # What the lean HTTP/1.1 path buys: the same edge with hypercorn for everything.
+                    scenario_caddy(t.rows, work, origin, relay_port, args.seconds, args.repeats, default_workers(),
+                                   proxy={"http1_fast_path": False}, label="candidate: proxy.http1_fast_path = false",
+                                   scenarios=frozenset({"get", "post", "beacon"}))
+                print(f"\n## against the bare hypercorn ceiling\n\n{Table.HEADER}", flush=True)
+            if only & {"a", "b", "c"}:
+                scenario_ab(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
+            if args.also_workers and only & {"a", "b"}:
                 # Several edge workers are fair game (issue 8) against the ceiling as
                 # defined (1 worker); the same against a ceiling with as many workers
                 # shows what the extra process buys each side on these 2 cores.
@@ -503,6 +674,8 @@ def main() -> None:
                     scenario_ab(t, work, origin, relay_port, args.seconds, args.also_workers, only & {"a", "b"},
                                 args.repeats, candidates=False, ceiling_workers=ceiling_workers,
                                 label=f", edge {args.also_workers} workers, ceiling {ceiling_workers}")
+            if "d" in only:
+                scenario_memory(t, work, origin, relay_port, default_workers())
             if only & {"c", "d"}:
                 scenario_cd(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
             if "e" in only:

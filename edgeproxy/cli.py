@@ -464,7 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = _command(sub, "serve", help="run the HTTP, HTTPS and admin listeners")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes for the public listeners (default 1)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="worker processes for the public listeners (default: the CPUs this process may use)")
     serve.set_defaults(func=_cmd_serve)
 
     domains = _command(sub, "domains", help="register, list, show and remove customer domains")

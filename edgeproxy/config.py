@@ -245,6 +245,12 @@ class ProxySettings:
     # The event loop of `serve`: "uvloop" (libuv; faster TLS and socket I/O) when
     # installed, else "asyncio". Measured in bench/README.md.
     event_loop: str = "uvloop"
+    # Simple HTTP/1.1 requests on the HTTPS listener (the script, events, beacons) are
+    # parsed and answered by edgeproxy/h1fast.py (llhttp via httptools), the same app
+    # behind it; HTTP/2 and anything unusual (chunked or large bodies, Upgrade,
+    # absolute-form targets, malformed input) stay with hypercorn. false: hypercorn for
+    # everything. Measured against Caddy in bench/README.md.
+    http1_fast_path: bool = True
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 from .config import Settings
 
 if TYPE_CHECKING:
-    from .edge.certstore import CertStore
+    from .edge.certstore import CertMap, CertStore
     from .control.monitor import Prober
     from .control.webhooks import Attempt, EventLog, WebhookDeliverer
     from .control.lifecycle import LifecycleEvents
@@ -49,15 +49,17 @@ class Services:
     """The objects one process needs, each built once on first use.
 
     ``storage`` and ``issuer`` may be given (tests, a caller that already opened
-    the store); ``stats`` and ``observe_relay`` are the metrics hooks every counting
+    the store); ``certmap``: certificates already loaded (``serve`` loads them once
+    before forking its workers), which the certificate store starts from; ``stats`` and ``observe_relay`` are the metrics hooks every counting
     object shares (``serve`` passes its Prometheus-backed ones). Not thread-safe
     while building: build from one thread (the event loop's), as ``serve`` does.
     """
 
     def __init__(self, settings: Settings, *, role: Role = "cli", storage: Storage | None = None,
                  issuer: Issuer | None = None, stats: Counter[str] | None = None,
-                 observe_relay: Observe | None = None) -> None:
+                 observe_relay: Observe | None = None, certmap: CertMap | None = None) -> None:
         self.settings = settings
+        self._certmap = certmap
         self.role = role
         self._storage = storage
         self._issuer = issuer
@@ -117,7 +119,7 @@ class Services:
 
         proxy = self.settings.proxy
         return CertStore(self.storage, proxy.tls_context_cache, native=proxy.tls_native,
-                         policy=self.settings.tls.policy)
+                         policy=self.settings.tls.policy, loaded=self._certmap)
 
     @functools.cached_property
     def issuers(self) -> tuple[CaIssuer, ...]:

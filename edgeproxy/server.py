@@ -38,7 +38,10 @@ from prometheus_client import CollectorRegistry
 
 from .edge import tlspolicy
 from .sockets import ROLES, check_inherited, inherited_sockets
-from .hypercorn_adapter import ASGIWrapper, EdgeTCPServer, WorkerContext, absolute_form, edge_config
+from .h1fast import FastConnections
+from .hypercorn_adapter import (
+    DRAIN_FIRST_REQUEST_GRACE, ASGIWrapper, EdgeTCPServer, WorkerContext, absolute_form, edge_config,
+)
 from .config import Settings, parse_hostport
 from .logs import setup_logging
 from .metrics import (
@@ -51,11 +54,12 @@ from .edge.spool import Replayer, ReplayFilters, move_refusals, prune_loop, repl
 from .storage.base import Storage
 
 if TYPE_CHECKING:  # imported where used: the public listeners start before the primary's parts load
+    from .edge.certstore import CertMap
     from .control.monitor import MonitorService, SpoolStats
     from .control.issuers import Issuer
     from .control.webhooks import Attempt
 
-__all__ = ["bind_socket", "serve", "EdgeNode"]
+__all__ = ["bind_socket", "default_workers", "serve", "EdgeNode"]
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -176,6 +180,7 @@ class EdgeNode:
         primary: bool,
         storage: Storage | None = None,
         issuer: Issuer | None = None,
+        certmap: CertMap | None = None,
     ) -> None:
         self.settings = settings
         self.sockets = sockets
@@ -188,7 +193,7 @@ class EdgeNode:
         # Everything else comes from the composition root, counting into these metrics.
         self.services = Services(settings, role="primary" if primary else "worker", storage=storage,
                                  issuer=issuer, stats=StatsCounter(self.metrics),
-                                 observe_relay=self.metrics.observe_relay)
+                                 observe_relay=self.metrics.observe_relay, certmap=certmap)
         self.storage = self.services.storage
         self.certstore = self.services.certstore
         # The data path, one way: proxy -> spool -> relay client. Every worker spools
@@ -210,6 +215,7 @@ class EdgeNode:
                                             upstream.connect_timeout + upstream.timeout + 1.0)
         self._context = WorkerContext(None)
         self._listeners: list[_Listener] = []
+        self._fast: FastConnections | None = None
 
     # -- the two functions the proxy sees -----------------------------------------------
     def _resolve(self, host: str) -> Site | None:
@@ -298,11 +304,21 @@ class EdgeNode:
 
     async def _listen(self, listener: _Listener) -> None:
         ssl_context = self.certstore.server_context() if listener.tls else None
-        listener.server = await asyncio.start_server(
-            self._callback(listener), sock=listener.sock, ssl=ssl_context,
-            ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
-            backlog=1024,
-        )
+        if listener.tls and self.settings.proxy.http1_fast_path:
+            # Simple HTTP/1.1 requests on the lean path; it hands the rest to hypercorn.
+            self._fast = FastConnections(
+                cast(Any, listener.app), self._callback(listener), lambda: self._config.response_headers("h11"),
+                listener.tasks, keep_alive_timeout=self._config.keep_alive_timeout,
+                read_timeout=self._config.read_timeout or 60.0, first_request_grace=DRAIN_FIRST_REQUEST_GRACE)
+            listener.server = await asyncio.get_running_loop().create_server(
+                self._fast.protocol, sock=listener.sock, ssl=ssl_context,
+                ssl_handshake_timeout=self._config.ssl_handshake_timeout, backlog=1024)
+        else:
+            listener.server = await asyncio.start_server(
+                self._callback(listener), sock=listener.sock, ssl=ssl_context,
+                ssl_handshake_timeout=self._config.ssl_handshake_timeout if listener.tls else None,
+                backlog=1024,
+            )
         name = listener.sock.getsockname()
         where = f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
         log.info("pid %d serving %s on %s", os.getpid(), listener.name, where)
@@ -402,6 +418,8 @@ class EdgeNode:
             if listener.server is not None:
                 listener.server.close()
         await self._context.terminated.set()  # tells keep-alive connections to finish
+        if self._fast is not None:
+            self._fast.drain()
         # Drain. A connection accepted just before close() is still in
         # its TLS handshake and has no task yet: give handshakes a moment to finish
         # and register, then wait for every connection task until graceful_timeout.
@@ -443,10 +461,12 @@ def _run(settings: Settings, main: Callable[[], Coroutine[Any, Any, None]]) -> N
     asyncio.run(main())
 
 
-def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int) -> None:
-    """Entry point of an extra worker process (spawned, so nothing is shared but sockets)."""
+def _worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int,
+                 certmap: CertMap | None = None) -> None:
+    """Entry point of an extra worker process: forked at start-up with the parent's
+    ``certmap``, or spawned (a replacement for a worker that died: it loads its own)."""
     setup_logging(settings.log)
-    node = EdgeNode(settings, sockets, primary=False)
+    node = EdgeNode(settings, sockets, primary=False, certmap=certmap)
 
     async def orphan_guard() -> None:
         # A parent killed with SIGKILL cannot stop us: leave when it is gone.
@@ -486,9 +506,19 @@ def listening_sockets(settings: Settings, environ: MutableMapping[str, str] | No
     return sockets
 
 
-def serve(settings: Settings, workers: int = 1) -> None:
-    """Run the edge: ``workers`` processes serve the public listeners; the parent
-    is one of them and also serves the admin API and the issuance loop."""
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask, as nginx's
+    ``worker_processes auto``; a container's cpuset shows here, a CFS quota does not)."""
+    return len(os.sched_getaffinity(0))
+
+
+def serve(settings: Settings, workers: int | None = None) -> None:
+    """Run the edge: ``workers`` processes (default: ``default_workers()``) serve the
+    public listeners; the parent is one of them and also serves the admin API and runs
+    the issuance loop, the spool's replayer, the webhook deliverer and the pruning: once
+    per node, whatever the worker count."""
+    if workers is None:
+        workers = default_workers()
     if workers < 1:
         raise ValueError("workers must be at least 1")
     setup_logging(settings.log, level=logging.getLogger().level or logging.INFO)
@@ -510,18 +540,64 @@ def serve(settings: Settings, workers: int = 1) -> None:
             sock.close()
 
 
+def _forked_worker_main(settings: Settings, sockets: dict[str, socket.socket], parent: int,
+                        certmap: CertMap) -> None:
+    """A worker forked at start-up: it keeps the public listeners only."""
+    for role, sock in sockets.items():
+        if role not in ("http", "https"):
+            sock.close()  # the admin listener is the parent's alone
+    gc.enable()
+    _worker_main(settings, {k: sockets[k] for k in ("http", "https")}, parent, certmap)
+
+
+def _preload(settings: Settings) -> CertMap:
+    """Every certificate, loaded once before the workers fork (memory: every worker
+    would otherwise hold its own copy of the ~1 KB per name).
+
+    Runs before any event loop or thread exists in this process, with its own
+    storage connection, closed again: nothing that cannot cross a fork does."""
+    services = Services(settings, role="worker")
+    try:
+        certstore = services.certstore
+        certstore.refresh_blocking()
+        return certstore.snapshot()
+    finally:
+        services.storage.close()
+
+
 def _serve(settings: Settings, sockets: dict[str, socket.socket], public: dict[str, socket.socket],
            workers: int) -> None:
     spawn = multiprocessing.get_context("spawn")
     children: list[Any] = []
+    certmap: CertMap | None = None
+    if workers > 1:
+        # Load before fork, share by copy-on-write (100,000 certificates and 2 workers:
+        # the tree's PSS 454 -> 378-382 MB, bench/README.md). gc.disable() until
+        # the fork leaves no freed holes between the map's objects; gc.freeze() moves
+        # them out of the collector's generations, so no child's collection writes to
+        # their headers (a write would copy the page into that child).
+        gc.disable()
+        certmap = _preload(settings)
+        from .edge.certstore import CertStore
+
+        CertStore.trim_memory()
+        gc.freeze()
+        fork = multiprocessing.get_context("fork")
+        for _ in range(workers - 1):
+            proc = fork.Process(target=_forked_worker_main, args=(settings, sockets, os.getpid(), certmap),
+                                daemon=True)
+            proc.start()
+            children.append(proc)
+        gc.enable()
 
     def start_child() -> Any:
+        # A replacement for a worker that died is spawned, not forked: this process
+        # then runs an event loop and threads, which a fork must not copy.
         proc = spawn.Process(target=_worker_main, args=(settings, public, os.getpid()), daemon=True)
         proc.start()
         return proc
 
-    children = [start_child() for _ in range(workers - 1)]
-    node = EdgeNode(settings, sockets, primary=True)
+    node = EdgeNode(settings, sockets, primary=True, certmap=certmap)
 
     async def supervise() -> None:
         while not node.stop.is_set():

@@ -119,13 +119,20 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pebble_factory_module: PebbleFactory) -> Iterator[Stack]:
+    yield from edge_stack(tmp_path_factory, pebble_factory_module)
+
+
+def edge_stack(tmp_path_factory: pytest.TempPathFactory, pebble_factory_module: PebbleFactory,
+               proxy: dict[str, Any] | None = None) -> Iterator[Stack]:
+    """The stack above; ``proxy``: extra ``[proxy]`` settings (e.g. ``http1_fast_path``)."""
     state = tmp_path_factory.mktemp("edge")
     with ScriptOrigin() as origin, RecordingRelay() as relay:
         config = EdgeConfig(
             state_dir=state,
             acme_directory="", acme_ca_bundle="",
             script_url=origin.script_url, relay_url=f"{relay.url}/ingest",
-            extra={"upstream": {"rewrite": {VENDOR_RELAY: "https://{host}{api_path}"}}},
+            extra={"upstream": {"rewrite": {VENDOR_RELAY: "https://{host}{api_path}"}},
+                   **({"proxy": proxy} if proxy else {})},
         )
         pebble = pebble_factory_module(config.http_port)
         config.acme_directory = pebble.directory_url

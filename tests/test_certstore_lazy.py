@@ -343,3 +343,29 @@ class _Unscannable(dict[str, float]):
 
     def values(self) -> Any:
         raise AssertionError("expire() scanned the map before any certificate was due")
+
+
+def test_a_store_started_from_a_loaded_map_serves_it_and_follows_changes_after_it(
+        storage: SqliteStorage, make_store: Callable[..., CertStore]) -> None:
+    """``serve`` loads the map once before forking its workers; each worker's store
+    starts from it, serves every name without reading them again, and applies only
+    the changes made after the load (the change feed from the map's position on)."""
+    for host in ("a.example.test", "b.example.test"):
+        _register(storage, host)
+    loader = make_store(storage, cache_size=8)
+    assert loader.refresh_blocking(NOW) == 2
+    loaded = loader.snapshot()
+    _register(storage, "late.example.test")  # after the load
+    storage.remove_domain("b.example.test")
+    worker = CertStore(storage, cache_size=8, native=loader.native is not None, loaded=loaded)
+    assert worker.hosts == {"a.example.test": True, "b.example.test": True}  # no storage read yet
+    assert _cn(_served(worker, "a.example.test")) == "a.example.test"
+    assert worker.refresh_blocking(NOW) == 2  # only what changed since the load
+    assert "b.example.test" not in worker.hosts
+    assert _cn(_served(worker, "b.example.test")) == "edgeproxy-fallback.invalid"
+    assert _cn(_served(worker, "late.example.test")) == "late.example.test"
+    # A map whose certificate expires is still expired in the store started from it.
+    _register(storage, "soon.example.test", days=1)
+    loader.refresh_blocking(NOW)
+    later = CertStore(storage, cache_size=8, loaded=loader.snapshot())
+    assert later.expire(NOW + dt.timedelta(days=2)) != []

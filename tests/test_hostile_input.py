@@ -17,9 +17,17 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from conftest import HOSTS, Stack
+from conftest import HOSTS, PebbleFactory, Stack, edge_stack
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["fast-path", "hypercorn"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          pebble_factory_module: PebbleFactory) -> Iterator[Stack]:
+    """Every case on both HTTPS paths: the lean HTTP/1.1 path (edgeproxy/h1fast.py, which
+    hands anything unusual to hypercorn) and hypercorn alone (``proxy.http1_fast_path``)."""
+    yield from edge_stack(tmp_path_factory, pebble_factory_module, proxy={"http1_fast_path": request.param})
 
 
 @contextmanager
@@ -156,15 +164,20 @@ def test_one_megabyte_body_gets_413_and_is_not_forwarded(stack: Stack, relay_unt
     assert status_of(exchange(stack, request, tls=True)) == 413
 
 
-def test_slowloris_does_not_starve_normal_clients(stack: Stack, relay_untouched: None) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_slowloris_does_not_starve_normal_clients(stack: Stack, relay_untouched: None, tls: bool) -> None:
     """200 connections dribbling headers; a normal client keeps being answered meanwhile."""
     stop = threading.Event()
     sockets: list[socket.socket] = []
+    ctx = ssl.create_default_context(cadata="\n".join(r.decode() for r in stack.roots))
 
     def dribble() -> None:
         for _ in range(200):
             try:
-                sock = socket.create_connection(("127.0.0.1", stack.edge.config.http_port), timeout=5)
+                port = stack.edge.config.https_port if tls else stack.edge.config.http_port
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                if tls:
+                    sock = ctx.wrap_socket(sock, server_hostname=HOSTS[0])
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: " + HOSTS[0].encode() + b"\r\n")
                 sockets.append(sock)
             except OSError:

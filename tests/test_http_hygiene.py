@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -36,24 +37,28 @@ OTHER = "other.example.test"
 class Edge:
     proc: EdgeProcess
     relay: RecordingRelay
+    fast: bool  # proxy.http1_fast_path
 
     @property
     def port(self) -> int:
         return self.proc.config.https_port
 
 
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+@pytest.fixture(scope="module", params=[True, False], ids=["fast-path", "hypercorn"])
+def edge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    """Every case on both HTTPS paths: the lean HTTP/1.1 path (edgeproxy/h1fast.py, which
+    hands anything unusual to hypercorn) and hypercorn alone (``proxy.http1_fast_path``)."""
     tmp = tmp_path_factory.mktemp("hygiene")
     with ScriptOrigin() as origin, RecordingRelay() as relay:
         config = EdgeConfig(state_dir=tmp, acme_directory="https://127.0.0.1:9/directory", acme_ca_bundle="",
                             script_url=origin.script_url, relay_url=f"{relay.url}/ingest",
                             extra={"renew": {"interval": 3600.0}, "monitor": {"interval": 0.0},
+                                   "proxy": {"http1_fast_path": request.param},
                                    "upstream": {"rewrite": {VENDOR_RELAY: "https://{host}{api_path}"}}})
         seed(config.db_path, HOST)
         seed(config.db_path, OTHER)
         with EdgeProcess(config) as proc:
-            yield Edge(proc, relay)
+            yield Edge(proc, relay, request.param)
 
 
 def _tls(port: int, alpn: str = "http/1.1", sni: str = HOST) -> ssl.SSLSocket:
@@ -141,6 +146,68 @@ def test_admin_api_unreachable_through_absolute_form(edge: Edge) -> None:
         response, _ = _exchange(edge.port, request.encode())
         assert _status(response) in (404, 421), (target, response[:300])
         assert b"hostname" not in response and b'"ok"' not in response
+
+
+def _statuses(response: bytes) -> list[bytes]:
+    """Status lines in a stream of responses (the script holds no status line)."""
+    return re.findall(rb"(HTTP/1\.1 \d{3} [^\r\n]*)\r\n", response)
+
+
+def test_simple_requests_take_the_configured_path(edge: Edge) -> None:
+    """The control for the parametrization: the lean path answers a plain GET itself
+    (with a reason phrase; hypercorn's is empty), hypercorn answers it otherwise."""
+    response, _ = _exchange(edge.port, f"GET /js/app.js HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+    assert _statuses(response) == ([b"HTTP/1.1 200 OK"] if edge.fast else [b"HTTP/1.1 200 "])
+
+
+def test_pipelined_requests_are_answered_in_order(edge: Edge) -> None:
+    before = len(edge.relay.snapshot())
+    request = (f"GET /js/app.js HTTP/1.1\r\nHost: {HOST}\r\n\r\n"
+               f"POST /api/v1/m HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+               "Content-Length: 9\r\n\r\n{\"n\":\"p\"}"
+               f"HEAD /js/app.js HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").encode()
+    response, closed = _exchange(edge.port, request)
+    assert [_status(line + b" ") for line in _statuses(response)] == [200, 202, 200], response[-600:]
+    assert closed
+    assert response.endswith(b"\r\n\r\n")  # HEAD: no body after the last head
+    assert [r.body for r in edge.relay.snapshot()[before:]] == [b'{"n":"p"}']
+
+
+def test_a_connection_moves_to_hypercorn_at_the_first_unusual_request(edge: Edge) -> None:
+    """Simple, then chunked (not simple), then simple again, on one connection: each
+    answered once, the chunked body forwarded whole; on the lean path hypercorn serves
+    from the chunked request on (its status lines have no reason phrase)."""
+    before = len(edge.relay.snapshot())
+    with _tls(edge.port) as sock:
+        sock.settimeout(5)
+
+        def ask(request: bytes, expect: int) -> bytes:
+            sock.sendall(request)
+            received = b""
+            while len(_statuses(received)) < 1 or not _complete(received):
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+            assert _status(received) == expect, received[:300]
+            return received.split(b"\r\n", 1)[0]
+
+        first = ask(f"GET /js/app.js HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode(), 200)
+        second = ask((f"POST /api/v1/m HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n9\r\n{\"n\":\"c\"}\r\n0\r\n\r\n").encode(), 202)
+        third = ask(f"GET /js/app.js HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode(), 200)
+    assert [r.body for r in edge.relay.snapshot()[before:]] == [b'{"n":"c"}']
+    if edge.fast:
+        assert (first, second, third) == (b"HTTP/1.1 200 OK", b"HTTP/1.1 202 ", b"HTTP/1.1 200 ")
+
+
+def _complete(response: bytes) -> bool:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return True
 
 
 def _h2_request(conn: h2.connection.H2Connection, sock: ssl.SSLSocket, stream_id: int,

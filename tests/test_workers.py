@@ -36,8 +36,9 @@ def test_second_worker_serves_certificate_issued_while_running(tmp_path: Path, p
             assert edge.proc is not None
             parent = psutil.Process(edge.proc.pid)
             def spawned_workers() -> list[int]:
-                # multiprocessing also starts a resource tracker: count only workers.
-                return [c.pid for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+                # Workers are forked at start-up (same command line as the parent);
+                # multiprocessing may also start a resource tracker: count only workers.
+                return [c.pid for c in parent.children() if "resource_tracker" not in " ".join(c.cmdline())]
 
             deadline = time.monotonic() + 20
             while len(spawned_workers()) < 1:

@@ -43,6 +43,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -54,6 +55,7 @@ from ..errors import StorageError, StorageUnavailable
 from ..storage.base import CertificateRecord, CertificateVisitor, OutboxEvent, Storage, leaf_der_of
 
 __all__ = [
+    "CertMap",
     "CertStore",
     "build_context",
     "certificate_metadata",
@@ -264,6 +266,21 @@ _Loaded = tuple[str, bool, bytes | None, float]
 Prepared = tlsnative.Certificate | ssl.SSLContext
 
 
+@dataclass(frozen=True)
+class CertMap:
+    """What a refresh loaded: the maps a ``CertStore`` serves from, and the change-feed
+    position they reflect. ``serve`` loads one in the parent before forking its workers,
+    so that every worker starts from the same pages (copy-on-write: ~1 KB per name,
+    shared instead of loaded once per worker); each process's ``CertStore`` then keeps
+    its own copy in step with storage from ``seq`` on."""
+
+    hosts: dict[str, bool]
+    material: dict[str, bytes]
+    expires: dict[str, float]
+    codec: _Codec
+    seq: int
+
+
 class CertStore:
     """Per-process view of which names are registered and which have a live certificate.
 
@@ -280,7 +297,7 @@ class CertStore:
     """
 
     def __init__(self, storage: Storage, cache_size: int = 1024, native: bool = False,
-                 policy: str = "intermediate") -> None:
+                 policy: str = "intermediate", loaded: CertMap | None = None) -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
         if policy not in tlspolicy.POLICIES:
@@ -295,10 +312,14 @@ class CertStore:
         self._expiry_lock = threading.Lock()  # _apply also runs in save()'s thread
         self._material: dict[str, bytes] = {}  # packed by self._codec
         self._codec = _Codec()
+        self._seq = 0
+        if loaded is not None:  # start from a map loaded before (serve: in the parent, before fork)
+            self.hosts, self._material, self.expires = loaded.hosts, loaded.material, loaded.expires
+            self._codec, self._seq = loaded.codec, loaded.seq
+            self._next_expiry = min(self.expires.values(), default=float("inf"))
         self.native = load_native() if native else None
         self._chains: dict[int, tlsnative.Chain] = {}  # native: parsed intermediates per codec tail id
         self.built = 0  # certificates made ready since start (cache misses that found material)
-        self._seq = 0
         chain, key = make_fallback_pair(_utcnow())
         self.fallback_context = build_context(chain, key, policy)
         self.fallback_context.sni_callback = self.sni_callback
@@ -460,6 +481,10 @@ class CertStore:
                 hosts[hostname] = True
                 with self._expiry_lock:
                     self._next_expiry = min(self._next_expiry, not_after)
+
+    def snapshot(self) -> CertMap:
+        """The maps as loaded so far (shared, not copied), to start another ``CertStore`` from."""
+        return CertMap(self.hosts, self._material, self.expires, self._codec, self._seq)
 
     def refresh_blocking(self, now: dt.datetime | None = None) -> int:
         """Apply storage changes since the last refresh; returns how many names changed."""
