@@ -1,4 +1,4 @@
-"""Benchmark (issue 8): the renewal loop's due query and the registration limits at scale.
+"""Benchmark: the renewal loop's due query and the registration limits at scale.
 
     .venv/bin/python bench/due_bench.py [--count 100000] [--repeats 5]
 
@@ -7,7 +7,7 @@ Fills a SQLite store with N domains (plain SQL, one transaction, into the schema
 queries never read them) shaped like a steady state: every active name has its
 next look within the next 12 hours (the ARI poll), 60 names are due now (new
 registrations, DNS re-checks, retries), 30 were registered in the last hour.
-Then times, in this process, the code before issue 8 (``list_domains()`` and a
+Then times, in this process, the code before the 100,000-domain scale work (``list_domains()`` and a
 filter in Python, kept below as the reference) against what replaced it
 (``RenewalService.due()``, ``_new_work()``, ``Registry._check_limits``), checks
 that both give the same answer, and prints wall and CPU milliseconds (median of
@@ -66,7 +66,7 @@ def fill(path: Path, count: int) -> None:
     conn.close()
 
 
-# -- the code before issue 8, as the reference ---------------------------------------------
+# -- the code before the 100,000-domain scale work, as the reference ---------------------------------------------
 
 
 def old_due(storage: SqliteStorage, now: dt.datetime) -> list[DomainRecord]:

@@ -12,7 +12,7 @@ Rows are written with plain SQL in one transaction into a schema created by
 ``SqliteStorage`` itself (the Storage API commits and fsyncs per call, which
 would take minutes for 100,000 names); a change-feed row per name is written
 too, exactly as ``add_domain``/``save_certificate`` would, and so is ``leaf_der``
-(the leaf as DER, issue 8) that ``save_certificate`` stores next to the chain.
+(the leaf as DER) that ``save_certificate`` stores next to the chain.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 FILLER_OID = ObjectIdentifier("1.3.6.1.4.1.55555.1.1")  # private arc: OpenSSL ignores it
 # In the cached stores' file names: bump it whenever the rows written below change,
-# so that a store cached by an older version is not reused (2: leaf_der, issue 8).
+# so that a store cached by an older version is not reused (2: leaf_der).
 ROWS_VERSION = 2
 
 

@@ -1,5 +1,5 @@
 """Memory and CPU of one monitor round and one /metrics render over a large store, before
-and after issue 8's statuses-only reads: ``python bench/monitor_memory.py [STORE.db] [rounds]``.
+and after the 100,000-domain scale work's statuses-only reads: ``python bench/monitor_memory.py [STORE.db] [rounds]``.
 
 Copies the store (default: ``bench/.cache/store-v2-100000.db`` of the main checkout, built
 by ``bench/fixtures.py``) to a temporary directory, never opening the original, then runs
@@ -61,7 +61,7 @@ class FastProber:
 
 
 class BeforeMonitor(MonitorService):
-    """``run_round`` as of e1d5328 (before issue 8's statuses-only reads); a failed probe prints instead of logging."""
+    """``run_round`` as of e1d5328 (before the scale work's statuses-only reads); a failed probe prints instead of logging."""
 
     async def run_round(self) -> list[Alert]:
         domains = await asyncio.to_thread(self.storage.list_domains)

@@ -394,7 +394,7 @@ def scenario_ab(t: Table, work: Path, origin: ScriptOrigin, relay_port: int, sec
                 found["c1"] = (e, c)
             if "b" in only and candidates:
                 # The candidates for the forwarding transport, each in its own edge,
-                # each against the same ceiling (issue 8: measure them side by side).
+                # each against the same ceiling (measured side by side).
                 edge.stop()
                 for client_kind, pool in (("httpx", 64), ("httpx", 16)):
                     vstate = work / f"edge-{client_kind}-{pool}"
@@ -667,7 +667,7 @@ def main() -> None:
             if only & {"a", "b", "c"}:
                 scenario_ab(t, work, origin, relay_port, args.seconds, args.workers, only, args.repeats)
             if args.also_workers and only & {"a", "b"}:
-                # Several edge workers are fair game (issue 8) against the ceiling as
+                # Several edge workers are fair game against the ceiling as
                 # defined (1 worker); the same against a ceiling with as many workers
                 # shows what the extra process buys each side on these 2 cores.
                 for ceiling_workers in (1, args.also_workers):

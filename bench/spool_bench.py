@@ -1,4 +1,4 @@
-"""Benchmark of the zero-data-loss path (issue 3), loopback only, bounded loops.
+"""Benchmark of the zero-data-loss path, loopback only, bounded loops.
 
 Processes: a minimal keep-alive HTTP relay (asyncio), two edges (``EdgeProxy`` +
 ``SpoolingRelay`` + ``Spool``, served by hypercorn over plain HTTP; the SNI

@@ -149,7 +149,7 @@ def edge_stack(tmp_path_factory: pytest.TempPathFactory, pebble_factory_module: 
 
 
 # =====================================================================================
-# BEGIN PostgreSQL (owner: storage/postgres.py, issue 6)
+# BEGIN PostgreSQL (owner: storage/postgres.py)
 #
 #   pg_base_url   session-scoped URL of the machine's PostgreSQL (EDGEPROXY_TEST_PG_URL,
 #                 default postgresql://postgres@127.0.0.1:5432/test). Unreachable = the

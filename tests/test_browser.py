@@ -1,4 +1,4 @@
-"""A real browser against a real edge (issue 15 section 5).
+"""A real browser against a real edge.
 
 Headless Chromium (Debian's, installed by ``make chromium``) opens a customer's
 page served over plain HTTP from one loopback address; the page loads the tracker

@@ -1,4 +1,4 @@
-"""CertStore at scale (issue 8): lazy contexts in a bounded LRU, bulk loading, and
+"""CertStore at scale: lazy contexts in a bounded LRU, bulk loading, and
 that the right certificate is served for the right SNI, and a removed name is not."""
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def test_material_round_trips_through_the_packed_form() -> None:
 
 def test_refresh_uses_the_stored_leaf_der_and_decodes_only_rows_without_it(
         storage: SqliteStorage, make_store: Callable[..., CertStore], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8: rows saved with leaf_der are loaded without decoding the PEM leaf;
+    """Rows saved with leaf_der are loaded without decoding the PEM leaf;
     rows from before it (leaf_der NULL) still load, by decoding, and serve the
     right certificate."""
     import edgeproxy.edge.certstore as certstore
@@ -263,7 +263,7 @@ def test_refresh_uses_the_stored_leaf_der_and_decodes_only_rows_without_it(
 
 def test_a_chain_renewed_by_an_older_edgeproxy_is_served_whole(storage: SqliteStorage,
         make_store: Callable[..., CertStore]) -> None:
-    """An edgeproxy from before issue 8 writing to the same file renews a
+    """An edgeproxy from before the 100,000-domain scale work writing to the same file renews a
     certificate without leaf_der: the new key must never be paired with the old
     leaf (the handshake would fail, or serve the old certificate)."""
     _register(storage, "r.example.test", serial=5)

@@ -1,4 +1,4 @@
-"""The command line as a newcomer meets it, with no ACME server and no running edge (issue 18).
+"""The command line as a newcomer meets it, with no ACME server and no running edge.
 
 Help everywhere (a bare ``edgeproxy`` included), ``--config`` before or after the
 subcommand, and no side effects from a refused or read-only command: no storage

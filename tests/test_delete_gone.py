@@ -1,4 +1,4 @@
-"""Issue 17: DELETE /v1/domains/{host} removes the key and certificate from the
+"""DELETE /v1/domains/{host} removes the key and certificate from the
 disk at once: the test reads the store files (main file, -wal, -shm) right after
 the DELETE returns and finds none of their bytes.
 

@@ -1,4 +1,4 @@
-"""``edgeproxy demo``: the state directory it advertises is there when it is needed (issue 18).
+"""``edgeproxy demo``: the state directory it advertises is there when it is needed.
 
 The whole demo against Pebble takes half a minute (`make demo` runs it); here
 the steps are replaced, and what is checked is what happens to the state

@@ -1,4 +1,4 @@
-"""Issue 17: every file holding keys, tokens, request bodies or visitor IPs is 0600
+"""Every file holding keys, tokens, request bodies or visitor IPs is 0600
 in a 0700 directory, whichever command creates it (``serve``, ``replay``,
 ``spool ...``), under a permissive umask (022), and a file left wider is tightened."""
 

@@ -426,7 +426,7 @@ _SEND_INSTEAD = re.compile(r"send ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") inste
 
 
 def _check_suggestion(exc: InvalidHostname, extra: tuple[str, ...]) -> None:
-    """A "send X instead" names an X that the same rules accept (issue 18)."""
+    """A "send X instead" names an X that the same rules accept."""
     for quoted in _SEND_INSTEAD.findall(str(exc)):
         suggestion = ast.literal_eval(quoted)
         assert validate_hostname(suggestion, extra_suffixes=extra, own_zones=OWN) == suggestion, str(exc)

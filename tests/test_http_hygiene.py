@@ -1,4 +1,4 @@
-"""Issue 17: HTTP hygiene on the public TLS listener, checked on the wire.
+"""HTTP hygiene on the public TLS listener, checked on the wire.
 
 Raw sockets for HTTP/1.1 (what a smuggling or h2c probe sends), the ``h2``
 library for HTTP/2. The fixes live in ``edgeproxy/hypercorn_adapter.py``

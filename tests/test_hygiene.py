@@ -1,4 +1,4 @@
-"""The suite itself: every test has its own id, and running it leaves nothing in /tmp (issue 18).
+"""The suite itself: every test has its own id, and running it leaves nothing in /tmp.
 
 Both run pytest in a subprocess with ``TMPDIR`` pointed at an empty directory,
 so whatever a test module creates with ``tempfile`` at import or in its

@@ -1,4 +1,4 @@
-"""Issue 17: IPv6 by default (one dual-stack socket, IPv4 fallback), IPv4-mapped
+"""IPv6 by default (one dual-stack socket, IPv4 fallback), IPv4-mapped
 peers normalized before trusted_hops, rate limits, X-Forwarded-For and
 privacy.ip_retention see them, and doctor's AAAA-without-IPv6 warning."""
 

@@ -68,7 +68,7 @@ def test_sealed_storage_keeps_no_pem_in_the_database(tmp_path: Path) -> None:
 
 
 def test_sealed_storage_forwards_the_whole_protocol(tmp_path: Path) -> None:
-    """Every Storage method reaches the backend through the wrapper, issue 8's
+    """Every Storage method reaches the backend through the wrapper, the
     indexed domain queries included."""
     inner = SqliteStorage(str(tmp_path / "db.sqlite"))
     store = SealedStorage(inner, load_keyring(_ring(tmp_path)[0]))

@@ -1,4 +1,4 @@
-"""README.md, docs/*.md and the other Markdown files render as written (issue 18).
+"""README.md, docs/*.md and the other Markdown files render as written.
 
 A stray line outside a code fence once turned the README's next fence into an
 opener, and from there every "code" block was prose and every section below was

@@ -203,7 +203,7 @@ def test_metrics_run_dir_sweeps_directories_of_dead_runs(tmp_path: Path) -> None
     assert not stale.exists() and live.exists() and other.exists()
 
 
-# -- probe rounds at scale (issue 8) ---------------------------------------------------
+# -- probe rounds at scale ---------------------------------------------------
 
 
 class FakeProber:
@@ -319,7 +319,7 @@ def test_rounds_start_one_interval_apart_however_long_they_take() -> None:
     assert len(gaps) == 2 and all(0.29 <= gap < 0.42 for gap in gaps), gaps  # was 0.45: round + interval
 
 
-# -- alerts from fewer objects (issue 8) -------------------------------------------------
+# -- alerts from fewer objects -------------------------------------------------
 
 
 class ScriptedProber:
@@ -337,7 +337,7 @@ class ScriptedProber:
 
 
 class OldRound:
-    """The round as it was before issue 8's memory work: every record at the start and at the
+    """The round as it was before the memory work for 100,000 domains: every record at the start and at the
     end, every condition built. ``reduced`` passes only the records run_round now fetches;
     ``filtered`` passes ``firing`` to conditions. All four must send the same alerts."""
 
@@ -379,7 +379,7 @@ class OldRound:
 @pytest.mark.parametrize("get_each_max", [1000, 0], ids=["get_domain", "one_scan"])
 def test_alerts_are_the_same_from_statuses_and_firing_filter_as_from_every_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, get_each_max: int) -> None:
-    """Issue 8: run_round reads (hostname, status) pairs, fetches records only for failing
+    """run_round reads (hostname, status) pairs, fetches records only for failing
     or stuck-firing domains (one get_domain each, or one scan when there are many), and
     builds only conditions that fire or may resolve. Over rounds of domains failing,
     sticking, recovering, being removed and re-added, probes failing and recovering and
@@ -468,7 +468,7 @@ def test_alerts_are_the_same_from_statuses_and_firing_filter_as_from_every_recor
 
 def test_round_fetches_records_only_for_failing_or_stuck_domains(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8: no list_domains() in a round; get_domain() for the failing domains only;
+    """No list_domains() in a round; get_domain() for the failing domains only;
     and the conditions built are the firing ones and those that may resolve."""
     base = Settings()
     settings = dataclasses.replace(base, monitor=dataclasses.replace(base.monitor, interval=0.0, stuck_after=0.0))
@@ -516,7 +516,7 @@ def test_round_fetches_records_only_for_failing_or_stuck_domains(tmp_path: Path,
 
 def test_metrics_count_domains_by_status_without_reading_records(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 8: /metrics counted ``[d.status for d in list_domains()]`` at every scrape
+    """/metrics counted ``[d.status for d in list_domains()]`` at every scrape
     (0.75 s of CPU at 100,000 domains); now one GROUP BY."""
     from edgeproxy.metrics import StateCollector, render, scrape_registry
 

@@ -1,4 +1,4 @@
-"""Several real edge nodes on one PostgreSQL store (issue 6), against real Pebble.
+"""Several real edge nodes on one PostgreSQL store, against real Pebble.
 
 Every node is a real ``edgeproxy serve`` process; they share nothing but the
 database (a fresh schema per test). Clients trust only Pebble's root.

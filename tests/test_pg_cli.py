@@ -1,4 +1,4 @@
-"""Schema management and moving a node onto the shared store, through the real CLI (issue 6).
+"""Schema management and moving a node onto the shared store, through the real CLI.
 
 ``edgeproxy migrate`` and ``edgeproxy storage copy`` run as subprocesses against
 the machine's PostgreSQL (a fresh schema per test) and a SQLite file.

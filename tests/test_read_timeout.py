@@ -1,5 +1,5 @@
 """hypercorn_adapter.EdgeTCPServer: the per-connection read-timeout watchdog that replaces hypercorn's
-per-read ``wait_for`` (issue 8). A silent connection is closed; a slow but live one is not;
+per-read ``wait_for``. A silent connection is closed; a slow but live one is not;
 keep-alive requests are still answered."""
 
 from __future__ import annotations

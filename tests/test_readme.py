@@ -1,4 +1,4 @@
-"""The README's examples work as written on a fresh install (issue 18).
+"""The README's examples work as written on a fresh install.
 
 Convention for shell examples in README.md (one rule, checked here):
 

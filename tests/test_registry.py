@@ -78,7 +78,7 @@ def test_hourly_registration_rate_with_retry_after(tmp_path: Path) -> None:
 def test_limits_never_list_every_domain_and_the_hour_excludes_its_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 8: the cap and the rate come from a count and the last hour's creation
+    """The cap and the rate come from a count and the last hour's creation
     times, not list_domains; a registration exactly one hour old has left the window."""
     registry, clock = make(tmp_path, max_domains=3, registrations_per_hour=2)
 

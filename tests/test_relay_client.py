@@ -1,4 +1,4 @@
-"""The relay POST on aiohttp directly (issue 8), against a real local relay over HTTP and HTTPS.
+"""The relay POST on aiohttp directly, against a real local relay over HTTP and HTTPS.
 
 ``upstream.client = "aiohttp"`` with no injected transport: ``EdgeProxy._forward``
 uses ``relay._AiohttpClient``, not httpx. Each test pins one guarantee the httpx

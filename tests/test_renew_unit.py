@@ -43,7 +43,7 @@ def test_is_due() -> None:
     assert not is_due(_record("moved", None), T0)
 
 
-# -- issue 4: budgets, emergency retries, DNS/CAA verdicts (pure) ---------------------------------
+# -- budgets, emergency retries, DNS/CAA verdicts (pure) ---------------------------------
 
 from typing import Any  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_evaluate_pointing() -> None:
     assert "a.shop.test. CNAME edge.example.net. (or A 192.0.2.10)" in missing.message
 
 
-# -- issue 8: the due queries, against a real (SQLite) store -----------------------------------
+# -- the due queries, against a real (SQLite) store -----------------------------------
 
 from pathlib import Path  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_due_and_new_work_match_the_old_filter_without_listing_every_domain(
         for name, status, next_at in plan:
             storage.add_domain(name, "issuing", T0 - dt.timedelta(days=3))
             storage.update_domain(name, T0 - dt.timedelta(days=3), status=status, next_attempt_at=next_at)
-        # The old implementations, as the oracle (issue 8 replaced them with indexed queries).
+        # The old implementations, as the oracle (the 100,000-domain scale work replaced them with indexed queries).
         old_due = [d for d in storage.list_domains() if is_due(d, T0)]
         old_new_work = [d.hostname for d in old_due if d.status in ("issuing", "pending_dns", "failing")]
         service = RenewalService(storage, CertStore(storage), _NoIssuer(), clock=lambda: T0)

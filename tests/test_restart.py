@@ -1,4 +1,4 @@
-"""Issue 17: start-up and restarts lose nothing when the sockets outlive the process.
+"""Start-up and restarts lose nothing when the sockets outlive the process.
 
 The test holds the listening sockets itself, as systemd does with socket
 activation (deploy/edgeproxy-*.socket), and hands them to each edge process

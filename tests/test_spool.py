@@ -1,4 +1,4 @@
-"""The spool, the forwarding policy and the replayer without a network (issue 3).
+"""The spool, the forwarding policy and the replayer without a network.
 
 The relay here is a plain async function standing in for ``EdgeProxy.forward``
 (the seam the spool wraps); the spool file, the store and the worker processes

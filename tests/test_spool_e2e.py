@@ -1,4 +1,4 @@
-"""Zero data loss end to end (issue 3): a real ``edgeproxy serve`` (two workers), a
+"""Zero data loss end to end: a real ``edgeproxy serve`` (two workers), a
 real relay that goes down, comes back, or answers 401, real Pebble certificates.
 
 The promise under test: every event the edge answered 2xx reaches the relay at

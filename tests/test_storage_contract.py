@@ -153,7 +153,7 @@ def test_list_domains_is_ordered_by_hostname(store: Storage) -> None:
 
 
 def test_domain_statuses_and_counts_follow_the_records(store: Storage) -> None:
-    """Issue 8: the monitor and /metrics read two columns, not whole records; the
+    """The monitor and /metrics read two columns, not whole records; the
     answers must be what ``list_domains`` says, in its order."""
     assert store.domain_statuses() == []
     assert store.count_domains_by_status() == {}
@@ -259,7 +259,7 @@ def test_list_order_is_byte_order_whatever_the_locale(store: Storage) -> None:
     assert store.changes_since(0)[1] == sorted(names)
 
 
-# -- issue 8: due domains, count, recent registrations -------------------------------
+# -- due domains, count, recent registrations -------------------------------
 
 
 def _due_fixture(store: Storage) -> None:
@@ -375,7 +375,7 @@ def test_remove_deletes_certificate_key_and_challenges(store: Storage) -> None:
 
 def test_bulk_certificate_scan_matches_point_reads(store: Storage) -> None:
     # scan_certificates is not in the protocol, but every backend has it (the
-    # certstore's start-up path, issue 8).
+    # certstore's start-up path).
     for name in ("a.example", "b.example", "c.example"):
         store.add_domain(name, "active", NOW)
     store.save_certificate(cert("a.example", 1, pad=500))
@@ -435,7 +435,7 @@ def _raw_write(url: str, statement: str, params: tuple[Any, ...]) -> None:
 
 
 def test_save_stores_the_leaf_as_der_for_the_bulk_scan(store: Storage) -> None:
-    # Issue 8: start-up reads the leaf as DER instead of decoding 100,000 PEM leaves.
+    # Start-up reads the leaf as DER instead of decoding 100,000 PEM leaves.
     store.add_domain("a.example", "active", NOW)
     chain, der = _pem_chain("a.example", 1)
     store.save_certificate(replace(cert("a.example"), chain_pem=chain))
@@ -448,14 +448,14 @@ def test_save_stores_the_leaf_as_der_for_the_bulk_scan(store: Storage) -> None:
 
 
 def test_a_chain_upserted_without_the_der_clears_the_stale_der(url: str, store: Storage) -> None:
-    """An older edgeproxy (before issue 8) still writes to the same store (a
+    """An older edgeproxy (before the 100,000-domain scale work) still writes to the same store (a
     downgrade, a node not yet upgraded): its upsert changes the chain and leaves
     leaf_der alone. The old DER must not survive next to the new chain."""
     store.add_domain("a.example", "active", NOW)
     chain, der = _pem_chain("a.example", 1)
     store.save_certificate(replace(cert("a.example"), chain_pem=chain))
     renewed, _ = _pem_chain("a.example", 2)
-    # The upsert of the release before issue 8, verbatim.
+    # The upsert of the release before the 100,000-domain scale work, verbatim.
     _raw_write(url, "INSERT INTO certificates (hostname, key_pem, chain_pem, not_before, not_after, serial, issuer, "
                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                "ON CONFLICT (hostname) DO UPDATE SET key_pem = excluded.key_pem, "
@@ -1031,7 +1031,7 @@ def test_sqlite_pragmas_and_schema_version(sq: SqliteStorage, db_path: str) -> N
 
 
 def test_sqlite_adds_leaf_der_to_an_older_file_whose_rows_read_none(db_path: str) -> None:
-    """Issue 8: a file written before leaf_der existed gets the column (and the
+    """A file written before leaf_der existed gets the column (and the
     trigger) on open; its rows read leaf_der None, new saves fill it."""
     SqliteStorage(db_path).close()
     raw = sqlite3.connect(db_path, isolation_level=None)
@@ -1271,7 +1271,7 @@ def test_sqlite_storage_satisfies_the_protocol(sq: SqliteStorage) -> None:
 
 
 def test_sqlite_adds_the_due_indexes_to_an_existing_file_and_uses_them(db_path: str) -> None:
-    """Issue 8: a file written before the indexes existed gets them on open (no
+    """A file written before the indexes existed gets them on open (no
     schema_version bump: older edgeproxy versions still open it), and the due and
     recent-registration queries are index range scans, not table scans."""
     SqliteStorage(db_path).close()
@@ -1302,7 +1302,7 @@ def test_sqlite_adds_the_due_indexes_to_an_existing_file_and_uses_them(db_path: 
         s.close()
 
 
-# == BEGIN issue 4: budget ledger and status history (every backend) ==========================
+# == budget ledger and status history (every backend) ==========================
 
 
 def test_budget_events_count_by_kind_key_and_window(store: Storage) -> None:
@@ -1350,9 +1350,9 @@ def test_ari_state_round_trip_replace_and_removed_with_the_domain(store: Storage
     assert store.get_ari("ari.example.test") is None
 
 
-# == END issue 4 ===================================================================================
+
 # =====================================================================================
-# BEGIN issue 3: failed-request log (every backend)
+# -- failed-request log (every backend)
 # =====================================================================================
 
 from edgeproxy.storage import FailedRequestRecord  # noqa: E402
@@ -1421,7 +1421,6 @@ def test_failed_log_pruned_after_retention_with_the_clock_passed_in(store: Stora
 
 
 # =====================================================================================
-# END issue 3
 # =====================================================================================
 
 
@@ -1669,7 +1668,7 @@ def test_postgres_instance_inherited_through_fork_opens_its_own_pool(pg_url: str
 
 def test_postgres_upgrades_a_version_1_database_in_place(pg_url: str) -> None:
     """A store created by the first release (schema 1) is upgraded on open,
-    its data kept, and the issue 3/4 tables work afterwards."""
+    its data kept, and the failed-log and ledger tables work afterwards."""
     from edgeproxy.storage.base import StatusEvent
     from edgeproxy.storage.postgres import MIGRATIONS, SCHEMA_VERSION
 
@@ -1695,7 +1694,7 @@ def test_postgres_upgrades_a_version_1_database_in_place(pg_url: str) -> None:
 
 
 def test_postgres_migration_3_adds_the_due_indexes_to_a_version_2_database(pg_url: str) -> None:
-    """Issue 8: a store at schema 2 gets the due/created indexes on open, data kept."""
+    """A store at schema 2 gets the due/created indexes on open, data kept."""
     from edgeproxy.storage.postgres import MIGRATIONS, SCHEMA_VERSION
 
     assert SCHEMA_VERSION >= 3
@@ -1724,7 +1723,7 @@ def test_postgres_migration_3_adds_the_due_indexes_to_a_version_2_database(pg_ur
 
 
 def test_postgres_migration_4_adds_leaf_der_to_a_version_3_database(pg_url: str) -> None:
-    """Issue 8: a store at schema 3 gets leaf_der (and its trigger) on open; old
+    """A store at schema 3 gets leaf_der (and its trigger) on open; old
     rows read None (the certstore decodes their PEM), new saves fill it."""
     from edgeproxy.storage.postgres import MIGRATIONS, SCHEMA_VERSION
 

@@ -1,4 +1,4 @@
-"""Issue 17: sslyze's Mozilla "intermediate" check passes against a running edge
+"""Sslyze's Mozilla "intermediate" check passes against a running edge
 that serves a real Pebble certificate (issued over HTTP-01 by the ``stack``).
 
 sslyze runs from ``.venv-scan`` (``make deps``; see tests/sslyze_scan.py for why

@@ -1,4 +1,4 @@
-"""The native certificate path (edgeproxy/edge/tlsnative.py, issue 8): every key encoding we
+"""The native certificate path (edgeproxy/edge/tlsnative.py): every key encoding we
 may hold is served with its whole chain, a client that verifies against the root
 accepts it, bad material is refused with a clear error and leaves OpenSSL's error
 queue clean, and the path turns itself off where its checks fail."""

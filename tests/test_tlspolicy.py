@@ -1,4 +1,4 @@
-"""Issue 17: one TLS policy (Mozilla intermediate / modern) on every TLS path.
+"""One TLS policy (Mozilla intermediate / modern) on every TLS path.
 
 Unit checks on the contexts we build, then real ``edgeproxy serve`` processes
 started through the package's entry point (which arranges OPENSSL_CONF) and
