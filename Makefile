@@ -70,7 +70,7 @@ postgres: $(STAMP)
 			fi; \
 		done; \
 	fi
-	$(PY) -m edgeproxy.devtools.pgharness '$(PG_TEST_URL)'
+	$(PY) tests/pgharness.py '$(PG_TEST_URL)'
 
 
 # systemd-analyze / systemd-sysusers check deploy/ (tests/test_packaging.py). Debian's

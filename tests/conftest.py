@@ -162,7 +162,7 @@ def edge_stack(tmp_path_factory: pytest.TempPathFactory, pebble_factory_module: 
 
 import os as _os
 
-from edgeproxy.devtools.pgharness import (
+from pgharness import (
     DEFAULT_URL as _PG_DEFAULT_URL,
     PgHarnessError,
     PrivateCluster,

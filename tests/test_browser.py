@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeproxy.devtools.browser import INSTALL_HINT, HeadlessChromium, free_loopback_address, missing_binaries
+from browserharness import INSTALL_HINT, HeadlessChromium, free_loopback_address, missing_binaries
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess
 from edgeproxy.devtools.pebble import ChallTestSrv
 from edgeproxy.devtools.upstreams import RecordedRequest, RecordingRelay, ScriptOrigin

@@ -23,7 +23,7 @@ import pytest
 from cryptography import x509
 
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess, free_port, verified_client
-from edgeproxy.devtools.pgharness import PrivateCluster, temp_schema
+from pgharness import PrivateCluster, temp_schema
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
 
 pytestmark = pytest.mark.e2e

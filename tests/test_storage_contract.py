@@ -46,7 +46,7 @@ from edgeproxy.storage import (
     open_storage,
     sqlite_path_from_url,
 )
-from edgeproxy.devtools.pgharness import temp_schema
+from pgharness import temp_schema
 from edgeproxy.storage.base import OutboxEvent
 from edgeproxy.storage.sqlite import SqliteStorage
 

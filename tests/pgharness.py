@@ -28,7 +28,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-from .edgeproc import free_port
+from edgeproxy.devtools.edgeproc import free_port
 
 __all__ = [
     "DEFAULT_URL",
@@ -186,7 +186,7 @@ class PrivateCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edgeproxy.devtools.pgharness URL``: wait up to 30 s for PostgreSQL
+    """``python tests/pgharness.py URL``: wait up to 30 s for PostgreSQL
     at URL; exit 1 with what to do when it never answers (``make postgres``)."""
     import sys
 

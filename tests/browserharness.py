@@ -45,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .binaries import missing, require
+from edgeproxy.devtools.binaries import missing, require
 
 __all__ = [
     "CERTUTIL_BINARY",
