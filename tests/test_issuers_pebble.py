@@ -16,16 +16,15 @@ import asyncio
 import base64
 import datetime as dt
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
 
+from http01 import Http01Responder
 from edgeproxy.config import Settings, acme_issuers, load_settings
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
 from edgeproxy.control.issuers import OUTAGE_REST
@@ -37,41 +36,6 @@ EDGE = "edge.example.net"
 UTC = dt.timezone.utc
 EAB_KID = "edge-kid-1"
 EAB_KEY = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
-
-
-class Responder:
-    """HTTP-01 answers from the edge's store (by token; the Host must match)."""
-
-    def __init__(self) -> None:
-        self.services: Services | None = None
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                token = self.path.rsplit("/", 1)[-1]
-                assert outer.services is not None
-                challenge = outer.services.storage.get_challenge(token)
-                host = (self.headers.get("Host") or "").split(":")[0]
-                if challenge is None or challenge.hostname != host:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                body = challenge.key_authorization.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Clock:
@@ -87,14 +51,14 @@ class CAs:
     one: Pebble
     two: Pebble  # requires EAB
     dns: ChallTestSrv
-    responder: Responder
+    responder: Http01Responder
 
 
 @pytest.fixture(scope="module")
 def cas(pebble_factory_module: Any) -> Iterator[CAs]:
     with ChallTestSrv(default_ipv4="", default_ipv6="") as dns:
         dns.add_a(EDGE, ["127.0.0.1"])
-        responder = Responder()
+        responder = Http01Responder()
         try:
             one = pebble_factory_module(responder.port, nonce_reject=0, authz_reuse=0, dns_server=dns.dns_address)
             two = pebble_factory_module(responder.port, nonce_reject=0, authz_reuse=0, dns_server=dns.dns_address,
@@ -165,7 +129,7 @@ extra_suffixes = ["test"]
 def edge(cas: CAs, tmp_path: Path) -> Iterator[Edge]:
     settings = load_settings(_config(tmp_path, cas), env={})
     services = Services(settings)
-    cas.responder.services = services
+    cas.responder.lookup = services.storage.get_challenge
     clock = Clock()
     service = RenewalService.from_settings(services.storage, services.certstore, services.issuers, settings,
                                            clock=clock)

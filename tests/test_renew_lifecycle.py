@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from http01 import Http01Responder
 from edgeproxy.control.acme_client import AcmeIssuer, IssuedCertificate
 from edgeproxy.edge.certstore import CertStore
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
@@ -43,41 +44,6 @@ class Clock:
 
     def __call__(self) -> dt.datetime:
         return dt.datetime.now(UTC) + self.offset
-
-
-class Responder:
-    """HTTP-01 answers from storage (by token, Host must match), except for ``refuse``d hosts."""
-
-    def __init__(self, storage: SqliteStorage) -> None:
-        self.storage = storage
-        self.refuse: set[str] = set()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                token = self.path.rsplit("/", 1)[-1]
-                challenge = outer.storage.get_challenge(token)
-                host = (self.headers.get("Host") or "").split(":")[0]
-                if challenge is None or challenge.hostname != host or host in outer.refuse:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                body = challenge.key_authorization.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass
@@ -102,7 +68,7 @@ class Stack:
     service: RenewalService
     issuer: CountingIssuer
     dns: ChallTestSrv
-    responder: Responder
+    responder: Http01Responder
     clock: Clock
 
     def add(self, hostname: str) -> None:
@@ -132,9 +98,9 @@ def dns_server() -> Iterator[ChallTestSrv]:
 
 
 @pytest.fixture(scope="module")
-def ca(pebble_factory_module: Any, dns_server: ChallTestSrv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pebble, Responder]]:
+def ca(pebble_factory_module: Any, dns_server: ChallTestSrv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pebble, Http01Responder]]:
     storage = SqliteStorage(str(tmp_path_factory.mktemp("renew") / "unused.db"))
-    responder = Responder(storage)
+    responder = Http01Responder(storage.get_challenge)
     pebble = pebble_factory_module(responder.port, nonce_reject=0, authz_reuse=0, dns_server=dns_server.dns_address)
     try:
         yield pebble, responder
@@ -144,10 +110,10 @@ def ca(pebble_factory_module: Any, dns_server: ChallTestSrv, tmp_path_factory: p
 
 
 @pytest.fixture
-def pebble(ca: tuple[Pebble, Responder], tmp_path: Path) -> Iterator[tuple[Pebble, Responder, SqliteStorage]]:
+def pebble(ca: tuple[Pebble, Http01Responder], tmp_path: Path) -> Iterator[tuple[Pebble, Http01Responder, SqliteStorage]]:
     """The module's Pebble, with a fresh store per test (the responder answers from it)."""
     storage = SqliteStorage(str(tmp_path / "edge.db"))
-    ca[1].storage = storage
+    ca[1].lookup = storage.get_challenge
     ca[1].refuse.clear()
     try:
         yield ca[0], ca[1], storage
@@ -155,7 +121,7 @@ def pebble(ca: tuple[Pebble, Responder], tmp_path: Path) -> Iterator[tuple[Pebbl
         storage.close()
 
 
-def _stack(pebble: tuple[Pebble, Responder, SqliteStorage], dns_server: ChallTestSrv, **policy: Any) -> Stack:
+def _stack(pebble: tuple[Pebble, Http01Responder, SqliteStorage], dns_server: ChallTestSrv, **policy: Any) -> Stack:
     ca, responder, storage = pebble
     clock = Clock()
     issuer = CountingIssuer(AcmeIssuer(storage=storage, directory_url=ca.directory_url,
@@ -168,7 +134,7 @@ def _stack(pebble: tuple[Pebble, Responder, SqliteStorage], dns_server: ChallTes
 
 
 @pytest.fixture
-def stack(pebble: tuple[Pebble, Responder, SqliteStorage], dns_server: ChallTestSrv) -> Stack:
+def stack(pebble: tuple[Pebble, Http01Responder, SqliteStorage], dns_server: ChallTestSrv) -> Stack:
     return _stack(pebble, dns_server)
 
 
@@ -287,7 +253,7 @@ def test_sixth_failed_validation_within_an_hour_is_never_sent(stack: Stack) -> N
 
 
 def test_exhausted_registered_domain_budget_queues_the_order(
-    pebble: tuple[Pebble, Responder, SqliteStorage], dns_server: ChallTestSrv
+    pebble: tuple[Pebble, Http01Responder, SqliteStorage], dns_server: ChallTestSrv
 ) -> None:
     stack = _stack(pebble, dns_server, certs_per_domain=2)
     first, second, third = "a.shop-budget.test", "b.shop-budget.test", "c.shop-budget.test"
@@ -434,7 +400,7 @@ class AriFront:
 
 
 def test_ari_window_decides_and_the_renewal_order_carries_replaces(
-    pebble: tuple[Pebble, Responder, SqliteStorage], dns_server: ChallTestSrv
+    pebble: tuple[Pebble, Http01Responder, SqliteStorage], dns_server: ChallTestSrv
 ) -> None:
     from edgeproxy.control.acme_client import ari_cert_id
 
