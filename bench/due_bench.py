@@ -33,7 +33,10 @@ from edgeproxy.config import DomainsSettings, Settings
 from edgeproxy.control.registry import Registry
 from edgeproxy.control.renew import RenewalService, is_due
 from edgeproxy.storage.base import DomainRecord
-from edgeproxy.storage.sqlite import SqliteStorage, _ts
+from edgeproxy.storage.sql import SQLITE
+from edgeproxy.storage.sqlite import SqliteStorage
+
+_ts = SQLITE.encode_time
 
 UTC = dt.timezone.utc
 NOW = dt.datetime.now(UTC).replace(microsecond=0)

@@ -99,8 +99,8 @@ def _leaves(args: tuple[int, int]) -> list[tuple[str, bytes, bytes, str]]:
 
 
 def _ts(value: dt.datetime) -> str:
-    from edgeproxy.storage.sqlite import _ts as storage_ts
-    return storage_ts(value)
+    from edgeproxy.storage.sql import SQLITE
+    return str(SQLITE.encode_time(value))
 
 
 def cached_db(n: int) -> Path:
