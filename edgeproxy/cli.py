@@ -192,7 +192,8 @@ def _cmd_storage_copy(args: argparse.Namespace) -> int:
     finally:
         src.close()
     print(f"{result.domains} domain(s), {result.certificates} certificate(s) with their keys, "
-          f"{result.accounts} ACME account(s), {result.failed_requests} failed request(s) copied")
+          f"{result.accounts} ACME account(s), {result.failed_requests} failed request(s), "
+          f"{result.pending_events} webhook event(s) not yet delivered, {result.firing_alerts} firing alert(s) copied")
     return EXIT_OK
 
 

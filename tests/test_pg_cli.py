@@ -23,7 +23,7 @@ from edgeproxy.storage import (
     Storage,
     open_storage,
 )
-from edgeproxy.storage.base import AriState, StatusEvent
+from edgeproxy.storage.base import AriState, FiringAlert, OutboxEvent, StatusEvent
 
 NOW = datetime(2025, 6, 1, 8, 30, 0, 250000, tzinfo=timezone.utc)
 
@@ -54,13 +54,23 @@ def fill(store: Storage, n: int = 3) -> None:
             idempotency_key=f"key-{k}", domain="shop1.example", method="POST", target="/collect",
             headers=((b"idempotency-key", f"key-{k}".encode()),), body=b"\x00body", client=None, status=401,
             origin="relay", received_at=NOW, logged_at=NOW, delivered_at=NOW if k == 0 else None))
+    # Two webhook events waiting for their receiver (a node moves with them), one delivered.
+    store.append_events([OutboxEvent(f"evt-{k}", "https://app.example/hooks", "domain.active", "shop0.example",
+                                     NOW + timedelta(seconds=k), f'{{"n": {k}}}') for k in range(3)])
+    [delivered] = [d for d in store.claim_deliveries("node", NOW + timedelta(hours=1), 60, 10)]
+    store.record_attempt(delivered.seq, "node", NOW + timedelta(hours=1), state="delivered",
+                         next_attempt_at=NOW + timedelta(hours=1), error=None, status=200)
+    store.claim_alert(FiringAlert("probe:shop2.example", "probe_failing", "critical", "shop2 down", "{}", NOW, NOW),
+                      resend_after=3600)
 
 
 def snapshot(store: Storage) -> tuple[object, ...]:
     domains = store.list_domains()
     return (domains, [store.get_certificate(d.hostname) for d in domains], store.list_accounts(),
             [store.status_history(d.hostname) for d in domains], [store.get_ari(d.hostname) for d in domains],
-            [replace(r, id=0) for r in store.find_failed_requests(delivered=None)])
+            [replace(r, id=0) for r in store.find_failed_requests(delivered=None)],
+            [(d.event_id, d.hostname, d.payload) for d in store.list_deliveries(state="pending")],
+            store.firing_alerts())
 
 
 def test_migrate_is_versioned_and_idempotent(pg_url: str, tmp_path: Path) -> None:
@@ -100,8 +110,8 @@ def test_storage_copy_sqlite_to_postgres(pg_url: str, tmp_path: Path) -> None:
     assert copied.returncode == 0, copied.stderr
     assert "copied domain 3/3 shop2.example (failing, no certificate)" in copied.stdout
     assert "copied failed-request log 3/3" in copied.stdout
-    assert ("3 domain(s), 2 certificate(s) with their keys, 2 ACME account(s), 3 failed request(s) copied"
-            in copied.stdout)
+    assert ("3 domain(s), 2 certificate(s) with their keys, 2 ACME account(s), 3 failed request(s), "
+            "2 webhook event(s) not yet delivered, 1 firing alert(s) copied" in copied.stdout)
     dst = open_storage(pg_url)
     try:
         assert snapshot(dst) == expected  # created_at, updated_at, schedule, errors: all kept

@@ -2,8 +2,10 @@
 
 Owns: moving a single node's state onto the shared store (or back): domains
 with their status, errors and schedule, certificates with their keys, ACME
-accounts, each domain's status history and ARI state, and the failed-request
-log. Works through the ``Storage`` protocol only, so any backend pair works.
+accounts, each domain's status history and ARI state, the failed-request
+log, the lifecycle-webhook events not yet delivered (so moving a node does not
+lose one: they are appended as pending, in their order, and sent from the target),
+and the operator alerts firing (so the target does not page again). Works through the ``Storage`` protocol only, so any backend pair works.
 Must not import: ``acme``, ``httpx``, ``hypercorn``, or a backend module.
 
 Private keys are copied as stored: open both stores with ``open_storage`` (not
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from edgeproxy.errors import DomainExists, StorageError
-from edgeproxy.storage.base import DomainRecord, Storage
+from edgeproxy.storage.base import DomainRecord, OutboxEvent, Storage
 
 __all__ = ["CopyResult", "TargetNotEmpty", "copy_store"]
 
@@ -44,9 +46,14 @@ class CopyResult:
     certificates: int = 0
     accounts: int = 0
     failed_requests: int = 0
+    pending_events: int = 0
+    firing_alerts: int = 0
 
 # Pages of the failed-request log copied at a time (bounded memory).
 _PAGE = 500
+# Undelivered webhook events are few (the deliverer drains them within seconds
+# while the receiver is up): read in one go, up to this many.
+_ALL = 1_000_000
 
 
 def _put_domain(dst: Storage, d: DomainRecord) -> None:
@@ -112,4 +119,15 @@ def copy_store(
             result.failed_requests += 1
         after = page[-1].id
         progress(f"failed-request log {result.failed_requests}/{total}")
+    # Oldest first: the outbox delivers a domain's events in append order.
+    pending = list(reversed(src.list_deliveries(state="pending", limit=_ALL)))
+    if pending:
+        result.pending_events = dst.append_events([
+            OutboxEvent(d.event_id, d.endpoint, d.event_type, d.hostname, d.occurred_at, d.payload)
+            for d in pending])
+        progress(f"webhook events not yet delivered {len(pending)}")
+    for alert in src.firing_alerts():
+        # resend_after=0: stored as firing whether or not the target knew it.
+        if dst.claim_alert(alert, resend_after=0) is not None:
+            result.firing_alerts += 1
     return result
