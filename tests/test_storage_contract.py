@@ -1759,3 +1759,11 @@ def test_every_backend_implements_the_whole_protocol(store: Storage) -> None:
     for name in dir(Storage):
         if not name.startswith("_"):
             assert callable(getattr(store, name)), name
+
+
+def test_a_domain_can_be_added_due_in_the_same_write(store: Storage) -> None:
+    """Registration stores the domain already due: no second write a crash could lose."""
+    record = store.add_domain("due.example", "issuing", NOW, next_attempt_at=NOW)
+    assert record.next_attempt_at == NOW
+    assert [d.hostname for d in store.due_domains(NOW)] == ["due.example"]
+    assert store.add_domain("later.example", "pending_dns", NOW).next_attempt_at is None

@@ -107,12 +107,14 @@ class Registry:
             # The record as this call returns it (due now), as GET /v1/domains/{hostname} shows it.
             events = self.events.build("domain.registered", DomainRecord(hostname, "issuing", now, now,
                                                                          next_attempt_at=now), None, now)
-        self.storage.add_domain(hostname, "issuing", now, events=events)
+        # Due at once, in the same write as the record and its event: a crash right
+        # after it cannot leave a domain that no renewal pass ever picks up.
+        record = self.storage.add_domain(hostname, "issuing", now, events=events, next_attempt_at=now)
         self.storage.add_status_event(StatusEvent(hostname, now, "issuing", None, "registered"))
-        return self.storage.update_domain(hostname, now, status="issuing", next_attempt_at=now)
+        return record
 
     def _check_limits(self, hostname: str, now: dt.datetime) -> None:
-        """Registration abuse: the deny list, the domain cap, the hourly rate (issue #7)."""
+        """Registration abuse: the deny list, the domain cap, the hourly rate."""
         _refuse_denied(hostname, self.deny)
         limits = self.settings.domains
         # A count and the last hour's creation times from indexed queries,

@@ -61,7 +61,7 @@ __all__ = [
 
 log = logging.getLogger("edgeproxy.renew")
 
-# Failed attempts back off 1 min, 10 min, 100 min, then once a day (issue #4).
+# Failed attempts back off 1 min, 10 min, 100 min, then once a day.
 _BACKOFF_STEPS = (dt.timedelta(minutes=1), dt.timedelta(minutes=10), dt.timedelta(minutes=100))
 _BACKOFF_CAP = dt.timedelta(days=1)
 # Under 1/20 of its lifetime left a certificate is an emergency: retries at least hourly.

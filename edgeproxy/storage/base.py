@@ -347,8 +347,9 @@ class DomainStore(Protocol):
     # lifecycle webhook deliveries appended to the outbox IN THE SAME TRANSACTION as
     # the change (both or neither are committed; see ``EventOutbox``).
     def add_domain(self, hostname: str, status: str, now: datetime,
-                   events: Sequence[OutboxEvent] = ()) -> DomainRecord:
-        """Insert a new domain. Raises ``DomainExists`` if it is already registered."""
+                   events: Sequence[OutboxEvent] = (), *, next_attempt_at: datetime | None = None) -> DomainRecord:
+        """Insert a new domain, due at ``next_attempt_at`` (None: never due until set).
+        Raises ``DomainExists`` if it is already registered."""
         ...
 
     def get_domain(self, hostname: str) -> DomainRecord | None:

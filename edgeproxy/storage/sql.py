@@ -271,14 +271,14 @@ class SqlStorage:
     # -- domains -----------------------------------------------------------------------
 
     def add_domain(self, hostname: str, status: str, now: datetime,
-                   events: Sequence[OutboxEvent] = ()) -> DomainRecord:
+                   events: Sequence[OutboxEvent] = (), *, next_attempt_at: datetime | None = None) -> DomainRecord:
         _check_status(status)
         stamp = self._ts(now)
         with self._write(f"add domain {hostname}") as conn:
             rows = conn.execute(
-                "INSERT INTO domains (hostname, status, created_at, updated_at, attempts) "
-                f"VALUES (?, ?, ?, ?, 0) ON CONFLICT (hostname) DO NOTHING RETURNING {_DOMAIN_COLUMNS}",
-                (hostname, status, stamp, stamp),
+                "INSERT INTO domains (hostname, status, created_at, updated_at, next_attempt_at, attempts) "
+                f"VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (hostname) DO NOTHING RETURNING {_DOMAIN_COLUMNS}",
+                (hostname, status, stamp, stamp, self._ts_opt(next_attempt_at)),
             ).fetchall()  # fetchall: SQLite finishes a RETURNING statement only when it is read out
             if not rows:
                 raise DomainExists(f"{hostname} is already registered")
