@@ -141,8 +141,11 @@ class Dialect:
     (aware UTC in, aware UTC out; naive datetimes raise ``ValueError``).
     ``array_parameters``: ``column = ANY(?)`` with one list parameter instead of
     ``column IN (?, ?, ...)``. ``key_share_lock``: the row lock a certificate
-    save takes on its domain so a concurrent removal waits (empty where one
-    writer at a time is the rule anyway).
+    save takes on its domain so a concurrent removal waits; ``update_lock``: the
+    one it takes when it also writes lifecycle events, so a concurrent status
+    change of the same domain (which locks the row by updating it) commits its
+    events entirely before or after, in the order of their outbox seqs (both
+    empty where one writer at a time is the rule anyway).
     """
 
     name: str
@@ -151,6 +154,7 @@ class Dialect:
     placeholders: Callable[[str], str]
     array_parameters: bool
     key_share_lock: str
+    update_lock: str
 
     def sql(self, statement: str) -> str:
         return self.placeholders(statement)
@@ -163,9 +167,9 @@ class Dialect:
 
 
 SQLITE = Dialect("sqlite", _time_as_text, _time_from_text, lambda sql: sql,
-                 array_parameters=False, key_share_lock="")
+                 array_parameters=False, key_share_lock="", update_lock="")
 POSTGRES = Dialect("postgresql", _require_aware, _time_from_driver, _percent_placeholders,
-                   array_parameters=True, key_share_lock=" FOR KEY SHARE")
+                   array_parameters=True, key_share_lock=" FOR KEY SHARE", update_lock=" FOR UPDATE")
 
 
 def _check_status(status: str) -> None:
@@ -384,7 +388,8 @@ class SqlStorage:
         with self._write(f"save the certificate of {cert.hostname}") as conn:
             # The key-share lock (PostgreSQL): a concurrent remove_domain waits for
             # this commit, then deletes the certificate too, instead of racing past it.
-            if conn.execute(f"SELECT 1 FROM domains WHERE hostname = ?{self.dialect.key_share_lock}",
+            lock = self.dialect.update_lock if events else self.dialect.key_share_lock
+            if conn.execute(f"SELECT 1 FROM domains WHERE hostname = ?{lock}",
                             (cert.hostname,)).fetchone() is None:
                 raise DomainNotFound(f"{cert.hostname} is not registered (removed meanwhile?)")
             conn.execute(
