@@ -227,6 +227,27 @@ def test_tls_is_verified(identity: tuple[Path, Path, Path]) -> None:
         assert relay.snapshot() == []
 
 
+def test_distinct_beacon_targets_each_go_out_as_sent_and_the_parsed_targets_stay_bounded(
+        relay: RecordingRelay) -> None:
+    """Parsed targets are kept per URL string (an event route's POST target repeats); a
+    flood of distinct beacon queries must neither mix them up nor grow that store."""
+    targets = [f"/b?n=pv&u=https%3A%2F%2Fshop%2Fp%2F{i}&t={i}" for i in range(300)]
+    targets.append(targets[7])
+    proxy = make_proxy(f"{relay.url}/ingest")
+
+    async def main() -> None:
+        try:
+            for target in targets:
+                result = await proxy.forward(ForwardRequest(target, HEADERS, b"", SHOP, method="GET"))
+                assert (result.status, result.error) == (202, None)
+            assert proxy.relay._aiohttp is not None and 0 < len(proxy.relay._aiohttp._urls) <= 256
+        finally:
+            await proxy.aclose()
+
+    asyncio.run(main())
+    assert [(r.method, r.path) for r in relay.snapshot()] == [("GET", f"/ingest{t}") for t in targets]
+
+
 # -- the answer limit and content codings -------------------------------------------------
 
 

@@ -131,12 +131,11 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
 
 def relay_response_headers(headers: Headers) -> tuple[tuple[bytes, bytes], ...]:
     """The upstream's response headers the browser may see (allowlist; never Set-Cookie or hop-by-hop)."""
+    kept = [(lname, value) for lname, value in ((n.lower(), v) for n, v in headers) if lname in _RESPONSE_KEEP]
+    if not kept:
+        return ()
     named = connection_tokens(headers)
-    return tuple(
-        (lname, value)
-        for lname, value in ((n.lower(), v) for n, v in headers)
-        if lname in _RESPONSE_KEEP and lname not in named
-    )
+    return tuple(kept) if not named else tuple(h for h in kept if h[0] not in named)
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,10 +146,14 @@ _MAX_ANSWER: Final = 1024 * 1024
 _FAILED_BODY: Final = b"relay unavailable\n"
 _FAILED_HEADERS: Final = ((b"content-type", b"text/plain; charset=utf-8"),)
 _BODYLESS: Final = frozenset({"GET", "HEAD"})
+_NO_CONTENT_TYPE: Final = ("Content-Type",)
+_URL_CACHE: Final = 256  # parsed relay targets kept per client (see _AiohttpClient._url)
 _ABSOLUTE: Final = ("https://", "http://")
 # URLs httpx sends unchanged: unreserved and sub-delimiter characters, ":@/?" and valid
 # percent-escapes (RFC 3986 section 2); anything else takes httpx's own quoting.
-_VERBATIM: Final = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*\Z")
+# Possessive (Python 3.11): no backtracking state per character; 3.4 -> 1.8 us for
+# a 120-character beacon URL (bench/relay_client_cost.py's, timeit side by side).
+_VERBATIM: Final = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]++|%[0-9A-Fa-f]{2})*+\Z")
 
 
 class _NeverCookies(http.cookiejar.DefaultCookiePolicy):
@@ -263,6 +266,10 @@ class _AiohttpClient:
         self._timeout = upstream.timeout
         self._connect_timeout = upstream.connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        # The parsed target per URL string: an event route's POST target repeats on
+        # every call (a beacon's query does not, and just misses). Bounded: emptied
+        # when full, so a flood of distinct beacon targets costs nothing but misses.
+        self._urls: dict[str, yarl.URL] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         import aiohttp
@@ -275,8 +282,9 @@ class _AiohttpClient:
             cookie_jar=aiohttp.DummyCookieJar(),  # one user's relay cookie never reaches the next (rule 5)
             trust_env=False,  # no proxy or netrc from the environment
             timeout=timeout,
-            # httpx sends no Content-Type of its own (aiohttp would add application/octet-stream).
-            skip_auto_headers=("Content-Type",),
+            # What every call carries, once per session instead of once per call (aiohttp
+            # copies these first; a call's own User-Agent replaces the default).
+            headers=(("Connection", "keep-alive"), ("User-Agent", _DEFAULT_USER_AGENT)),
         )
         return self._session
 
@@ -289,19 +297,43 @@ class _AiohttpClient:
     def _wire_headers(headers: Headers) -> list[tuple[str, str]]:
         # aiohttp writes header values as UTF-8: a UTF-8 value goes out as it came in;
         # any other byte string as httpx sent it (Latin-1 decoded, then UTF-8).
-        out = [("Connection", "keep-alive")]
-        agent = False
+        # Connection and the default User-Agent come from the session (_open).
+        try:
+            return [(name.decode("latin-1").lower(), value.decode("utf-8")) for name, value in headers]
+        except UnicodeDecodeError:
+            pass
+        out = []
         for name, value in headers:
             try:
                 text = value.decode("utf-8")
             except UnicodeDecodeError:
                 text = value.decode("latin-1")
-            lname = name.decode("latin-1").lower()
-            agent = agent or lname == "user-agent"
-            out.append((lname, text))
-        if not agent:
-            out.append(("User-Agent", _DEFAULT_USER_AGENT))
+            out.append((name.decode("latin-1").lower(), text))
         return out
+
+    def _url(self, url: str) -> yarl.URL:
+        """``url`` as httpx would send it, then verbatim (see :meth:`call`); cached per string."""
+        import yarl
+
+        target = self._urls.get(url)
+        if target is not None:
+            return target
+        # The target as httpx would send it (the relay's view must not depend on
+        # upstream.client), and then verbatim: yarl's own requoting would decode a
+        # query's %2F into "/" and change what an image beacon carries. A URL of
+        # characters httpx never requotes goes as it is (0.8 us instead of the
+        # 18 us of httpx's parser, measured per call).
+        if _VERBATIM.match(url):
+            target = yarl.URL(url, encoded=True)
+        else:
+            parsed = httpx.URL(url)
+            path, _, query = parsed.raw_path.decode("ascii").partition("?")
+            target = yarl.URL.build(scheme=parsed.scheme, host=parsed.host, port=parsed.port, path=path,
+                                    query_string=query, encoded=True)
+        if len(self._urls) >= _URL_CACHE:
+            self._urls.clear()
+        self._urls[url] = target
+        return target
 
     async def call(self, method: str, url: str, headers: Headers, body: bytes) -> ForwardResult | str:
         """The upstream's answer (any status), or why there is none: ``timeout``,
@@ -309,37 +341,26 @@ class _AiohttpClient:
         ``content_encoding`` or aiohttp's exception name. Never raises for upstream trouble."""
         import aiohttp  # loaded by _open: a sys.modules lookup
 
-        import yarl
-
         session = self._session if self._session is not None else self._open()
         data = None if method in _BODYLESS and not body else body
         try:
-            # The target as httpx would send it (the relay's view must not depend on
-            # upstream.client), and then verbatim: yarl's own requoting would decode a
-            # query's %2F into "/" and change what an image beacon carries. A URL of
-            # characters httpx never requotes goes as it is (0.8 us instead of the
-            # 18 us of httpx's parser, measured per call).
-            if _VERBATIM.match(url):
-                target = yarl.URL(url, encoded=True)
-            else:
-                parsed = httpx.URL(url)
-                path, _, query = parsed.raw_path.decode("ascii").partition("?")
-                target = yarl.URL.build(scheme=parsed.scheme, host=parsed.host, port=parsed.port, path=path,
-                                        query_string=query, encoded=True)
-        except (httpx.InvalidURL, ValueError):
-            return "invalid_url"
-        return await self._send(session, method, target, headers, data)
-
-    async def _send(self, session: aiohttp.ClientSession, method: str, target: yarl.URL, headers: Headers,
-                    data: bytes | None) -> ForwardResult | str:
-        import aiohttp
-
-        try:
-            async with session.request(method, target, data=data,
-                                       headers=self._wire_headers(headers), allow_redirects=False) as response:
+            target = self._url(url)
+            wire = self._wire_headers(headers)
+            # httpx sends no Content-Type of its own; aiohttp gives a body without one
+            # application/octet-stream unless told to skip it. Told per call, only then:
+            # a skip list makes aiohttp copy the call's headers (session-wide, every call).
+            skip = _NO_CONTENT_TYPE if data is not None and all(n != "content-type" for n, _ in wire) else None
+            async with session.request(method, target, data=data, headers=wire, skip_auto_headers=skip,
+                                       allow_redirects=False) as response:
+                content = response.content
                 chunks: list[bytes] = []
                 size = 0
-                async for chunk in response.content.iter_any():  # decoded, as it arrives
+                # Decoded, as it arrives; a small answer is usually all there (and its
+                # end seen) already, so at_eof() spares the await that would return b"".
+                while not content.at_eof():
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
                     size += len(chunk)
                     if size > _MAX_ANSWER:
                         response.close()  # unread bytes: the connection is not pooled again
@@ -351,12 +372,12 @@ class _AiohttpClient:
                     if left is None:
                         return "content_encoding"
                     out += left
-                return ForwardResult(response.status, out, b"".join(chunks))
+                return ForwardResult(response.status, out, chunks[0] if len(chunks) == 1 else b"".join(chunks))
         except TimeoutError:  # aiohttp's ServerTimeoutError (connect, read) is one
             return "timeout"
         except aiohttp.ClientConnectorError:  # refused, DNS, TLS handshake or verification
             return "connect"
-        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError, ValueError):  # yarl: bad port
+        except (httpx.InvalidURL, aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError, ValueError):  # yarl: bad port
             return "invalid_url"
         except aiohttp.ClientError as exc:
             return type(exc).__name__
