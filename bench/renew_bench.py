@@ -26,9 +26,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from edgeproxy.control.acme_client import AcmeIssuer
 from edgeproxy.edge.certstore import CertStore
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
+from edgeproxy.devtools.upstreams import Http01Responder
 from edgeproxy.control.renew import RenewalService, RenewPolicy
 from edgeproxy.storage.sqlite import SqliteStorage
 
@@ -66,30 +65,6 @@ def self_signed(hostname: str, now: dt.datetime) -> tuple[bytes, bytes]:
     return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
-def responder(storage: SqliteStorage) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            challenge = storage.get_challenge(self.path.rsplit("/", 1)[-1])
-            if challenge is None:
-                self.send_response(404)
-                self.end_headers()
-                return
-            body = challenge.key_authorization.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 256
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=1000)
@@ -100,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ChallTestSrv(default_ipv4="127.0.0.1", default_ipv6="") as dns:
         storage = SqliteStorage(str(Path(tmp) / "bench.db"))
-        http = responder(storage)
-        with Pebble(http_port=http.server_address[1], nonce_reject=0, dns_server=dns.dns_address) as pebble:
+        http = Http01Responder(storage.get_challenge)
+        with Pebble(http_port=http.port, nonce_reject=0, dns_server=dns.dns_address) as pebble:
             now = dt.datetime.now(UTC)
             certstore = CertStore(storage)
             names = [f"n{i:04d}.bench.test" for i in range(args.count)]
@@ -174,7 +149,7 @@ def main() -> None:
             if result.failed:
                 report["first_failure"] = str(next(iter(result.failed.values())))
             print(json.dumps(report, indent=2))
-        http.shutdown()
+        http.close()
         storage.close()
 
 

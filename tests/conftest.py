@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -11,6 +12,16 @@ import pytest
 from edgeproxy.devtools.edgeproc import EdgeConfig, EdgeProcess
 from edgeproxy.devtools.pebble import INSTALL_HINT, ChallTestSrv, Pebble, missing_binaries
 from edgeproxy.devtools.upstreams import RecordingRelay, ScriptOrigin
+
+
+class Clock:
+    """Real time (UTC) plus an offset a test can move forward: renewal windows, rests."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta(0)
+
+    def __call__(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc) + self.offset
 
 # =====================================================================================
 # BEGIN Pebble / challtestsrv fixtures (owner: acme_client + devtools/pebble.py)

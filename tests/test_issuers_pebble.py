@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from http01 import Http01Responder
 from edgeproxy.config import Settings, acme_issuers, load_settings
+from conftest import Clock
+from edgeproxy.devtools.upstreams import Http01Responder
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
 from edgeproxy.control.issuers import OUTAGE_REST
 from edgeproxy.node import Services
@@ -36,14 +37,6 @@ EDGE = "edge.example.net"
 UTC = dt.timezone.utc
 EAB_KID = "edge-kid-1"
 EAB_KEY = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = dt.timedelta(0)
-
-    def __call__(self) -> dt.datetime:
-        return dt.datetime.now(UTC) + self.offset
 
 
 @dataclass

@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from http01 import Http01Responder
 from edgeproxy.control.acme_client import AcmeIssuer, IssuedCertificate
 from edgeproxy.edge.certstore import CertStore
+from conftest import Clock
+from edgeproxy.devtools.upstreams import Http01Responder
 from edgeproxy.devtools.pebble import ChallTestSrv, Pebble
 from edgeproxy.control.domains import DnsChecker
 from edgeproxy.errors import IssuanceError
@@ -34,16 +35,6 @@ from edgeproxy.storage.sqlite import SqliteStorage
 
 EDGE = "edge.example.net"
 UTC = dt.timezone.utc
-
-
-class Clock:
-    """Real time plus an offset a test can move forward."""
-
-    def __init__(self) -> None:
-        self.offset = dt.timedelta(0)
-
-    def __call__(self) -> dt.datetime:
-        return dt.datetime.now(UTC) + self.offset
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Local stand-ins for the vendor's script origin and queue relay (tests and ``edgeproxy demo``).
+"""Local stand-ins for the vendor's script origin and queue relay (tests and ``edgeproxy demo``),
+and for the edge's :80 listener where renewal runs without a whole edge (tests, bench).
 
-Owns: two tiny threaded HTTP servers on 127.0.0.1 that record what they get.
+Owns: tiny threaded HTTP servers on 127.0.0.1.
 They are real servers speaking real HTTP, so the edge's client pool, timeouts
 and header handling are exercised exactly as in production.
 Must not import: anything of ours.
@@ -18,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["RecordedRequest", "RecordingRelay", "ScriptOrigin", "DEMO_SCRIPT", "PIXEL_GIF"]
+__all__ = ["Http01Responder", "RecordedRequest", "RecordingRelay", "ScriptOrigin", "DEMO_SCRIPT", "PIXEL_GIF"]
 
 # A 1x1 transparent GIF (42 bytes), what a vendor's pixel endpoint answers image beacons with.
 PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
@@ -214,3 +215,52 @@ class _RelayHandler(_QuietHandler):
     do_POST = _handle
     do_GET = _handle
     do_PUT = _handle
+
+
+class _Challenge(Protocol):
+    hostname: str
+    key_authorization: str
+
+
+class Http01Responder:
+    """Answers the CA's ``/.well-known/acme-challenge/<token>`` fetch (RFC 8555
+    section 8.3) from a store, as the edge's :80 listener does: by token, and only
+    when the Host is the name the token was published for. Hosts in ``refuse``
+    get 404, which the CA sees as a real failed validation.
+
+    Serves on 127.0.0.1:``port`` until ``close()``; ``lookup`` (a store's
+    ``get_challenge``) may be given later, before the first order."""
+
+    def __init__(self, lookup: Callable[[str], _Challenge | None] | None = None) -> None:
+        self.lookup = lookup
+        self.refuse: set[str] = set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                token = self.path.rsplit("/", 1)[-1]
+                assert outer.lookup is not None, "Http01Responder.lookup was never set"
+                challenge = outer.lookup(token)
+                host = (self.headers.get("Host") or "").split(":")[0]
+                if challenge is None or challenge.hostname != host or host in outer.refuse:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                body = challenge.key_authorization.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.request_queue_size = 256  # a renewal burst validates hundreds of names at once
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
