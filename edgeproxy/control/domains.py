@@ -359,6 +359,14 @@ def _idna_reason(exc: Exception, default: str) -> str:
     return default
 
 
+def _disallowed_character(raw: str, exc: Exception, rule: str) -> InvalidHostname:
+    """The error for a code point ``rule`` refuses, naming it when idna says which."""
+    codepoint = getattr(exc, "codepoint", None)
+    what = _describe(chr(codepoint)) if isinstance(codepoint, int) else "a character"
+    return _error("invalid_character",
+                  f"{_quote(raw)} contains {what}, which is not allowed in hostnames ({rule}); {_instead(None)}.")
+
+
 def _a_label(raw: str, label: str) -> str:
     """One mapped label -> its A-label (RFC 5890 §2.3.2.1), validated."""
     if label.isascii():
@@ -392,13 +400,8 @@ def _a_label(raw: str, label: str) -> str:
         # IDNA2008 (RFC 5891 §4, RFC 5892 code point classes, RFC 5893 bidi rule).
         return idna.alabel(label).decode("ascii")
     except idna.InvalidCodepoint as exc:
-        codepoint = getattr(exc, "codepoint", None)
-        what = _describe(chr(codepoint)) if isinstance(codepoint, int) else "a character"
-        raise _error(
-            "invalid_character",
-            f"{_quote(raw)} contains {what}, which is not allowed in hostnames (IDNA2008, RFC 5892: "
-            f"emoji, symbols and punctuation are not letters); {_instead(None)}.",
-        ) from exc
+        raise _disallowed_character(raw, exc, "IDNA2008, RFC 5892: emoji, symbols and punctuation are not letters") \
+            from exc
     except (UnicodeError, ValueError) as exc:
         raise _invalid_idna(raw, label, _idna_reason(exc, "it breaks an IDNA2008 rule, RFC 5891-5893")) from exc
 
@@ -432,13 +435,7 @@ def _normalize(raw: str, *, suggest: bool, admit: _Admit | None) -> str:
     try:
         mapped = idna.uts46_remap(raw, std3_rules=True)
     except idna.IDNAError as exc:
-        codepoint = getattr(exc, "codepoint", None)
-        what = _describe(chr(codepoint)) if isinstance(codepoint, int) else "a character"
-        raise _error(
-            "invalid_character",
-            f"{_quote(raw)} contains {what}, which is not allowed in hostnames (UTS 46); "
-            f"{_instead(None)}.",
-        ) from exc
+        raise _disallowed_character(raw, exc, "UTS 46") from exc
 
     # One trailing dot names the DNS root (RFC 1034 §3.1): "example.com." is the same
     # host as "example.com". Only one: "example.com.." has an empty label.

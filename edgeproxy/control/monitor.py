@@ -806,7 +806,8 @@ class MonitorService:
     Consecutive probe failures are loaded from the store when the service
     starts (a restart keeps counting toward ``monitor.fail_after``); from then
     on each node counts its own rounds. ``last_check(host)`` is read by the admin API from another thread: this
-    node's latest round (one dict the loop replaces whole), else the store.
+    node's latest round (one dict the loop replaces whole), or before its first
+    round the store.
     """
 
     def __init__(
@@ -838,13 +839,19 @@ class MonitorService:
         self.failing_since: dict[str, dt.datetime] = {}
         self.consecutive_failures: dict[str, int] = {}
         self._resumed = False
+        self._probed = False  # a round has filled ``results``
         self._relay_samples: list[tuple[float, float]] = []
 
     def last_check(self, hostname: str) -> dict[str, Any] | None:
         result = self.results.get(hostname)
         if result is not None:
             return result.to_json()
-        record = self.storage.get_probe(hostname)  # before this node's first round, or another node's probe
+        if self._probed:
+            # This node has run a round: a domain it did not probe is not served. The
+            # store is asked only before that, so listing 100,000 domains is not
+            # 100,000 queries on every node.
+            return None
+        record = self.storage.get_probe(hostname)  # after a restart, before this node's first round
         return None if record is None else dict(json.loads(record.result_json))
 
     def _load_firing(self) -> None:
@@ -913,6 +920,7 @@ class MonitorService:
         self.consecutive_failures = {
             r.hostname: 0 if r.ok else self.consecutive_failures.get(r.hostname, 0) + 1 for r in results}
         self.results = fresh  # replaced whole: readers in other threads see one round or the other
+        self._probed = True
         await asyncio.to_thread(self._save_probes, results)
         if self.on_result is not None:
             for result in results:

@@ -28,6 +28,7 @@ formatted into SQL text: only constant fragments and placeholders are joined.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ def _check_status(status: str) -> None:
         raise ValueError(f"unknown domain status {status!r}; expected one of {DOMAIN_STATUSES}")
 
 
-class SqlStorage:
+class SqlStorage(ABC):
     """The ``Storage`` contract in SQL; a backend subclass supplies the hooks below.
 
     Hooks (each maps its driver's errors to ``StorageError``/``StorageUnavailable``
@@ -200,20 +201,20 @@ class SqlStorage:
     #: Opportunistic pruning runs when a new change's seq is a multiple of this.
     PRUNE_EVERY = 256
 
-    def _write(self, action: str) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
+    @abstractmethod
+    def _write(self, action: str) -> AbstractContextManager[Connection]: ...
 
-    def _read(self, action: str) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
+    @abstractmethod
+    def _read(self, action: str) -> AbstractContextManager[Connection]: ...
 
-    def _query(self, action: str) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
+    @abstractmethod
+    def _query(self, action: str) -> AbstractContextManager[Connection]: ...
 
-    def _append_change(self, conn: Connection, hostname: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _append_change(self, conn: Connection, hostname: str) -> None: ...
 
-    def _feed_position(self, conn: Connection) -> tuple[int, int]:
-        raise NotImplementedError
+    @abstractmethod
+    def _feed_position(self, conn: Connection) -> tuple[int, int]: ...
 
     def _lock_feed(self, conn: Connection) -> None:
         return None
@@ -224,8 +225,8 @@ class SqlStorage:
     def _after_remove(self, hostname: str) -> None:
         return None
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
     def __enter__(self) -> Self:
         return self
